@@ -1,0 +1,212 @@
+"""FaceChain's photo alignment: one level, square, white-filled head-and-shoulders crop per photo.
+
+The rules (from FaceChain's train-stage preprocessing):
+1. scale the photo so its long side is 1024 and detect faces with 5 keypoints;
+2. keep the largest face only if its area is at least 4x the next, else skip the photo; no face: skip;
+3. level the eyes: the rotation of the similarity transform from the keypoints to a mean 5-point face,
+   applied to a 1.5x white-padded square copy, then detect again;
+4. square crop with the face at 35-45% of the side and its centre 35-50% from the top, white outside
+   the photo, resized to the output size.
+All geometry is composed into one affine map from the original photo, so the crop is resampled once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from .detect import Face, choose_subject, detect_faces
+from .errors import FaceChainError
+from .images import MIN_SIDE, as_rgb_uint8
+from .progress import ProgressFn, no_progress
+
+# The usual mean 5-point face (112x112 template), in the keypoint order of detect.py.
+MEAN_FACE_5 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
+                        [41.5493, 92.3655], [70.7299, 92.2041]])
+WHITE = (255, 255, 255)
+
+
+@dataclass
+class AlignSettings:
+    size: int = 512
+    face_fraction: float = 0.40  # face side / crop side; FaceChain's band is 0.35-0.45
+    centre_from_top: float = 0.42  # face centre / crop side from the top; band 0.35-0.50
+    detect_long_side: int = 1024
+    dominance: float = 4.0
+    backend: str = "embedded"
+
+    def check(self) -> None:
+        if not 64 <= self.size <= 4096:
+            raise FaceChainError(f"Crop size {self.size} is outside 64-4096 px.")
+        if not 0.35 <= self.face_fraction <= 0.45:
+            raise FaceChainError(f"Face fraction {self.face_fraction} is outside FaceChain's 0.35-0.45.")
+        if not 0.35 <= self.centre_from_top <= 0.50:
+            raise FaceChainError(f"Face centre {self.centre_from_top} is outside FaceChain's 0.35-0.50.")
+
+
+@dataclass
+class AlignedFace:
+    image: np.ndarray  # (size, size, 3) uint8
+    face: Face  # in crop coordinates
+    name: str
+    source_size: tuple[int, int]  # (width, height) of the original photo
+    rotation: float  # degrees the photo was turned to level the eyes
+    other_faces: int = 0
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "source_size": list(self.source_size), "rotation": round(self.rotation, 2),
+                "size": int(self.image.shape[0]), **self.face.to_dict()}
+
+
+@dataclass
+class AlignResult:
+    aligned: list[AlignedFace] = field(default_factory=list)
+    report: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def report_text(self) -> str:
+        head = f"FaceAlign: kept {len(self.aligned)} of {len(self.aligned) + len(self.skipped)} photos"
+        return "\n".join([head, *self.report])
+
+
+def _h(m: np.ndarray) -> np.ndarray:
+    """2x3 affine -> 3x3."""
+    return np.vstack([m, [0.0, 0.0, 1.0]])
+
+
+def eye_level_rotation(face: Face) -> np.ndarray:
+    """2x2 rotation that the similarity transform from the keypoints to the mean face applies."""
+    m, _ = cv2.estimateAffinePartial2D(face.keypoints.astype(np.float32), MEAN_FACE_5.astype(np.float32),
+                                       method=cv2.LMEDS)
+    if m is None:  # degenerate keypoints: fall back on the eye line alone
+        a = -np.radians(face.eye_angle())
+        return np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    c, s = m[0, 0], m[1, 0]
+    n = np.hypot(c, s)
+    return np.array([[c / n, -s / n], [s / n, c / n]])
+
+
+def mirrored_tilt(image: np.ndarray, face: Face, backend: str = "embedded") -> float:
+    """Eye-line tilt of ``face`` averaged with that of its mirror image.
+
+    A detector's keypoints carry a pose-dependent error of a degree or two; the mirror image has the
+    opposite error, so the mean is a steadier measure of how level the eyes are."""
+    w = image.shape[1]
+    mirror = _nearest(detect_faces(np.ascontiguousarray(image[:, ::-1]), backend),
+                      np.array([w - face.centre[0], face.centre[1]]), face.size)
+    return face.eye_angle() if mirror is None else (face.eye_angle() - mirror.eye_angle()) / 2
+
+
+def _nearest(faces: list[Face], centre: np.ndarray, size: float) -> Face | None:
+    near = [f for f in faces if np.linalg.norm(f.centre - centre) < 0.5 * size]
+    return min(near, key=lambda f: np.linalg.norm(f.centre - centre)) if near else None
+
+
+def align_photo(image: np.ndarray, name: str = "photo", settings: AlignSettings | None = None) -> tuple[AlignedFace | None, str]:
+    """Align one photo. Returns (crop, "") or (None, reason it was skipped)."""
+    s = settings or AlignSettings()
+    rgb = as_rgb_uint8(image, name)
+    h, w = rgb.shape[:2]
+    if min(h, w) < MIN_SIDE:
+        return None, f"too small ({w}x{h}); photos need at least {MIN_SIDE} px on the short side"
+
+    # 1-2. detect at a fixed working size and choose the subject
+    k0 = s.detect_long_side / max(h, w)
+    work = cv2.resize(rgb, (max(1, round(w * k0)), max(1, round(h * k0))),
+                      interpolation=cv2.INTER_AREA if k0 < 1 else cv2.INTER_CUBIC)
+    faces = detect_faces(work, s.backend)
+    subject, why = choose_subject(faces, s.dominance)
+    if subject is None:
+        return None, why
+
+    # 3. level the eyes on a 1.5x white-padded square canvas, then detect again
+    rot = eye_level_rotation(subject)
+    wh, ww = work.shape[:2]
+    side = int(round(1.5 * max(wh, ww)))
+    c_in, c_out = np.array([ww / 2, wh / 2]), np.array([side / 2, side / 2])
+    a = np.hstack([rot, (c_out - rot @ c_in)[:, None]])
+    canvas = cv2.warpAffine(work, a, (side, side), flags=cv2.INTER_LINEAR, borderValue=WHITE)
+    expected = subject.transformed(a)
+    again = _nearest(detect_faces(canvas, s.backend), expected.centre, expected.size)
+    face = again or expected
+    angle = float(np.degrees(np.arctan2(rot[1, 0], rot[0, 0])))
+
+    # 4. square crop around the face, composed with everything above into one map from the original
+    crop_side = face.size / s.face_fraction
+    x0 = face.centre[0] - crop_side / 2
+    y0 = face.centre[1] - s.centre_from_top * crop_side
+    k = s.size / crop_side
+    crop = np.array([[k, 0, -k * x0], [0, k, -k * y0]])
+    scale0 = np.array([[k0, 0, 0], [0, k0, 0]])
+    full = (_h(crop) @ _h(a) @ _h(scale0))[:2]
+    face = face.transformed(crop)
+    out = _warp(rgb, full, s.size)
+
+    # 5. refine on the crop itself: the detector sees a face a little differently at the output size, so
+    # one or two small corrections put its eyes level and its size and place where the rules want them.
+    target = np.array([s.size / 2, s.centre_from_top * s.size])
+    best, gain, last_tilt = None, 1.0, 0.0
+    for _ in range(4):
+        seen = _nearest(detect_faces(out, s.backend), face.centre, face.size)
+        if seen is None:
+            break
+        tilt = mirrored_tilt(out, seen, s.backend)
+        grow = float(np.clip(s.face_fraction * s.size / seen.size, 0.85, 1.15))
+        miss = abs(tilt) + 100 * abs(grow - 1) + np.linalg.norm(seen.centre - target) / s.size * 100
+        if best is None or miss < best[0]:
+            best = (miss, out, seen, full, angle)
+        if abs(tilt) < 0.5 and abs(grow - 1) < 0.02 and np.linalg.norm(seen.centre - target) < 0.01 * s.size:
+            break
+        if tilt * last_tilt < 0:  # overshot: the detector's keypoints move more than the photo turned
+            gain *= 0.5
+        last_tilt = tilt
+        t = np.radians(-tilt * gain)
+        r = grow * np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+        fix = np.hstack([r, (target - r @ seen.centre)[:, None]])
+        full = (_h(fix) @ _h(full))[:2]
+        face = seen.transformed(fix)
+        angle += tilt * gain
+        out = _warp(rgb, full, s.size)
+    if best is not None:
+        _, out, face, full, angle = best
+    return AlignedFace(out, face, name, (w, h), angle, len(faces) - 1), ""
+
+
+def _warp(rgb: np.ndarray, full: np.ndarray, size: int) -> np.ndarray:
+    """Resample once through ``full``; shrink first with area averaging so a large reduction does not alias."""
+    h, w = rgb.shape[:2]
+    total = float(np.hypot(full[0, 0], full[1, 0]))
+    src = rgb
+    if total < 0.75:
+        src = cv2.resize(rgb, (max(1, round(w * total)), max(1, round(h * total))), interpolation=cv2.INTER_AREA)
+        full = (_h(full) @ np.diag([w / src.shape[1], h / src.shape[0], 1.0]))[:2]
+    return cv2.warpAffine(src, full, (size, size), flags=cv2.INTER_CUBIC, borderValue=WHITE)
+
+
+def align_photos(photos: list[tuple[str, np.ndarray]], settings: AlignSettings | None = None,
+                 progress: ProgressFn | None = None) -> AlignResult:
+    """Align every photo; skipped ones are named in the report with the reason."""
+    s = settings or AlignSettings()
+    s.check()
+    progress = progress or no_progress
+    if not photos:
+        raise FaceChainError("No photos were given. Connect 3-20 photos of one person.")
+    result = AlignResult()
+    for i, (name, image) in enumerate(photos):
+        progress(i, len(photos), name)
+        aligned, why = align_photo(image, name, s)
+        if aligned is None:
+            result.skipped.append((name, why))
+            result.report.append(f"- {name}: skipped, {why}")
+        else:
+            result.aligned.append(aligned)
+            result.report.append(f"- {name}: kept ({aligned.source_size[0]}x{aligned.source_size[1]}, "
+                                 f"turned {aligned.rotation:+.1f} deg)")
+    progress(len(photos), len(photos), None)
+    if not result.aligned:
+        raise FaceChainError(
+            "FaceAlign found no usable face in any photo:\n" + "\n".join(result.report[-20:]) +
+            "\nUse clear photos where the one person's face is visible and largest.")
+    return result

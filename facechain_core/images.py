@@ -1,0 +1,95 @@
+"""Reading photos and checking image arrays before any numeric work touches them.
+
+Arrays in the library are RGB ``uint8`` of shape (H, W, 3) unless a function says otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import FaceChainError
+
+PHOTO_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+# Above this a photo is refused before decoding: 40 MP is more than any phone camera delivers and a
+# decoded float copy of it in ComfyUI already takes ~0.5 GB.
+MAX_PIXELS = 40_000_000
+MIN_SIDE = 32
+
+
+def check_size(width: int, height: int, name: str) -> None:
+    if width * height > MAX_PIXELS:
+        raise FaceChainError(
+            f"Photo '{name}' is {width}x{height} ({width * height / 1e6:.0f} MP), above the "
+            f"{MAX_PIXELS / 1e6:.0f} MP limit. Downscale it (a long side of 2048 px is plenty) and try again."
+        )
+
+
+def flatten_alpha(img: Image.Image) -> Image.Image:
+    """RGB on white: transparent parts of a PNG become white, as FaceChain's white fill expects."""
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_photo(path: str | os.PathLike) -> np.ndarray:
+    """One photo as RGB uint8, EXIF rotation applied, alpha flattened on white."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            check_size(img.width, img.height, path.name)
+            img = ImageOps.exif_transpose(img)
+            img.load()
+            return np.asarray(flatten_alpha(img), dtype=np.uint8)
+    except FaceChainError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise FaceChainError(
+            f"Photo '{path.name}' could not be read ({type(e).__name__}: {e}). "
+            f"Replace it with a JPEG or PNG file, or remove it from the folder."
+        ) from None
+
+
+def list_photos(folder: str | os.PathLike) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FaceChainError(f"Folder '{folder}' does not exist.")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in PHOTO_EXTENSIONS)
+    if not files:
+        raise FaceChainError(
+            f"Folder '{folder.name}' holds no photos ({', '.join(sorted(PHOTO_EXTENSIONS))}). "
+            f"Put 3-20 photos of one person in it."
+        )
+    return files
+
+
+def as_rgb_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
+    """Accept HxW, HxWx1, HxWx3, HxWx4, float 0..1 or uint8; return HxWx3 uint8, or say what is wrong."""
+    a = np.asarray(image)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
+        raise FaceChainError(f"{name} has shape {tuple(np.shape(image))}; expected height x width x 3 (RGB).")
+    if a.shape[0] < 1 or a.shape[1] < 1:
+        raise FaceChainError(f"{name} is empty ({a.shape[1]}x{a.shape[0]}).")
+    if a.dtype != np.uint8:
+        a = np.clip(np.nan_to_num(a.astype(np.float32), nan=0.0) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if a.shape[2] == 1:
+        a = np.repeat(a, 3, axis=2)
+    elif a.shape[2] == 4:
+        rgb, alpha = a[:, :, :3].astype(np.float32), a[:, :, 3:4].astype(np.float32) / 255.0
+        a = (rgb * alpha + 255.0 * (1.0 - alpha) + 0.5).astype(np.uint8)
+    return np.ascontiguousarray(a)
+
+
+def save_png_atomic(image: np.ndarray, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(image).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path

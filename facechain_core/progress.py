@@ -1,0 +1,25 @@
+"""Progress reporting without a ComfyUI import: library loops call ``progress(done, total, info)``.
+
+The callback may raise to cancel (ComfyUI's interrupt); library code calls it at least once per unit
+of work so that Cancel takes effect promptly, and writes nothing final before its loop ends.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+ProgressFn = Callable[[int, int, Optional[str]], None]
+
+
+def no_progress(done: int, total: int, info: str | None = None) -> None:
+    return None
+
+
+def scaled(progress: ProgressFn | None, start: int, span: int, total: int) -> ProgressFn:
+    """Map a sub-task's 0..n onto ``start..start+span`` of a larger ``total``."""
+    progress = progress or no_progress
+
+    def inner(done: int, n: int, info: str | None = None) -> None:
+        progress(start + (span * done) // max(n, 1), total, info)
+
+    return inner

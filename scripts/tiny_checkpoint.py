@@ -1,0 +1,93 @@
+"""Build a tiny SD1.5-shaped checkpoint with random weights for tests and the offline example.
+
+Stock ``CheckpointLoaderSimple`` recognises an SD1.5 UNet by ``model_channels`` 320 and
+``context_dim`` 768, so the UNet keeps those but has a single level with one res block and one
+transformer block (~26 M parameters). The VAE and the CLIP-L text encoder are built by the host from
+fixed configs, so they keep their full standard shapes. The modules are ComfyUI's own classes, which
+gives the exact key names of an original-format SD1.5 file. Every weight is initialised (uninitialised
+VAE weights give NaN images).
+
+Usage (with ComfyUI's folder importable): ``python scripts/tiny_checkpoint.py OUT.safetensors``
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+SEED = 1234
+# The UNet of the tiny model, as UNetModel keywords (SD1.5 values except the depth).
+TINY_UNET = dict(
+    image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[1],
+    channel_mult=[1], num_heads=8, num_head_channels=-1,
+    use_spatial_transformer=True, transformer_depth=[1], transformer_depth_output=[1, 1],
+    transformer_depth_middle=1, context_dim=768, use_linear_in_transformer=False, legacy=False,
+)
+VAE_DDCONFIG = dict(
+    double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128,
+    ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[], dropout=0.0,
+)
+CLIP_L = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+    num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+    projection_dim=768,
+)
+
+
+def _init_(module, gen):
+    import torch
+
+    for name, p in module.named_parameters():
+        with torch.no_grad():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.ndim == 1:  # norm scales
+                p.fill_(1.0)
+            else:
+                fan_in = p[0].numel()
+                p.normal_(0.0, (1.0 / fan_in) ** 0.5, generator=gen)
+
+
+def build(out: Path, comfy_dir: Path) -> Path:
+    sys.path.insert(0, str(comfy_dir))
+    sys.argv = [sys.argv[0], "--cpu"]
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    import torch
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    import comfy.ops
+
+    gen = torch.Generator().manual_seed(SEED)
+    unet = UNetModel(**TINY_UNET, operations=comfy.ops.disable_weight_init)
+    vae = AutoencoderKL(ddconfig=VAE_DDCONFIG, embed_dim=4)
+    clip = CLIPTextModel(CLIPTextConfig(**CLIP_L))
+    for m in (unet, vae):
+        _init_(m, gen)
+    sd = {}
+    for k, v in unet.state_dict().items():
+        sd["model.diffusion_model." + k] = v
+    for k, v in vae.state_dict().items():
+        sd["first_stage_model." + k] = v
+    for k, v in clip.state_dict().items():
+        sd["cond_stage_model.transformer." + k] = v
+    sd = {k: v.detach().to(torch.float16).contiguous() for k, v in sd.items() if v.is_floating_point()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(sd, str(tmp), metadata={"facechain_tiny": "1", "seed": str(SEED)})
+    os.replace(tmp, out)
+    return out
+
+
+if __name__ == "__main__":
+    here = Path(__file__).resolve().parent
+    sys.path.insert(0, str(here))
+    from comfy_host import COMFY_DIR, install_comfyui
+
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else here.parent / ".cache" / "tiny_sd15.safetensors"
+    print(build(target, install_comfyui(COMFY_DIR)))

@@ -1,0 +1,87 @@
+"""Fixtures: a real ComfyUI 0.3.75 server on the CPU with this pack in custom_nodes, and its client."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO))
+
+from comfy_host import CACHE, COMFY_DIR, ComfyClient, ComfyServer, PromptError, install_comfyui  # noqa: E402
+
+SHARED = Path(os.environ.get("FACECHAIN_SHARED", REPO.parent / "shared"))
+FACES = SHARED / "faces"
+TINY_CKPT = CACHE / "tiny_sd15.safetensors"
+ARTIFACTS = REPO / "artifacts"
+
+
+def tiny_checkpoint() -> Path:
+    if not TINY_CKPT.is_file():
+        import subprocess
+
+        subprocess.run([sys.executable, str(REPO / "scripts" / "tiny_checkpoint.py"), str(TINY_CKPT)], check=True)
+    return TINY_CKPT
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    if dst.exists():
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+@pytest.fixture(scope="session")
+def comfy_base(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("comfy")
+    for sub in ("models/checkpoints", "input", "output"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    link_or_copy(tiny_checkpoint(), base / "models" / "checkpoints" / TINY_CKPT.name)
+    for person in ("obama", "biden", "rose_leslie", "hard"):
+        shutil.copytree(FACES / person, base / "input" / person)
+    return base
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfy_base):
+    install_comfyui(COMFY_DIR)
+    server = ComfyServer(comfy_base)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def client(comfy_server) -> ComfyClient:
+    return ComfyClient(comfy_server.url)
+
+
+@pytest.fixture(scope="session")
+def object_info(client) -> dict:
+    return client.object_info()
+
+
+def png_arrays(blobs: list[bytes]) -> list[np.ndarray]:
+    from PIL import Image
+
+    return [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs]
+
+
+def expect_node_error(client: ComfyClient, prompt: dict, *words: str) -> str:
+    """Run a prompt that must fail in a node; return the message the UI shows and check its words."""
+    with pytest.raises(PromptError) as info:
+        client.run(prompt)
+    message = str(info.value)
+    for w in words:
+        assert w.lower() in message.lower(), f"{w!r} not in error message: {message}"
+    assert "Traceback" not in message
+    return message
