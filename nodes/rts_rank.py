@@ -1,0 +1,74 @@
+"""RTSRank: keep the portraits with one plausible face and sort them by likeness to the person."""
+
+from __future__ import annotations
+
+import torch
+
+from ..facechain_core.errors import FaceChainError
+from ..facechain_core.rank import RankSettings, filter_defaults, rank_images
+from ..facechain_core.recognition import BACKENDS
+from .common import CATEGORY, first, images_to_numpy, progress
+
+IF_NONE = ("return unranked", "stop with an error")
+
+
+class RTSRank:
+    DESCRIPTION = ("FaceChain's final step: keeps the images that show exactly one face of plausible size, "
+                   "embeds each face with a face-recognition model and returns the top N sorted by cosine "
+                   "similarity to the reference (the template face, or the mean of several photos such as the "
+                   "aligned training crops), with their scores.")
+    CATEGORY = CATEGORY
+    INPUT_IS_LIST = True
+    RETURN_TYPES = ("IMAGE", "FLOAT", "STRING")
+    RETURN_NAMES = ("images", "scores", "report")
+    OUTPUT_IS_LIST = (True, True, False)
+    OUTPUT_TOOLTIPS = ("The best images, most similar first (a list: sizes may differ).",
+                       "The cosine similarity of each returned image to the reference.",
+                       "Every image's score, or why it was dropped.")
+    FUNCTION = "rank"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        d = filter_defaults()
+        return {"required": {
+            "images": ("IMAGE", {"tooltip": "The portraits to rank (a batch, or a list of images of any sizes)."}),
+            "reference": ("IMAGE", {"tooltip": "The template face photo, or several photos of the person (their "
+                                    "mean embedding is used)."}),
+            "top_n": ("INT", {"default": 4, "min": 1, "max": 100, "tooltip": "How many images to return."}),
+            "backend": (list(BACKENDS), {"default": "embedded", "tooltip": "embedded: SFace, offline. arcface: an "
+                                         "ArcFace ONNX file in models/facechain/arcface. rts: FaceChain's RTS model. "
+                                         "Fetch the learned ones with install.py --models."}),
+            "min_face_fraction": ("FLOAT", {"default": d["min_face_fraction"], "min": 0.01, "max": 1.0, "step": 0.01,
+                                            "tooltip": "Smallest plausible face, as a share of the image's short side."}),
+            "max_face_fraction": ("FLOAT", {"default": d["max_face_fraction"], "min": 0.05, "max": 1.5, "step": 0.01,
+                                            "tooltip": "Largest plausible face, as a share of the image's short side."}),
+            "if_none_kept": (list(IF_NONE), {"default": IF_NONE[0], "tooltip": "When no image shows one plausible "
+                                             "face: return the first top_n images unranked (score 0), or stop."}),
+        }}
+
+    def rank(self, images, reference, top_n, backend, min_face_fraction, max_face_fraction, if_none_kept):
+        batches = [b for b in (images or []) if isinstance(b, torch.Tensor) and b.ndim == 4 and b.shape[0] > 0]
+        arrays = images_to_numpy(batches)
+        singles = [b[i:i + 1, ..., :3] for b in batches for i in range(b.shape[0])]  # the input's own floats
+        if not arrays:
+            raise FaceChainError("RTSRank got no images. Connect the generated (or fused) images.")
+        refs = images_to_numpy([b for b in (reference or []) if isinstance(b, torch.Tensor) and b.shape[0] > 0])
+        settings = RankSettings(top_n=int(first(top_n)), backend=first(backend),
+                                min_face_fraction=float(first(min_face_fraction)),
+                                max_face_fraction=float(first(max_face_fraction)))
+        result = rank_images(arrays, refs, settings, progress=progress(len(arrays)))
+        report = result.report_text()
+        order, scores = result.order, result.scores
+        if not order:
+            if first(if_none_kept) != IF_NONE[0]:
+                raise FaceChainError("RTSRank kept no image:\n" + report + "\nGenerate more images, or widen the "
+                                     "face size band.")
+            order = list(range(min(settings.top_n, len(arrays))))
+            scores = [0.0] * len(order)
+            report += "\nNo image showed exactly one plausible face: returned the first ones unranked (score 0)."
+        out = [singles[i] for i in order]
+        return {"ui": {"text": [report]}, "result": (out, [float(s) for s in scores], report)}
+
+
+NODE_CLASS_MAPPINGS = {"FaceChainRTSRank": RTSRank}
+NODE_DISPLAY_NAME_MAPPINGS = {"FaceChainRTSRank": "RTS Rank (FaceChain)"}
