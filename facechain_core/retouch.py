@@ -1,0 +1,135 @@
+"""Skin retouching: smooth blemishes on the skin of the face and neck, leave everything else alone.
+
+* ``embedded`` (default, offline): a skin mask (the cheek-sampled skin colour within the face and neck,
+  less the eyes, brows and lips placed from the keypoints), and an edge-preserving bilateral filter whose
+  result is blended in with the ``strength`` inside that mask only.
+* ``abpn``: FaceChain's ABPN skin-retouching network through a ModelScope pipeline on the snapshot in
+  the model store; its output is blended in through the same skin mask, so eyes, brows, lips, hair and
+  the background stay exactly as they were with either backend.
+
+The blend weight is zero outside the returned mask: a pixel outside it is never changed.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import cv2
+import numpy as np
+
+from . import model_store
+from .errors import FaceChainError
+from .face_regions import FaceFrame, draw_oval, feature_mask
+from .images import as_rgb_uint8
+from .parse import require_colour, skin_likelihood, soft_inside
+from .progress import ProgressFn, no_progress
+
+BACKENDS = ("embedded", "abpn")
+
+
+def skin_mask(rgb: np.ndarray, keypoints, limit: np.ndarray | None = None) -> np.ndarray:
+    """0/255 mask of the skin a retouch may touch: skin colour within the face oval and the neck under it,
+    without the eyes, brows and lips (grown a little so their edges stay crisp); within ``limit`` if given."""
+    frame = FaceFrame.from_keypoints(keypoints)
+    shape = rgb.shape[:2]
+    zone = draw_oval(shape, frame, 1.12)
+    neck = np.array([frame.point(-0.95, 1.6), frame.point(0.95, 1.6), frame.point(0.85, 3.0),
+                     frame.point(-0.85, 3.0)], np.int32)
+    cv2.fillConvexPoly(zone, neck, 255)
+    skin = ((skin_likelihood(rgb, frame) < 8.0) & (zone > 0)).astype(np.uint8) * 255
+    skin = cv2.morphologyEx(skin, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3)))
+    keep = cv2.dilate(feature_mask(shape, frame), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
+    skin[keep > 0] = 0
+    if limit is not None:
+        skin[limit == 0] = 0
+    return skin
+
+
+def blend_weight(mask: np.ndarray, strength: float, feather: int) -> np.ndarray:
+    """Soft weight that fades in from the mask's edge and is exactly zero outside the mask."""
+    return np.clip(soft_inside(mask, feather) * float(strength), 0.0, 1.0)[..., None]
+
+
+def smooth_skin(rgb: np.ndarray, face_size: float) -> np.ndarray:
+    """Edge-preserving smoothing scaled to the face: two bilateral passes flatten spots and pores while
+    the edges of the nose, jaw and wrinkles that carry identity survive."""
+    space = max(2.0, face_size / 70.0)
+    out = cv2.bilateralFilter(rgb, d=0, sigmaColor=18, sigmaSpace=space)
+    return cv2.bilateralFilter(out, d=0, sigmaColor=12, sigmaSpace=space * 1.5)
+
+
+class ABPNRetoucher:
+    """FaceChain's ABPN skin retouching through a ModelScope pipeline on the local snapshot."""
+
+    def __init__(self):
+        local = model_store.model_path("abpn")
+        try:
+            from modelscope.pipelines import pipeline
+            from modelscope.utils.constant import Tasks
+
+            self._pipe = pipeline(Tasks.skin_retouching, model=str(local))
+        except ImportError as e:
+            raise FaceChainError(
+                f"The 'abpn' backend needs ModelScope's vision extras and TensorFlow ({e}). Install them "
+                f"with `pip install \"modelscope[cv]\" tensorflow`, or choose the 'embedded' backend.") from None
+        self._lock = threading.Lock()
+
+    def retouch(self, rgb: np.ndarray) -> np.ndarray:
+        from modelscope.outputs import OutputKeys
+
+        with self._lock:
+            out = self._pipe(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        bgr = np.asarray(out[OutputKeys.OUTPUT_IMG])
+        return cv2.cvtColor(np.clip(bgr, 0, 255).astype(np.uint8), cv2.COLOR_BGR2RGB)
+
+
+_retouchers: dict = {}
+_lock = threading.Lock()
+
+
+def _retoucher(backend: str):
+    if backend not in BACKENDS:
+        raise FaceChainError(f"Unknown retouch backend '{backend}'; choose one of {', '.join(BACKENDS)}.")
+    if backend == "embedded":
+        return None
+    with _lock:
+        if backend not in _retouchers:
+            _retouchers[backend] = ABPNRetoucher()
+        return _retouchers[backend]
+
+
+def retouch_crop(image: np.ndarray, keypoints, strength: float = 0.6, backend: str = "embedded",
+                 limit: np.ndarray | None = None, name: str = "crop") -> tuple[np.ndarray, np.ndarray]:
+    """(retouched image, 0/255 mask of where it may differ from the input)."""
+    if not 0.0 <= strength <= 1.0:
+        raise FaceChainError(f"Retouch strength {strength} is outside 0-1.")
+    rgb = as_rgb_uint8(image, name)
+    if limit is not None and limit.shape[:2] != rgb.shape[:2]:
+        raise FaceChainError(f"The mask for {name} is {limit.shape[1]}x{limit.shape[0]} but the image is "
+                             f"{rgb.shape[1]}x{rgb.shape[0]}; connect a mask made from these images "
+                             f"(HumanParse's face or head mask).")
+    require_colour(rgb, keypoints, name, "SkinRetouch")
+    frame = FaceFrame.from_keypoints(keypoints)
+    mask = skin_mask(rgb, keypoints, limit)
+    if strength == 0.0 or not np.any(mask):
+        return rgb.copy(), mask
+    engine = _retoucher(backend)
+    smooth = smooth_skin(rgb, frame.size) if engine is None else engine.retouch(rgb)
+    w = blend_weight(mask, strength, feather=max(3, int(frame.size / 60)) | 1)
+    out = rgb.astype(np.float32) * (1.0 - w) + smooth.astype(np.float32) * w
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8), mask
+
+
+def retouch_crops(images: list[np.ndarray], keypoints: list, strength: float = 0.6, backend: str = "embedded",
+                  limits: list[np.ndarray] | None = None, names: list[str] | None = None,
+                  progress: ProgressFn | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    if not images:
+        raise FaceChainError("SkinRetouch got no images. Connect the aligned crops of FaceAlign or HumanParse.")
+    progress = progress or no_progress
+    names = names or [f"crop {i + 1}" for i in range(len(images))]
+    out = []
+    for i, (img, kps) in enumerate(zip(images, keypoints)):
+        progress(i, len(images), names[i])
+        out.append(retouch_crop(img, kps, strength, backend, None if limits is None else limits[i], names[i]))
+    progress(len(images), len(images), None)
+    return out
