@@ -124,24 +124,33 @@ class ApplyStyleLoRA:
             t = caps.get("shared_tags", [])
             tags = ", ".join(str(x) for x in t) if isinstance(t, (list, tuple)) else str(t)
 
+        lines = [f"Style: {chosen.name}" + (" (prompt only)" if chosen.prompt_only else "")]
         face_path = None
         if face_lora_path and str(face_lora_path).strip():
             face_path = resolve_lora(str(face_lora_path), "face LoRA")
         elif face_lora and face_lora != NONE:
             face_path = resolve_lora(face_lora, "face LoRA")
         fw = chosen.face_lora_weight if face_weight < 0 else float(face_weight)
-        if face_path is not None and fw != 0.0:
-            model, clip = comfy.sd.load_lora_for_models(model, clip, self._lora(face_path), fw, fw)
+        # The style LoRA is looked up before anything is patched, so a missing file fails fast.
+        style_path, sw = None, 0.0
         if chosen.style_lora is not None:
             sw = chosen.style_lora.weight if style_weight < 0 else float(style_weight)
             if sw != 0.0:
-                path = styles.find_style_lora(chosen, folder_paths.get_folder_paths("loras"))
-                model, clip = comfy.sd.load_lora_for_models(model, clip, self._lora(path), sw, sw)
+                style_path = styles.find_style_lora(chosen, folder_paths.get_folder_paths("loras"))
+        if face_path is not None and fw != 0.0:
+            model, clip = comfy.sd.load_lora_for_models(model, clip, self._lora(face_path), fw, fw)
+            lines.append(f"Face LoRA: {face_path.name} at {fw:g}")
+        else:
+            lines.append("Face LoRA: none" + (f" ({face_path.name} at weight 0)" if face_path is not None else ""))
+        if style_path is not None:
+            model, clip = comfy.sd.load_lora_for_models(model, clip, self._lora(style_path), sw, sw)
+            lines.append(f"Style LoRA: {chosen.style_lora.file} at {sw:g}")
 
         positive = cat.positive_prompt(chosen, [trigger, subject, tags], extra_prompt)
         negative = cat.negative_prompt(chosen)
+        lines += [f"Positive: {positive}", f"Negative: {negative}"]
         preview = numpy_to_images([styles.preview_image(chosen)])
-        return (model, clip, positive, negative, preview)
+        return {"ui": {"text": ["\n".join(lines)]}, "result": (model, clip, positive, negative, preview)}
 
 
 NODE_CLASS_MAPPINGS = {"FaceChainApplyStyleLoRA": ApplyStyleLoRA}
