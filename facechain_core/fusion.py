@@ -163,6 +163,9 @@ def face_mask(oval: np.ndarray, shape: tuple[int, int], face_size: float, shrink
     # Blur the shrunk core, then clip by the hard oval: the soft edge stays inside the oval.
     soft = cv2.GaussianBlur(core.astype(np.float32) / 255.0, (0, 0), f / 2.0)
     soft[hard == 0] = 0.0
+    # Below one 8-bit step a pixel would not visibly change; zero it so "mask 0" means "untouched" even
+    # after the mask is saved as an 8-bit image.
+    soft[soft < 1.0 / 255.0] = 0.0
     return np.clip(soft, 0.0, 1.0)
 
 
@@ -303,11 +306,12 @@ def fuse_one(target: np.ndarray, tpl: Template, s: FusionSettings) -> FusedImage
             warped = match_colour(warped, patch, alpha, size)
         hard = (alpha > 0.02).astype(np.uint8) * 255
         blended = poisson_blend(warped, patch, hard)
-    a = (alpha * s.strength)[..., None]
+    a = alpha * s.strength
+    a[a < 1.0 / 255.0] = 0.0  # see face_mask: a zero in the saved mask means an untouched pixel
     out = rgb.copy()
-    out[y0:y1, x0:x1] = np.clip(patch * (1.0 - a) + blended * a + 0.5, 0, 255).astype(np.uint8)
+    out[y0:y1, x0:x1] = np.clip(patch * (1.0 - a[..., None]) + blended * a[..., None] + 0.5, 0, 255).astype(np.uint8)
     full = zero.copy()
-    full[y0:y1, x0:x1] = alpha * s.strength
+    full[y0:y1, x0:x1] = a
     return FusedImage(out, full, f"fused (face {size:.0f} px, {len(faces)} face{'s' if len(faces) > 1 else ''} "
                                  f"seen{', the largest used' if len(faces) > 1 else ''})", True)
 

@@ -44,9 +44,13 @@ class RTSRank:
                                             "tooltip": "Largest plausible face, as a share of the image's short side."}),
             "if_none_kept": (list(IF_NONE), {"default": IF_NONE[0], "tooltip": "When no image shows one plausible "
                                              "face: return the first top_n images unranked (score 0), or stop."}),
+        }, "optional": {
+            "names": ("STRING", {"forceInput": True, "tooltip": "Names of the images for the report (the names "
+                                 "output of Load Face Photos)."}),
         }}
 
-    def rank(self, images, reference, top_n, backend, min_face_fraction, max_face_fraction, if_none_kept):
+    def rank(self, images, reference, top_n, backend, min_face_fraction, max_face_fraction, if_none_kept,
+             names=None):
         batches = [b for b in (images or []) if isinstance(b, torch.Tensor) and b.ndim == 4 and b.shape[0] > 0]
         arrays = images_to_numpy(batches)
         singles = [b[i:i + 1, ..., :3] for b in batches for i in range(b.shape[0])]  # the input's own floats
@@ -56,7 +60,7 @@ class RTSRank:
         settings = RankSettings(top_n=int(first(top_n)), backend=first(backend),
                                 min_face_fraction=float(first(min_face_fraction)),
                                 max_face_fraction=float(first(max_face_fraction)))
-        result = rank_images(arrays, refs, settings, progress=progress(len(arrays)))
+        result = rank_images(arrays, refs, settings, [str(n) for n in names or []], progress(len(arrays)))
         report = result.report_text()
         order, scores = result.order, result.scores
         if not order:

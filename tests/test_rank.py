@@ -1,0 +1,163 @@
+"""RTSRank through the real host on the real photos in ../shared/faces."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import FACES, expect_node_error, png_arrays
+from facechain_core import model_store
+from facechain_core.images import load_photo
+
+OBAMA = ["obama/obama2.jpg", "obama/obama3.jpg", "obama/obama4_240p.jpg",
+         "hard/partial_face.jpg", "hard/rgba_32bit.png", "hard/tiny_face.jpg"]
+OTHERS = ["biden/biden1.jpg", "biden/biden2.jpg", "rose_leslie/rose1.jpg", "rose_leslie/rose2.jpg"]
+TWO_PEOPLE = "hard/two_people.jpg"
+
+
+def folder_of(comfy_base, name: str, files: list[str]) -> str:
+    folder = comfy_base / "input" / name
+    folder.mkdir(exist_ok=True)
+    for rel in files:
+        shutil.copy(FACES / rel, folder / rel.split("/")[-1])
+    return name
+
+
+def rank_prompt(images: str, reference: str, top_n: int = 20, backend: str = "embedded", align_reference=False,
+                prefix: str = "ranked", if_none: str = "return unranked") -> dict:
+    p = {
+        "1": {"class_type": "FaceChainLoadPhotos", "inputs": {"folder": images, "max_photos": 50}},
+        "2": {"class_type": "FaceChainLoadPhotos", "inputs": {"folder": reference, "max_photos": 50}},
+        "3": {"class_type": "FaceChainRTSRank", "inputs": {
+            "images": ["1", 0], "names": ["1", 1], "reference": ["2", 0], "top_n": top_n, "backend": backend,
+            "min_face_fraction": 0.12, "max_face_fraction": 0.85, "if_none_kept": if_none}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": prefix}},
+    }
+    if align_reference:
+        p["5"] = {"class_type": "FaceChainFaceAlign", "inputs": {
+            "photos": ["2", 0], "names": ["2", 1], "size": 256, "face_fraction": 0.40, "face_centre": 0.42,
+            "detector": "embedded"}}
+        p["3"]["inputs"]["reference"] = ["5", 0]
+    return p
+
+
+def ranked_names(report: str) -> list[str]:
+    found = re.findall(r"^- (\S+): similarity (-?[0-9.]+), rank (\d+)$", report, re.M)
+    return [name for name, _, _ in sorted(found, key=lambda t: int(t[2]))]
+
+
+def identify(saved: np.ndarray, photos: dict[str, np.ndarray]) -> str:
+    """Which input photo a saved output is (RTSRank returns the input pixels unchanged)."""
+    same = [n for n, a in photos.items() if a.shape == saved.shape and np.array_equal(a, saved)]
+    assert len(same) == 1, f"output matches {same}"
+    return same[0]
+
+
+@pytest.fixture(scope="module")
+def mixed(comfy_base) -> tuple[str, dict[str, np.ndarray]]:
+    files = OBAMA + OTHERS + [TWO_PEOPLE]
+    name = folder_of(comfy_base, "rank_mixed", files)
+    return name, {f.split("/")[-1]: load_photo(FACES / f) for f in files}
+
+
+@pytest.mark.parametrize("align_reference", [False, True], ids=["template_photo", "mean_of_training_crops"])
+def test_every_obama_photo_ranks_above_every_other_person(client, comfy_base, mixed, align_reference):
+    images, photos = mixed
+    if align_reference:  # the mean of all the training faces (aligned crops) as the reference
+        reference = folder_of(comfy_base, "rank_ref_all", ["obama/obama1.jpg", "obama/obama2.jpg", "obama/obama3.jpg"])
+    else:
+        reference = folder_of(comfy_base, "rank_ref_obama1", ["obama/obama1.jpg"])
+    entry = client.run(rank_prompt(images, reference, align_reference=align_reference, prefix="ranked_mix"))
+    report = "\n".join(entry["outputs"]["3"]["text"])
+    order = ranked_names(report)
+    obama = {f.split("/")[-1] for f in OBAMA}
+    others = {f.split("/")[-1] for f in OTHERS}
+    assert set(order) == obama | others, report
+    assert set(order[:len(obama)]) == obama, f"an other person ranks among the obama photos:\n{report}"
+    assert "two_people.jpg: dropped, 2 faces" in report
+    saved = png_arrays(client.output_images(entry, "4"))
+    assert [identify(s, photos) for s in saved] == order
+    scores = [float(s) for s in re.findall(r"similarity (-?[0-9.]+), rank", report)]
+    assert min(scores[:len(obama)]) > max(scores[len(obama):]) + 0.2
+
+
+def test_top_n_and_implausible_face_sizes(client, comfy_base):
+    folder = comfy_base / "input" / "rank_sizes"
+    folder.mkdir(exist_ok=True)
+    photo = load_photo(FACES / "obama" / "obama2.jpg")
+    canvas = np.full((1200, 1200, 3), 200, np.uint8)  # the face becomes ~4% of the side: implausibly small
+    small = np.asarray(Image.fromarray(photo).resize((photo.shape[1] // 8, photo.shape[0] // 8)))
+    canvas[500:500 + small.shape[0], 500:500 + small.shape[1]] = small
+    Image.fromarray(canvas).save(folder / "far_away.png")
+    Image.fromarray(np.full((256, 256, 3), 128, np.uint8)).save(folder / "no_face.png")
+    shutil.copy(FACES / "obama" / "obama3.jpg", folder / "near.jpg")
+    shutil.copy(FACES / "obama" / "obama4_240p.jpg", folder / "low_res.jpg")
+    reference = folder_of(comfy_base, "rank_ref_obama1", ["obama/obama1.jpg"])
+    entry = client.run(rank_prompt("rank_sizes", reference, top_n=1, prefix="ranked_sizes"))
+    report = "\n".join(entry["outputs"]["3"]["text"])
+    assert "far_away.png: dropped, face too small" in report
+    assert "no_face.png: dropped, no face found" in report
+    assert "returned" in report.splitlines()[0] and report.startswith("RTSRank: 1 of 4 images returned")
+    assert len(client.output_images(entry, "4")) == 1
+    assert re.search(r"- \S+: similarity [0-9.]+, below the top 1", report)
+
+
+def test_nothing_kept_returns_unranked_or_stops_as_asked(client, comfy_base):
+    folder = comfy_base / "input" / "rank_noise"
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(3)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(folder / f"noise{i}.png")
+    reference = folder_of(comfy_base, "rank_ref_obama1", ["obama/obama1.jpg"])
+    entry = client.run(rank_prompt("rank_noise", reference, top_n=2, prefix="ranked_noise"))
+    assert len(client.output_images(entry, "4")) == 2
+    assert "returned the first ones unranked" in "\n".join(entry["outputs"]["3"]["text"])
+    expect_node_error(client, rank_prompt("rank_noise", reference, top_n=2, if_none="stop with an error"),
+                      "kept no image", "no face found")
+    expect_node_error(client, rank_prompt(reference, "rank_noise"), "no face in the reference")
+
+
+def write_tiny_arcface(path):
+    """A random-weight ONNX recogniser with ArcFace's signature: [N,3,112,112] float in, [N,512] out."""
+    import onnx  # a test tool (tests/requirements.txt)
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    conv_w = numpy_helper.from_array(rng.normal(0, 0.2, (16, 3, 8, 8)).astype(np.float32), "conv_w")
+    fc_w = numpy_helper.from_array(rng.normal(0, 0.2, (16 * 8 * 8, 512)).astype(np.float32), "fc_w")
+    shape = numpy_helper.from_array(np.array([0, -1], np.int64), "flat_shape")
+    nodes = [helper.make_node("Conv", ["input.1", "conv_w"], ["c"], strides=[16, 16], pads=[4, 4, 4, 4]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Reshape", ["r", "flat_shape"], ["f"]),
+             helper.make_node("MatMul", ["f", "fc_w"], ["embedding"])]
+    graph = helper.make_graph(nodes, "tiny_arcface",
+                              [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["N", 3, 112, 112])],
+                              [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 512])],
+                              [conv_w, fc_w, shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+
+
+def test_learned_recognisers_missing_then_tiny_arcface_runs(client, comfy_base, mixed):
+    images, _ = mixed
+    reference = folder_of(comfy_base, "rank_ref_obama1", ["obama/obama1.jpg"])
+    target = comfy_base / "models" / "facechain" / model_store.catalogue()["learned"]["arcface"]["path"]
+    assert not target.exists()
+    expect_node_error(client, rank_prompt(images, reference, backend="arcface"),
+                      "'arcface'", "model.onnx", "python install.py --models arcface", "immich-app/buffalo_l")
+    expect_node_error(client, rank_prompt(images, reference, backend="rts"),
+                      "'rts'", "python install.py --models rts", "damo/cv_ir_face-recognition-ood_rts")
+    write_tiny_arcface(target)
+    entry = client.run(rank_prompt(images, reference, top_n=3, backend="arcface", prefix="ranked_arcface"))
+    report = "\n".join(entry["outputs"]["3"]["text"])
+    assert report.startswith("RTSRank: 3 of 11 images returned") and "two_people.jpg: dropped, 2 faces" in report
+    scores = [float(s) for s in re.findall(r"similarity (-?[0-9.]+)", report)]
+    assert len(scores) == 10 and all(-1.0 <= s <= 1.0001 for s in scores)
+    assert len(client.output_images(entry, "4")) == 3
