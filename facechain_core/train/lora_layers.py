@@ -1,0 +1,145 @@
+"""LoRA adapters (peft) on a model that belongs to someone else: the host's UNet and text encoder.
+
+The trainer must not copy the base weights, and must give the modules back exactly as it found them,
+because other nodes of the same graph keep using them. Three reversible steps, each a context manager:
+
+* ``borrowed_weights``: a host that loaded its model under ``torch.inference_mode`` (ComfyUI does) holds
+  inference tensors, which autograd refuses to save for backward. Each parameter is swapped for a normal
+  tensor *viewing the same storage* (no copy) with ``requires_grad`` off; the original parameter objects
+  are put back afterwards.
+* ``lora_adapters``: peft's ``inject_adapter_in_model`` wraps the target layers; on exit each wrapper is
+  replaced by the layer it wrapped.
+* ``gradient_checkpointing``: the forward of each transformer/res block is wrapped in
+  ``torch.utils.checkpoint`` on the instance; on exit the instance attribute is removed.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+
+import torch
+import torch.utils.checkpoint
+
+ADAPTER = "facechain"
+# Blocks worth recomputing in backward: ComfyUI's and diffusers' names for the same things.
+CHECKPOINT_BLOCKS = {"BasicTransformerBlock", "ResBlock", "ResnetBlock2D"}
+
+
+def _normal_view(t: torch.Tensor) -> torch.Tensor:
+    """A non-inference tensor over the same memory as ``t`` (which may be an inference tensor)."""
+    with torch.inference_mode(False):
+        view = torch.empty(0, dtype=t.dtype, device=t.device)
+        return view.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+
+
+@contextmanager
+def borrowed_weights(*roots: torch.nn.Module) -> Iterator[None]:
+    """Frozen, autograd-usable stand-ins for every parameter and buffer under ``roots``; no copies."""
+    saved: list[tuple[dict, str, torch.Tensor]] = []
+    seen: set[int] = set()
+    try:
+        for root in roots:
+            for module in root.modules():
+                if id(module) in seen:
+                    continue
+                seen.add(id(module))
+                for store in (module._parameters, module._buffers):
+                    for name, t in list(store.items()):
+                        if t is None:
+                            continue
+                        saved.append((store, name, t))
+                        view = _normal_view(t.detach())
+                        store[name] = torch.nn.Parameter(view, requires_grad=False) if store is module._parameters \
+                            else view
+        yield
+    finally:
+        for store, name, t in reversed(saved):
+            store[name] = t
+
+
+def _lora_modules(root: torch.nn.Module):
+    from peft.tuners.lora import LoraLayer
+
+    return [(name, m) for name, m in root.named_modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A]
+
+
+def _fresh_targets(root: torch.nn.Module, targets: Iterable[str]) -> list[str]:
+    """Module names under ``root`` that a target matches (``to_q`` matches ``...attn1.to_q``)."""
+    targets = list(targets)
+    return [name for name, _ in root.named_modules()
+            if any(name == t or name.endswith("." + t) for t in targets)]
+
+
+@contextmanager
+def lora_adapters(root: torch.nn.Module, targets: Iterable[str], rank: int, alpha: float, seed: int,
+                  cast_inputs: bool = True) -> Iterator[list[torch.nn.Parameter]]:
+    """Add LoRA adapters to the ``targets`` of ``root``; yields the trainable parameters (float32)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    names = _fresh_targets(root, targets)
+    if not names:
+        raise ValueError(f"no module named {', '.join(targets)} in {type(root).__name__}")
+    config = LoraConfig(r=int(rank), lora_alpha=float(alpha), lora_dropout=0.0, bias="none",
+                        target_modules=list(targets), init_lora_weights=True)
+    # peft's initialiser draws from the global RNG: seed it without disturbing the host's random state.
+    devices = [d for d in {p.device for p in root.parameters()} if d.type == "cuda"]
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(int(seed))
+            inject_adapter_in_model(config, root, adapter_name=ADAPTER)
+        params = []
+        for _, m in _lora_modules(root):
+            for sub in (m.lora_A[ADAPTER], m.lora_B[ADAPTER]):
+                sub.float()
+                for p in sub.parameters():
+                    p.requires_grad_(True)
+                    params.append(p)
+            # Under autocast the matmuls pick their own precision; casting activations to float32 first
+            # would only add memory traffic.
+            m.cast_input_dtype_enabled = cast_inputs
+        yield params
+    finally:
+        remove_lora(root)
+
+
+def remove_lora(root: torch.nn.Module) -> None:
+    """Replace every peft LoRA wrapper under ``root`` by the layer it wraps."""
+    from peft.tuners.lora import LoraLayer
+
+    wrapped = [(name, m) for name, m in root.named_modules() if isinstance(m, LoraLayer)]
+    for name, m in wrapped:
+        parent_name, _, child = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        setattr(parent, child, m.get_base_layer())
+
+
+def lora_weights(root: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """Module path -> (down [r, in], up [out, r], alpha) of every adapter under ``root``."""
+    out = {}
+    for name, m in _lora_modules(root):
+        out[name] = (m.lora_A[ADAPTER].weight.detach().float().cpu(),
+                     m.lora_B[ADAPTER].weight.detach().float().cpu(),
+                     float(m.lora_alpha[ADAPTER]))
+    return out
+
+
+@contextmanager
+def gradient_checkpointing(root: torch.nn.Module, enabled: bool) -> Iterator[int]:
+    """Recompute each block's activations in backward instead of keeping them. Yields the block count."""
+    patched = []
+    if enabled:
+        for m in root.modules():
+            if type(m).__name__ in CHECKPOINT_BLOCKS and "forward" not in m.__dict__:
+                def forward(*args, _inner=m.forward, **kwargs):
+                    if not torch.is_grad_enabled():
+                        return _inner(*args, **kwargs)
+                    return torch.utils.checkpoint.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+                m.forward = forward
+                patched.append(m)
+    try:
+        yield len(patched)
+    finally:
+        for m in patched:
+            m.__dict__.pop("forward", None)

@@ -1,0 +1,88 @@
+"""Where a trained LoRA goes, and how it gets there: a safe name, a temporary file, an atomic rename."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+
+from ..errors import FaceChainError
+
+_NAME_OK = re.compile(r"^[\w\-. ]+$", re.UNICODE)
+
+
+def lora_file(folder: str | os.PathLike, name: str) -> Path:
+    """``folder/<name>.safetensors``; the name cannot leave ``folder`` or name a folder or hidden file."""
+    raw = (name or "").strip()
+    stem = raw[: -len(".safetensors")] if raw.lower().endswith(".safetensors") else raw
+    if not stem:
+        raise FaceChainError("No LoRA name given: type a file name such as 'face' or 'obama'.")
+    if "/" in stem or "\\" in stem or stem in (".", "..") or stem.startswith(".") or not _NAME_OK.match(stem) \
+            or len(stem) > 120:
+        raise FaceChainError(f"LoRA name {raw!r} is not allowed: use letters, digits, spaces, '-', '_' or '.', "
+                             f"no folders (the file always goes to the facechain LoRA folder), e.g. 'face'.")
+    base = Path(folder).resolve()
+    target = (base / f"{stem}.safetensors").resolve()
+    if target.parent != base:
+        raise FaceChainError(f"LoRA name {raw!r} points outside the LoRA folder; use a plain name such as 'face'.")
+    return target
+
+
+def check_free(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise FaceChainError(f"A LoRA named '{path.name}' already exists in {path.parent}. Choose another name, "
+                             f"or turn 'overwrite' on to replace it.")
+
+
+def save_lora(path: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str], overwrite: bool) -> Path:
+    """Write to a temporary file beside ``path``, then rename it into place (never half a file)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    check_free(path, overwrite)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(dict(state), tmp, metadata={k: str(v) for k, v in metadata.items()})
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            # link() fails if the name appeared meanwhile: no overwrite even in a race
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise FaceChainError(f"A LoRA named '{path.name}' appeared while training; choose another name "
+                                     f"or turn 'overwrite' on.") from None
+            except OSError:
+                check_free(path, overwrite)
+                os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def weights_fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]], prefix_strip: str = "") -> str:
+    """A sha256 over every tensor's name, shape and 4096 evenly spaced values (as float16).
+
+    Hashing a 2-7 GB UNet in full would cost seconds; sampled values tell base models apart just as well.
+    Names are the original checkpoint's UNet names, so ComfyUI and the standalone trainer agree.
+    """
+    h = hashlib.sha256()
+    for name, t in sorted(named_tensors, key=lambda kv: kv[0]):
+        if not t.is_floating_point():
+            continue
+        name = name[len(prefix_strip):] if prefix_strip and name.startswith(prefix_strip) else name
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        sample = flat[::step][:4096].to("cpu", torch.float16).contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,90 @@
+"""Training settings: one dataclass, its defaults read from ``data/train_defaults.json``."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields, replace
+from functools import lru_cache
+from pathlib import Path
+
+from ..errors import FaceChainError
+
+DEFAULTS_FILE = Path(__file__).resolve().parent.parent / "data" / "train_defaults.json"
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+@lru_cache(maxsize=1)
+def defaults() -> dict:
+    with open(DEFAULTS_FILE, encoding="utf-8") as f:
+        return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+
+
+def _default(name):
+    return field(default_factory=lambda: defaults()[name])
+
+
+@dataclass
+class TrainSettings:
+    rank: int = _default("rank")
+    alpha: float | None = _default("alpha")  # None: alpha = rank (LoRA scale 1, as FaceChain trained)
+    learning_rate: float = _default("learning_rate")  # the batch-1 rate; see effective_lr
+    lr_batch_scaling: str = _default("lr_batch_scaling")  # "sqrt", "linear" or "none"
+    lr_schedule: str = _default("lr_schedule")  # "cosine" or "constant"
+    warmup_fraction: float = _default("warmup_fraction")
+    samples: int = _default("samples")  # total training samples seen: the amount of work
+    batch_size: int = _default("batch_size")
+    flip: bool = _default("flip")
+    seed: int = _default("seed")
+    train_text_encoder: bool = _default("train_text_encoder")
+    text_encoder_lr_ratio: float = _default("text_encoder_lr_ratio")
+    precision: str = _default("precision")
+    gradient_checkpointing: bool = _default("gradient_checkpointing")
+    compile: bool = _default("compile")
+    compile_mode: str = _default("compile_mode")  # torch.compile mode; "reduce-overhead" adds CUDA graphs
+    weight_decay: float = _default("weight_decay")
+    adam_betas: tuple = _default("adam_betas")
+    adam_eps: float = _default("adam_eps")
+    max_grad_norm: float = _default("max_grad_norm")
+    save_dtype: str = _default("save_dtype")
+    unet_targets: list = _default("unet_targets")
+    text_encoder_targets: list = _default("text_encoder_targets")
+
+    def with_(self, **changes) -> "TrainSettings":
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.rank if self.alpha in (None, 0) else self.alpha)
+
+    @property
+    def steps(self) -> int:
+        return max(1, math.ceil(self.samples / self.batch_size))
+
+    @property
+    def effective_lr(self) -> float:
+        scale = {"sqrt": math.sqrt(self.batch_size), "linear": float(self.batch_size), "none": 1.0}
+        return self.learning_rate * scale[self.lr_batch_scaling]
+
+    def validate(self) -> "TrainSettings":
+        problems = []
+        if not 1 <= int(self.rank) <= 256:
+            problems.append(f"rank must be 1-256 (got {self.rank})")
+        if not (0 < float(self.learning_rate) < 1):
+            problems.append(f"learning rate must be between 0 and 1 (got {self.learning_rate})")
+        if int(self.batch_size) < 1:
+            problems.append(f"batch size must be at least 1 (got {self.batch_size})")
+        if int(self.samples) < 1:
+            problems.append(f"samples must be at least 1 (got {self.samples})")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
+        if self.lr_batch_scaling not in ("sqrt", "linear", "none"):
+            problems.append(f"lr_batch_scaling must be sqrt, linear or none (got {self.lr_batch_scaling!r})")
+        if self.lr_schedule not in ("cosine", "constant"):
+            problems.append(f"lr_schedule must be cosine or constant (got {self.lr_schedule!r})")
+        if problems:
+            raise FaceChainError("Bad training settings: " + "; ".join(problems) + ".")
+        return self
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -1,0 +1,282 @@
+"""The LoRA training loop, for any SD1.5/SDXL-style UNet that a ``Backbone`` describes.
+
+The loop is FaceChain's recipe (epsilon-prediction MSE, uniform timesteps, random flip, AdamW, cosine
+learning rate) made fast: every image is encoded by the VAE once (and once mirrored, so that the flip
+costs nothing per step), captions are encoded once when the text encoder is frozen, samples go through
+in batches, matmuls run in bf16 (fp16 with loss scaling on cards without bf16, fp32 on the CPU), the
+loss is read one step late so the GPU never waits for the Python side, and the UNet can be compiled.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..errors import FaceChainError
+from ..lora_format import kohya_state_dict
+from ..progress import ProgressFn, no_progress
+from .lora_layers import borrowed_weights, gradient_checkpointing, lora_adapters, lora_weights
+from .settings import TrainSettings
+
+Cond = dict  # {"context": [B, 77, C], "y": [B, D] (SDXL only)}
+
+
+@dataclass
+class Backbone:
+    """What the trainer needs from a host (ComfyUI's loaded model, or diffusers modules)."""
+
+    arch: str  # "sd15" or "sdxl"
+    unet: torch.nn.Module  # attention projections named to_q / to_k / to_v / to_out.0
+    unet_naming: str  # "ldm" (ComfyUI, original checkpoints) or "diffusers"
+    num_res_blocks: Sequence[int]  # per level, for kohya key names
+    predict_noise: Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]  # (x_t, t, cond) -> eps
+    alphas_cumprod: torch.Tensor  # [1000] training noise schedule
+    device: torch.device
+    encode_images: Callable[[torch.Tensor], torch.Tensor]  # [B,H,W,3] 0..1 -> scaled latents [B,4,h,w]
+    encode_text: Callable[[list], Cond]  # captions -> cond with batch dimension
+    text_encoders: Sequence[torch.nn.Module] = ()  # CLIP text models (kohya te1, te2 order), for TE LoRA
+    size_multiple: int = 64  # image sides must be multiples of this (8 x the UNet's downsampling)
+    supports_bf16: bool = True
+    prepare: Optional[Callable[[bool], None]] = None  # called with train_text_encoder before training
+    extra_frozen: Sequence[torch.nn.Module] = ()  # other host modules the forward touches (borrowed too)
+
+
+@dataclass
+class TrainResult:
+    lora: dict  # kohya state dict, ready to save
+    steps: int
+    samples: int
+    losses: list = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+    precision: str = "fp32"
+    notes: list = field(default_factory=list)
+
+    def summary(self) -> str:
+        t = self.timings
+        first = sum(self.losses[: max(1, len(self.losses) // 10)]) / max(1, len(self.losses[: max(1, len(self.losses) // 10)]))
+        last = sum(self.losses[-max(1, len(self.losses) // 10):]) / max(1, len(self.losses[-max(1, len(self.losses) // 10):]))
+        lines = [
+            f"{self.steps} steps x batch {self.samples // max(self.steps, 1)} = {self.samples} samples, {self.precision}",
+            f"loss {first:.4f} (first 10%) -> {last:.4f} (last 10%)",
+            f"caching {t.get('cache_s', 0):.1f} s, training {t.get('train_s', 0):.1f} s "
+            f"({1000 * t.get('train_s', 0) / max(self.samples, 1):.1f} ms/sample)",
+        ]
+        if "compile_s" in t:
+            lines.append(f"compile (first step) {t['compile_s']:.1f} s")
+        if "peak_gib" in t:
+            lines.append(f"peak GPU memory {t['peak_gib']:.2f} GiB")
+        return "\n".join(lines + self.notes)
+
+
+def choose_precision(requested: str, device: torch.device, supports_bf16: bool = True) -> str:
+    if device.type != "cuda":
+        return "fp32"  # bf16/fp16 autocast on the CPU is slower than fp32 and fp16 is unsupported
+    if requested == "auto":
+        return "bf16" if (supports_bf16 and torch.cuda.is_bf16_supported()) else "fp16"
+    if requested == "bf16" and not torch.cuda.is_bf16_supported():
+        raise FaceChainError("This GPU has no bf16 support: choose precision fp16 (or auto).")
+    return requested
+
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _lr_factor(settings: TrainSettings, steps: int) -> Callable[[int], float]:
+    warm = int(settings.warmup_fraction * steps)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if settings.lr_schedule == "constant":
+            return 1.0
+        progress = (step - warm) / max(1, steps - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _check_images(images: torch.Tensor, captions: Sequence[str], backbone: Backbone) -> None:
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] == 0:
+        raise FaceChainError("No training images: connect the aligned face crops (an IMAGE batch of 3-20 photos).")
+    n, h, w = images.shape[0], images.shape[1], images.shape[2]
+    if len(captions) != n:
+        raise FaceChainError(f"{n} images but {len(captions)} captions: give one caption per image, "
+                             f"or one caption for all.")
+    m = backbone.size_multiple
+    if h % m or w % m:
+        raise FaceChainError(f"The images are {w}x{h}; this model needs sides that are multiples of {m}. "
+                             f"Align the faces at 512 (or another multiple of {m}).")
+
+
+def _index_cond(cond: Cond, idx: torch.Tensor) -> Cond:
+    return {k: v[idx] for k, v in cond.items()}
+
+
+def train_lora(backbone: Backbone, images: torch.Tensor, captions: Sequence[str], settings: TrainSettings,
+               progress: ProgressFn | None = None) -> TrainResult:
+    """Train a face LoRA; returns the kohya state dict (nothing is written here).
+
+    ``images``: [N, H, W, 3] floats 0..1 (ComfyUI's IMAGE layout). ``captions``: one per image.
+    ``progress(done, total, info)`` is called at least once per step and may raise to cancel; on any
+    exception the host's modules are restored and no result exists.
+    """
+    settings.validate()
+    progress = progress or no_progress
+    captions = list(captions)
+    _check_images(images, captions, backbone)
+    device = backbone.device
+    precision = choose_precision(settings.precision, device, backbone.supports_bf16)
+    amp_dtype = AUTOCAST.get(precision)
+    on_cuda = device.type == "cuda"
+    n = images.shape[0]
+    steps = settings.steps
+    batch = int(settings.batch_size)
+    views = 2 if settings.flip else 1
+    total = steps + n * views  # progress units: encode each view of each image, then each step
+    timings: dict = {}
+    notes: list = []
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+
+    with torch.inference_mode(False):
+        t0 = time.perf_counter()
+        # 1. latents of every image (and its mirror), once
+        latents = []
+        with torch.no_grad():
+            for view in range(views):
+                for i in range(n):
+                    img = images[i:i + 1]
+                    img = img.flip(2) if view else img
+                    latents.append(backbone.encode_images(img).to(device=device, dtype=torch.float32).clone())
+                    progress(len(latents), total, "encoding images")
+        latents = torch.cat(latents)  # [views * n, 4, h, w]
+
+        # 2. captions: cached embeddings when the text encoder is frozen
+        unique = sorted(set(captions))
+        caption_index = torch.tensor([unique.index(c) for c in captions], device=device)
+        cached_cond = None
+        if not settings.train_text_encoder:
+            with torch.no_grad():
+                cached_cond = {k: v.to(device).clone() for k, v in backbone.encode_text(unique).items()}
+        if backbone.prepare:  # e.g. load the UNet in full, after the VAE and text encoder are done
+            backbone.prepare(settings.train_text_encoder)
+        timings["cache_s"] = time.perf_counter() - t0
+
+        text_encoders = list(backbone.text_encoders) if settings.train_text_encoder else []
+        if settings.train_text_encoder and not text_encoders:
+            raise FaceChainError("This model's text encoder cannot be trained here: turn 'train text encoder' off.")
+        alphas = backbone.alphas_cumprod.to(device=device, dtype=torch.float32)
+        gen = torch.Generator(device=device).manual_seed(int(settings.seed))
+        order_gen = torch.Generator().manual_seed(int(settings.seed))
+
+        result_layers = None
+        losses: list[float] = []
+        cast_inputs = amp_dtype is None
+        frozen = [backbone.unet, *backbone.text_encoders, *backbone.extra_frozen]
+        with borrowed_weights(*frozen), \
+                lora_adapters(backbone.unet, settings.unet_targets, settings.rank, settings.lora_alpha,
+                              settings.seed, cast_inputs) as unet_params, \
+                gradient_checkpointing(backbone.unet, settings.gradient_checkpointing):
+            te_params = []
+            te_contexts = []
+            try:
+                for k, te in enumerate(text_encoders):
+                    ctx = lora_adapters(te, settings.text_encoder_targets, settings.rank, settings.lora_alpha,
+                                        settings.seed + 1 + k, cast_inputs)
+                    te_params += ctx.__enter__()
+                    te_contexts.append(ctx)
+                groups = [{"params": unet_params, "lr": settings.effective_lr}]
+                if te_params:
+                    groups.append({"params": te_params, "lr": settings.effective_lr * settings.text_encoder_lr_ratio})
+                opt_kwargs = dict(betas=tuple(settings.adam_betas), eps=settings.adam_eps,
+                                  weight_decay=settings.weight_decay)
+                if on_cuda:
+                    opt_kwargs["fused"] = True
+                optimizer = torch.optim.AdamW(groups, **opt_kwargs)
+                scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(settings, steps))
+                scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+                all_params = unet_params + te_params
+
+                forward = backbone.predict_noise
+                if settings.compile:
+                    if on_cuda:
+                        forward = torch.compile(forward, mode=settings.compile_mode)
+                    else:
+                        notes.append("compile: skipped on the CPU")
+
+                order = torch.empty(0, dtype=torch.long)
+                pending = None
+                t_train = time.perf_counter()
+                t_first = None
+                for step in range(steps):
+                    # epochs: a new permutation whenever the previous one is used up
+                    while order.numel() < batch:
+                        order = torch.cat([order, torch.randperm(n, generator=order_gen)])
+                    idx, order = order[:batch], order[batch:]
+                    idx = idx.to(device)
+                    if views == 2:
+                        flip = torch.randint(0, 2, (batch,), generator=gen, device=device)
+                        x0 = latents[idx + n * flip]
+                    else:
+                        x0 = latents[idx]
+                    noise = torch.randn(x0.shape, generator=gen, device=device, dtype=x0.dtype)
+                    t = torch.randint(0, alphas.shape[0], (batch,), generator=gen, device=device)
+                    a = alphas[t].view(-1, 1, 1, 1)
+                    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        if cached_cond is not None:
+                            cond = _index_cond(cached_cond, caption_index[idx])
+                        else:
+                            cond = {k: v.to(device) for k, v in
+                                    backbone.encode_text([captions[i] for i in idx.tolist()]).items()}
+                        eps = forward(x_t, t, cond)
+                    loss = torch.nn.functional.mse_loss(eps.float(), noise)
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                        scaler.unscale_(optimizer)
+                    else:
+                        loss.backward()
+                    if settings.max_grad_norm:
+                        torch.nn.utils.clip_grad_norm_(all_params, settings.max_grad_norm)
+                    if scaler is not None:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+                    # read the previous step's loss: the GPU already has this step queued
+                    if pending is not None:
+                        losses.append(pending.item())
+                        if t_first is None:
+                            t_first = time.perf_counter()
+                    pending = loss.detach()
+                    info = f"step {step + 1}/{steps} loss {losses[-1]:.4f}" if losses else f"step {step + 1}/{steps}"
+                    progress(n * views + step + 1, total, info)
+                losses.append(pending.item())
+                if on_cuda:
+                    torch.cuda.synchronize(device)
+                t_end = time.perf_counter()
+                timings["train_s"] = t_end - t_train
+                if settings.compile and on_cuda and t_first is not None and steps > 2:
+                    # the first step (compilation) minus what a steady step costs
+                    steady = (t_end - t_first) / (steps - 1)
+                    timings["compile_s"] = max(0.0, (t_first - t_train) - 2 * steady)
+                result_layers = (lora_weights(backbone.unet), [lora_weights(te) for te in text_encoders])
+            finally:
+                for ctx in reversed(te_contexts):
+                    ctx.__exit__(None, None, None)
+
+    if on_cuda:
+        timings["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    unet_layers, te_layers = result_layers
+    lora = kohya_state_dict(unet_layers, te_layers, backbone.arch, backbone.unet_naming, backbone.num_res_blocks,
+                            dtype=getattr(torch, settings.save_dtype))
+    return TrainResult(lora=lora, steps=steps, samples=steps * batch, losses=losses, timings=timings,
+                       precision=precision, notes=notes)
+
