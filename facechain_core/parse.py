@@ -101,13 +101,15 @@ def require_colour(rgb: np.ndarray, keypoints, name: str, step: str) -> None:
             f"colour and cannot work on it. Remove the photo from the folder or use a colour photo of the person.")
 
 
-def skin_likelihood(rgb: np.ndarray, frame: FaceFrame) -> np.ndarray:
+def skin_likelihood(rgb: np.ndarray, frame: FaceFrame, whole: np.ndarray | None = None) -> np.ndarray:
     """Mahalanobis distance (squared) of every pixel's chroma to the skin colour sampled on the cheeks.
 
     Chroma (Cr, Cb) carries the skin colour across light and shade; luminance only enters weakly, so that
-    dark hair and white walls of a similar hue still fall outside."""
+    dark hair and white walls of a similar hue still fall outside. ``rgb`` may be a part of ``whole``, the
+    image the frame's keypoints refer to (the cheeks are sampled there)."""
     ycc = cv2.cvtColor(rgb, cv2.COLOR_RGB2YCrCb).astype(np.float32)
-    samples = cv2.cvtColor(cheek_samples(rgb, frame)[None], cv2.COLOR_RGB2YCrCb)[0].astype(np.float32)
+    sampled = cheek_samples(rgb if whole is None else whole, frame)
+    samples = cv2.cvtColor(sampled[None], cv2.COLOR_RGB2YCrCb)[0].astype(np.float32)
     if len(samples) < 20:
         raise FaceChainError("The cheeks of the face are outside the crop; run FaceAlign on the photo again.")
     mean = samples.mean(axis=0)
@@ -164,8 +166,15 @@ def embedded_parse(rgb: np.ndarray, keypoints, work_side: int = 256) -> tuple[np
     crown[np.dot(np.indices(shape)[::-1].transpose(1, 2, 0) - sf.eye_centre, sf.down) > -0.3 * sf.eye_to_mouth] = 0
     gc[crown > 0] = cv2.GC_FGD
     gc[face > 0] = cv2.GC_FGD
+    # GrabCut only where the answer is open, plus a margin of certain background for its colour model.
+    ys, xs = np.nonzero(gc != cv2.GC_BGD)
+    m = 3 * b
+    box = (slice(max(0, ys.min() - m), ys.max() + 1 + m), slice(max(0, xs.min() - m), xs.max() + 1 + m))
+    sub = np.ascontiguousarray(gc[box])
     bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
-    cv2.grabCut(cv2.cvtColor(small, cv2.COLOR_RGB2BGR), gc, None, bgd, fgd, 4, cv2.GC_INIT_WITH_MASK)
+    cv2.grabCut(cv2.cvtColor(np.ascontiguousarray(small[box]), cv2.COLOR_RGB2BGR), sub, None, bgd, fgd, 4,
+                cv2.GC_INIT_WITH_MASK)
+    gc[box] = sub
     person = np.where((gc == cv2.GC_FGD) | (gc == cv2.GC_PR_FGD), 255, 0).astype(np.uint8)
     person = largest_region(person)
     hair = person.copy()

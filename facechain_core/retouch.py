@@ -36,13 +36,27 @@ def skin_mask(rgb: np.ndarray, keypoints, limit: np.ndarray | None = None) -> np
     neck = np.array([frame.point(-0.95, 1.6), frame.point(0.95, 1.6), frame.point(0.85, 3.0),
                      frame.point(-0.85, 3.0)], np.int32)
     cv2.fillConvexPoly(zone, neck, 255)
-    skin = ((skin_likelihood(rgb, frame) < 8.0) & (zone > 0)).astype(np.uint8) * 255
+    skin = np.zeros(shape, np.uint8)
+    box = region_box(zone, 0)
+    if box is None:
+        return skin
+    skin[box] = ((skin_likelihood(rgb[box], frame, rgb) < 8.0) & (zone[box] > 0)).astype(np.uint8) * 255
     skin = cv2.morphologyEx(skin, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3)))
     keep = cv2.dilate(feature_mask(shape, frame), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
     skin[keep > 0] = 0
     if limit is not None:
         skin[limit == 0] = 0
     return skin
+
+
+def region_box(mask: np.ndarray, pad: int) -> tuple[slice, slice] | None:
+    """The bounding box of a mask's pixels grown by ``pad``, as slices; None for an empty mask."""
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        return None
+    h, w = mask.shape[:2]
+    return (slice(max(0, ys.min() - pad), min(h, ys.max() + 1 + pad)),
+            slice(max(0, xs.min() - pad), min(w, xs.max() + 1 + pad)))
 
 
 def blend_weight(mask: np.ndarray, strength: float, feather: int) -> np.ndarray:
@@ -114,10 +128,14 @@ def retouch_crop(image: np.ndarray, keypoints, strength: float = 0.6, backend: s
     if strength == 0.0 or not np.any(mask):
         return rgb.copy(), mask
     engine = _retoucher(backend)
-    smooth = smooth_skin(rgb, frame.size) if engine is None else engine.retouch(rgb)
-    w = blend_weight(mask, strength, feather=max(3, int(frame.size / 60)) | 1)
-    out = rgb.astype(np.float32) * (1.0 - w) + smooth.astype(np.float32) * w
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8), mask
+    # Only the skin's bounding box (plus the filter's reach) is filtered and blended: the rest is copied.
+    box = region_box(mask, int(4 * frame.size / 70.0) + 4)
+    roi = rgb[box]
+    smooth = smooth_skin(roi, frame.size) if engine is None else engine.retouch(rgb)[box]
+    w = blend_weight(mask[box], strength, feather=max(3, int(frame.size / 60)) | 1)
+    out = rgb.copy()
+    out[box] = np.clip(roi.astype(np.float32) * (1.0 - w) + smooth.astype(np.float32) * w + 0.5, 0, 255).astype(np.uint8)
+    return out, mask
 
 
 def retouch_crops(images: list[np.ndarray], keypoints: list, strength: float = 0.6, backend: str = "embedded",

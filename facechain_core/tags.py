@@ -205,12 +205,13 @@ _models: dict = {}
 _models_lock = threading.Lock()
 
 
-def _cached(kind: str, make):
-    """Models are cached by the file they load; a file added later is seen on the next run."""
+def _cached(kind: str, key: tuple, make):
+    """One loaded model per kind, reloaded when its files change (a model installed or replaced later)."""
     with _models_lock:
-        if kind not in _models:
-            _models[kind] = make()
-        return _models[kind]
+        held = _models.get(kind)
+        if held is None or held[0] != key:
+            _models[kind] = (key, make())
+        return _models[kind][1]
 
 
 def get_tagger(choice: str) -> WD14Tagger | None:
@@ -219,8 +220,9 @@ def get_tagger(choice: str) -> WD14Tagger | None:
     if choice == "none" or (choice == "auto" and not model_store.is_present("wd14_tagger")):
         return None
     model = model_store.model_path("wd14_tagger")
-    key = ("wd14", str(model), model.stat().st_mtime_ns)
-    return _cached(key, WD14Tagger)
+    table = model.with_name("selected_tags.csv")
+    key = (str(model), model.stat().st_mtime_ns, table.stat().st_mtime_ns if table.is_file() else 0)
+    return _cached("wd14", key, WD14Tagger)
 
 
 def get_fairface(choice: str) -> FairFace | None:
@@ -229,8 +231,8 @@ def get_fairface(choice: str) -> FairFace | None:
     if choice == "input" or (choice == "auto" and not model_store.is_present("fairface")):
         return None
     path = model_store.model_path("fairface") / FairFace.weights_file
-    key = ("fairface", str(path), path.stat().st_mtime_ns if path.is_file() else 0)
-    return _cached(key, FairFace)
+    key = (str(path), path.stat().st_mtime_ns if path.is_file() else 0)
+    return _cached("fairface", key, FairFace)
 
 
 # --- the caption set -------------------------------------------------------------------------------------

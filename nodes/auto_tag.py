@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..facechain_core.face_regions import faces_for_images
 from ..facechain_core.tags import CAPTIONS_TYPE, SUBJECT_SOURCES, TAGGERS, caption_photos, rules
+from ._learned import models_state
 from .common import CATEGORY, FACES, images_to_numpy, progress
 
 
@@ -43,6 +44,10 @@ class AutoTag:
             "threshold": ("FLOAT", {"default": threshold, "min": 0.05, "max": 0.95, "step": 0.01,
                                     "tooltip": "Keep tags the tagger scores at least this high."}),
         }}
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return models_state("wd14_tagger", "fairface")
 
     def tag(self, images, faces, trigger, subject, subject_from, tagger, threshold):
         arrays = images_to_numpy(images)

@@ -8,6 +8,7 @@ from ..facechain_core.errors import FaceChainError
 from ..facechain_core.face_regions import faces_for_images
 from ..facechain_core.quality import SCORERS, assess_faces
 from ..facechain_core.tags import CAPTIONS_TYPE, CaptionSet
+from ._learned import models_state
 from .common import CATEGORY, FACES, images_to_numpy, progress
 
 
@@ -42,6 +43,10 @@ class TemplateFace:
                                              "passed on, so images and captions stay paired."}),
             },
         }
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return models_state("fqa")
 
     def choose(self, images, faces, scorer, min_quality, captions=None):
         arrays = images_to_numpy(images)

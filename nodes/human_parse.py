@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..facechain_core.face_regions import faces_for_images
 from ..facechain_core.parse import BACKENDS, parse_crops
+from ._learned import models_state
 from .common import CATEGORY, FACES, images_to_numpy, numpy_to_images, numpy_to_masks, progress
 
 
@@ -28,6 +29,10 @@ class HumanParse:
                 "embedded: keypoints, skin colour and GrabCut, offline. m2fp: FaceChain's M2FP human parsing "
                 "(ModelScope), fetched into models/facechain by install.py --models m2fp.")}),
         }}
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return models_state("m2fp")
 
     def parse(self, images, faces, backend):
         arrays = images_to_numpy(images)

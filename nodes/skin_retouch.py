@@ -7,6 +7,7 @@ import numpy as np
 from ..facechain_core.errors import FaceChainError
 from ..facechain_core.face_regions import faces_for_images
 from ..facechain_core.retouch import BACKENDS, retouch_crops
+from ._learned import models_state
 from .common import CATEGORY, FACES, images_to_numpy, masks_to_numpy, numpy_to_images, numpy_to_masks, progress
 
 
@@ -55,6 +56,10 @@ class SkinRetouch:
                                   "size as the images; one per image or one for all."}),
             },
         }
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return models_state("abpn")
 
     def retouch(self, images, faces, strength, backend, mask=None):
         arrays = images_to_numpy(images)
