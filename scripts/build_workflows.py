@@ -1,0 +1,277 @@
+"""Write the generate-stage example workflows in both formats from one description each.
+
+    .venv/bin/python scripts/build_workflows.py            # writes workflows/facechain_{train,generate,train_generate}{,_api}.json
+
+Each workflow is described once below (nodes, links, widget values, place on the canvas). The API file
+(for /prompt) is that description as is; the UI file (for the editor) is laid out the way the editor
+saves graphs: node sockets, links and `widgets_values` in the order the host's /object_info gives the
+inputs, with the extra "control after generate" value the editor adds after seed widgets. The host is
+started once to read /object_info, so the files always match the nodes as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+CHECKPOINT = "v1-5-pruned-emaonly.safetensors"  # any SD1.5 portrait checkpoint; FaceChain used a photoreal one
+TEMPLATE_IMAGE = "facechain_template.png"  # the template face photo, uploaded into ComfyUI's input folder
+FACE_LORA = "facechain/face.safetensors"  # TrainFaceLoRA's default output (models/loras/facechain/face.safetensors)
+
+
+def node(nid, class_type, pos, title=None, **inputs):
+    return {"id": str(nid), "class_type": class_type, "pos": pos, "title": title, "inputs": inputs}
+
+
+def sampling(first: int, model, clip, vae, x: int, y: int, style_inputs: dict, batch: int = 8):
+    """ApplyStyleLoRA -> prompts -> KSampler -> VAE Decode, ids from ``first``; returns (nodes, decoded)."""
+    a, p, n, e, k, d = range(first, first + 6)
+    nodes = [
+        node(a, "FaceChainApplyStyleLoRA", [x, y], model=model, clip=clip, **style_inputs),
+        node(p, "CLIPTextEncode", [x + 380, y], "Positive prompt", text=[str(a), 2], clip=[str(a), 1]),
+        node(n, "CLIPTextEncode", [x + 380, y + 230], "Negative prompt", text=[str(a), 3], clip=[str(a), 1]),
+        node(e, "EmptyLatentImage", [x + 380, y + 460], width=512, height=512, batch_size=batch),
+        node(k, "KSampler", [x + 760, y], model=[str(a), 0], positive=[str(p), 0], negative=[str(n), 0],
+             latent_image=[str(e), 0], seed=42, steps=40, cfg=7.0, sampler_name="dpmpp_2m", scheduler="karras",
+             denoise=1.0),
+        node(d, "VAEDecode", [x + 1100, y], samples=[str(k), 0], vae=vae),
+    ]
+    return nodes, [str(d), 0]
+
+
+def fuse_rank_save(first: int, images, template, x: int, y: int):
+    f, r, s, t = range(first, first + 4)
+    return [
+        node(f, "FaceChainFaceFusion", [x, y], images=images, template=template, strength=1.0, backend="embedded"),
+        node(r, "FaceChainRTSRank", [x + 340, y], images=[str(f), 0], reference=template, top_n=4,
+             backend="embedded", min_face_fraction=0.12, max_face_fraction=0.85, if_none_kept="return unranked"),
+        node(s, "SaveImage", [x + 700, y], "Ranked portraits", images=[str(r), 0], filename_prefix="facechain/portrait"),
+        node(t, "PreviewAny", [x + 700, y + 380], "Ranking report", source=[str(r), 2]),
+    ]
+
+
+def train_nodes(with_outputs: bool = True):
+    """Load photos -> FaceAlign -> HumanParse -> SkinRetouch -> AutoTag -> TemplateFace -> TrainFaceLoRA."""
+    nodes = [
+        node(1, "CheckpointLoaderSimple", [0, 0], ckpt_name=CHECKPOINT),
+        node(2, "FaceChainLoadPhotos", [0, 200], folder="facechain", max_photos=20),
+        node(3, "FaceChainFaceAlign", [340, 200], photos=["2", 0], names=["2", 1], size=512, face_fraction=0.4,
+             face_centre=0.42, detector="embedded"),
+        node(4, "FaceChainHumanParse", [680, 200], images=["3", 0], faces=["3", 1], backend="embedded"),
+        node(5, "FaceChainSkinRetouch", [1000, 200], images=["4", 0], faces=["3", 1], strength=0.6, backend="embedded"),
+        node(6, "FaceChainAutoTag", [1320, 200], images=["5", 0], faces=["3", 1], trigger="fcsks", subject="a person",
+             subject_from="auto", tagger="auto", threshold=0.35),
+        node(7, "FaceChainTemplateFace", [1660, 200], images=["5", 0], faces=["3", 1], scorer="embedded",
+             min_quality=0.3, captions=["6", 0]),
+        node(8, "FaceChainTrainFaceLoRA", [2000, 0], model=["1", 0], clip=["1", 1], vae=["1", 2], images=["7", 0],
+             name="face", trigger="fcsks", captions=["7", 2], seed=42, overwrite=True),
+    ]
+    if with_outputs:
+        nodes += [
+            node(9, "SaveImage", [2000, 700], "Template face (use it for generating later)", images=["7", 3],
+                 filename_prefix="facechain/template"),
+            node(10, "PreviewAny", [2400, 0], "Training report", source=["8", 3]),
+        ]
+    return nodes
+
+
+def workflows() -> dict[str, list[dict]]:
+    style = dict(style="Studio Headshot", face_weight=-1.0, style_weight=-1.0, extra_prompt="")
+    # Generate from an existing face LoRA: trigger and subject typed in, a template photo loaded.
+    gen_sampling, decoded = sampling(3, ["1", 0], ["1", 1], ["1", 2], 0, 300, dict(
+        **style, face_lora=FACE_LORA, trigger="fcsks", subject="a person", shared_tags=""))
+    generate = [
+        node(1, "CheckpointLoaderSimple", [-380, 300], ckpt_name=CHECKPOINT),
+        node(2, "LoadImage", [-380, 500], "Template face photo", image=TEMPLATE_IMAGE),
+        *gen_sampling,
+        *fuse_rank_save(9, decoded, ["2", 0], 1400, 300),
+    ]
+    # Train and generate in one prompt: the new LoRA reaches ApplyStyleLoRA through its path socket (it is
+    # not in the loras list when the prompt is queued), the captions bring trigger, subject and shared tags,
+    # and the template face comes from TemplateFace.
+    tg_sampling, tg_decoded = sampling(11, ["1", 0], ["1", 1], ["1", 2], 0, 900, dict(
+        **style, face_lora="none", trigger="", subject="", shared_tags="", captions=["7", 2], face_lora_path=["8", 2]))
+    train_generate = [*train_nodes(with_outputs=False),
+                      node(10, "PreviewAny", [2400, 0], "Training report", source=["8", 3]),
+                      *tg_sampling, *fuse_rank_save(17, tg_decoded, ["7", 3], 1400, 900)]
+    return {"facechain_train": train_nodes(), "facechain_generate": generate,
+            "facechain_train_generate": train_generate}
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def input_specs(info: dict) -> list[tuple[str, list]]:
+    """(name, spec) of a node's inputs in the order the editor makes its slots and widgets."""
+    order = info.get("input_order") or {k: list(v) for k, v in info["input"].items()}
+    out = []
+    for section in ("required", "optional"):
+        for name in order.get(section, []):
+            out.append((name, info["input"][section][name]))
+    return out
+
+
+def is_widget(spec: list) -> bool:
+    typ, opts = spec[0], (spec[1] if len(spec) > 1 else {})
+    if opts.get("forceInput"):
+        return False
+    return isinstance(typ, list) or typ in WIDGET_TYPES
+
+
+def widget_default(spec: list):
+    typ, opts = spec[0], (spec[1] if len(spec) > 1 else {})
+    if "default" in opts:
+        return opts["default"]
+    if isinstance(typ, list):
+        return typ[0] if typ else ""
+    if typ == "COMBO":
+        return (opts.get("options") or [""])[0]
+    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(typ)
+
+
+def api_prompt(nodes: list[dict], object_info: dict) -> dict:
+    """The API format: every widget input filled (the node's default where the description says nothing)."""
+    prompt = {}
+    for n in nodes:
+        info = object_info[n["class_type"]]
+        inputs = {}
+        for name, spec in input_specs(info):
+            if name in n["inputs"]:
+                inputs[name] = n["inputs"][name]
+            elif is_widget(spec):
+                inputs[name] = widget_default(spec)
+        unknown = set(n["inputs"]) - {name for name, _ in input_specs(info)}
+        if unknown:
+            raise SystemExit(f"{n['class_type']} has no input(s) {sorted(unknown)}")
+        entry = {"class_type": n["class_type"], "inputs": inputs}
+        entry["_meta"] = {"title": n["title"] or info.get("display_name") or n["class_type"]}
+        prompt[n["id"]] = entry
+    return prompt
+
+
+def ui_workflow(nodes: list[dict], prompt: dict, object_info: dict) -> dict:
+    """The editor's format (version 0.4) for the same graph."""
+    links, ui_nodes = [], []
+    by_id = {n["id"]: n for n in nodes}
+    outputs_links: dict[tuple[str, int], list[int]] = {}
+    for n in nodes:
+        for name, value in prompt[n["id"]]["inputs"].items():
+            if isinstance(value, list):
+                link_id = len(links) + 1
+                src, slot = value
+                typ = object_info[by_id[src]["class_type"]]["output"][slot]
+                links.append([link_id, int(src), slot, int(n["id"]), None, typ])
+                outputs_links.setdefault((src, slot), []).append(link_id)
+    order = _execution_order(nodes, prompt)
+    for n in nodes:
+        info = object_info[n["class_type"]]
+        inputs, widgets = [], []
+        for name, spec in input_specs(info):
+            value = prompt[n["id"]]["inputs"].get(name)
+            if isinstance(value, list):
+                link = next(l for l in links if l[3] == int(n["id"]) and l[1] == int(value[0]) and l[2] == value[1]
+                            and l[4] is None)
+                link[4] = len(inputs)
+                slot = {"name": name, "type": spec[0] if isinstance(spec[0], str) else "COMBO", "link": link[0]}
+                if is_widget(spec):
+                    slot["widget"] = {"name": name}
+                    widgets.append(widget_default(spec))
+                inputs.append(slot)
+            elif is_widget(spec):
+                if value is None:
+                    continue
+                widgets.append(value)
+                opts = spec[1] if len(spec) > 1 else {}
+                if spec[0] == "INT" and opts.get("control_after_generate", name in ("seed", "noise_seed")):
+                    widgets.append("fixed")
+                if opts.get("image_upload"):
+                    widgets.append("image")
+            else:
+                inputs.append({"name": name, "type": spec[0], "link": None})
+        outputs = []
+        for slot, (typ, oname) in enumerate(zip(info["output"], info["output_name"])):
+            outputs.append({"name": oname, "type": typ, "links": outputs_links.get((n["id"], slot), [])})
+        ui = {"id": int(n["id"]), "type": n["class_type"], "pos": n["pos"], "size": _size(info, inputs, widgets),
+              "flags": {}, "order": order[n["id"]], "mode": 0, "inputs": inputs, "outputs": outputs,
+              "properties": {"Node name for S&R": n["class_type"]}, "widgets_values": widgets}
+        if n["title"]:
+            ui["title"] = n["title"]
+        ui_nodes.append(ui)
+    return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, "comfyui-facechain/" + ",".join(sorted(prompt)))),
+            "revision": 0, "last_node_id": max(int(n["id"]) for n in nodes), "last_link_id": len(links),
+            "nodes": ui_nodes, "links": links, "groups": [], "config": {},
+            "extra": {"ds": {"scale": 0.6, "offset": [100, 100]}}, "version": 0.4}
+
+
+def _size(info, inputs, widgets) -> list[int]:
+    rows = max(len(info["output"]), len([i for i in inputs if "widget" not in i])) + len(widgets)
+    return [320, 46 + 24 * rows + (60 if any(isinstance(w, str) and len(w) > 40 for w in widgets) else 0)]
+
+
+def _execution_order(nodes: list[dict], prompt: dict) -> dict[str, int]:
+    done, order = set(), {}
+
+    def visit(nid):
+        if nid in done:
+            return
+        for v in prompt[nid]["inputs"].values():
+            if isinstance(v, list):
+                visit(v[0])
+        done.add(nid)
+        order[nid] = len(order)
+
+    for n in nodes:
+        visit(n["id"])
+    return order
+
+
+def _compact(data) -> str:
+    """JSON with one line per node, link or top-level entry: short enough to read, easy to diff."""
+    def one(v):
+        return json.dumps(v, ensure_ascii=False)
+
+    if isinstance(data, dict) and "nodes" in data:
+        parts = []
+        for k, v in data.items():
+            if k in ("nodes", "links"):
+                parts.append(f' "{k}": [\n' + ",\n".join("  " + one(x) for x in v) + "\n ]")
+            else:
+                parts.append(f' "{k}": {one(v)}')
+        return "{\n" + ",\n".join(parts) + "\n}\n"
+    return "{\n" + ",\n".join(f' "{k}": {one(v)}' for k, v in data.items()) + "\n}\n"
+
+
+def write_json(path: Path, data) -> None:
+    text = _compact(data)
+    assert json.loads(text) == data
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def fetch_object_info() -> dict:
+    from comfy_host import ComfyClient, ComfyServer, install_comfyui
+
+    install_comfyui()
+    with tempfile.TemporaryDirectory() as base, ComfyServer(Path(base)) as server:
+        return ComfyClient(server.url).object_info()
+
+
+def main() -> None:
+    object_info = fetch_object_info()
+    for name, nodes in workflows().items():
+        prompt = api_prompt(nodes, object_info)
+        write_json(REPO / "workflows" / f"{name}_api.json", prompt)
+        write_json(REPO / "workflows" / f"{name}.json", ui_workflow(nodes, prompt, object_info))
+        print("wrote", name)
+
+
+if __name__ == "__main__":
+    main()
