@@ -141,8 +141,10 @@ def embedded_parse(rgb: np.ndarray, keypoints, work_side: int = 256) -> tuple[np
     face = cv2.morphologyEx(face, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
     face = largest_region(face)
 
-    # Hair and person: GrabCut seeded with the face as certain foreground, a head-shaped region above and
-    # around it as probable foreground, the frame's edge and the body under the chin as background.
+    # Hair and person: GrabCut seeded with the face and the crown as certain foreground, and the frame's
+    # edge, everything far from the head and the body under the chin as certain background. The rest starts
+    # as probable background, so the foreground colour model begins with the person's own hair and skin
+    # rather than with whatever background lies near the head.
     gc = np.full(shape, cv2.GC_PR_BGD, np.uint8)
     (cx, cy), (ow, oh), ang = sf.oval()
 

@@ -3,7 +3,6 @@ outputs (white outside the head, face covered, retouch only inside skin, caption
 bad input that must give a clear node error while the server keeps serving."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
