@@ -60,26 +60,25 @@ def fuse_rank_save(first: int, images, template, x: int, y: int):
 
 def train_nodes(with_outputs: bool = True):
     """Load photos -> FaceAlign -> HumanParse -> SkinRetouch -> AutoTag -> TemplateFace -> TrainFaceLoRA."""
+    y = 260
     nodes = [
         node(1, "CheckpointLoaderSimple", [0, 0], ckpt_name=CHECKPOINT),
-        node(2, "FaceChainLoadPhotos", [0, 200], folder="facechain", max_photos=20),
-        node(3, "FaceChainFaceAlign", [340, 200], photos=["2", 0], names=["2", 1], size=512, face_fraction=0.4,
+        node(2, "FaceChainLoadPhotos", [0, y], folder="facechain", max_photos=20),
+        node(3, "FaceChainFaceAlign", [340, y], photos=["2", 0], names=["2", 1], size=512, face_fraction=0.4,
              face_centre=0.42, detector="embedded"),
-        node(4, "FaceChainHumanParse", [680, 200], images=["3", 0], faces=["3", 1], backend="embedded"),
-        node(5, "FaceChainSkinRetouch", [1000, 200], images=["4", 0], faces=["3", 1], strength=0.6, backend="embedded"),
-        node(6, "FaceChainAutoTag", [1320, 200], images=["5", 0], faces=["3", 1], trigger="fcsks", subject="a person",
+        node(4, "FaceChainHumanParse", [680, y], images=["3", 0], faces=["3", 1], backend="embedded"),
+        node(5, "FaceChainSkinRetouch", [1020, y], images=["4", 0], faces=["3", 1], strength=0.6, backend="embedded"),
+        node(6, "FaceChainAutoTag", [1360, y], images=["5", 0], faces=["3", 1], trigger="fcsks", subject="a person",
              subject_from="auto", tagger="auto", threshold=0.35),
-        node(7, "FaceChainTemplateFace", [1660, 200], images=["5", 0], faces=["3", 1], scorer="embedded",
+        node(7, "FaceChainTemplateFace", [1700, y], images=["5", 0], faces=["3", 1], scorer="embedded",
              min_quality=0.3, captions=["6", 0]),
-        node(8, "FaceChainTrainFaceLoRA", [2000, 0], model=["1", 0], clip=["1", 1], vae=["1", 2], images=["7", 0],
+        node(8, "FaceChainTrainFaceLoRA", [2040, y], model=["1", 0], clip=["1", 1], vae=["1", 2], images=["7", 0],
              name="face", trigger="fcsks", captions=["7", 2], seed=42, overwrite=True),
+        node(10, "PreviewAny", [2400, y], "Training report", source=["8", 3]),
     ]
     if with_outputs:
-        nodes += [
-            node(9, "SaveImage", [2000, 700], "Template face (use it for generating later)", images=["7", 3],
-                 filename_prefix="facechain/template"),
-            node(10, "PreviewAny", [2400, 0], "Training report", source=["8", 3]),
-        ]
+        nodes.append(node(9, "SaveImage", [2400, y + 300], "Template face (use it for generating later)",
+                          images=["7", 3], filename_prefix="facechain/template"))
     return nodes
 
 
@@ -92,16 +91,15 @@ def workflows() -> dict[str, list[dict]]:
         node(1, "CheckpointLoaderSimple", [-380, 300], ckpt_name=CHECKPOINT),
         node(2, "LoadImage", [-380, 500], "Template face photo", image=TEMPLATE_IMAGE),
         *gen_sampling,
-        *fuse_rank_save(9, decoded, ["2", 0], 1400, 300),
+        *fuse_rank_save(9, decoded, ["2", 0], 1480, 300),
     ]
     # Train and generate in one prompt: the new LoRA reaches ApplyStyleLoRA through its path socket (it is
     # not in the loras list when the prompt is queued), the captions bring trigger, subject and shared tags,
     # and the template face comes from TemplateFace.
-    tg_sampling, tg_decoded = sampling(11, ["1", 0], ["1", 1], ["1", 2], 0, 900, dict(
+    tg_sampling, tg_decoded = sampling(11, ["1", 0], ["1", 1], ["1", 2], 0, 1000, dict(
         **style, face_lora="none", trigger="", subject="", shared_tags="", captions=["7", 2], face_lora_path=["8", 2]))
-    train_generate = [*train_nodes(with_outputs=False),
-                      node(10, "PreviewAny", [2400, 0], "Training report", source=["8", 3]),
-                      *tg_sampling, *fuse_rank_save(17, tg_decoded, ["7", 3], 1400, 900)]
+    train_generate = [*train_nodes(with_outputs=False), *tg_sampling,
+                      *fuse_rank_save(17, tg_decoded, ["7", 3], 1480, 1000)]
     return {"facechain_train": train_nodes(), "facechain_generate": generate,
             "facechain_train_generate": train_generate}
 
@@ -207,7 +205,17 @@ def ui_workflow(nodes: list[dict], prompt: dict, object_info: dict) -> dict:
     return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, "comfyui-facechain/" + ",".join(sorted(prompt)))),
             "revision": 0, "last_node_id": max(int(n["id"]) for n in nodes), "last_link_id": len(links),
             "nodes": ui_nodes, "links": links, "groups": [], "config": {},
-            "extra": {"ds": {"scale": 0.6, "offset": [100, 100]}}, "version": 0.4}
+            "extra": {"ds": _fit_view(ui_nodes)}, "version": 0.4}
+
+
+def _fit_view(ui_nodes: list[dict], width: int = 2260, height: int = 1260, left: int = 90, top: int = 160) -> dict:
+    """Canvas scale and offset that show the whole graph in a 2400x1500 window, clear of the editor's bars."""
+    x0 = min(n["pos"][0] for n in ui_nodes)
+    y0 = min(n["pos"][1] for n in ui_nodes) - 30  # title bar
+    x1 = max(n["pos"][0] + n["size"][0] for n in ui_nodes)
+    y1 = max(n["pos"][1] + n["size"][1] for n in ui_nodes)
+    scale = round(min(1.0, width / (x1 - x0), height / (y1 - y0)), 3)
+    return {"scale": scale, "offset": [round(left / scale - x0), round(top / scale - y0)]}
 
 
 def _size(info, inputs, widgets) -> list[int]:

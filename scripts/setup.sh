@@ -10,6 +10,11 @@ PYTHON=${PYTHON:-python3}
 # torch 2.14.1 / torchvision 0.29.1 is the newest pair this project is tested with (CUDA build on x86-64).
 TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
 
+# The editor test (tests/test_editor.py) drives the host's own frontend in Debian's headless Chromium.
+command -v chromium >/dev/null 2>&1 || { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1; } || \
+  echo "note: Debian's chromium is not installed (apt-get install -y chromium); the editor test will try or skip"
+
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PY="$VENV/bin/python"
 stamp="$VENV/.facechain-setup"
