@@ -4,7 +4,8 @@ The rules (from FaceChain's train-stage preprocessing):
 1. scale the photo so its long side is 1024 and detect faces with 5 keypoints;
 2. keep the largest face only if its area is at least 4x the next, else skip the photo; no face: skip;
 3. level the eyes: the rotation of the similarity transform from the keypoints to a mean 5-point face,
-   applied to a 1.5x white-padded square copy, then detect again;
+   applied to a 1.5x white-padded square copy, then detect again (here the second detection runs on the
+   output crop itself, see step 5, which is smaller and also checks the final result);
 4. square crop with the face at 35-45% of the side and its centre 35-50% from the top, white outside
    the photo, resized to the output size.
 All geometry is composed into one affine map from the original photo, so the crop is resampled once.
@@ -54,9 +55,11 @@ class AlignedFace:
     source_size: tuple[int, int]  # (width, height) of the original photo
     rotation: float  # degrees the photo was turned to level the eyes
     other_faces: int = 0
+    source_face_px: float = 0.0  # side of the face in the original photo's pixels
 
     def to_dict(self) -> dict:
         return {"name": self.name, "source_size": list(self.source_size), "rotation": round(self.rotation, 2),
+                "source_face_px": round(self.source_face_px, 1),
                 "size": int(self.image.shape[0]), **self.face.to_dict()}
 
 
@@ -121,16 +124,14 @@ def align_photo(image: np.ndarray, name: str = "photo", settings: AlignSettings 
     if subject is None:
         return None, why
 
-    # 3. level the eyes on a 1.5x white-padded square canvas, then detect again
+    # 3. level the eyes: turn about the centre of a 1.5x padded square canvas (the map only; nothing is
+    # drawn until the crop, and the padding is the white border of that one warp)
     rot = eye_level_rotation(subject)
     wh, ww = work.shape[:2]
     side = int(round(1.5 * max(wh, ww)))
     c_in, c_out = np.array([ww / 2, wh / 2]), np.array([side / 2, side / 2])
     a = np.hstack([rot, (c_out - rot @ c_in)[:, None]])
-    canvas = cv2.warpAffine(work, a, (side, side), flags=cv2.INTER_LINEAR, borderValue=WHITE)
-    expected = subject.transformed(a)
-    again = _nearest(detect_faces(canvas, s.backend), expected.centre, expected.size)
-    face = again or expected
+    face = subject.transformed(a)
     angle = float(np.degrees(np.arctan2(rot[1, 0], rot[0, 0])))
 
     # 4. square crop around the face, composed with everything above into one map from the original
@@ -145,7 +146,9 @@ def align_photo(image: np.ndarray, name: str = "photo", settings: AlignSettings 
     out = _warp(rgb, full, s.size)
 
     # 5. refine on the crop itself: the detector sees a face a little differently at the output size, so
-    # one or two small corrections put its eyes level and its size and place where the rules want them.
+    # a few small corrections put its eyes level and its size and place where the rules want them. Its
+    # box size jitters by several percent from one small turn to the next, so size is corrected only when
+    # clearly off, and the best-measured crop is kept.
     target = np.array([s.size / 2, s.centre_from_top * s.size])
     best, gain, last_tilt = None, 1.0, 0.0
     for _ in range(4):
@@ -153,15 +156,17 @@ def align_photo(image: np.ndarray, name: str = "photo", settings: AlignSettings 
         if seen is None:
             break
         tilt = mirrored_tilt(out, seen, s.backend)
-        grow = float(np.clip(s.face_fraction * s.size / seen.size, 0.85, 1.15))
-        miss = abs(tilt) + 100 * abs(grow - 1) + np.linalg.norm(seen.centre - target) / s.size * 100
+        fraction = seen.size / s.size
+        shift = np.linalg.norm(seen.centre - target) / s.size
+        miss = max(abs(tilt) / 1.0, abs(fraction - s.face_fraction) / 0.02, shift / 0.02)
         if best is None or miss < best[0]:
             best = (miss, out, seen, full, angle)
-        if abs(tilt) < 0.5 and abs(grow - 1) < 0.02 and np.linalg.norm(seen.centre - target) < 0.01 * s.size:
+        if miss <= 1.0:
             break
         if tilt * last_tilt < 0:  # overshot: the detector's keypoints move more than the photo turned
             gain *= 0.5
         last_tilt = tilt
+        grow = 1.0 if abs(fraction - s.face_fraction) < 0.015 else float(np.clip(s.face_fraction / fraction, 0.85, 1.15))
         t = np.radians(-tilt * gain)
         r = grow * np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
         fix = np.hstack([r, (target - r @ seen.centre)[:, None]])
@@ -171,7 +176,8 @@ def align_photo(image: np.ndarray, name: str = "photo", settings: AlignSettings 
         out = _warp(rgb, full, s.size)
     if best is not None:
         _, out, face, full, angle = best
-    return AlignedFace(out, face, name, (w, h), angle, len(faces) - 1), ""
+    source_face = face.size / float(np.hypot(full[0, 0], full[1, 0]))
+    return AlignedFace(out, face, name, (w, h), angle, len(faces) - 1, source_face), ""
 
 
 def _warp(rgb: np.ndarray, full: np.ndarray, size: int) -> np.ndarray:
