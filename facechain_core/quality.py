@@ -6,7 +6,8 @@ with the best face-quality score (the "template face"). Two scorers:
 * ``embedded`` (default, offline): the geometric mean of four measures, each 0-1,
   - sharpness: fine detail relative to coarser detail inside the face (an upscaled or blurred photo
     lacks the finest band whatever its contrast),
-  - resolution: the source photo's short side (a 240p frame cannot give a sharp 512 crop),
+  - resolution: how many of the source photo's pixels back each pixel of the face in the crop (a face
+    upscaled from a 240p frame cannot be sharp); the photo's short side when that is unknown,
   - pose: how frontal the face is, from where the nose tip sits between the eyes and mouth corners,
   - visible: the share of the face oval that is photo, not the white fill of a face cut by the frame,
   - confidence: the face detector's score for the crop.
@@ -75,7 +76,11 @@ def visible(rgb: np.ndarray, frame: FaceFrame) -> float:
     return float(1.0 - fill.mean()) if fill.size else 0.0
 
 
-def resolution(source_size) -> float:
+def resolution(face: dict) -> float:
+    source_face, box = face.get("source_face_px"), face.get("box")
+    if source_face and box:
+        return float(np.clip(source_face / max(box[2], box[3], 1.0), 0.0, 1.0))
+    source_size = face.get("source_size")
     if not source_size:
         return 1.0
     return float(np.clip(min(source_size) / FULL_RESOLUTION, 0.0, 1.0))
@@ -90,7 +95,7 @@ def confidence(score) -> float:
 
 def embedded_measures(rgb: np.ndarray, face: dict) -> dict:
     frame = FaceFrame.from_keypoints(face["keypoints"])
-    return {"sharpness": sharpness(rgb, frame), "resolution": resolution(face.get("source_size")),
+    return {"sharpness": sharpness(rgb, frame), "resolution": resolution(face),
             "pose": pose(frame), "visible": visible(rgb, frame), "confidence": confidence(face.get("score"))}
 
 

@@ -99,7 +99,10 @@ def test_retouch_never_touches_pixels_outside_its_mask(obama1):
 
 def test_quality_measures(obama1):
     img, kps = obama1
-    assert resolution([427, 240]) < 0.5 <= resolution([910, 1137]) == 1.0
+    assert resolution({"source_size": [427, 240]}) < 0.5 <= resolution({"source_size": [910, 1137]}) == 1.0
+    box = [154, 110, 205, 205]  # a face of 205 px in the crop
+    assert resolution({"source_face_px": 95.0, "box": box, "source_size": [427, 240]}) < 0.5
+    assert resolution({"source_face_px": 380.0, "box": box, "source_size": [910, 1137]}) == 1.0
     frame = FaceFrame.from_keypoints(kps)
     assert pose(frame) > 0.9
     turned = np.array(kps, float)
