@@ -106,6 +106,8 @@ def kohya_state_dict(unet_layers: Mapping[str, tuple], text_layers: Sequence[Map
         raise ValueError(f"{arch} has {len(prefixes)} text encoders, got LoRA layers for {len(text_layers)}")
     for prefix, layers in zip(prefixes, text_layers):
         for path, (down, up, alpha) in sorted(layers.items()):
+            # transformers 5 dropped the "text_model." level of CLIPTextModel; kohya's names keep it
+            path = path if path.startswith("text_model.") else "text_model." + path
             put(f"{prefix}_" + path.replace(".", "_"), down, up, alpha)
     return out
 

@@ -84,6 +84,7 @@ def lora_adapters(root: torch.nn.Module, targets: Iterable[str], rank: int, alph
                         target_modules=list(targets), init_lora_weights=True)
     # peft's initialiser draws from the global RNG: seed it without disturbing the host's random state.
     devices = [d for d in {p.device for p in root.parameters()} if d.type == "cuda"]
+    had_config = "peft_config" in root.__dict__
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(int(seed))
@@ -101,6 +102,8 @@ def lora_adapters(root: torch.nn.Module, targets: Iterable[str], rank: int, alph
         yield params
     finally:
         remove_lora(root)
+        if not had_config:
+            root.__dict__.pop("peft_config", None)  # peft leaves its config on the model: take it back too
 
 
 def remove_lora(root: torch.nn.Module) -> None:

@@ -39,6 +39,7 @@ class TrainSettings:
     train_text_encoder: bool = _default("train_text_encoder")
     text_encoder_lr_ratio: float = _default("text_encoder_lr_ratio")
     precision: str = _default("precision")
+    amp_mode: str = _default("amp_mode")  # "auto": run in the weights' dtype when it is the compute dtype
     gradient_checkpointing: bool = _default("gradient_checkpointing")
     compile: bool = _default("compile")
     compile_mode: str = _default("compile_mode")  # torch.compile mode; "reduce-overhead" adds CUDA graphs

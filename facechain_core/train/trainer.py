@@ -82,7 +82,20 @@ def choose_precision(requested: str, device: torch.device, supports_bf16: bool =
     return requested
 
 
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+COMPUTE_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def compute_plan(precision: str, weight_dtype: torch.dtype, amp_mode: str) -> tuple[torch.dtype | None, bool]:
+    """(compute dtype or None for fp32, use autocast?).
+
+    When the frozen weights already are in the compute dtype, the UNet can run in it directly ("pure"):
+    no per-op casts and no float32 norms, as in inference. Otherwise autocast casts weights per op.
+    """
+    compute = COMPUTE_DTYPE.get(precision)
+    if compute is None:
+        return None, False
+    pure = amp_mode == "pure" or (amp_mode == "auto" and weight_dtype == compute)
+    return compute, not (pure and weight_dtype == compute)
 
 
 def _lr_factor(settings: TrainSettings, steps: int) -> Callable[[int], float]:
@@ -130,7 +143,8 @@ def train_lora(backbone: Backbone, images: torch.Tensor, captions: Sequence[str]
     _check_images(images, captions, backbone)
     device = backbone.device
     precision = choose_precision(settings.precision, device, backbone.supports_bf16)
-    amp_dtype = AUTOCAST.get(precision)
+    weight_dtype = next(backbone.unet.parameters()).dtype
+    compute_dtype, use_autocast = compute_plan(precision, weight_dtype, settings.amp_mode)
     on_cuda = device.type == "cuda"
     n = images.shape[0]
     steps = settings.steps
@@ -175,7 +189,7 @@ def train_lora(backbone: Backbone, images: torch.Tensor, captions: Sequence[str]
 
         result_layers = None
         losses: list[float] = []
-        cast_inputs = amp_dtype is None
+        cast_inputs = not use_autocast  # peft casts activations to the LoRA's float32 unless autocast does
         frozen = [backbone.unet, *backbone.text_encoders, *backbone.extra_frozen]
         with borrowed_weights(*frozen), \
                 lora_adapters(backbone.unet, settings.unet_targets, settings.rank, settings.lora_alpha,
@@ -228,12 +242,15 @@ def train_lora(backbone: Backbone, images: torch.Tensor, captions: Sequence[str]
                     a = alphas[t].view(-1, 1, 1, 1)
                     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
 
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    with torch.autocast(device.type, dtype=compute_dtype, enabled=use_autocast):
                         if cached_cond is not None:
                             cond = _index_cond(cached_cond, caption_index[idx])
                         else:
                             cond = {k: v.to(device) for k, v in
                                     backbone.encode_text([captions[i] for i in idx.tolist()]).items()}
+                        if compute_dtype is not None and not use_autocast:
+                            x_t = x_t.to(compute_dtype)
+                            cond = {k: v.to(compute_dtype) for k, v in cond.items()}
                         eps = forward(x_t, t, cond)
                     loss = torch.nn.functional.mse_loss(eps.float(), noise)
                     if scaler is not None:
@@ -263,6 +280,8 @@ def train_lora(backbone: Backbone, images: torch.Tensor, captions: Sequence[str]
                     torch.cuda.synchronize(device)
                 t_end = time.perf_counter()
                 timings["train_s"] = t_end - t_train
+                if t_first is not None and steps > 2:
+                    timings["steady_step_s"] = (t_end - t_first) / (steps - 1)
                 if settings.compile and on_cuda and t_first is not None and steps > 2:
                     # the first step (compilation) minus what a steady step costs
                     steady = (t_end - t_first) / (steps - 1)
@@ -277,6 +296,8 @@ def train_lora(backbone: Backbone, images: torch.Tensor, captions: Sequence[str]
     unet_layers, te_layers = result_layers
     lora = kohya_state_dict(unet_layers, te_layers, backbone.arch, backbone.unet_naming, backbone.num_res_blocks,
                             dtype=getattr(torch, settings.save_dtype))
+    mode = f"{precision} ({'autocast over ' + str(weight_dtype).replace('torch.', '') + ' weights' if use_autocast else 'weights and activations'})" \
+        if compute_dtype is not None else "fp32"
     return TrainResult(lora=lora, steps=steps, samples=steps * batch, losses=losses, timings=timings,
-                       precision=precision, notes=notes)
+                       precision=mode, notes=notes)
 

@@ -1,0 +1,331 @@
+"""Training speed on a GPU: our trainer against a FaceChain-style reference loop, SD1.5 sizes, random weights.
+
+Real SD1.5 weights cannot be fetched here; a training step costs the same with random ones. Everything runs
+in one process on one GPU so the numbers compare:
+
+* reference: FaceChain's loop as its script runs it: batch 1, fp16 autocast over fp16 weights with loss
+  scaling, the VAE and the text encoder run every step, LoRA rank 4 on to_q/to_k/to_v/to_out.0.
+* ours: ``facechain_core.train.train_lora`` (the code the node and the command run) on the same modules,
+  in several configurations (batch size, precision mode, gradient checkpointing, torch.compile), and on
+  ComfyUI's own UNet class when ComfyUI is importable (``--comfyui DIR``), as the node trains it.
+* defaults: a full run at the shipped defaults (2000 samples), the "2000 samples in under 30 s" check.
+
+Usage: python benchmarks/bench_train.py [--configs NAME,...] [--comfyui .cache/ComfyUI] [--json OUT.json]
+Prints ms per training sample, samples/s, peak GPU memory and the speed-up over the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from facechain_core.train import Backbone, TrainSettings, train_lora  # noqa: E402
+from facechain_core.train import diffusers_backbone as db  # noqa: E402
+from facechain_core.train.lora_layers import lora_adapters  # noqa: E402
+
+GiB = 2 ** 30
+DEVICE = "cuda"  # --cpu-smoke: "cpu", a tiny UNet and fp32, to check this script without a GPU
+SMOKE_UNET = dict(block_out_channels=[320], layers_per_block=1, down_block_types=["CrossAttnDownBlock2D"],
+                  up_block_types=["CrossAttnUpBlock2D"])
+CAPTIONS = ["fcsks, a handsome man, short hair, smiling", "fcsks, a handsome man, black hair",
+            "fcsks, a handsome man, suit, smile", "fcsks, a handsome man"]
+
+# name: (backbone, settings changes)
+CONFIGS = {
+    "b1": ("diffusers", dict(batch_size=1)),
+    "b4": ("diffusers", dict(batch_size=4)),
+    "b8": ("diffusers", dict(batch_size=8)),
+    "b16": ("diffusers", dict(batch_size=16)),
+    "b32": ("diffusers", dict(batch_size=32)),
+    "b8_autocast": ("diffusers", dict(batch_size=8, amp_mode="autocast")),
+    "b8_ckpt": ("diffusers", dict(batch_size=8, gradient_checkpointing=True)),
+    "b16_ckpt": ("diffusers", dict(batch_size=16, gradient_checkpointing=True)),
+    "b32_ckpt": ("diffusers", dict(batch_size=32, gradient_checkpointing=True)),
+    "b8_fp16": ("diffusers_fp16", dict(batch_size=8, precision="fp16")),
+    "b8_compile": ("diffusers", dict(batch_size=8, compile=True, compile_mode="default")),
+    "b8_compile_graphs": ("diffusers", dict(batch_size=8, compile=True, compile_mode="reduce-overhead")),
+    "b16_compile": ("diffusers", dict(batch_size=16, compile=True, compile_mode="default")),
+    "comfy_b8_bf16_over_fp16": ("comfy_fp16", dict(batch_size=8, precision="bf16")),
+    "comfy_b8_fp16": ("comfy_fp16", dict(batch_size=8, precision="fp16")),
+    "comfy_b8_bf16": ("comfy_bf16", dict(batch_size=8, precision="bf16")),
+    "comfy_b16_ckpt_fp16": ("comfy_fp16", dict(batch_size=16, precision="fp16", gradient_checkpointing=True)),
+}
+
+
+def synthetic_faces(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    """Smooth random images (low-frequency noise), [n, size, size, 3] in 0..1, like photos to a VAE."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 8, 8, generator=g)
+    mid = torch.rand(n, 3, 32, 32, generator=g) * 0.3
+    img = torch.nn.functional.interpolate(low, size=size, mode="bicubic") + \
+        torch.nn.functional.interpolate(mid, size=size, mode="bilinear")
+    return (img / 1.3).clamp(0, 1).permute(0, 2, 3, 1).contiguous()
+
+
+def init_random_(module: torch.nn.Module, seed: int = 0) -> None:
+    """Small random weights everywhere (ComfyUI's layers skip initialisation)."""
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.ndim == 1:
+                p.fill_(1.0)
+            else:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32) / math.sqrt(fan_in))
+
+
+def reset_memory():
+    gc.collect()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / GiB if DEVICE == "cuda" else float("nan")
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def reference_loop(unet, vae, text_encoder, images, steps: int, warmup: int = 3) -> dict:
+    """FaceChain's loop: batch 1, fp16 autocast, VAE + text encoder every step, GradScaler, AdamW, rank 4."""
+    tok = db.tokenizer()
+    alphas = db.alphas_cumprod().to(DEVICE)
+    amp = torch.float16 if DEVICE == "cuda" else torch.bfloat16
+    scale = db.config("sd15_vae")["scaling_factor"]
+    reset_memory()
+    with lora_adapters(unet, ["to_q", "to_k", "to_v", "to_out.0"], 4, 4, 42, cast_inputs=True) as params:
+        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
+        scaler = torch.amp.GradScaler(DEVICE, enabled=DEVICE == "cuda")
+        times = []
+        for step in range(warmup + steps):
+            t0 = time.perf_counter()
+            i = step % images.shape[0]
+            pixels = images[i:i + 1].permute(0, 3, 1, 2).to(DEVICE) * 2 - 1
+            if torch.rand(1).item() < 0.5:
+                pixels = pixels.flip(-1)
+            ids = tok([CAPTIONS[i % len(CAPTIONS)]], padding="max_length", max_length=77, truncation=True,
+                      return_tensors="pt").input_ids.to(DEVICE)
+            with torch.autocast(DEVICE, dtype=amp):
+                with torch.no_grad():
+                    latents = vae.encode(pixels.to(vae.dtype)).latent_dist.sample() * scale
+                    context = text_encoder(ids, return_dict=False)[0]
+                noise = torch.randn_like(latents)
+                t = torch.randint(0, 1000, (1,), device=DEVICE)
+                a = alphas[t].view(-1, 1, 1, 1)
+                noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+                pred = unet(noisy, t, encoder_hidden_states=context, return_dict=False)[0]
+            loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            loss.item()  # the reference logs the loss every step
+            sync()
+            if step >= warmup:
+                times.append(time.perf_counter() - t0)
+    ms = 1000 * sum(times) / len(times)
+    return {"ms_per_sample": ms, "samples_per_s": 1000 / ms, "peak_gib": peak_gib()}
+
+
+class Backbones:
+    """Builds each kind of model once (random SD1.5-size weights): {"backbone", "unet", "vae", "text"}."""
+
+    def __init__(self, comfyui: str | None):
+        self.comfyui = comfyui
+        self.cache = {}
+
+    def get(self, kind: str) -> dict:
+        if kind not in self.cache:
+            self.cache.clear()  # one model family on the GPU at a time
+            reset_memory()
+            self.cache[kind] = self._build(kind)
+        return self.cache[kind]
+
+    def _build(self, kind: str) -> dict:
+        dtype = torch.float16 if kind.endswith("fp16") else torch.bfloat16
+        if DEVICE == "cpu":
+            dtype = torch.float32
+        if kind.startswith("diffusers"):
+            cfg = {**db.config("sd15_unet"), **SMOKE_UNET} if DEVICE == "cpu" else None
+            unet, vae, te = db.build_modules(cfg, device=DEVICE, dtype=dtype)
+            return {"backbone": db.make_backbone(unet, vae, te, DEVICE), "unet": unet, "vae": vae, "text": te}
+        return self._comfy(dtype)
+
+    def _comfy(self, dtype) -> dict:
+        """ComfyUI's SD1.5 UNet class, built under inference mode as the host loads it; trained as the node does."""
+        if not self.comfyui:
+            raise RuntimeError("no --comfyui folder given")
+        sys.path.insert(0, self.comfyui)
+        argv, sys.argv = sys.argv, [sys.argv[0]] + (["--cpu"] if DEVICE == "cpu" else [])
+        try:
+            import comfy.options
+
+            comfy.options.enable_args_parsing()
+            import comfy.ops
+            from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+        finally:
+            sys.argv = argv
+        cfg = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2] * 4,
+                   channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+                   transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1], transformer_depth_middle=1,
+                   num_heads=8, num_head_channels=-1, context_dim=768, use_spatial_transformer=True,
+                   use_linear_in_transformer=False, legacy=False)
+        nrb = [2, 2, 2, 2]
+        if DEVICE == "cpu":
+            dtype = torch.float32
+            nrb = [1]
+            cfg.update(num_res_blocks=nrb, channel_mult=[1], transformer_depth=[1, 1],
+                       transformer_depth_output=[1, 1])
+        with torch.inference_mode():
+            unet = UNetModel(**cfg, dtype=dtype, device=DEVICE, operations=comfy.ops.disable_weight_init)
+            init_random_(unet)
+        unet.eval()
+        vae, te = db.build_modules(device=DEVICE, dtype=torch.bfloat16 if DEVICE == "cuda" else torch.float32,
+                                   parts=("vae", "text"))
+        encode_images, encode_text = db.encoders(vae, te, DEVICE)
+
+        def predict_noise(x, t, cond):  # as nodes/train_lora.py calls ComfyUI's UNet
+            return unet(x.to(dtype), t.float(), context=cond["context"].to(dtype), transformer_options={})
+
+        backbone = Backbone(arch="sd15", unet=unet, unet_naming="ldm", num_res_blocks=nrb,
+                            predict_noise=predict_noise, alphas_cumprod=db.alphas_cumprod(),
+                            device=torch.device(DEVICE), encode_images=encode_images, encode_text=encode_text,
+                            text_encoders=[te], size_multiple=8 * 2 ** (len(cfg["channel_mult"]) - 1))
+        return {"backbone": backbone, "unet": unet, "vae": vae, "text": te}
+
+
+def run_ours(backbone, images, settings: TrainSettings) -> dict:
+    reset_memory()
+    captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(images.shape[0])]
+    r = train_lora(backbone, images, captions, settings)
+    steady = r.timings.get("steady_step_s", r.timings["train_s"] / r.steps)
+    out = {"steps": r.steps, "samples": r.samples, "precision": r.precision,
+           "ms_per_sample": 1000 * steady / settings.batch_size,
+           "samples_per_s": settings.batch_size / steady, "train_s": r.timings["train_s"],
+           "cache_s": r.timings["cache_s"], "peak_gib": r.timings.get("peak_gib", float("nan")),
+           "loss_first": r.losses[0], "loss_last": sum(r.losses[-5:]) / len(r.losses[-5:])}
+    if "compile_s" in r.timings:
+        out["compile_s"] = r.timings["compile_s"]
+    return out
+
+
+def lr_check(backbones, images, samples: int) -> list[dict]:
+    """Equal work, different batch: held-out denoising loss after ``samples`` samples (random weights)."""
+    backbone = backbones.get("diffusers")["backbone"]
+    captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(images.shape[0])]
+    rows = []
+    for batch, scaling in ((1, "none"), (8, "sqrt"), (8, "none"), (8, "linear")):
+        s = TrainSettings().with_(samples=samples, batch_size=batch, lr_batch_scaling=scaling)
+        reset_memory()
+        r = train_lora(backbone, images, captions, s)
+        rows.append({"batch": batch, "lr_scaling": scaling, "lr": s.effective_lr,
+                     "loss_last_10pct": sum(r.losses[-max(1, len(r.losses) // 10):]) / max(1, len(r.losses) // 10),
+                     "train_s": r.timings["train_s"]})
+        print(f"  lr check batch {batch:2d} {scaling:6s} lr {s.effective_lr:.2e}: "
+              f"final loss {rows[-1]['loss_last_10pct']:.4f}", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--images", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=30, help="timed steps per configuration (after the first)")
+    ap.add_argument("--reference-steps", type=int, default=20)
+    ap.add_argument("--configs", default="b8_fp16,b1,b4,b8,b16,b8_autocast,b8_ckpt,b16_ckpt,defaults",
+                    help=f"comma-separated, run in this order: defaults (full run at the shipped defaults), "
+                         f"{', '.join(CONFIGS)}")
+    ap.add_argument("--comfyui", default=None, help="a ComfyUI folder, for the comfy_* configurations")
+    ap.add_argument("--lr-check", type=int, default=0, help="samples for the equal-work batch/lr check (0: off)")
+    ap.add_argument("--time-budget", type=float, default=420, help="skip what would start after this many s")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--cpu-smoke", action="store_true", help="check the script on the CPU (tiny UNet, tiny sizes)")
+    args = ap.parse_args()
+    start = time.time()
+    global DEVICE
+    if args.cpu_smoke:
+        DEVICE = "cpu"
+        args.size, args.steps, args.reference_steps, args.images = 64, 2, 2, 3
+    else:
+        assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU (or --cpu-smoke)"
+    import diffusers
+    import peft
+    import transformers
+    env = {"gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__, "diffusers": diffusers.__version__,
+           "peft": peft.__version__, "transformers": transformers.__version__}
+    print(json.dumps(env), flush=True)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    images = synthetic_faces(args.images, args.size)
+    results = {"env": env, "size": args.size, "images": args.images, "configs": {}}
+    backbones = Backbones(args.comfyui)
+
+    # the reference, on fp16 modules as FaceChain's script casts them
+    m = backbones.get("diffusers_fp16")
+    ref = reference_loop(m["unet"], m["vae"], m["text"], images, args.reference_steps)
+    results["reference"] = ref
+    print(f"reference (batch 1, fp16 autocast, VAE+TE every step): {ref['ms_per_sample']:.1f} ms/sample, "
+          f"{ref['samples_per_s']:.1f} samples/s, peak {ref['peak_gib']:.2f} GiB", flush=True)
+
+    for name in [c for c in args.configs.split(",") if c]:
+        if time.time() - start > args.time_budget:
+            print(f"{name}: skipped (time budget)", flush=True)
+            continue
+        if name == "defaults":  # the shipped defaults, full length: the "2000 samples in < 30 s" check
+            kind, settings = "diffusers", TrainSettings().with_(samples=24 if args.cpu_smoke else None)
+        else:
+            kind, changes = CONFIGS[name]
+            batch = changes.get("batch_size", TrainSettings().batch_size)
+            steps = args.steps + 1 + (10 if changes.get("compile") else 0)
+            settings = TrainSettings().with_(samples=batch * steps, **changes)
+        try:
+            r = run_ours(backbones.get(kind)["backbone"], images, settings)
+        except torch.OutOfMemoryError:
+            r = {"error": "out of memory"}
+            backbones.cache.clear()
+        except Exception as e:  # a configuration that cannot run here is reported, not fatal
+            traceback.print_exc()
+            r = {"error": f"{type(e).__name__}: {e}"[:300]}
+        if "ms_per_sample" in r:
+            r["speedup"] = ref["ms_per_sample"] / r["ms_per_sample"]
+            extra = f", compile {r['compile_s']:.0f} s" if "compile_s" in r else ""
+            if name == "defaults":
+                extra += f", {r['samples']} samples in {r['train_s']:.1f} s training (+{r['cache_s']:.1f} s caching)"
+            print(f"{name:26s} {r['ms_per_sample']:7.2f} ms/sample {r['samples_per_s']:7.1f} samples/s "
+                  f"peak {r['peak_gib']:6.2f} GiB  x{r['speedup']:.1f} vs reference  [{r['precision']}]{extra}",
+                  flush=True)
+        else:
+            print(f"{name:26s} {r['error']}", flush=True)
+        results["configs"][name] = r
+
+    if args.lr_check and time.time() - start < args.time_budget:
+        results["lr_check"] = lr_check(backbones, images, args.lr_check)
+    print(f"total {time.time() - start:.0f} s", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    main()
