@@ -159,7 +159,8 @@ def test_existing_name_is_not_overwritten_unless_asked(client, comfy_base):
     ({"trigger": "", "caption_text": ""}, ("trigger token",)),
 ])
 def test_bad_input_gives_clear_node_error(client, comfy_base, over, words):
-    expect_node_error(client, train_graph("bad_input", size=64, samples=4, **over), *words)
+    over = {"name": "bad_input", **over}
+    expect_node_error(client, train_graph(over.pop("name"), size=64, samples=4, **over), *words)
     assert not (lora_dir(comfy_base) / "x.safetensors").exists()
     assert not (comfy_base / "models" / "x.safetensors").exists()
     assert not (lora_dir(comfy_base) / "bad_input.safetensors").exists()
@@ -183,7 +184,7 @@ def test_cancel_stops_training_leaves_no_file_and_host_answers(client, comfy_bas
     ws = websocket.create_connection(client.url.replace("http", "ws") + f"/ws?clientId={client.client_id}",
                                      timeout=120)
     try:
-        long_run = train_graph("cancelled", size=64, samples=200000, batch_size=1)
+        long_run = train_graph("cancelled", size=64, samples=100000, batch_size=1)
         prompt_id = client.queue(long_run)
         # wait until the trainer reports training steps (past the image encoding)
         deadline = time.time() + 240
