@@ -43,24 +43,37 @@ CAPTIONS = ["fcsks, a handsome man, short hair, smiling", "fcsks, a handsome man
             "fcsks, a handsome man, suit, smile", "fcsks, a handsome man"]
 
 # name: (backbone, settings changes)
+TF = ["BasicTransformerBlock"]  # checkpoint the transformer blocks only (their activations are the big ones)
+# name: (backbone, settings changes). All use CUDA graphs unless named "eager".
 CONFIGS = {
     "b1": ("diffusers", dict(batch_size=1)),
     "b4": ("diffusers", dict(batch_size=4)),
     "b8": ("diffusers", dict(batch_size=8)),
     "b16": ("diffusers", dict(batch_size=16)),
     "b32": ("diffusers", dict(batch_size=32)),
+    "b1_eager": ("diffusers", dict(batch_size=1, cuda_graphs=False)),
+    "b8_eager": ("diffusers", dict(batch_size=8, cuda_graphs=False)),
     "b8_autocast": ("diffusers", dict(batch_size=8, amp_mode="autocast")),
+    "b4_ckpt": ("diffusers", dict(batch_size=4, gradient_checkpointing=True)),
     "b8_ckpt": ("diffusers", dict(batch_size=8, gradient_checkpointing=True)),
     "b16_ckpt": ("diffusers", dict(batch_size=16, gradient_checkpointing=True)),
     "b32_ckpt": ("diffusers", dict(batch_size=32, gradient_checkpointing=True)),
+    "b8_ckpt_tf": ("diffusers", dict(batch_size=8, gradient_checkpointing=True, checkpoint_blocks=TF)),
+    "b16_ckpt_tf": ("diffusers", dict(batch_size=16, gradient_checkpointing=True, checkpoint_blocks=TF)),
+    "b8_ckpt_eager": ("diffusers", dict(batch_size=8, gradient_checkpointing=True, cuda_graphs=False)),
     "b8_fp16": ("diffusers_fp16", dict(batch_size=8, precision="fp16")),
     "b8_compile": ("diffusers", dict(batch_size=8, compile=True, compile_mode="default")),
     "b8_compile_graphs": ("diffusers", dict(batch_size=8, compile=True, compile_mode="reduce-overhead")),
-    "b16_compile": ("diffusers", dict(batch_size=16, compile=True, compile_mode="default")),
     "comfy_b8_bf16_over_fp16": ("comfy_fp16", dict(batch_size=8, precision="bf16")),
     "comfy_b8_fp16": ("comfy_fp16", dict(batch_size=8, precision="fp16")),
     "comfy_b8_bf16": ("comfy_bf16", dict(batch_size=8, precision="bf16")),
-    "comfy_b16_ckpt_fp16": ("comfy_fp16", dict(batch_size=16, precision="fp16", gradient_checkpointing=True)),
+    "comfy_b8_ckpt_fp16": ("comfy_fp16", dict(batch_size=8, precision="fp16", gradient_checkpointing=True)),
+    "comfy_b8_ckpt_bf16_over_fp16": ("comfy_fp16", dict(batch_size=8, precision="bf16", gradient_checkpointing=True)),
+    # full-length runs (2000 samples) of candidate defaults
+    "full_b8_ckpt": ("diffusers", dict(batch_size=8, gradient_checkpointing=True, samples=2000)),
+    "full_b16_ckpt": ("diffusers", dict(batch_size=16, gradient_checkpointing=True, samples=2000)),
+    "full_b8_ckpt_tf": ("diffusers", dict(batch_size=8, gradient_checkpointing=True, checkpoint_blocks=TF,
+                                          samples=2000)),
 }
 
 
@@ -187,7 +200,7 @@ class Backbones:
             sys.argv = argv
         cfg = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2] * 4,
                    channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
-                   transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1], transformer_depth_middle=1,
+                   transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=1,
                    num_heads=8, num_head_channels=-1, context_dim=768, use_spatial_transformer=True,
                    use_linear_in_transformer=False, legacy=False)
         nrb = [2, 2, 2, 2]
@@ -210,7 +223,8 @@ class Backbones:
         backbone = Backbone(arch="sd15", unet=unet, unet_naming="ldm", num_res_blocks=nrb,
                             predict_noise=predict_noise, alphas_cumprod=db.alphas_cumprod(),
                             device=torch.device(DEVICE), encode_images=encode_images, encode_text=encode_text,
-                            text_encoders=[te], size_multiple=8 * 2 ** (len(cfg["channel_mult"]) - 1))
+                            text_encoders=[te], size_multiple=8 * 2 ** (len(cfg["channel_mult"]) - 1),
+                            prepare=db.offloader(vae, te, DEVICE))
         return {"backbone": backbone, "unet": unet, "vae": vae, "text": te}
 
 
@@ -298,7 +312,9 @@ def main() -> None:
             kind, changes = CONFIGS[name]
             batch = changes.get("batch_size", TrainSettings().batch_size)
             steps = args.steps + 1 + (10 if changes.get("compile") else 0)
-            settings = TrainSettings().with_(samples=batch * steps, **changes)
+            settings = TrainSettings().with_(**{"samples": batch * steps, **changes})
+            if args.cpu_smoke:
+                settings = settings.with_(samples=batch * steps)
         try:
             r = run_ours(backbones.get(kind)["backbone"], images, settings)
         except torch.OutOfMemoryError:
@@ -310,7 +326,7 @@ def main() -> None:
         if "ms_per_sample" in r:
             r["speedup"] = ref["ms_per_sample"] / r["ms_per_sample"]
             extra = f", compile {r['compile_s']:.0f} s" if "compile_s" in r else ""
-            if name == "defaults":
+            if name == "defaults" or name.startswith("full_"):
                 extra += f", {r['samples']} samples in {r['train_s']:.1f} s training (+{r['cache_s']:.1f} s caching)"
             print(f"{name:26s} {r['ms_per_sample']:7.2f} ms/sample {r['samples_per_s']:7.1f} samples/s "
                   f"peak {r['peak_gib']:6.2f} GiB  x{r['speedup']:.1f} vs reference  [{r['precision']}]{extra}",

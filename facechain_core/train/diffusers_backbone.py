@@ -186,15 +186,30 @@ def encoders(vae, text_encoder, device):
     scale = config("sd15_vae")["scaling_factor"]
 
     def encode_images(images):  # [B,H,W,3] 0..1
+        vae.to(device)  # (back) on the device: prepare() moves it away for training
         x = images.permute(0, 3, 1, 2).to(device=device, dtype=vae.dtype) * 2 - 1
         return vae.encode(x).latent_dist.mode().float() * scale
 
     def encode_text(captions):
+        text_encoder.to(device)
         ids = tok(list(captions), padding="max_length", max_length=77, truncation=True,
                   return_tensors="pt").input_ids.to(device)
         return {"context": text_encoder(ids, return_dict=False)[0]}
 
     return encode_images, encode_text
+
+
+def offloader(vae, text_encoder, device):
+    """Backbone.prepare: once latents and captions are cached, the VAE (and a frozen text encoder) leave the
+    GPU, so that training has its memory."""
+    def prepare(train_text_encoder: bool):
+        if torch.device(device).type == "cuda":
+            vae.to("cpu")
+            if not train_text_encoder:
+                text_encoder.to("cpu")
+            torch.cuda.empty_cache()
+
+    return prepare
 
 
 def make_backbone(unet, vae, text_encoder, device) -> Backbone:
@@ -208,4 +223,5 @@ def make_backbone(unet, vae, text_encoder, device) -> Backbone:
     return Backbone(arch="sd15", unet=unet, unet_naming="diffusers",
                     num_res_blocks=[unet.config.layers_per_block] * levels, predict_noise=predict_noise,
                     alphas_cumprod=alphas_cumprod(), device=torch.device(device), encode_images=encode_images,
-                    encode_text=encode_text, text_encoders=[text_encoder], size_multiple=8 * 2 ** (levels - 1))
+                    encode_text=encode_text, text_encoders=[text_encoder], size_multiple=8 * 2 ** (levels - 1),
+                    prepare=offloader(vae, text_encoder, device))

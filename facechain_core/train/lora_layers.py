@@ -128,16 +128,20 @@ def lora_weights(root: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.T
 
 
 @contextmanager
-def gradient_checkpointing(root: torch.nn.Module, enabled: bool) -> Iterator[int]:
+def gradient_checkpointing(root: torch.nn.Module, enabled: bool, blocks: Iterable[str] = CHECKPOINT_BLOCKS
+                           ) -> Iterator[int]:
     """Recompute each block's activations in backward instead of keeping them. Yields the block count."""
     patched = []
+    blocks = set(blocks)
     if enabled:
         for m in root.modules():
-            if type(m).__name__ in CHECKPOINT_BLOCKS and "forward" not in m.__dict__:
+            if type(m).__name__ in blocks and "forward" not in m.__dict__:
                 def forward(*args, _inner=m.forward, **kwargs):
                     if not torch.is_grad_enabled():
                         return _inner(*args, **kwargs)
-                    return torch.utils.checkpoint.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+                    # no RNG to replay (no dropout), and saving RNG state is not allowed in a CUDA graph
+                    return torch.utils.checkpoint.checkpoint(_inner, *args, use_reentrant=False,
+                                                             preserve_rng_state=False, **kwargs)
 
                 m.forward = forward
                 patched.append(m)

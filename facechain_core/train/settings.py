@@ -42,6 +42,8 @@ class TrainSettings:
     amp_mode: str = _default("amp_mode")  # "auto": run in the weights' dtype when it is the compute dtype
     gradient_checkpointing: bool = _default("gradient_checkpointing")
     compile: bool = _default("compile")
+    cuda_graphs: bool = _default("cuda_graphs")  # capture forward+backward once, replay it every step
+    checkpoint_blocks: list = _default("checkpoint_blocks")  # block classes recomputed in backward
     compile_mode: str = _default("compile_mode")  # torch.compile mode; "reduce-overhead" adds CUDA graphs
     weight_decay: float = _default("weight_decay")
     adam_betas: tuple = _default("adam_betas")

@@ -125,6 +125,29 @@ def _check_images(images: torch.Tensor, captions: Sequence[str], backbone: Backb
                              f"Align the faces at 512 (or another multiple of {m}).")
 
 
+def _capture(forward_backward, inputs, optimizer, device):
+    """Record one forward+backward as a CUDA graph: each step then costs one launch, not thousands.
+
+    Warm-up passes run on a side stream first (kernel choice, lazy initialisation); their gradients are
+    thrown away and no parameter changes. Returns (graph, static inputs, static loss, seconds).
+    """
+    t0 = time.perf_counter()
+    static_in = {k: (v.clone() if isinstance(v, torch.Tensor) else {kk: vv.clone() for kk, vv in v.items()})
+                 for k, v in inputs.items()}
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            forward_backward(static_in, autocast_cache=False)
+            optimizer.zero_grad(set_to_none=True)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = forward_backward(static_in, autocast_cache=False)
+    torch.cuda.synchronize(device)
+    return graph, static_in, static_loss, time.perf_counter() - t0
+
+
 def _index_cond(cond: Cond, idx: torch.Tensor) -> Cond:
     return {k: v[idx] for k, v in cond.items()}
 
@@ -194,7 +217,7 @@ def train_lora(backbone: Backbone, images: torch.Tensor, captions: Sequence[str]
         with borrowed_weights(*frozen), \
                 lora_adapters(backbone.unet, settings.unet_targets, settings.rank, settings.lora_alpha,
                               settings.seed, cast_inputs) as unet_params, \
-                gradient_checkpointing(backbone.unet, settings.gradient_checkpointing):
+                gradient_checkpointing(backbone.unet, settings.gradient_checkpointing, settings.checkpoint_blocks):
             te_params = []
             te_contexts = []
             try:
@@ -222,16 +245,15 @@ def train_lora(backbone: Backbone, images: torch.Tensor, captions: Sequence[str]
                     else:
                         notes.append("compile: skipped on the CPU")
 
-                order = torch.empty(0, dtype=torch.long)
-                pending = None
-                t_train = time.perf_counter()
-                t_first = None
-                for step in range(steps):
-                    # epochs: a new permutation whenever the previous one is used up
-                    while order.numel() < batch:
-                        order = torch.cat([order, torch.randperm(n, generator=order_gen)])
-                    idx, order = order[:batch], order[batch:]
-                    idx = idx.to(device)
+                # The whole sample order (epochs of permutations) goes to the device once: a per-step copy
+                # from host memory would make the CPU wait for the GPU at every step.
+                order = torch.cat([torch.randperm(n, generator=order_gen)
+                                   for _ in range(math.ceil(steps * batch / n))])[: steps * batch]
+                order = order.view(steps, batch).to(device)
+                cond_fixed = cached_cond is not None
+
+                def step_inputs(step):
+                    idx = order[step]
                     if views == 2:
                         flip = torch.randint(0, 2, (batch,), generator=gen, device=device)
                         x0 = latents[idx + n * flip]
@@ -241,38 +263,72 @@ def train_lora(backbone: Backbone, images: torch.Tensor, captions: Sequence[str]
                     t = torch.randint(0, alphas.shape[0], (batch,), generator=gen, device=device)
                     a = alphas[t].view(-1, 1, 1, 1)
                     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+                    if cond_fixed:
+                        cond = _index_cond(cached_cond, caption_index[idx])
+                    else:
+                        cond = {"captions": [captions[i] for i in idx.tolist()]}
+                    return {"x_t": x_t, "t": t, "noise": noise, "cond": cond}
 
-                    with torch.autocast(device.type, dtype=compute_dtype, enabled=use_autocast):
-                        if cached_cond is not None:
-                            cond = _index_cond(cached_cond, caption_index[idx])
-                        else:
-                            cond = {k: v.to(device) for k, v in
-                                    backbone.encode_text([captions[i] for i in idx.tolist()]).items()}
+                def forward_backward(inp, autocast_cache=True):
+                    with torch.autocast(device.type, dtype=compute_dtype, enabled=use_autocast,
+                                        cache_enabled=autocast_cache):
+                        cond = inp["cond"]
+                        if not cond_fixed:
+                            cond = {k: v.to(device) for k, v in backbone.encode_text(cond["captions"]).items()}
+                        x_t = inp["x_t"]
                         if compute_dtype is not None and not use_autocast:
                             x_t = x_t.to(compute_dtype)
                             cond = {k: v.to(compute_dtype) for k, v in cond.items()}
-                        eps = forward(x_t, t, cond)
-                    loss = torch.nn.functional.mse_loss(eps.float(), noise)
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                        scaler.unscale_(optimizer)
+                        eps = forward(x_t, inp["t"], cond)
+                    loss = torch.nn.functional.mse_loss(eps.float(), inp["noise"])
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                    return loss.detach()
+
+                graph = None
+                use_graphs = settings.cuda_graphs and on_cuda and cond_fixed and not settings.compile
+                if use_graphs:
+                    try:
+                        graph, static_in, static_loss, capture_s = _capture(forward_backward, step_inputs(0),
+                                                                           optimizer, device)
+                        timings["capture_s"] = capture_s
+                    except Exception as e:  # e.g. a host patch that syncs: train eagerly instead
+                        graph = None
+                        optimizer.zero_grad(set_to_none=True)
+                        notes.append(f"CUDA graphs unavailable ({type(e).__name__}: {str(e)[:120]}); eager steps")
+
+                pending = None
+                t_train = time.perf_counter()
+                t_first = None
+                for step in range(steps):
+                    inp = step_inputs(step)
+                    if graph is not None:
+                        for k in ("x_t", "t", "noise"):
+                            static_in[k].copy_(inp[k])
+                        for k, v in inp["cond"].items():
+                            static_in["cond"][k].copy_(v)
+                        graph.replay()
+                        loss = static_loss.clone()
                     else:
-                        loss.backward()
+                        loss = forward_backward(inp)
+                    if scaler is not None:
+                        scaler.unscale_(optimizer)
                     if settings.max_grad_norm:
-                        torch.nn.utils.clip_grad_norm_(all_params, settings.max_grad_norm)
+                        torch.nn.utils.clip_grad_norm_(all_params, settings.max_grad_norm, foreach=on_cuda or None)
                     if scaler is not None:
                         scaler.step(optimizer)
                         scaler.update()
                     else:
                         optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    if graph is None:
+                        optimizer.zero_grad(set_to_none=True)
+                    # (a graph's backward overwrites the same gradient tensors at every replay)
                     scheduler.step()
                     # read the previous step's loss: the GPU already has this step queued
                     if pending is not None:
                         losses.append(pending.item())
                         if t_first is None:
                             t_first = time.perf_counter()
-                    pending = loss.detach()
+                    pending = loss
                     info = f"step {step + 1}/{steps} loss {losses[-1]:.4f}" if losses else f"step {step + 1}/{steps}"
                     progress(n * views + step + 1, total, info)
                 losses.append(pending.item())
@@ -287,6 +343,7 @@ def train_lora(backbone: Backbone, images: torch.Tensor, captions: Sequence[str]
                     steady = (t_end - t_first) / (steps - 1)
                     timings["compile_s"] = max(0.0, (t_first - t_train) - 2 * steady)
                 result_layers = (lora_weights(backbone.unet), [lora_weights(te) for te in text_encoders])
+                del graph
             finally:
                 for ctx in reversed(te_contexts):
                     ctx.__exit__(None, None, None)
