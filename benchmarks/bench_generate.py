@@ -1,0 +1,237 @@
+"""What FaceFusion + RTSRank add to the time the host spends sampling the portraits they work on.
+
+    python benchmarks/bench_generate.py                       # on a CUDA machine: full-size SD1.5, 8 x 512x512, 30 steps
+    python benchmarks/bench_generate.py --cpu --checkpoint .cache/tiny_sd15.safetensors --size 64 --steps 3   # smoke test
+
+Sampling: ComfyUI's own code (checkpoint loader, text encoder, `comfy.sample.sample` as KSampler calls it,
+VAE decode) on an SD1.5-shaped checkpoint. Without --checkpoint one is built on the spot with the full
+SD1.5 UNet, VAE and CLIP-L shapes and random weights (speed does not depend on the weights).
+
+FaceFusion + RTSRank: the pack's own node classes, called as the host calls them, on 8 portraits of
+512x512. A random-weight model draws no faces, and an image without a face costs the nodes almost
+nothing, so the portraits here are real photos framed like FaceChain's output (FaceAlign crops of the
+people in --faces): the worst case, where every image has a face to fuse, embed and rank.
+
+Prints one JSON line with the medians and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SD15_UNET = dict(  # ComfyUI's SD1.5 UNet (comfy/model_detection.py), as UNetModel keywords
+    image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[2, 2, 2, 2],
+    channel_mult=[1, 2, 4, 4], num_heads=8, num_head_channels=-1, use_spatial_transformer=True,
+    transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    transformer_depth_middle=1, context_dim=768, use_linear_in_transformer=False, legacy=False,
+)
+PORTRAITS = ["obama/obama1.jpg", "obama/obama2.jpg", "obama/obama3.jpg", "biden/biden1.jpg", "biden/biden2.jpg",
+             "rose_leslie/rose1.jpg", "rose_leslie/rose2.jpg", "obama/obama4_240p.jpg"]
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--comfy", type=Path, default=REPO / ".cache" / "ComfyUI", help="ComfyUI's source folder")
+    ap.add_argument("--checkpoint", type=Path, help="an SD1.5 checkpoint (default: build a random full-size one)")
+    ap.add_argument("--faces", type=Path, default=REPO.parent / "shared" / "faces", help="the shared photo folders")
+    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cpu", action="store_true", help="run ComfyUI on the CPU (smoke test)")
+    ap.add_argument("--portrait-size", type=int, default=512, help="side of the portraits FaceFusion/RTSRank get")
+    ap.add_argument("--skip-sampling", action="store_true", help="time FaceFusion + RTSRank only")
+    return ap.parse_args()
+
+
+def boot_comfy(comfy: Path, cpu: bool):
+    sys.path.insert(0, str(comfy))
+    sys.argv = [sys.argv[0]] + (["--cpu"] if cpu else [])
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    import comfy.model_management  # noqa: F401  (sets up the device)
+    import comfy.sample  # noqa: F401
+    import comfy.sd  # noqa: F401
+
+
+def build_random_sd15(out: Path) -> Path:
+    """A full-size SD1.5-shaped checkpoint with random weights, fp16 (as scripts/tiny_checkpoint.py, full UNet)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    import comfy.ops
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from tiny_checkpoint import CLIP_L, VAE_DDCONFIG, _init_
+
+    gen = torch.Generator().manual_seed(1234)
+    unet = UNetModel(**SD15_UNET, operations=comfy.ops.disable_weight_init)
+    vae = AutoencoderKL(ddconfig=VAE_DDCONFIG, embed_dim=4)
+    clip = CLIPTextModel(CLIPTextConfig(**CLIP_L))
+    for m in (unet, vae):
+        _init_(m, gen)
+    sd = {}
+    for prefix, module in (("model.diffusion_model.", unet), ("first_stage_model.", vae),
+                           ("cond_stage_model.transformer.", clip)):
+        for k, v in module.state_dict().items():
+            if v.is_floating_point():
+                sd[prefix + k] = v.detach().to(torch.float16).contiguous()
+    save_file(sd, str(out))
+    return out
+
+
+def time_sampling(ckpt: Path, n: int, size: int, steps: int, repeats: int) -> dict:
+    import torch
+
+    import comfy.model_management as mm
+    import comfy.sample
+    import comfy.sd
+
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(ckpt), output_vae=True, output_clip=True)[:4]
+    pos = clip.encode_from_tokens_scheduled(clip.tokenize("fcsks, a person, professional headshot"))
+    neg = clip.encode_from_tokens_scheduled(clip.tokenize("lowres, blurry"))
+    latent = torch.zeros([n, 4, size // 8, size // 8])
+
+    def sync():
+        if torch.cuda.is_available() and not mm.cpu_mode():
+            torch.cuda.synchronize()
+
+    def sample(seed, k_steps):
+        noise = comfy.sample.prepare_noise(latent, seed)
+        return comfy.sample.sample(model, noise, k_steps, 7.0, "dpmpp_2m", "karras", pos, neg, latent,
+                                   denoise=1.0, seed=seed, disable_pbar=True)
+
+    sample(0, 2)  # load the weights onto the device, warm the kernels
+    vae.decode(sample(0, 1)[:1])
+    sync()
+    runs, decodes = [], []
+    samples = None
+    for r in range(repeats):
+        t = time.perf_counter()
+        samples = sample(r + 1, steps)
+        sync()
+        runs.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        vae.decode(samples)
+        sync()
+        decodes.append(time.perf_counter() - t)
+    return {"sampling_s": statistics.median(runs), "sampling_runs_s": [round(x, 4) for x in runs],
+            "vae_decode_s": statistics.median(decodes)}
+
+
+def import_pack_nodes():
+    """The pack's FaceFusion and RTSRank node modules, imported as the host imports the pack, but without
+    the pack's nodes/__init__ (which would also load the training nodes' dependencies)."""
+    pkg = types.ModuleType("facechain_pack")
+    pkg.__path__ = [str(REPO)]
+    sys.modules["facechain_pack"] = pkg
+    sub = types.ModuleType("facechain_pack.nodes")
+    sub.__path__ = [str(REPO / "nodes")]
+    sys.modules["facechain_pack.nodes"] = sub
+    fusion = importlib.import_module("facechain_pack.nodes.face_fusion")
+    rank = importlib.import_module("facechain_pack.nodes.rts_rank")
+    align = importlib.import_module("facechain_pack.facechain_core.align")
+    images = importlib.import_module("facechain_pack.facechain_core.images")
+    return fusion.FaceFusion, rank.RTSRank, align, images
+
+
+def portraits(faces: Path, n: int, size: int, align, images):
+    """n real portraits framed like FaceChain's output (FaceAlign crops), and the template photo."""
+    import numpy as np
+    import torch
+
+    crops = []
+    for rel in (PORTRAITS * (n // len(PORTRAITS) + 1))[:n]:
+        crop, why = align.align_photo(images.load_photo(faces / rel), rel, align.AlignSettings(size=size))
+        if crop is None:
+            raise SystemExit(f"{rel}: {why}")
+        crops.append(crop.image)
+    batch = torch.from_numpy(np.stack(crops).astype(np.float32) / 255.0)
+    template = torch.from_numpy(images.load_photo(faces / "obama" / "obama1.jpg").astype(np.float32) / 255.0)[None]
+    return batch, template
+
+
+def time_fuse_rank(faces: Path, n: int, size: int, repeats: int) -> dict:
+    FaceFusion, RTSRank, align, images = import_pack_nodes()
+    batch, template = portraits(faces, n, size, align, images)
+    fusion, rank = FaceFusion(), RTSRank()
+
+    def once():
+        t0 = time.perf_counter()
+        fused = fusion.fuse([batch], [template], [1.0], ["embedded"])["result"]
+        t1 = time.perf_counter()
+        ranked = rank.rank(fused[0], [template], [4], ["embedded"], [0.12], [0.85], ["return unranked"])["result"]
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1, fused[2], ranked[2]
+
+    once()  # load YuNet and SFace in the worker threads
+    f_runs, r_runs = [], []
+    for _ in range(repeats):
+        f, r, fusion_report, rank_report = once()
+        f_runs.append(f)
+        r_runs.append(r)
+    # The same work through the library with a chosen number of threads: how the default compares.
+    fusion_lib = importlib.import_module("facechain_pack.facechain_core.fusion")
+    rank_lib = importlib.import_module("facechain_pack.facechain_core.rank")
+    arrays = [(a * 255 + 0.5).astype("uint8") for a in batch.numpy()]
+    tpl = (template[0].numpy() * 255 + 0.5).astype("uint8")
+    sweep = {}
+    for workers in (1, 2, 4, 8, 16):
+        times = []
+        for _ in range(repeats + 1):  # the first run of a new pool loads the models in its threads
+            t = time.perf_counter()
+            fused = fusion_lib.fuse_images(arrays, tpl, fusion_lib.FusionSettings(workers=workers))
+            rank_lib.rank_images([f.image for f in fused.images], [tpl], rank_lib.RankSettings(workers=workers))
+            times.append(time.perf_counter() - t)
+        sweep[str(workers)] = round(statistics.median(times[1:]), 4)
+    return {"fusion_s": statistics.median(f_runs), "rank_s": statistics.median(r_runs),
+            "fusion_runs_s": [round(x, 4) for x in f_runs], "rank_runs_s": [round(x, 4) for x in r_runs],
+            "fused": fusion_report.splitlines()[0], "ranked": rank_report.splitlines()[0],
+            "default_workers": importlib.import_module("facechain_pack.facechain_core.recognition").default_workers(n),
+            "fusion_plus_rank_by_workers_s": sweep}
+
+
+def main() -> None:
+    args = parse_args()
+    boot_comfy(args.comfy, args.cpu)
+    import torch
+
+    fuse_rank = time_fuse_rank(args.faces, args.images, args.portrait_size, args.repeats)
+    if args.skip_sampling:
+        print(json.dumps(fuse_rank), flush=True)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = args.checkpoint
+        if ckpt is None:
+            t = time.perf_counter()
+            ckpt = build_random_sd15(Path(tmp) / "sd15_random.safetensors")
+            print(f"built a random full-size SD1.5 checkpoint in {time.perf_counter() - t:.1f} s", flush=True)
+        sampling = time_sampling(ckpt, args.images, args.size, args.steps, args.repeats)
+    added = fuse_rank["fusion_s"] + fuse_rank["rank_s"]
+    result = {
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.cpu else "cpu",
+        "cpu_cores": os.cpu_count(), "images": args.images, "size": args.size, "steps": args.steps,
+        "portrait_size": args.portrait_size,
+        **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in {**sampling, **fuse_rank}.items()},
+        "fusion_plus_rank_s": round(added, 4),
+        "added_to_sampling": round(added / sampling["sampling_s"], 4),
+    }
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
