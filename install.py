@@ -5,6 +5,7 @@
     python install.py --models all         fetch every learned model (needs internet)
     python install.py --models damofd m2fp fetch some of them
     python install.py --no-requirements --models damofd
+    python install.py --styles autumn_poplars   fetch a style's LoRA into ComfyUI's models/loras ('all' for every one)
 
 Learned models go into ComfyUI's models/facechain folder when this pack sits in ComfyUI/custom_nodes,
 else into $FACECHAIN_MODELS, else ~/.cache/facechain/models. The offline defaults need no download.
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", nargs="*", default=[], help="learned models to fetch ('all' for every one)")
     ap.add_argument("--list", action="store_true", help="list the learned models and exit")
     ap.add_argument("--no-requirements", action="store_true", help="skip pip install -r requirements.txt")
+    ap.add_argument("--styles", nargs="*", default=[], help="styles whose LoRA to fetch ('all' for every one)")
+    ap.add_argument("--loras-dir", type=Path, help="where style LoRAs go (default: ComfyUI's models/loras)")
     args = ap.parse_args(argv)
 
     from facechain_core import model_store
@@ -54,7 +57,25 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         print(f"fetching {name} into {model_store.models_root()} ...", flush=True)
         print(f"  {model_store.fetch(name)}")
+    if args.styles:
+        fetch_styles(args.styles, args.loras_dir or (root.parent / "loras" if root is not None else None))
     return 0
+
+
+def fetch_styles(wanted: list[str], loras_dir: Path | None) -> None:
+    """Style LoRAs (facechain_core/data/styles) into <loras>/facechain_styles/, each atomically."""
+    from facechain_core import styles
+
+    if loras_dir is None:
+        raise SystemExit("Not inside ComfyUI/custom_nodes: give --loras-dir (ComfyUI's models/loras folder).")
+    cat = styles.catalogue()
+    chosen = [s for s in cat.styles.values() if not s.prompt_only] if "all" in wanted else [cat.get(w) for w in wanted]
+    for style in chosen:
+        if style.prompt_only:
+            print(f"{style.key}: prompt-only, nothing to fetch")
+            continue
+        print(f"fetching the LoRA of style {style.key} into {loras_dir} ...", flush=True)
+        print(f"  {styles.fetch_style_lora(style, loras_dir)}")
 
 
 if __name__ == "__main__":

@@ -189,3 +189,33 @@ def test_catalogue_rules_without_the_host(tmp_path):
         cat.get("Nope")
     style = cat.get("Fine Style")
     assert style.prompt_only and styles.preview_image(style).shape == (styles.PREVIEW_SIZE, styles.PREVIEW_SIZE, 3)
+
+
+def test_install_py_fetches_a_style_lora_atomically(tmp_path, monkeypatch):
+    import importlib
+
+    import install
+
+    hub = importlib.import_module("modelscope.hub.file_download")
+    calls = []
+
+    def fake_download(model_id, file_path, revision=None, local_dir=None, **kw):
+        calls.append((model_id, file_path, revision))
+        got = Path(local_dir) / file_path
+        got.write_bytes(b"lora")
+        return str(got)
+
+    monkeypatch.setattr(hub, "model_file_download", fake_download)
+    loras = tmp_path / "loras"
+    assert install.main(["--no-requirements", "--styles", "Autumn Poplars", "film_noir", "--loras-dir", str(loras)]) == 0
+    assert calls == [("PeiPeiY/style_lora", "autumn_populus.safetensors", "v1")]
+    assert (loras / "facechain_styles" / "autumn_populus.safetensors").read_bytes() == b"lora"
+    assert sorted(p.name for p in (loras / "facechain_styles").iterdir()) == ["autumn_populus.safetensors"]
+
+    def broken(*a, **kw):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(hub, "model_file_download", broken)
+    with pytest.raises(ConnectionError):
+        install.main(["--no-requirements", "--styles", "wild_west", "--loras-dir", str(loras)])
+    assert sorted(p.name for p in (loras / "facechain_styles").iterdir()) == ["autumn_populus.safetensors"]
