@@ -55,6 +55,7 @@ CONFIGS = {
     "b8_eager": ("diffusers", dict(batch_size=8, cuda_graphs=False)),
     "b8_autocast": ("diffusers", dict(batch_size=8, amp_mode="autocast")),
     "b4_ckpt": ("diffusers", dict(batch_size=4, gradient_checkpointing=True)),
+    "b4_eager": ("diffusers", dict(batch_size=4, cuda_graphs=False)),
     "b8_ckpt": ("diffusers", dict(batch_size=8, gradient_checkpointing=True)),
     "b16_ckpt": ("diffusers", dict(batch_size=16, gradient_checkpointing=True)),
     "b32_ckpt": ("diffusers", dict(batch_size=32, gradient_checkpointing=True)),
@@ -67,6 +68,11 @@ CONFIGS = {
     "comfy_b8_bf16_over_fp16": ("comfy_fp16", dict(batch_size=8, precision="bf16")),
     "comfy_b8_fp16": ("comfy_fp16", dict(batch_size=8, precision="fp16")),
     "comfy_b8_bf16": ("comfy_bf16", dict(batch_size=8, precision="bf16")),
+    "comfy_b4_bf16_over_fp16": ("comfy_fp16", dict(batch_size=4, precision="bf16")),
+    "comfy_b4_fp16": ("comfy_fp16", dict(batch_size=4, precision="fp16")),
+    "comfy_b4_bf16": ("comfy_bf16", dict(batch_size=4, precision="bf16")),
+    "comfy_defaults_fp16_weights": ("comfy_fp16", dict(samples=2000)),
+    "comfy_defaults_fp16_weights_fp16": ("comfy_fp16", dict(samples=2000, precision="fp16")),
     "comfy_b8_ckpt_fp16": ("comfy_fp16", dict(batch_size=8, precision="fp16", gradient_checkpointing=True)),
     "comfy_b8_ckpt_bf16_over_fp16": ("comfy_fp16", dict(batch_size=8, precision="bf16", gradient_checkpointing=True)),
     # full-length runs (2000 samples) of candidate defaults
@@ -248,15 +254,16 @@ def lr_check(backbones, images, samples: int) -> list[dict]:
     backbone = backbones.get("diffusers")["backbone"]
     captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(images.shape[0])]
     rows = []
-    for batch, scaling in ((1, "none"), (8, "sqrt"), (8, "none"), (8, "linear")):
+    big = TrainSettings().batch_size
+    for batch, scaling in ((1, "none"), (big, "none"), (big, "sqrt"), (big, "linear")):
         s = TrainSettings().with_(samples=samples, batch_size=batch, lr_batch_scaling=scaling)
         reset_memory()
         r = train_lora(backbone, images, captions, s)
+        tail = r.losses[-max(1, len(r.losses) // 4):]  # the last quarter: the same 25% of samples for every batch
         rows.append({"batch": batch, "lr_scaling": scaling, "lr": s.effective_lr,
-                     "loss_last_10pct": sum(r.losses[-max(1, len(r.losses) // 10):]) / max(1, len(r.losses) // 10),
-                     "train_s": r.timings["train_s"]})
-        print(f"  lr check batch {batch:2d} {scaling:6s} lr {s.effective_lr:.2e}: "
-              f"final loss {rows[-1]['loss_last_10pct']:.4f}", flush=True)
+                     "loss_last_quarter": sum(tail) / len(tail), "train_s": r.timings["train_s"]})
+        print(f"  lr check batch {batch:2d} {scaling:6s} lr {s.effective_lr:.2e}: mean loss over the last quarter "
+              f"{rows[-1]['loss_last_quarter']:.4f} ({samples} samples, {r.timings['train_s']:.1f} s)", flush=True)
     return rows
 
 
@@ -326,7 +333,7 @@ def main() -> None:
         if "ms_per_sample" in r:
             r["speedup"] = ref["ms_per_sample"] / r["ms_per_sample"]
             extra = f", compile {r['compile_s']:.0f} s" if "compile_s" in r else ""
-            if name == "defaults" or name.startswith("full_"):
+            if name == "defaults" or name.startswith("full_") or "defaults" in name:
                 extra += f", {r['samples']} samples in {r['train_s']:.1f} s training (+{r['cache_s']:.1f} s caching)"
             print(f"{name:26s} {r['ms_per_sample']:7.2f} ms/sample {r['samples_per_s']:7.1f} samples/s "
                   f"peak {r['peak_gib']:6.2f} GiB  x{r['speedup']:.1f} vs reference  [{r['precision']}]{extra}",

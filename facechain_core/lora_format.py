@@ -23,12 +23,12 @@ TEXT_ENCODER_PREFIXES = {"sd15": ["lora_te"], "sdxl": ["lora_te1", "lora_te2"]}
 BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
 
 
-def _level_of(n: int, counts: Sequence[int], start: int) -> tuple[int, int] | None:
-    """Block index n -> (level, index inside the level) for levels of ``counts[level]`` blocks + 1 extra."""
+def _level_of(n: int, counts: Sequence[int], start: int, gap: int) -> tuple[int, int] | None:
+    """Block index n -> (level, index inside the level); ``gap`` blocks (a downsampler) follow each level."""
     for level, count in enumerate(counts):
         if start <= n < start + count:
             return level, n - start
-        start += count + 1
+        start += count + gap
     return None
 
 
@@ -40,7 +40,7 @@ def ldm_to_diffusers(path: str, num_res_blocks: Sequence[int]) -> str:
     """
     m = re.match(r"input_blocks\.(\d+)\.1\.(.+)$", path)
     if m:
-        found = _level_of(int(m.group(1)), list(num_res_blocks), 1)
+        found = _level_of(int(m.group(1)), list(num_res_blocks), 1, gap=1)
         if found:
             return f"down_blocks.{found[0]}.attentions.{found[1]}.{m.group(2)}"
     m = re.match(r"middle_block\.1\.(.+)$", path)
@@ -49,7 +49,7 @@ def ldm_to_diffusers(path: str, num_res_blocks: Sequence[int]) -> str:
     m = re.match(r"output_blocks\.(\d+)\.1\.(.+)$", path)
     if m:
         # every output level has one block more than its input level (the skip of the downsampler)
-        found = _level_of(int(m.group(1)), [c + 1 for c in reversed(num_res_blocks)], 0)
+        found = _level_of(int(m.group(1)), [c + 1 for c in reversed(num_res_blocks)], 0, gap=0)
         if found:
             return f"up_blocks.{found[0]}.attentions.{found[1]}.{m.group(2)}"
     raise ValueError(f"no diffusers name for UNet module {path!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -106,7 +107,30 @@ def comfy_backbone(model, clip, vae, image_hw: tuple[int, int]) -> Backbone:
                     predict_noise=predict_noise, alphas_cumprod=alphas_cumprod, device=device,
                     encode_images=encode_images, encode_text=encode_text, text_encoders=text_encoders,
                     size_multiple=8 * 2 ** (len(unet_config["channel_mult"]) - 1), prepare=prepare,
-                    extra_frozen=[m for m in (getattr(base, "embedder", None),) if m is not None])
+                    extra_frozen=[m for m in (getattr(base, "embedder", None),) if m is not None],
+                    training_context=lambda train_te: _out_of_place_clip_layers(clip.cond_stage_model, train_te))
+
+
+@contextmanager
+def _out_of_place_clip_layers(clip_model, enabled: bool):
+    """ComfyUI's CLIP layers add their residuals in place (``x += ...``), which autograd cannot differentiate
+    through. While the text encoder trains, each layer instance runs the same sum out of place."""
+    patched = []
+    if enabled:
+        for m in clip_model.modules():
+            if type(m).__name__ == "CLIPLayer" and all(hasattr(m, a) for a in
+                                                       ("self_attn", "mlp", "layer_norm1", "layer_norm2")):
+                def forward(x, mask=None, optimized_attention=None, _m=m):
+                    x = x + _m.self_attn(_m.layer_norm1(x), mask, optimized_attention)
+                    return x + _m.mlp(_m.layer_norm2(x))
+
+                m.forward = forward
+                patched.append(m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            m.__dict__.pop("forward", None)
 
 
 def _num_res_blocks(unet_config) -> list[int]:

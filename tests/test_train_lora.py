@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from conftest import TINY_CKPT, expect_node_error
+from conftest import REPO, TINY_CKPT, expect_node_error
 
 TRAIN = "FaceChainTrainFaceLoRA"
 
@@ -69,6 +69,20 @@ def fetch_latent(client, entry, node_id) -> np.ndarray:
     return data["latent_tensor"].astype(np.float64)
 
 
+def tiny_unet_fingerprint() -> str:
+    """The base-model hash the trainer should record for the tiny checkpoint, from the file itself."""
+    import sys
+
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(REPO))
+    from facechain_core.train import weights_fingerprint
+
+    prefix = "model.diffusion_model."
+    sd = load_file(str(TINY_CKPT))
+    return weights_fingerprint([(k[len(prefix):], v) for k, v in sd.items() if k.startswith(prefix)])
+
+
 def lora_dir(comfy_base):
     return comfy_base / "models" / "loras" / "facechain"
 
@@ -119,7 +133,7 @@ def test_graph_trains_saves_kohya_lora_and_lora_loader_matches(client, comfy_bas
     assert captions == ["fcsks"] * len(captions) and len(captions) >= 3
     assert meta["ss_network_dim"] == "4" and meta["facechain_rank"] == "4"
     assert meta["facechain_steps"] == "4" and meta["ss_steps"] == "4"
-    assert len(meta["facechain_base_model_hash"]) == 64
+    assert meta["facechain_base_model_hash"] == tiny_unet_fingerprint()
 
     # one prompt: the node's MODEL, stock LoraLoader with the saved file, and the base model, same seed
     compare = train_graph("obama_test")
@@ -136,6 +150,34 @@ def test_graph_trains_saves_kohya_lora_and_lora_loader_matches(client, comfy_bas
     assert np.abs(node_out - loader_out).max() <= 1e-6, "LoraLoader with the file differs from the node's MODEL"
     assert np.abs(node_out - base_after).max() > 1e-3, "the trained LoRA does not change the UNet's output"
     assert np.array_equal(base_after, base_before), "training changed the host's base MODEL"
+
+
+def test_text_encoder_training_saves_te_keys_and_clip_matches_lora_loader(client, comfy_base):
+    graph = train_graph("obama_te", size=64, samples=8, train_text_encoder=True, learning_rate=3e-3)
+    graph.update(sample_nodes("n", ["4", 0], ["4", 1], "n9"))
+    entry = client.run(graph)
+    path = lora_dir(comfy_base) / "obama_te.safetensors"
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+        meta = f.metadata()
+    te = {k for k in keys if k.startswith("lora_te_text_model_encoder_layers_")}
+    assert len(te) == 12 * 4 * 3  # 12 layers x (q, k, v, out) x (down, up, alpha)
+    assert "lora_te_text_model_encoder_layers_11_self_attn_out_proj.lora_up.weight" in te
+    assert meta["ss_network_train_unet_only"] == "False"
+    node_out = fetch_latent(client, entry, "n9")
+    compare = {"1": graph["1"],
+               "10": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
+                                                             "lora_name": "facechain/obama_te.safetensors",
+                                                             "strength_model": 1.0, "strength_clip": 1.0}},
+               "11": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
+                                                             "lora_name": "facechain/obama_te.safetensors",
+                                                             "strength_model": 1.0, "strength_clip": 0.0}}}
+    compare.update(sample_nodes("l", ["10", 0], ["10", 1], "l9"))
+    compare.update(sample_nodes("u", ["11", 0], ["11", 1], "u9"))
+    entry = client.run(compare)
+    assert np.abs(node_out - fetch_latent(client, entry, "l9")).max() <= 1e-6
+    # the text encoder's part of the LoRA matters: without it the sample differs
+    assert np.abs(node_out - fetch_latent(client, entry, "u9")).max() > 1e-4
 
 
 def test_existing_name_is_not_overwritten_unless_asked(client, comfy_base):

@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
 
@@ -43,6 +44,8 @@ class Backbone:
     supports_bf16: bool = True
     prepare: Optional[Callable[[bool], None]] = None  # called with train_text_encoder before training
     extra_frozen: Sequence[torch.nn.Module] = ()  # other host modules the forward touches (borrowed too)
+    # a context manager factory entered around training, given train_text_encoder (host-specific patches)
+    training_context: Optional[Callable[[bool], ContextManager]] = None
 
 
 @dataclass
@@ -214,7 +217,9 @@ def train_lora(backbone: Backbone, images: torch.Tensor, captions: Sequence[str]
         losses: list[float] = []
         cast_inputs = not use_autocast  # peft casts activations to the LoRA's float32 unless autocast does
         frozen = [backbone.unet, *backbone.text_encoders, *backbone.extra_frozen]
-        with borrowed_weights(*frozen), \
+        host_context = backbone.training_context(settings.train_text_encoder) if backbone.training_context \
+            else nullcontext()
+        with host_context, borrowed_weights(*frozen), \
                 lora_adapters(backbone.unet, settings.unet_targets, settings.rank, settings.lora_alpha,
                               settings.seed, cast_inputs) as unet_params, \
                 gradient_checkpointing(backbone.unet, settings.gradient_checkpointing, settings.checkpoint_blocks):

@@ -1,0 +1,114 @@
+"""The trainer's library parts without a server: kohya names against ComfyUI's own UNet name map (SD1.5,
+SDXL, the tiny UNet), captions, names that must not escape the LoRA folder, settings, and no-image input."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from conftest import COMFY_DIR, REPO
+
+sys.path.insert(0, str(REPO))
+from facechain_core.errors import FaceChainError  # noqa: E402
+from facechain_core.lora_format import diffusers_to_ldm, kohya_state_dict, ldm_to_diffusers  # noqa: E402
+from facechain_core.train import TrainSettings, lora_file, resolve_captions, save_lora  # noqa: E402
+
+SD15 = {"num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "transformer_depth_middle": 1}
+SDXL = {"num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 2, 2, 10, 10],
+        "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "transformer_depth_middle": 10}
+TINY = {"num_res_blocks": [1], "channel_mult": [1], "transformer_depth": [1], "transformer_depth_output": [1, 1],
+        "transformer_depth_middle": 1}
+
+
+def comfy_unet_to_diffusers(config):
+    """ComfyUI's own map (diffusers name -> original name), read from its source without importing torch-heavy
+    modules' side effects beyond comfy.utils."""
+    sys.path.insert(0, str(COMFY_DIR))
+    argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]
+    try:
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        import comfy.utils
+    finally:
+        sys.argv = argv
+    return comfy.utils.unet_to_diffusers(dict(config))
+
+
+@pytest.mark.parametrize("config", [SD15, SDXL, TINY], ids=["sd15", "sdxl", "tiny"])
+def test_unet_names_match_comfyui_map(config):
+    mapping = comfy_unet_to_diffusers(config)
+    checked = 0
+    for diffusers_name, ldm_name in mapping.items():
+        if ".attn1.to_q." not in diffusers_name and ".attn2.to_out.0." not in diffusers_name:
+            continue
+        d, l = diffusers_name.rsplit(".", 1)[0], ldm_name.rsplit(".", 1)[0]
+        assert ldm_to_diffusers(l, config["num_res_blocks"]) == d
+        assert diffusers_to_ldm(d, config["num_res_blocks"]) == l
+        checked += 1
+    assert checked >= 4
+
+
+def test_kohya_keys_and_text_encoder_prefix():
+    down, up = torch.zeros(4, 320), torch.zeros(320, 4)
+    sd = kohya_state_dict({"output_blocks.11.1.transformer_blocks.0.attn1.to_q": (down, up, 4.0)},
+                          [{"encoder.layers.0.self_attn.q_proj": (torch.zeros(4, 768), torch.zeros(768, 4), 4.0)}],
+                          "sd15", "ldm", [2, 2, 2, 2])
+    assert set(sd) == {
+        "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn1_to_q.lora_down.weight",
+        "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn1_to_q.lora_up.weight",
+        "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn1_to_q.alpha",
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight",
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha",
+    }
+    xl = kohya_state_dict({"input_blocks.4.1.transformer_blocks.0.attn1.to_q": (down, up, 4.0)}, [], "sdxl", "ldm",
+                          [2, 2, 2])
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.alpha" in xl
+
+
+@pytest.mark.parametrize("name", ["../../x", "..", "a/b", "a\\\\b", ".hidden", "", "   ", "x" * 200, "a:b*"])
+def test_names_cannot_escape_the_lora_folder(tmp_path, name):
+    with pytest.raises(FaceChainError):
+        lora_file(tmp_path, name)
+
+
+def test_plain_names_land_in_the_folder(tmp_path):
+    assert lora_file(tmp_path, "obama 2") == (tmp_path / "obama 2.safetensors").resolve()
+    assert lora_file(tmp_path, "face.safetensors").name == "face.safetensors"
+
+
+def test_save_is_atomic_and_never_overwrites(tmp_path):
+    path = lora_file(tmp_path, "face")
+    state = {"a.alpha": torch.tensor(1.0)}
+    save_lora(path, state, {"k": "v"}, overwrite=False)
+    with pytest.raises(FaceChainError, match="already exists"):
+        save_lora(path, state, {"k": "v2"}, overwrite=False)
+    save_lora(path, state, {"k": "v3"}, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["face.safetensors"]
+
+
+def test_captions_from_autotag_lines_or_trigger():
+    tagged = {"trigger": "fcsks", "subject": "a man", "captions": ["fcsks, a man, smile", "fcsks, a man"],
+              "shared_tags": [], "prompt": "fcsks, a man"}
+    assert resolve_captions(2, tagged) == (["fcsks, a man, smile", "fcsks, a man"], "fcsks")
+    assert resolve_captions(3, caption_text="a man\n\n", trigger="zk") == (["zk, a man"] * 3, "zk")
+    assert resolve_captions(2, caption_text="zk smiling\nserious", trigger="zk")[0] == ["zk smiling", "zk, serious"]
+    assert resolve_captions(2, trigger="zk") == (["zk", "zk"], "zk")
+    with pytest.raises(FaceChainError, match="2 captions"):
+        resolve_captions(3, tagged)
+    with pytest.raises(FaceChainError, match="No training images"):
+        resolve_captions(0, trigger="zk")
+    with pytest.raises(FaceChainError, match="FACECHAIN_CAPTIONS"):
+        resolve_captions(2, {"nope": 1})
+
+
+def test_settings_scale_lr_and_count_steps():
+    s = TrainSettings().with_(batch_size=8, samples=2000, learning_rate=1e-4, lr_batch_scaling="linear")
+    assert s.steps == 250 and s.effective_lr == pytest.approx(8e-4)
+    assert TrainSettings().with_(batch_size=3, samples=10).steps == 4
+    with pytest.raises(FaceChainError, match="precision"):
+        TrainSettings().with_(precision="fp8").validate()
