@@ -174,7 +174,8 @@ def time_fuse_rank(faces: Path, n: int, size: int, repeats: int) -> dict:
         t0 = time.perf_counter()
         fused = fusion.fuse([batch], [template], [1.0], ["embedded"])["result"]
         t1 = time.perf_counter()
-        ranked = rank.rank(fused[0], [template], [4], ["embedded"], [0.12], [0.85], ["return unranked"])["result"]
+        ranked = rank.rank(fused[0], [template], [4], ["embedded"], [0.12], [0.85], ["return unranked"],
+                           detections=[fused[3]])["result"]
         t2 = time.perf_counter()
         return t1 - t0, t2 - t1, fused[2], ranked[2]
 
@@ -195,7 +196,8 @@ def time_fuse_rank(faces: Path, n: int, size: int, repeats: int) -> dict:
         for _ in range(repeats + 1):  # the first run of a new pool loads the models in its threads
             t = time.perf_counter()
             fused = fusion_lib.fuse_images(arrays, tpl, fusion_lib.FusionSettings(workers=workers))
-            rank_lib.rank_images([f.image for f in fused.images], [tpl], rank_lib.RankSettings(workers=workers))
+            rank_lib.rank_images([f.image for f in fused.images], [tpl], rank_lib.RankSettings(workers=workers),
+                                 detections=fused.detections())
             times.append(time.perf_counter() - t)
         sweep[str(workers)] = round(statistics.median(times[1:]), 4)
     return {"fusion_s": statistics.median(f_runs), "rank_s": statistics.median(r_runs),

@@ -74,11 +74,18 @@ class FusedImage:
     mask: np.ndarray  # HxW float32 0..1: how much of the fused face each pixel took (strength included)
     note: str  # for the report
     fused: bool
+    roi: tuple[int, int, int, int] | None = None  # x0, y0, x1, y1: the only part that can differ
+    faces: list[Face] = field(default_factory=list)  # the faces found in the input image, largest first
 
 
 @dataclass
 class FusionResult:
     images: list[FusedImage] = field(default_factory=list)
+
+    def detections(self) -> list[list[dict]]:
+        """The faces found in each input image (for RTSRank). The fused face keeps the target's
+        keypoints, since the warp puts the template's keypoints exactly there."""
+        return [[f.to_dict() for f in img.faces] for img in self.images]
 
     def report_text(self) -> str:
         n = sum(f.fused for f in self.images)
@@ -124,6 +131,25 @@ def _triangles(points: np.ndarray, rect: tuple[int, int, int, int]) -> np.ndarra
     return np.array(tris, dtype=np.int32)
 
 
+def _signed_areas(points: np.ndarray, tris: np.ndarray) -> np.ndarray:
+    a, b, c = points[tris[:, 0]], points[tris[:, 1]], points[tris[:, 2]]
+    return (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])
+
+
+# Every face's landmarks come from the same canonical layout, so one mesh serves them all; a face whose
+# keypoints fold a triangle over (an extreme pose) gets its own Delaunay mesh instead.
+CANONICAL_TRIANGLES = _triangles(CANONICAL, (-100, -100, 320, 320))
+_CANONICAL_SIGNS = np.sign(_signed_areas(CANONICAL, CANONICAL_TRIANGLES))
+
+
+def mesh_for(points: np.ndarray, pad: float) -> np.ndarray:
+    if np.all(np.sign(_signed_areas(points, CANONICAL_TRIANGLES)) == _CANONICAL_SIGNS):
+        return CANONICAL_TRIANGLES
+    lo = points.min(axis=0) - pad
+    hi = points.max(axis=0) + pad
+    return _triangles(points, (int(lo[0]), int(lo[1]), int(hi[0] - lo[0]) + 1, int(hi[1] - lo[1]) + 1))
+
+
 def warp_face(src: np.ndarray, src_pts: np.ndarray, dst_shape: tuple[int, int], dst_pts: np.ndarray,
               roi: tuple[int, int, int, int]) -> np.ndarray:
     """Piecewise-affine warp of ``src`` so that ``src_pts`` land on ``dst_pts``, computed inside ``roi``
@@ -131,15 +157,18 @@ def warp_face(src: np.ndarray, src_pts: np.ndarray, dst_shape: tuple[int, int], 
     x0, y0, x1, y1 = roi
     w, h = x1 - x0, y1 - y0
     local = dst_pts - [x0, y0]
-    pad = 4 * max(w, h)
-    tris = _triangles(local, (-pad, -pad, w + 2 * pad, h + 2 * pad))
+    tris = mesh_for(local, 4 * max(w, h))
     if len(tris) == 0:
         raise FaceChainError("The face mesh could not be built (degenerate landmarks).")
     label = np.full((h, w), -1, np.int32)
-    maps = np.zeros((len(tris), 2, 3), np.float64)
-    for k, (a, b, c) in enumerate(tris):
-        cv2.fillConvexPoly(label, np.round(local[[a, b, c]]).astype(np.int32), int(k))
-        maps[k] = cv2.getAffineTransform(local[[a, b, c]].astype(np.float32), src_pts[[a, b, c]].astype(np.float32))
+    corners = np.round(local[tris]).astype(np.int32)
+    for k in range(len(tris)):
+        cv2.fillConvexPoly(label, corners[k], k)
+    # Every triangle's affine map from the target to the template, solved at once: [x y 1] M^T = src.
+    dst_h = np.concatenate([local[tris], np.ones((len(tris), 3, 1))], axis=2)  # (T, 3, 3)
+    with np.errstate(all="ignore"):
+        maps = np.linalg.solve(dst_h + np.eye(3) * 1e-9, src_pts[tris]).transpose(0, 2, 1)  # (T, 2, 3)
+    maps = np.nan_to_num(maps)
     inside = label >= 0
     yy, xx = np.nonzero(inside)
     m = maps[label[inside]]
@@ -181,47 +210,60 @@ def _wide_blur(img: np.ndarray, sigma: float) -> np.ndarray:
 
 def match_colour(src: np.ndarray, dst: np.ndarray, weight: np.ndarray, face_size: float) -> np.ndarray:
     """``src`` (RGB uint8) recoloured to ``dst``'s Lab statistics where ``weight`` > 0.5, then given
-    ``dst``'s broad shading; returns RGB uint8."""
+    ``dst``'s broad shading; returns RGB uint8. (8-bit Lab: L 0-255, a and b offset by 128.)"""
     sel = weight > 0.5
     if sel.sum() < 16:
         return src
-    s = cv2.cvtColor(src.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
-    d = cv2.cvtColor(dst.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
-    out = s.copy()
-    for ch in range(3):
-        sm, ss = float(s[..., ch][sel].mean()), float(s[..., ch][sel].std())
-        dm, ds = float(d[..., ch][sel].mean()), float(d[..., ch][sel].std())
-        k = np.clip(ds / max(ss, 1e-3), 0.0, 2.5)
-        out[..., ch] = (s[..., ch] - sm) * k + dm
+    s = cv2.cvtColor(src, cv2.COLOR_RGB2LAB).astype(np.float32)
+    d = cv2.cvtColor(dst, cv2.COLOR_RGB2LAB).astype(np.float32)
+    s_sel, d_sel = s[sel], d[sel]
+    sm, ss = s_sel.mean(axis=0), s_sel.std(axis=0)
+    dm, ds = d_sel.mean(axis=0), d_sel.std(axis=0)
+    k = np.clip(ds / np.maximum(ss, 0.25), 0.0, 2.5)
+    out = (s - sm) * k + dm
     # Broad lighting (a light from one side, a shadowed cheek) comes from the target; the blur is wide
     # enough that eyes, nose and mouth keep the template's own shading.
     sigma = max(1.0, 0.12 * face_size)
     wblur = _wide_blur(weight, sigma) + 1e-4
     ld = _wide_blur(d[..., 0] * weight, sigma) / wblur
     lo = _wide_blur(out[..., 0] * weight, sigma) / wblur
-    out[..., 0] += (ld - lo)
-    out[..., 0] = np.clip(out[..., 0], 0, 100)
-    rgb = cv2.cvtColor(out, cv2.COLOR_LAB2RGB)
-    return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    out[..., 0] += ld - lo
+    lab = np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
 
 
-def poisson_blend(src: np.ndarray, dst: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """OpenCV's seamless cloning of ``src`` into ``dst`` inside ``mask`` (same-size RGB patches).
+def poisson_blend(src: np.ndarray, dst: np.ndarray, mask: np.ndarray, reduce: int = 2) -> np.ndarray:
+    """Seamless (Poisson) cloning of ``src`` into ``dst`` inside ``mask`` (same-size RGB patches).
 
-    The patches are padded first: OpenCV's solver needs the mask clear of the image border."""
+    Poisson cloning equals the source plus a smooth membrane that carries the target's colours in from
+    the mask's edge. OpenCV solves it at 1/``reduce`` of the size (a quarter of the pixels for 2) and
+    the membrane, being smooth, is enlarged back and added to the full-size source."""
+    h, w = mask.shape[:2]
+    k = reduce if min(h, w) >= 48 * reduce else 1
+    if k > 1:
+        size = (max(1, w // k), max(1, h // k))
+        s_small = cv2.resize(src, size, interpolation=cv2.INTER_AREA)
+        d_small = cv2.resize(dst, size, interpolation=cv2.INTER_AREA)
+        m_small = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
+    else:
+        s_small, d_small, m_small = src, dst, mask
     pad = 8
-    s = cv2.copyMakeBorder(src, pad, pad, pad, pad, cv2.BORDER_REFLECT)
-    d = cv2.copyMakeBorder(dst, pad, pad, pad, pad, cv2.BORDER_REFLECT)
-    m = cv2.copyMakeBorder(mask, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
+    s = cv2.copyMakeBorder(s_small, pad, pad, pad, pad, cv2.BORDER_REFLECT)
+    d = cv2.copyMakeBorder(d_small, pad, pad, pad, pad, cv2.BORDER_REFLECT)
+    m = cv2.copyMakeBorder(m_small, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
     ys, xs = np.nonzero(m)
     if len(xs) == 0:
         return dst
     centre = (int((xs.min() + xs.max() + 1) // 2), int((ys.min() + ys.max() + 1) // 2))
-    try:
-        out = cv2.seamlessClone(s, d, m, centre, cv2.NORMAL_CLONE)
+    try:  # OpenCV's solver needs the mask clear of the border: hence the padding
+        cloned = cv2.seamlessClone(s, d, m, centre, cv2.NORMAL_CLONE)[pad:-pad, pad:-pad]
     except cv2.error:
         return src  # a mask OpenCV cannot solve on: the colour-matched face alone
-    return out[pad:-pad, pad:-pad]
+    if k == 1:
+        return cloned
+    membrane = cloned.astype(np.float32) - s_small.astype(np.float32)
+    membrane = cv2.resize(membrane, (w, h), interpolation=cv2.INTER_LINEAR)
+    return np.clip(src.astype(np.float32) + membrane + 0.5, 0, 255).astype(np.uint8)
 
 
 class LearnedFusion:
@@ -271,24 +313,14 @@ class Template:
     landmarks: np.ndarray
 
 
-def prepare_template(template: np.ndarray, detector: str = "embedded") -> Template:
-    rgb = as_rgb_uint8(template, "template")
-    faces = detect_faces_parallel_safe(rgb, detector)
-    if not faces:
-        raise FaceChainError("FaceFusion found no face in the template image. Connect a clear photo of the "
-                             "person's face (the template face from the training photos).")
-    return Template(rgb, faces[0], dense_landmarks(faces[0]))
-
-
-def fuse_one(target: np.ndarray, tpl: Template, s: FusionSettings) -> FusedImage:
-    rgb = as_rgb_uint8(target, "image")
+def fuse_one(rgb: np.ndarray, faces: list[Face], tpl: Template, s: FusionSettings) -> FusedImage:
+    """Fuse the template into ``rgb`` (RGB uint8), whose faces were already found."""
     h, w = rgb.shape[:2]
     zero = np.zeros((h, w), np.float32)
     if s.strength == 0.0:
-        return FusedImage(rgb, zero, "strength 0, left unchanged", False)
-    faces = detect_faces_parallel_safe(rgb, s.detector)
+        return FusedImage(rgb, zero, "strength 0, left unchanged", False, faces=faces)
     if not faces:
-        return FusedImage(rgb, zero, "no face found, left unchanged", False)
+        return FusedImage(rgb, zero, "no face found, left unchanged", False, faces=faces)
     face = faces[0]  # the largest: the portrait's subject
     pts = dense_landmarks(face)
     oval = pts[N_KEY:N_KEY + N_OVAL]
@@ -300,13 +332,13 @@ def fuse_one(target: np.ndarray, tpl: Template, s: FusionSettings) -> FusedImage
     x1 = int(min(w, np.ceil(oval[:, 0].max()) + margin))
     y1 = int(min(h, np.ceil(oval[:, 1].max()) + margin))
     if x1 - x0 < 8 or y1 - y0 < 8:
-        return FusedImage(rgb, zero, "face too small to fuse, left unchanged", False)
+        return FusedImage(rgb, zero, "face too small to fuse, left unchanged", False, faces=faces)
     roi = (x0, y0, x1, y1)
     patch = rgb[y0:y1, x0:x1]
     local_oval = oval - [x0, y0]
     alpha = face_mask(local_oval, patch.shape[:2], size, s.mask_shrink, s.feather)
     if alpha.max() <= 0.0:
-        return FusedImage(rgb, zero, "face mask empty (face at the image edge), left unchanged", False)
+        return FusedImage(rgb, zero, "face mask empty (face at the image edge), left unchanged", False, faces=faces)
     if s.backend == "face_fusion":
         swapped = learned_fusion().fuse(rgb, tpl.image)[y0:y1, x0:x1]
         blended = swapped
@@ -322,8 +354,9 @@ def fuse_one(target: np.ndarray, tpl: Template, s: FusionSettings) -> FusedImage
     out[y0:y1, x0:x1] = np.clip(patch * (1.0 - a[..., None]) + blended * a[..., None] + 0.5, 0, 255).astype(np.uint8)
     full = zero.copy()
     full[y0:y1, x0:x1] = a
-    return FusedImage(out, full, f"fused (face {size:.0f} px, {len(faces)} face{'s' if len(faces) > 1 else ''} "
-                                 f"seen{', the largest used' if len(faces) > 1 else ''})", True)
+    note = (f"fused (face {size:.0f} px, {len(faces)} face{'s' if len(faces) > 1 else ''} "
+            f"seen{', the largest used' if len(faces) > 1 else ''})")
+    return FusedImage(out, full, note, True, roi, faces)
 
 
 def fuse_images(images: list[np.ndarray], template: np.ndarray, settings: FusionSettings | None = None,
@@ -336,10 +369,19 @@ def fuse_images(images: list[np.ndarray], template: np.ndarray, settings: Fusion
         raise FaceChainError("FaceFusion got no images.")
     if s.backend == "face_fusion":
         learned_fusion()  # load, or say which file is missing, before any work
-    tpl = prepare_template(template, s.detector)
+    rgbs = [as_rgb_uint8(im, f"image {i + 1}") for i, im in enumerate(images)]
+    template_rgb = as_rgb_uint8(template, "template")
+    progress(0, len(rgbs), None)
+    # 1. find the faces of the template and of every image side by side, 2. fuse side by side
+    found = list(parallel_map(lambda im: detect_faces_parallel_safe(im, s.detector), [template_rgb] + rgbs,
+                              s.workers))
+    if not found[0]:
+        raise FaceChainError("FaceFusion found no face in the template image. Connect a clear photo of the "
+                             "person's face (the template face from the training photos).")
+    tpl = Template(template_rgb, found[0][0], dense_landmarks(found[0][0]))
     result = FusionResult()
-    progress(0, len(images), None)
-    for i, fused in enumerate(parallel_map(lambda im: fuse_one(im, tpl, s), list(images), s.workers), start=1):
+    jobs = list(zip(rgbs, found[1:]))
+    for i, fused in enumerate(parallel_map(lambda job: fuse_one(job[0], job[1], tpl, s), jobs, s.workers), start=1):
         result.images.append(fused)
-        progress(i, len(images), None)
+        progress(i, len(rgbs), None)
     return result

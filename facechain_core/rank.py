@@ -54,6 +54,7 @@ class Candidate:
     name: str
     score: float | None = None
     face: Face | None = None
+    embedding: np.ndarray | None = None
     why_dropped: str = ""
 
 
@@ -91,23 +92,24 @@ def plausible_face(face: Face, image_shape: tuple[int, ...], s: RankSettings) ->
     return ""
 
 
-def reference_embedding(references: list[np.ndarray], s: RankSettings) -> tuple[np.ndarray, int]:
-    """Mean of the normalised embeddings of the largest face in each reference image."""
-    embs = []
-    for i, ref in enumerate(references):
-        rgb = as_rgb_uint8(ref, f"reference {i + 1}")
-        faces = detect_faces_parallel_safe(rgb, s.detector)
-        if faces:
-            embs.append(embed_face(rgb, faces[0], s.backend))
-    if not embs:
-        raise FaceChainError("RTSRank found no face in the reference image(s). Connect the template face photo "
-                             "(or the aligned training crops) showing the person's face clearly.")
-    mean = np.mean(embs, axis=0)
-    return mean / np.linalg.norm(mean), len(embs)
+def faces_from_dicts(items, name: str) -> list[Face]:
+    """Faces given as FACECHAIN face dicts (box, keypoints, score), largest first."""
+    try:
+        faces = [Face(np.asarray(d["box"], np.float64), np.asarray(d["keypoints"], np.float64).reshape(5, 2),
+                      float(d.get("score", 1.0))) for d in items]
+    except (KeyError, TypeError, ValueError):
+        raise FaceChainError(f"The face data for {name} is not a list of faces with 'box' and 'keypoints'; "
+                             f"connect FaceFusion's detections output.") from None
+    return sorted(faces, key=lambda f: f.area, reverse=True)
 
 
 def rank_images(images: list[np.ndarray], references: list[np.ndarray], settings: RankSettings | None = None,
-                names: list[str] | None = None, progress: ProgressFn | None = None) -> RankResult:
+                names: list[str] | None = None, progress: ProgressFn | None = None,
+                detections: list[list[dict]] | None = None) -> RankResult:
+    """Filter and rank ``images`` by identity against ``references``.
+
+    ``detections``: the faces already found in each image (FaceFusion's, whose fused face keeps the
+    target's keypoints); when given, the images are not searched again."""
     s = settings or RankSettings()
     s.check()
     progress = progress or no_progress
@@ -115,15 +117,25 @@ def rank_images(images: list[np.ndarray], references: list[np.ndarray], settings
         raise FaceChainError("RTSRank got no images to rank.")
     if not references:
         raise FaceChainError("RTSRank got no reference image: connect the template face or the training crops.")
+    if detections is not None and len(detections) != len(images):
+        raise FaceChainError(f"RTSRank got face data for {len(detections)} images but {len(images)} images; "
+                             f"connect the detections of the FaceFusion that made these images.")
     names = names if names and len(names) == len(images) else [f"image {i + 1}" for i in range(len(images))]
     get_recogniser(s.backend)  # load (or fail on a missing model) before any work
-    ref, ref_count = reference_embedding(references, s)
     progress(0, len(images), None)
 
-    def one(i: int) -> Candidate:
+    def reference(i: int):
+        rgb = as_rgb_uint8(references[i], f"reference {i + 1}")
+        faces = detect_faces_parallel_safe(rgb, s.detector)
+        return embed_face(rgb, faces[0], s.backend) if faces else None
+
+    def candidate(i: int) -> Candidate:
         c = Candidate(i, names[i])
         rgb = as_rgb_uint8(images[i], names[i])
-        faces = detect_faces_parallel_safe(rgb, s.detector)
+        if detections is not None:
+            faces = faces_from_dicts(detections[i], names[i])
+        else:
+            faces = detect_faces_parallel_safe(rgb, s.detector)
         if len(faces) != 1:
             c.why_dropped = "no face found" if not faces else f"{len(faces)} faces (exactly one is needed)"
             return c
@@ -132,12 +144,27 @@ def rank_images(images: list[np.ndarray], references: list[np.ndarray], settings
             c.why_dropped = why
             return c
         c.face = faces[0]
-        c.score = float(np.dot(ref, embed_face(rgb, faces[0], s.backend)))
+        c.embedding = embed_face(rgb, faces[0], s.backend)
         return c
 
-    candidates: list[Candidate] = []
-    for done, c in enumerate(parallel_map(one, list(range(len(images))), s.workers), start=1):
-        candidates.append(c)
-        progress(done, len(images), c.name)
+    # The references and the images are embedded side by side on the same threads.
+    jobs = [("ref", i) for i in range(len(references))] + [("img", i) for i in range(len(images))]
+    refs, candidates = [], []
+    for kind, out in parallel_map(lambda job: (job[0], (reference if job[0] == "ref" else candidate)(job[1])),
+                                  jobs, s.workers):
+        if kind == "ref":
+            refs.append(out)
+        else:
+            candidates.append(out)
+            progress(len(candidates), len(images), out.name)
+    refs = [e for e in refs if e is not None]
+    if not refs:
+        raise FaceChainError("RTSRank found no face in the reference image(s). Connect the template face photo "
+                             "(or the aligned training crops) showing the person's face clearly.")
+    ref = np.mean(refs, axis=0)
+    ref = ref / np.linalg.norm(ref)
+    for c in candidates:
+        if c.embedding is not None:
+            c.score = float(np.dot(ref, c.embedding))
     kept = sorted((c for c in candidates if c.score is not None), key=lambda c: (-c.score, c.index))[:s.top_n]
-    return RankResult([c.index for c in kept], [c.score for c in kept], candidates, ref_count)
+    return RankResult([c.index for c in kept], [c.score for c in kept], candidates, len(refs))

@@ -187,18 +187,35 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(_normalise(a), _normalise(b)))
 
 
-def detect_faces_parallel_safe(rgb: np.ndarray, backend: str = "embedded") -> list[Face]:
-    """detect.detect_faces, with one YuNet per thread so that a thread pool does not queue on one lock."""
+# Photos larger than this are searched for faces at this long side (FaceAlign's working size): the search
+# costs grow with the pixels, and a face is hundreds of pixels wide there. Smaller is not safe: YuNet
+# starts to see extra faces when one face fills half the frame (biden2.jpg at 640 px shows it).
+DETECT_MAX_SIDE = 1024
+
+
+def detect_faces_parallel_safe(rgb: np.ndarray, backend: str = "embedded",
+                               max_side: int | None = DETECT_MAX_SIDE) -> list[Face]:
+    """detect.detect_faces, with one YuNet per thread so that a thread pool does not queue on one lock;
+    large images are searched at ``max_side`` and the faces scaled back."""
+    h, w = rgb.shape[:2]
+    k = 1.0
+    if max_side and max(h, w) > max_side:
+        k = max_side / max(h, w)
+        rgb = cv2.resize(rgb, (max(1, round(w * k)), max(1, round(h * k))), interpolation=cv2.INTER_AREA)
     if backend != "embedded":
         from .detect import detect_faces
 
-        return detect_faces(rgb, backend)
-    det = getattr(_local, "yunet", None)
-    if det is None:
-        from .detect import YuNetDetector
+        faces = detect_faces(rgb, backend)
+    else:
+        det = getattr(_local, "yunet", None)
+        if det is None:
+            from .detect import YuNetDetector
 
-        det = _local.yunet = YuNetDetector()
-    return det.detect(rgb)
+            det = _local.yunet = YuNetDetector()
+        faces = det.detect(rgb)
+    if k != 1.0:
+        faces = [Face(f.box / k, f.keypoints / k, f.score) for f in faces]
+    return faces
 
 
 _pools: dict[int, ThreadPoolExecutor] = {}

@@ -7,7 +7,23 @@ import torch
 
 from ..facechain_core.errors import FaceChainError
 from ..facechain_core.fusion import BACKENDS, FusionSettings, fuse_images
-from .common import CATEGORY, first, images_to_numpy, progress
+from .common import CATEGORY, first, progress
+
+DETECTIONS = "FACECHAIN_DETECTIONS"  # per image (flattened batch order): a list of {box, keypoints, score}
+
+
+def batches_of(images) -> list[torch.Tensor]:
+    return [b for b in (images or []) if isinstance(b, torch.Tensor) and b.ndim == 4 and b.shape[0] > 0]
+
+
+def to_uint8(batches: list[torch.Tensor]) -> list[np.ndarray]:
+    """IMAGE batches -> HxWx3 uint8 arrays (torch does the arithmetic on all cores)."""
+    out = []
+    for b in batches:
+        rgb = b[..., :3] if b.shape[-1] >= 3 else b[..., :1].expand(*b.shape[:-1], 3)
+        arr = rgb.detach().float().cpu().mul(255.0).add_(0.5).clamp_(0, 255).to(torch.uint8).numpy()
+        out.extend(np.ascontiguousarray(a) for a in arr)
+    return out
 
 
 class FaceFusion:
@@ -17,12 +33,14 @@ class FaceFusion:
                    "says which).")
     CATEGORY = CATEGORY
     INPUT_IS_LIST = True
-    RETURN_TYPES = ("IMAGE", "MASK", "STRING")
-    RETURN_NAMES = ("images", "masks", "report")
-    OUTPUT_IS_LIST = (True, True, False)
+    RETURN_TYPES = ("IMAGE", "MASK", "STRING", DETECTIONS)
+    RETURN_NAMES = ("images", "masks", "report", "detections")
+    OUTPUT_IS_LIST = (True, True, False, False)
     OUTPUT_TOOLTIPS = ("The images with the template face fused in (same sizes and order as the input).",
                        "Where and how strongly each image took the template face (0 = unchanged).",
-                       "Which images were fused and which passed through, and why.")
+                       "Which images were fused and which passed through, and why.",
+                       "The faces found in each image; RTSRank uses them instead of searching the images again "
+                       "(the fused face keeps the image's own keypoints).")
     FUNCTION = "fuse"
 
     @classmethod
@@ -38,30 +56,33 @@ class FaceFusion:
         }}
 
     def fuse(self, images, template, strength, backend):
-        batches = [b for b in (images or []) if isinstance(b, torch.Tensor) and b.ndim == 4 and b.shape[0] > 0]
+        batches = batches_of(images)
         if not batches:
             raise FaceChainError("FaceFusion got no images. Connect the decoded images (VAE Decode).")
-        templates = images_to_numpy(template or [])
+        templates = to_uint8(batches_of(template)[:1])
         if not templates:
             raise FaceChainError("FaceFusion got no template image. Connect the template face photo.")
-        arrays = [images_to_numpy(b) for b in batches]
-        flat = [a for group in arrays for a in group]
+        flat = to_uint8(batches)
         settings = FusionSettings(strength=float(first(strength)), backend=first(backend))
         result = fuse_images(flat, templates[0], settings, progress(len(flat)))
         out_images, out_masks, k = [], [], 0
         for batch in batches:
-            n = batch.shape[0]
-            fused = result.images[k:k + n]
-            k += n
-            mask = torch.from_numpy(np.stack([f.mask for f in fused])).float()
-            new = torch.from_numpy(np.stack([f.image for f in fused])).float() / 255.0
-            src = batch[..., :3].detach().cpu().float()
-            # Outside the mask the input's own values pass through exactly (no 8-bit round trip).
-            out = torch.where(mask.unsqueeze(-1) > 0, new, src)
+            out = batch[..., :3].detach().cpu().float().clone()  # the input's own values, kept exactly...
+            masks = []
+            for j in range(batch.shape[0]):
+                fused = result.images[k]
+                k += 1
+                masks.append(fused.mask)
+                if fused.roi is None:
+                    continue
+                x0, y0, x1, y1 = fused.roi  # ...except inside the mask, where the fused face goes
+                m = torch.from_numpy(fused.mask[y0:y1, x0:x1]).unsqueeze(-1) > 0
+                face = torch.from_numpy(fused.image[y0:y1, x0:x1]).float().div_(255.0)
+                out[j, y0:y1, x0:x1] = torch.where(m, face, out[j, y0:y1, x0:x1])
             out_images.append(out)
-            out_masks.append(mask)
+            out_masks.append(torch.from_numpy(np.stack(masks)))
         report = result.report_text()
-        return {"ui": {"text": [report]}, "result": (out_images, out_masks, report)}
+        return {"ui": {"text": [report]}, "result": (out_images, out_masks, report, result.detections())}
 
 
 NODE_CLASS_MAPPINGS = {"FaceChainFaceFusion": FaceFusion}

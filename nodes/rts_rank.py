@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import torch
 
 from ..facechain_core.errors import FaceChainError
 from ..facechain_core.rank import RankSettings, filter_defaults, rank_images
 from ..facechain_core.recognition import BACKENDS
-from .common import CATEGORY, first, images_to_numpy, progress
+from .common import CATEGORY, first, progress
+from .face_fusion import DETECTIONS, batches_of, to_uint8
 
 IF_NONE = ("return unranked", "stop with an error")
 
@@ -47,20 +47,23 @@ class RTSRank:
         }, "optional": {
             "names": ("STRING", {"forceInput": True, "tooltip": "Names of the images for the report (the names "
                                  "output of Load Face Photos)."}),
+            "detections": (DETECTIONS, {"tooltip": "FaceFusion's detections of these images: the faces are not "
+                                        "searched for again (FaceFusion keeps each face's keypoints)."}),
         }}
 
     def rank(self, images, reference, top_n, backend, min_face_fraction, max_face_fraction, if_none_kept,
-             names=None):
-        batches = [b for b in (images or []) if isinstance(b, torch.Tensor) and b.ndim == 4 and b.shape[0] > 0]
-        arrays = images_to_numpy(batches)
+             names=None, detections=None):
+        batches = batches_of(images)
+        arrays = to_uint8(batches)
         singles = [b[i:i + 1, ..., :3] for b in batches for i in range(b.shape[0])]  # the input's own floats
         if not arrays:
             raise FaceChainError("RTSRank got no images. Connect the generated (or fused) images.")
-        refs = images_to_numpy([b for b in (reference or []) if isinstance(b, torch.Tensor) and b.shape[0] > 0])
+        refs = to_uint8(batches_of(reference))
         settings = RankSettings(top_n=int(first(top_n)), backend=first(backend),
                                 min_face_fraction=float(first(min_face_fraction)),
                                 max_face_fraction=float(first(max_face_fraction)))
-        result = rank_images(arrays, refs, settings, [str(n) for n in names or []], progress(len(arrays)))
+        result = rank_images(arrays, refs, settings, [str(n) for n in names or []], progress(len(arrays)),
+                             first(detections) if detections else None)
         report = result.report_text()
         order, scores = result.order, result.scores
         if not order:

@@ -52,7 +52,8 @@ def fuse_rank_save(first: int, images, template, x: int, y: int):
     return [
         node(f, "FaceChainFaceFusion", [x, y], images=images, template=template, strength=1.0, backend="embedded"),
         node(r, "FaceChainRTSRank", [x + 340, y], images=[str(f), 0], reference=template, top_n=4,
-             backend="embedded", min_face_fraction=0.12, max_face_fraction=0.85, if_none_kept="return unranked"),
+             backend="embedded", min_face_fraction=0.12, max_face_fraction=0.85, if_none_kept="return unranked",
+             detections=[str(f), 3]),
         node(s, "SaveImage", [x + 700, y], "Ranked portraits", images=[str(r), 0], filename_prefix="facechain/portrait"),
         node(t, "PreviewAny", [x + 700, y + 380], "Ranking report", source=[str(r), 2]),
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -115,3 +116,27 @@ def test_template_without_a_face_and_missing_learned_model_are_clear_errors(clie
     expect_node_error(client, fusion_prompt("fuse_targets", "fuse_noface"), "no face in the template")
     expect_node_error(client, fusion_prompt("fuse_targets", "fuse_template", backend="face_fusion"),
                       "'face_fusion'", "python install.py --models face_fusion", "damo/cv_unet-image-face-fusion_damo")
+
+
+def test_rank_with_fusion_detections_matches_searching_again(client, folders):
+    """FaceFusion hands its detections to RTSRank; the ranking is the one a fresh search gives."""
+    def rank_node(detections: bool) -> dict:
+        inputs = {"images": ["3", 0], "reference": ["2", 0], "top_n": 3, "backend": "embedded",
+                  "min_face_fraction": 0.12, "max_face_fraction": 0.85, "if_none_kept": "return unranked",
+                  "names": ["1", 1]}
+        if detections:
+            inputs["detections"] = ["3", 3]
+        return {"class_type": "FaceChainRTSRank", "inputs": inputs}
+
+    prompt = fusion_prompt("fuse_targets", "fuse_template", strength=0.8, prefix="fused_rank")
+    prompt["7"], prompt["8"] = rank_node(True), rank_node(False)
+    prompt["9"] = {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "fr_a"}}
+    prompt["10"] = {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "fr_b"}}
+    entry = client.run(prompt)
+    with_det, searched = ("\n".join(entry["outputs"][n]["text"]) for n in ("7", "8"))
+    pattern = r"^- (\S+): similarity (-?[0-9.]+), rank (\d+)$"
+    a = {m[0]: (float(m[1]), m[2]) for m in re.findall(pattern, with_det, re.M)}
+    b = {m[0]: (float(m[1]), m[2]) for m in re.findall(pattern, searched, re.M)}
+    assert set(a) == set(b) == {"biden1.jpg", "biden2.jpg", "rose1.jpg"}
+    for name in a:
+        assert a[name][1] == b[name][1] and abs(a[name][0] - b[name][0]) < 0.03, (name, a[name], b[name])
