@@ -238,5 +238,15 @@ def parallel_map(fn, items: list, workers: int = 0):
     with _shared_lock:
         pool = _pools.get(n)
         if pool is None:
-            pool = _pools[n] = ThreadPoolExecutor(n, thread_name_prefix=f"facechain{n}")
+            pool = _pools[n] = ThreadPoolExecutor(n, thread_name_prefix=f"facechain{n}", initializer=_load_thread_models)
     yield from pool.map(fn, items)
+
+
+def _load_thread_models() -> None:
+    """Each pool thread loads its own YuNet and SFace as it starts (together, once), not in the middle of
+    some later batch."""
+    try:
+        detect_faces_parallel_safe(np.zeros((32, 32, 3), np.uint8))
+        get_recogniser("embedded")
+    except Exception:  # a missing package shows up, with its message, where the model is used
+        pass
