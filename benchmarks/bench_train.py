@@ -75,6 +75,10 @@ CONFIGS = {
     "comfy_defaults_fp16_weights_fp16": ("comfy_fp16", dict(samples=2000, precision="fp16")),
     "comfy_b8_ckpt_fp16": ("comfy_fp16", dict(batch_size=8, precision="fp16", gradient_checkpointing=True)),
     "comfy_b8_ckpt_bf16_over_fp16": ("comfy_fp16", dict(batch_size=8, precision="bf16", gradient_checkpointing=True)),
+    # recompute only the full-resolution blocks (64x64 latent positions), to bring defaults under 8 GiB
+    "comfy_defaults_hr": ("comfy_fp16", dict(samples=2000, high_res_checkpoint_tokens=4096)),
+    "comfy_defaults_hr_tf": ("comfy_fp16", dict(samples=2000, high_res_checkpoint_tokens=4096, checkpoint_blocks=TF)),
+    "full_defaults_hr": ("diffusers", dict(samples=2000, high_res_checkpoint_tokens=4096)),
     # full-length runs (2000 samples) of candidate defaults
     "full_b8_ckpt": ("diffusers", dict(batch_size=8, gradient_checkpointing=True, samples=2000)),
     "full_b16_ckpt": ("diffusers", dict(batch_size=16, gradient_checkpointing=True, samples=2000)),

@@ -112,3 +112,33 @@ def test_settings_scale_lr_and_count_steps():
     assert TrainSettings().with_(batch_size=3, samples=10).steps == 4
     with pytest.raises(FaceChainError, match="precision"):
         TrainSettings().with_(precision="fp8").validate()
+
+
+def test_high_res_checkpointing_recomputes_only_large_inputs(monkeypatch):
+    import torch
+
+    from facechain_core.train import lora_layers
+
+    class ResBlock(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    seen = []
+    real = torch.utils.checkpoint.checkpoint
+
+    def counting(fn, *args, **kw):
+        seen.append(tuple(args[0].shape))
+        return real(fn, *args, **kw)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    block = ResBlock()
+    with lora_layers.gradient_checkpointing(block, True, ["ResBlock"], min_tokens=64 * 64) as n:
+        assert n == 1
+        block(torch.randn(1, 4, 32, 32, requires_grad=True)).sum().backward()
+        block(torch.randn(1, 4, 64, 64, requires_grad=True)).sum().backward()
+    assert seen == [(1, 4, 64, 64)]
+    assert "forward" not in block.__dict__, "the block's own forward is back after the run"

@@ -127,17 +127,28 @@ def lora_weights(root: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.T
     return out
 
 
+def _positions(args) -> int:
+    x = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    if x is None:
+        return 0
+    return int(x.shape[1]) if x.ndim == 3 else int(x.shape[-1] * x.shape[-2]) if x.ndim == 4 else 0
+
+
 @contextmanager
-def gradient_checkpointing(root: torch.nn.Module, enabled: bool, blocks: Iterable[str] = CHECKPOINT_BLOCKS
-                           ) -> Iterator[int]:
-    """Recompute each block's activations in backward instead of keeping them. Yields the block count."""
+def gradient_checkpointing(root: torch.nn.Module, enabled: bool, blocks: Iterable[str] = CHECKPOINT_BLOCKS,
+                           min_tokens: int = 0) -> Iterator[int]:
+    """Recompute each block's activations in backward instead of keeping them. Yields the block count.
+
+    With ``min_tokens`` only calls whose input has at least that many positions (H*W of a feature map,
+    or the sequence length) are recomputed: the full-resolution blocks hold most of the activation
+    memory for a small share of the compute. Shapes are fixed per run, so a CUDA graph sees one choice."""
     patched = []
     blocks = set(blocks)
     if enabled:
         for m in root.modules():
             if type(m).__name__ in blocks and "forward" not in m.__dict__:
                 def forward(*args, _inner=m.forward, **kwargs):
-                    if not torch.is_grad_enabled():
+                    if not torch.is_grad_enabled() or (min_tokens and _positions(args) < min_tokens):
                         return _inner(*args, **kwargs)
                     # no RNG to replay (no dropout), and saving RNG state is not allowed in a CUDA graph
                     return torch.utils.checkpoint.checkpoint(_inner, *args, use_reentrant=False,

@@ -44,6 +44,9 @@ class TrainSettings:
     compile: bool = _default("compile")
     cuda_graphs: bool = _default("cuda_graphs")  # capture forward+backward once, replay it every step
     checkpoint_blocks: list = _default("checkpoint_blocks")  # block classes recomputed in backward
+    # with gradient_checkpointing off, blocks working on at least this many latent positions are still
+    # recomputed (0: none); 4096 = the 64x64 latents of a 512 px image
+    high_res_checkpoint_tokens: int = _default("high_res_checkpoint_tokens")
     compile_mode: str = _default("compile_mode")  # torch.compile mode; "reduce-overhead" adds CUDA graphs
     weight_decay: float = _default("weight_decay")
     adam_betas: tuple = _default("adam_betas")

@@ -229,7 +229,9 @@ def train_lora(backbone: Backbone, images: torch.Tensor, captions: Sequence[str]
         with host_context, borrowed_weights(*frozen), \
                 lora_adapters(backbone.unet, settings.unet_targets, settings.rank, settings.lora_alpha,
                               settings.seed, cast_inputs) as unet_params, \
-                gradient_checkpointing(backbone.unet, settings.gradient_checkpointing, settings.checkpoint_blocks):
+                gradient_checkpointing(backbone.unet, settings.gradient_checkpointing or settings.high_res_checkpoint_tokens > 0,
+                                       settings.checkpoint_blocks,
+                                       0 if settings.gradient_checkpointing else settings.high_res_checkpoint_tokens):
             te_params = []
             te_contexts = []
             try:
