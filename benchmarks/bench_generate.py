@@ -50,6 +50,8 @@ def parse_args():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cpu", action="store_true", help="run ComfyUI on the CPU (smoke test)")
     ap.add_argument("--portrait-size", type=int, default=512, help="side of the portraits FaceFusion/RTSRank get")
+    ap.add_argument("--template", choices=["crop", "photo"], default="crop",
+                    help="template face as the workflows feed it (Template Face's 512 crop) or a whole photo")
     ap.add_argument("--skip-sampling", action="store_true", help="time FaceFusion + RTSRank only")
     return ap.parse_args()
 
@@ -149,8 +151,9 @@ def import_pack_nodes():
     return fusion.FaceFusion, rank.RTSRank, align, images
 
 
-def portraits(faces: Path, n: int, size: int, align, images):
-    """n real portraits framed like FaceChain's output (FaceAlign crops), and the template photo."""
+def portraits(faces: Path, n: int, size: int, align, images, template_kind: str = "crop"):
+    """n real portraits framed like FaceChain's output (FaceAlign crops), and the template: the 512 crop
+    that Template Face outputs in the bundled workflows ("crop"), or the whole photo ("photo")."""
     import numpy as np
     import torch
 
@@ -161,13 +164,16 @@ def portraits(faces: Path, n: int, size: int, align, images):
             raise SystemExit(f"{rel}: {why}")
         crops.append(crop.image)
     batch = torch.from_numpy(np.stack(crops).astype(np.float32) / 255.0)
-    template = torch.from_numpy(images.load_photo(faces / "obama" / "obama1.jpg").astype(np.float32) / 255.0)[None]
+    photo = images.load_photo(faces / "obama" / "obama1.jpg")
+    if template_kind == "crop":
+        photo = align.align_photo(photo, "obama1.jpg", align.AlignSettings(size=512))[0].image
+    template = torch.from_numpy(photo.astype(np.float32) / 255.0)[None]
     return batch, template
 
 
-def time_fuse_rank(faces: Path, n: int, size: int, repeats: int) -> dict:
+def time_fuse_rank(faces: Path, n: int, size: int, repeats: int, template_kind: str = "crop") -> dict:
     FaceFusion, RTSRank, align, images = import_pack_nodes()
-    batch, template = portraits(faces, n, size, align, images)
+    batch, template = portraits(faces, n, size, align, images, template_kind)
     fusion, rank = FaceFusion(), RTSRank()
 
     def once():
@@ -212,7 +218,7 @@ def main() -> None:
     boot_comfy(args.comfy, args.cpu)
     import torch
 
-    fuse_rank = time_fuse_rank(args.faces, args.images, args.portrait_size, args.repeats)
+    fuse_rank = time_fuse_rank(args.faces, args.images, args.portrait_size, args.repeats, args.template)
     if args.skip_sampling:
         print(json.dumps(fuse_rank), flush=True)
         return
@@ -227,7 +233,7 @@ def main() -> None:
     result = {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.cpu else "cpu",
         "cpu_cores": os.cpu_count(), "images": args.images, "size": args.size, "steps": args.steps,
-        "portrait_size": args.portrait_size,
+        "portrait_size": args.portrait_size, "template": args.template,
         **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in {**sampling, **fuse_rank}.items()},
         "fusion_plus_rank_s": round(added, 4),
         "added_to_sampling": round(added / sampling["sampling_s"], 4),
