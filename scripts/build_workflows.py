@@ -277,7 +277,7 @@ def main() -> None:
     object_info = fetch_object_info()
     for name, nodes in workflows().items():
         prompt = api_prompt(nodes, object_info)
-        write_json(REPO / "workflows" / f"{name}_api.json", prompt)
+        write_json(REPO / "workflows" / "api" / f"{name}_api.json", prompt)
         write_json(REPO / "workflows" / f"{name}.json", ui_workflow(nodes, prompt, object_info))
         print("wrote", name)
 

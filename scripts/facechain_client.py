@@ -3,9 +3,9 @@
     python scripts/facechain_client.py --photos DIR --checkpoint CKPT.safetensors --style "Studio Headshot"
     python scripts/facechain_client.py --photos DIR --checkpoint CKPT --face-lora facechain/face.safetensors
 
-The first form runs workflows/facechain_train_generate_api.json: it uploads the photos, trains a face LoRA,
+The first form runs workflows/api/facechain_train_generate_api.json: it uploads the photos, trains a face LoRA,
 generates portraits in the style, fuses the face and ranks them. The second skips training: it runs
-workflows/facechain_generate_api.json with an existing face LoRA and the first photo (or --template) as
+workflows/api/facechain_generate_api.json with an existing face LoRA and the first photo (or --template) as
 the template face. Progress comes from the server's websocket; the ranked portraits are saved in --out as
 rank_01.png, rank_02.png, ... with the ranking report beside them.
 
@@ -110,7 +110,7 @@ def build_prompt(args, server: Server) -> dict:
     if training and not photos:
         raise SystemExit(f"no photos (.jpg, .png, .webp) in {args.photos}")
     name = args.workflow or ("facechain_train_generate_api.json" if training else "facechain_generate_api.json")
-    path = Path(name) if Path(name).is_file() else REPO / "workflows" / name
+    path = Path(name) if Path(name).is_file() else REPO / "workflows" / "api" / name
     prompt = json.loads(path.read_text())
     run = f"facechain_{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}"
     if ids_of(prompt, "FaceChainLoadPhotos"):

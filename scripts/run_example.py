@@ -24,15 +24,26 @@ sys.path.insert(0, str(HERE))
 
 from comfy_host import CACHE, ComfyClient, ComfyServer, install_comfyui  # noqa: E402
 
+# With no checkpoint given, the tiny random-weight model runs the graph on a CPU in a minute or two: these
+# inputs (by node type) keep it that small. A real checkpoint runs the workflow's own settings.
+TINY_MODEL_INPUTS = {
+    "FaceChainFaceAlign": {"size": 256},
+    "FaceChainTrainFaceLoRA": {"samples": 40, "batch_size": 4},
+    "EmptyLatentImage": {"width": 128, "height": 128, "batch_size": 4},
+    "KSampler": {"steps": 10},
+}
+# Every run of the example trains the same name again.
+EXAMPLE_INPUTS = {"FaceChainTrainFaceLoRA": {"name": "example_face", "overwrite": True}}
+
 PREFERRED = ["facechain_train_generate_api.json", "facechain_generate_api.json",
              "facechain_preprocess_api.json", "facechain_align_api.json"]
 
 
 def default_workflow() -> Path:
     for name in PREFERRED:
-        if (REPO / "workflows" / name).is_file():
-            return REPO / "workflows" / name
-    raise SystemExit("no API workflow found in workflows/")
+        if (REPO / "workflows" / "api" / name).is_file():
+            return REPO / "workflows" / "api" / name
+    raise SystemExit("no API workflow found in workflows/api/")
 
 
 def main() -> int:
@@ -62,7 +73,14 @@ def main() -> int:
     shutil.rmtree(photos_dir, ignore_errors=True)
     shutil.copytree(args.photos, photos_dir)
 
+    overrides = dict(EXAMPLE_INPUTS)
+    if args.checkpoint is None:
+        for cls, values in TINY_MODEL_INPUTS.items():
+            overrides[cls] = {**overrides.get(cls, {}), **values}
     for node in prompt.values():
+        for name, value in overrides.get(node["class_type"], {}).items():
+            if name in node["inputs"]:
+                node["inputs"][name] = value
         if node["class_type"] == "FaceChainLoadPhotos":
             node["inputs"]["folder"] = photos_dir.name
         if node["class_type"] == "CheckpointLoaderSimple":

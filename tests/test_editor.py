@@ -183,7 +183,7 @@ LOAD_AS_TEMPLATE = """
 
 @pytest.mark.parametrize("name", EDITOR_WORKFLOWS)
 def test_editor_loads_workflow_with_all_nodes_and_widgets(editor, object_info, name):
-    api = json.loads((WORKFLOWS / f"{name}_api.json").read_text())
+    api = json.loads((WORKFLOWS / "api" / f"{name}_api.json").read_text())
     before = len(editor.events)
     got = editor.evaluate(LOAD_AS_TEMPLATE % {"name": json.dumps(name)})
     assert "error" not in got, got

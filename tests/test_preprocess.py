@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import FACES, REPO, expect_node_error, png_arrays
 
-WORKFLOW = REPO / "workflows" / "facechain_preprocess_api.json"
+WORKFLOW = REPO / "workflows" / "api" / "facechain_preprocess_api.json"
 UI_WORKFLOW = REPO / "workflows" / "facechain_preprocess.json"
 TRIGGER = "fcsks"
 

@@ -22,7 +22,7 @@ MINE = ["facechain_generate", "facechain_train", "facechain_train_generate"]
 
 
 def load(name: str) -> dict:
-    return json.loads((WORKFLOWS / f"{name}_api.json").read_text())
+    return json.loads((WORKFLOWS / "api" / f"{name}_api.json").read_text())
 
 
 def ids_of(prompt: dict, class_type: str) -> list[str]:
@@ -159,3 +159,6 @@ def test_host_template_browser_lists_and_serves_the_ui_workflows(client):
         assert name in listed[pack]
         served = client.get(f"/api/workflow_templates/{pack}/{name}.json")
         assert served == json.loads((WORKFLOWS / f"{name}.json").read_text())
+    for name in listed[pack]:  # the browser lists only graphs the editor can open (API files sit in api/)
+        served = client.get(f"/api/workflow_templates/{pack}/{name}.json")
+        assert "nodes" in served and "links" in served, f"{name} is not a UI-format workflow"
