@@ -12,7 +12,7 @@ right mouth corner, left mouth corner.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -86,16 +86,7 @@ class DamoFDDetector:
     """FaceChain's DamoFD through a ModelScope pipeline on the locally installed snapshot."""
 
     def __init__(self):
-        local = model_store.model_path("damofd")
-        try:
-            from modelscope.pipelines import pipeline
-            from modelscope.utils.constant import Tasks
-        except ImportError as e:
-            raise FaceChainError(
-                f"The 'damofd' backend needs ModelScope's vision extras ({e}). Install them with "
-                f"`pip install \"modelscope[cv]\"`, or choose the 'embedded' backend."
-            ) from None
-        self._pipe = pipeline(Tasks.face_detection, model=str(local))
+        self._pipe = model_store.modelscope_pipeline("damofd", "face_detection")
 
     def detect(self, rgb: np.ndarray) -> list[Face]:
         out = self._pipe(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))

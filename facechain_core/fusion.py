@@ -270,15 +270,7 @@ class LearnedFusion:
     """FaceChain's face-fusion model through a ModelScope pipeline on the locally installed snapshot."""
 
     def __init__(self):
-        local = model_store.model_path("face_fusion")
-        try:
-            from modelscope.pipelines import pipeline
-            from modelscope.utils.constant import Tasks
-        except ImportError as e:
-            raise FaceChainError(
-                f"The 'face_fusion' backend needs ModelScope's vision extras ({e}). Install them with "
-                f"`pip install \"modelscope[cv]\"`, or choose the 'embedded' backend.") from None
-        self._pipe = pipeline(Tasks.image_face_fusion, model=str(local))
+        self._pipe = model_store.modelscope_pipeline("face_fusion", "image_face_fusion")
         self._lock = threading.Lock()
 
     def fuse(self, target: np.ndarray, template: np.ndarray) -> np.ndarray:

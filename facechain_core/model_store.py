@@ -89,6 +89,25 @@ def model_path(name: str) -> Path:
     )
 
 
+def modelscope_pipeline(name: str, task: str, extras: str = ""):
+    """A ModelScope pipeline (``task``: a ``Tasks`` attribute) on the local snapshot of learned model ``name``.
+
+    Raises ``ModelMissingError`` when the snapshot is not installed, and says what to install when
+    ModelScope's vision extras (and ``extras``, e.g. TensorFlow) are missing."""
+    local = model_path(name)
+    try:
+        from modelscope.pipelines import pipeline
+        from modelscope.utils.constant import Tasks
+
+        return pipeline(getattr(Tasks, task), model=str(local))
+    except ImportError as e:
+        needs = "ModelScope's vision extras" + (f" and {extras}" if extras else "")
+        raise FaceChainError(
+            f"The '{name}' backend needs {needs} ({e}). Install them with "
+            f"`pip install \"modelscope[cv]\"{' ' + extras.lower() if extras else ''}`, or choose the 'embedded' backend."
+        ) from None
+
+
 def embedded_path(name: str) -> Path:
     """A model file shipped inside a registry package (found without importing the package)."""
     try:

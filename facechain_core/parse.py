@@ -197,14 +197,7 @@ class M2FPParser:
     score_threshold = 0.8  # FaceChain keeps parts above this score
 
     def __init__(self):
-        local = model_store.model_path("m2fp")
-        try:
-            from modelscope.pipelines import pipeline
-            from modelscope.utils.constant import Tasks
-        except ImportError as e:
-            raise FaceChainError(f"The 'm2fp' backend needs ModelScope's vision extras ({e}). Install them "
-                                 f"with `pip install \"modelscope[cv]\"`, or choose the 'embedded' backend.") from None
-        self._pipe = pipeline(Tasks.image_segmentation, model=str(local))
+        self._pipe = model_store.modelscope_pipeline("m2fp", "image_segmentation")
         self._lock = threading.Lock()
 
     def parse(self, rgb: np.ndarray, keypoints=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

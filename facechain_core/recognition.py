@@ -125,15 +125,7 @@ class RTSRecogniser:
     """FaceChain's RTS recogniser through a ModelScope pipeline on the locally installed snapshot."""
 
     def __init__(self):
-        local = model_store.model_path("rts")
-        try:
-            from modelscope.pipelines import pipeline
-            from modelscope.utils.constant import Tasks
-        except ImportError as e:
-            raise FaceChainError(
-                f"The 'rts' recogniser needs ModelScope's vision extras ({e}). Install them with "
-                f"`pip install \"modelscope[cv]\"`, or choose the 'embedded' backend.") from None
-        self._pipe = pipeline(Tasks.face_recognition, model=str(local))
+        self._pipe = model_store.modelscope_pipeline("rts", "face_recognition")
         self._lock = threading.Lock()
 
     def embed(self, rgb: np.ndarray, face: Face) -> np.ndarray:

@@ -76,16 +76,7 @@ class ABPNRetoucher:
     """FaceChain's ABPN skin retouching through a ModelScope pipeline on the local snapshot."""
 
     def __init__(self):
-        local = model_store.model_path("abpn")
-        try:
-            from modelscope.pipelines import pipeline
-            from modelscope.utils.constant import Tasks
-
-            self._pipe = pipeline(Tasks.skin_retouching, model=str(local))
-        except ImportError as e:
-            raise FaceChainError(
-                f"The 'abpn' backend needs ModelScope's vision extras and TensorFlow ({e}). Install them "
-                f"with `pip install \"modelscope[cv]\" tensorflow`, or choose the 'embedded' backend.") from None
+        self._pipe = model_store.modelscope_pipeline("abpn", "skin_retouching", extras="TensorFlow")
         self._lock = threading.Lock()
 
     def retouch(self, rgb: np.ndarray) -> np.ndarray:

@@ -6,7 +6,6 @@ input gets a clear node error."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import numpy as np
