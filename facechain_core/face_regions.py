@@ -105,8 +105,9 @@ def cheek_samples(rgb: np.ndarray, frame: FaceFrame) -> np.ndarray:
     return rgb[mask > 0]
 
 
-def align_112(rgb: np.ndarray, keypoints, size: int = 112) -> np.ndarray:
-    """The face warped onto the usual 112x112 five-point template (what FairFace and FQA were trained on)."""
+def align_112(rgb: np.ndarray, keypoints, size: int = 112, border: str = "white") -> np.ndarray:
+    """The face warped onto the usual 112x112 five-point template (what FairFace, FQA and the ArcFace family
+    were trained on). ``border``: "white" (FaceChain's fill) or "replicate" (edge pixels, for recognisers)."""
     from .align import MEAN_FACE_5
 
     src = np.asarray(keypoints, np.float32)
@@ -114,6 +115,8 @@ def align_112(rgb: np.ndarray, keypoints, size: int = 112) -> np.ndarray:
     m, _ = cv2.estimateAffinePartial2D(src, dst, method=cv2.LMEDS)
     if m is None:
         raise FaceChainError("Face keypoints are degenerate; run FaceAlign again.")
+    if border == "replicate":
+        return cv2.warpAffine(rgb, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     return cv2.warpAffine(rgb, m, (size, size), flags=cv2.INTER_LINEAR, borderValue=(255, 255, 255))
 
 

@@ -31,7 +31,8 @@ from .detect import Face
 from .errors import FaceChainError
 from .images import as_rgb_uint8
 from .progress import ProgressFn, no_progress
-from .recognition import ARCFACE_TEMPLATE, detect_faces_parallel_safe, parallel_map
+from .align import MEAN_FACE_5
+from .recognition import detect_faces_parallel_safe, parallel_map
 
 BACKENDS = ("embedded", "face_fusion")
 
@@ -47,7 +48,7 @@ def _ellipse(cx: float, cy: float, ax: float, ay: float, n: int) -> np.ndarray:
 FACE_OVAL = _ellipse(56.0, 68.0, 35.0, 45.0, 20)
 # An outer ring keeps the mesh's triangles near the oval well shaped; nothing outside the oval is blended.
 OUTER_RING = _ellipse(56.0, 68.0, 62.0, 74.0, 16)
-CANONICAL = np.vstack([ARCFACE_TEMPLATE, FACE_OVAL, OUTER_RING]).astype(np.float64)
+CANONICAL = np.vstack([MEAN_FACE_5, FACE_OVAL, OUTER_RING]).astype(np.float64)
 N_KEY, N_OVAL = 5, len(FACE_OVAL)
 
 
@@ -97,9 +98,9 @@ class FusionResult:
 def dense_landmarks(face: Face) -> np.ndarray:
     """The five keypoints plus the oval and outer ring placed by the face's affine fit (N x 2)."""
     kps = face.keypoints.astype(np.float64)
-    m, _ = cv2.estimateAffine2D(ARCFACE_TEMPLATE.astype(np.float64), kps, method=cv2.LMEDS)
+    m, _ = cv2.estimateAffine2D(MEAN_FACE_5.astype(np.float64), kps, method=cv2.LMEDS)
     if m is None:
-        m, _ = cv2.estimateAffinePartial2D(ARCFACE_TEMPLATE.astype(np.float64), kps, method=cv2.LMEDS)
+        m, _ = cv2.estimateAffinePartial2D(MEAN_FACE_5.astype(np.float64), kps, method=cv2.LMEDS)
     if m is None:
         raise FaceChainError("A face's keypoints are degenerate; it cannot be warped.")
     # A full affine fit can shear wildly when the 5 points are nearly collinear (a profile); keep it

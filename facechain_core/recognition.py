@@ -20,14 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 import cv2
 import numpy as np
 
-from . import model_store
+from . import face_regions, model_store
 from .detect import Face
 from .errors import FaceChainError
+from .onnx_session import onnx_session
 
 BACKENDS = ("embedded", "arcface", "rts")
-# The 112x112 five-point template every ArcFace-family recogniser (SFace included) was trained on.
-ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
-                             [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float32)
 
 
 def face_row(face: Face) -> np.ndarray:
@@ -36,11 +34,8 @@ def face_row(face: Face) -> np.ndarray:
 
 
 def align_112(rgb: np.ndarray, face: Face) -> np.ndarray:
-    """The face warped onto the 112x112 ArcFace template by a similarity transform (RGB uint8)."""
-    m, _ = cv2.estimateAffinePartial2D(face.keypoints.astype(np.float32), ARCFACE_TEMPLATE, method=cv2.LMEDS)
-    if m is None:
-        raise FaceChainError("The face's keypoints are degenerate; it cannot be aligned for recognition.")
-    return cv2.warpAffine(rgb, m, (112, 112), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    """The face on the 112x112 five-point template every ArcFace-family recogniser was trained on."""
+    return face_regions.align_112(rgb, face.keypoints, border="replicate")
 
 
 def _normalise(v: np.ndarray) -> np.ndarray:
@@ -87,18 +82,7 @@ class ArcFaceOnnxRecogniser:
 
     def __init__(self):
         path = model_store.model_path("arcface")
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise FaceChainError("The 'arcface' recogniser needs onnxruntime: `pip install onnxruntime-gpu` "
-                                 "(or onnxruntime), or choose the 'embedded' backend.") from None
-        wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        providers = [p for p in wanted if p in ort.get_available_providers()] or None
-        try:
-            self._session = ort.InferenceSession(str(path), providers=providers)
-        except Exception as e:  # onnxruntime raises its own exception types for broken files
-            raise FaceChainError(f"The ArcFace model '{path}' could not be loaded ({type(e).__name__}: {e}). "
-                                 f"Fetch it again with `{model_store.fetch_command('arcface')}`.") from None
+        self._session = onnx_session(path)
         inp = self._session.get_inputs()[0]
         if len(inp.shape) != 4 or inp.shape[1] != 3 or inp.shape[2:] != [112, 112]:
             raise FaceChainError(f"The ArcFace model '{path.name}' takes input {inp.shape}; a recogniser "
