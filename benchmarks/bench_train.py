@@ -175,6 +175,8 @@ class Backbones:
 
     def __init__(self, comfyui: str | None):
         self.comfyui = comfyui
+        if comfyui:  # CLIP's tokenizer files for the diffusers path come from the carried ComfyUI
+            os.environ.setdefault("FACECHAIN_CLIP_TOKENIZER", str(Path(comfyui) / "comfy" / "sd1_tokenizer"))
         self.cache = {}
 
     def get(self, kind: str) -> dict:

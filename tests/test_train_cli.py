@@ -10,12 +10,13 @@ import sys
 import numpy as np
 from safetensors import safe_open
 
-from conftest import FACES, REPO, TINY_CKPT
+from conftest import COMFY_DIR, FACES, REPO, TINY_CKPT
 from test_train_lora import fetch_latent, sample_nodes, tiny_unet_fingerprint
 
 
 def run_cli(*args):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # CLIP's tokenizer files: outside ComfyUI the command takes them from this variable (ComfyUI's copy here)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", FACECHAIN_CLIP_TOKENIZER=str(COMFY_DIR / "comfy" / "sd1_tokenizer"))
     return subprocess.run([sys.executable, "-m", "facechain_core", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
 

@@ -142,3 +142,22 @@ def test_high_res_checkpointing_recomputes_only_large_inputs(monkeypatch):
         block(torch.randn(1, 4, 64, 64, requires_grad=True)).sum().backward()
     assert seen == [(1, 4, 64, 64)]
     assert "forward" not in block.__dict__, "the block's own forward is back after the run"
+
+
+def test_clip_tokenizer_comes_from_installed_files_or_a_clear_error(monkeypatch):
+    from conftest import COMFY_DIR
+    from facechain_core.errors import FaceChainError
+    from facechain_core.train import diffusers_backbone as db
+
+    monkeypatch.setattr(db, "_open_clip_bpe", lambda: None)
+    monkeypatch.delenv(db.TOKENIZER_ENV, raising=False)
+    db.tokenizer.cache_clear()
+    try:
+        with pytest.raises(FaceChainError, match="FACECHAIN_CLIP_TOKENIZER"):
+            db.tokenizer()
+        monkeypatch.setenv(db.TOKENIZER_ENV, str(COMFY_DIR / "comfy" / "sd1_tokenizer"))
+        db.tokenizer.cache_clear()
+        ids = db.tokenizer()("a photo of a man").input_ids
+        assert ids[0] == 49406 and ids[-1] == 49407 and len(ids) == 7  # start, 5 words, end
+    finally:
+        db.tokenizer.cache_clear()

@@ -10,6 +10,8 @@ modules into the trainer's ``Backbone`` (the benchmark builds the same modules w
 from __future__ import annotations
 
 import gzip
+import importlib.util
+import os
 import json
 import re
 from functools import lru_cache
@@ -51,18 +53,57 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(keep, map(chr, chars)))
 
 
+# CLIP's tokenizer files are not shipped with the pack; they come from what is installed. Searched in order:
+# $FACECHAIN_CLIP_TOKENIZER (a folder with vocab.json and merges.txt), the ComfyUI this pack sits in
+# (comfy/sd1_tokenizer), then the open_clip package's BPE file.
+TOKENIZER_ENV = "FACECHAIN_CLIP_TOKENIZER"
+CLIP_MERGES = 49152 - 256 - 2  # CLIP's vocabulary: 256 bytes x 2, these merges, 2 special tokens
+
+
+def _tokenizer_dirs() -> list[Path]:
+    dirs = [Path(os.environ[TOKENIZER_ENV])] if os.environ.get(TOKENIZER_ENV) else []
+    here = Path(__file__).resolve()
+    for parent in list(here.parents)[2:6]:  # .../ComfyUI/custom_nodes/<pack>/facechain_core/train
+        dirs.append(parent / "comfy" / "sd1_tokenizer")
+    return dirs
+
+
+def _open_clip_bpe() -> Path | None:
+    spec = importlib.util.find_spec("open_clip")
+    for base in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(base) / "bpe_simple_vocab_16e6.txt.gz"
+        if path.is_file():
+            return path
+    return None
+
+
 @lru_cache(maxsize=1)
 def tokenizer():
-    """CLIP's tokenizer, its vocabulary rebuilt from the shipped merge list (as CLIP itself builds it)."""
+    """CLIP's tokenizer from installed files (see _tokenizer_dirs), or a clear error saying where to get them."""
     from transformers import CLIPTokenizer
 
-    with gzip.open(CONFIGS / "clip_merges.txt.gz", "rt", encoding="utf-8") as f:
-        merges = [ln for ln in f.read().splitlines()[1:] if ln.strip()]
-    base = list(_bytes_to_unicode().values())
-    vocab = base + [b + "</w>" for b in base] + [m.replace(" ", "") for m in merges] + \
-        ["<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[tuple(m.split()) for m in merges],
-                         pad_token="<|endoftext|>",
+    vocab = merges = None
+    for folder in _tokenizer_dirs():
+        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+            lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+            merges = [ln for ln in lines[1:] if ln.strip()]
+            break
+    if vocab is None:
+        bpe = _open_clip_bpe()
+        if bpe is None:
+            raise FaceChainError(
+                "CLIP's tokenizer files were not found. Set FACECHAIN_CLIP_TOKENIZER to a folder holding vocab.json "
+                "and merges.txt (ComfyUI's comfy/sd1_tokenizer is one), or `pip install open_clip_torch`.")
+        # open_clip's file is CLIP's merge list; the vocabulary is built from it the way CLIP builds it.
+        with gzip.open(bpe, "rt", encoding="utf-8") as f:
+            merges = [ln for ln in f.read().splitlines()[1:CLIP_MERGES + 1] if ln.strip()]
+        base = list(_bytes_to_unicode().values())
+        tokens = base + [b + "</w>" for b in base] + [m.replace(" ", "") for m in merges] + \
+            ["<|startoftext|>", "<|endoftext|>"]
+        vocab = {t: i for i, t in enumerate(tokens)}
+    # transformers 5 builds the fast tokenizer from these in memory (its file arguments gave wrong ids here)
+    return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges], pad_token="<|endoftext|>",
                          model_max_length=77)
 
 
