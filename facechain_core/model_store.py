@@ -89,23 +89,26 @@ def model_path(name: str) -> Path:
     )
 
 
-def modelscope_pipeline(name: str, task: str, extras: str = ""):
+def modelscope_pipeline(name: str, task: str):
     """A ModelScope pipeline (``task``: a ``Tasks`` attribute) on the local snapshot of learned model ``name``.
 
-    Raises ``ModelMissingError`` when the snapshot is not installed, and says what to install when
-    ModelScope's vision extras (and ``extras``, e.g. TensorFlow) are missing."""
+    Raises ``ModelMissingError`` when the snapshot is not installed, and says what to install (the entry's
+    ``needs``) when a package its pipeline imports is missing."""
     local = model_path(name)
+    needs = _entry(name).get("needs", "ModelScope's vision extras (`pip install \"modelscope[cv]\"`)")
     try:
         from modelscope.pipelines import pipeline
         from modelscope.utils.constant import Tasks
 
         return pipeline(getattr(Tasks, task), model=str(local))
-    except ImportError as e:
-        needs = "ModelScope's vision extras" + (f" and {extras}" if extras else "")
+    except (ImportError, RuntimeError) as e:
+        # ModelScope reports a missing package of a model's code as RuntimeError("Failed to import ...")
+        if isinstance(e, RuntimeError) and "import" not in str(e).lower():
+            raise
+        missing = getattr(e, "name", None) or str(e).splitlines()[-1][:200]
         raise FaceChainError(
-            f"The '{name}' backend needs {needs} ({e}). Install them with "
-            f"`pip install \"modelscope[cv]\"{' ' + extras.lower() if extras else ''}`, or choose the 'embedded' backend."
-        ) from None
+            f"The '{name}' backend needs {needs}; this Python lacks part of it ({missing}). "
+            f"Install that, or choose the 'embedded' backend, which works offline.") from None
 
 
 def embedded_path(name: str) -> Path:

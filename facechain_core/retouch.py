@@ -76,7 +76,7 @@ class ABPNRetoucher:
     """FaceChain's ABPN skin retouching through a ModelScope pipeline on the local snapshot."""
 
     def __init__(self):
-        self._pipe = model_store.modelscope_pipeline("abpn", "skin_retouching", extras="TensorFlow")
+        self._pipe = model_store.modelscope_pipeline("abpn", "skin_retouching")
         self._lock = threading.Lock()
 
     def retouch(self, rgb: np.ndarray) -> np.ndarray:

@@ -77,3 +77,21 @@ def test_install_py_lists_models_into_comfyui_models_folder(tmp_path):
                          capture_output=True, text=True, check=True).stdout
     assert "damofd" in out and "missing" in out
     assert str(comfy / "models" / "facechain" / "damofd") in out
+
+
+def test_learned_pipeline_with_missing_packages_says_what_to_install(root):
+    # A real M2FP snapshot layout; ModelScope's M2FP code imports packages this environment lacks (mmcv and
+    # friends), which must surface as a clear FaceChainError naming what to install, not a traceback.
+    import json
+
+    from facechain_core.errors import FaceChainError
+
+    folder = root / "m2fp"
+    folder.mkdir(parents=True)
+    (folder / "configuration.json").write_text(json.dumps({
+        "framework": "pytorch", "task": "image-segmentation",
+        "pipeline": {"type": "m2fp-image-human-parsing"}, "model": {"type": "m2fp"}}))
+    with pytest.raises(FaceChainError) as e:
+        model_store.modelscope_pipeline("m2fp", "image_segmentation")
+    msg = str(e.value)
+    assert "'m2fp'" in msg and "mim install mmcv" in msg and "embedded" in msg
