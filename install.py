@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             entry = model_store.catalogue()["learned"][name]
             state = "present" if model_store.is_present(name) else "missing"
             print(f"{name:12s} {state:8s} {model_store.models_root() / entry['path']}  ({entry['task']})")
+            if entry.get("needs"):
+                print(f"{'':21s} needs {entry['needs']}")
         return 0
     if not args.no_requirements:
         subprocess.run([sys.executable, "-m", "pip", "install", "-r", str(HERE / "requirements.txt")], check=True)
