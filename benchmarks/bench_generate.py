@@ -68,32 +68,11 @@ def boot_comfy(comfy: Path, cpu: bool):
 
 
 def build_random_sd15(out: Path) -> Path:
-    """A full-size SD1.5-shaped checkpoint with random weights, fp16 (as scripts/tiny_checkpoint.py, full UNet)."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    import comfy.ops
-    from comfy.ldm.models.autoencoder import AutoencoderKL
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-
+    """A full-size SD1.5-shaped checkpoint with random weights, fp16 (scripts/tiny_checkpoint.py, full UNet)."""
     sys.path.insert(0, str(REPO / "scripts"))
-    from tiny_checkpoint import CLIP_L, VAE_DDCONFIG, _init_
+    from tiny_checkpoint import save_random_checkpoint
 
-    gen = torch.Generator().manual_seed(1234)
-    unet = UNetModel(**SD15_UNET, operations=comfy.ops.disable_weight_init)
-    vae = AutoencoderKL(ddconfig=VAE_DDCONFIG, embed_dim=4)
-    clip = CLIPTextModel(CLIPTextConfig(**CLIP_L))
-    for m in (unet, vae):
-        _init_(m, gen)
-    sd = {}
-    for prefix, module in (("model.diffusion_model.", unet), ("first_stage_model.", vae),
-                           ("cond_stage_model.transformer.", clip)):
-        for k, v in module.state_dict().items():
-            if v.is_floating_point():
-                sd[prefix + k] = v.detach().to(torch.float16).contiguous()
-    save_file(sd, str(out))
-    return out
+    return save_random_checkpoint(out, SD15_UNET)
 
 
 def time_sampling(ckpt: Path, n: int, size: int, steps: int, repeats: int) -> dict:

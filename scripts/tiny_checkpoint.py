@@ -49,39 +49,45 @@ def _init_(module, gen):
                 p.normal_(0.0, (1.0 / fan_in) ** 0.5, generator=gen)
 
 
-def build(out: Path, comfy_dir: Path) -> Path:
-    sys.path.insert(0, str(comfy_dir))
-    sys.argv = [sys.argv[0], "--cpu"]
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
+def save_random_checkpoint(out: Path, unet_config: dict) -> Path:
+    """An original-format SD1.5 single file with random weights and the given UNet (ComfyUI importable and
+    its argument parsing done). fp16, written to a temporary name and renamed."""
     import torch
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    import comfy.ops
     from comfy.ldm.models.autoencoder import AutoencoderKL
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-    import comfy.ops
 
+    torch.manual_seed(SEED)  # transformers initialises CLIP from the global generator
     gen = torch.Generator().manual_seed(SEED)
-    unet = UNetModel(**TINY_UNET, operations=comfy.ops.disable_weight_init)
+    unet = UNetModel(**unet_config, operations=comfy.ops.disable_weight_init)
     vae = AutoencoderKL(ddconfig=VAE_DDCONFIG, embed_dim=4)
     clip = CLIPTextModel(CLIPTextConfig(**CLIP_L))
     for m in (unet, vae):
         _init_(m, gen)
     sd = {}
-    for k, v in unet.state_dict().items():
-        sd["model.diffusion_model." + k] = v
-    for k, v in vae.state_dict().items():
-        sd["first_stage_model." + k] = v
-    for k, v in clip.state_dict().items():
-        sd["cond_stage_model.transformer." + k] = v
-    sd = {k: v.detach().to(torch.float16).contiguous() for k, v in sd.items() if v.is_floating_point()}
+    for prefix, module in (("model.diffusion_model.", unet), ("first_stage_model.", vae),
+                           ("cond_stage_model.transformer.", clip)):
+        for k, v in module.state_dict().items():
+            if v.is_floating_point():
+                sd[prefix + k] = v.detach().to(torch.float16).contiguous()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    save_file(sd, str(tmp), metadata={"facechain_tiny": "1", "seed": str(SEED)})
+    save_file(sd, str(tmp), metadata={"facechain_random": "1", "seed": str(SEED)})
     os.replace(tmp, out)
     return out
+
+
+def build(out: Path, comfy_dir: Path) -> Path:
+    """The tiny checkpoint, from a fresh process (parses ComfyUI's arguments for the CPU)."""
+    sys.path.insert(0, str(comfy_dir))
+    sys.argv = [sys.argv[0], "--cpu"]
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    return save_random_checkpoint(out, TINY_UNET)
 
 
 if __name__ == "__main__":
