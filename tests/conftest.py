@@ -23,6 +23,22 @@ TINY_CKPT = CACHE / "tiny_sd15.safetensors"
 ARTIFACTS = REPO / "artifacts"
 
 
+def import_comfy_in_process():
+    """ComfyUI's modules in this test process, on the CPU (its arguments must be parsed before comfy.*)."""
+    if str(COMFY_DIR) not in sys.path:
+        sys.path.insert(0, str(COMFY_DIR))
+    argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]
+    try:
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        import comfy.model_management  # noqa: F401
+        import comfy.utils
+    finally:
+        sys.argv = argv
+    return comfy
+
+
 def tiny_checkpoint() -> Path:
     if not TINY_CKPT.is_file():
         import subprocess

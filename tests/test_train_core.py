@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import COMFY_DIR, REPO
+from conftest import REPO, import_comfy_in_process
 
 sys.path.insert(0, str(REPO))
 from facechain_core.errors import FaceChainError  # noqa: E402
@@ -24,17 +24,8 @@ TINY = {"num_res_blocks": [1], "channel_mult": [1], "transformer_depth": [1], "t
 
 
 def comfy_unet_to_diffusers(config):
-    """ComfyUI's own map (diffusers name -> original name), read from its source without importing torch-heavy
-    modules' side effects beyond comfy.utils."""
-    sys.path.insert(0, str(COMFY_DIR))
-    argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]
-    try:
-        import comfy.options
-
-        comfy.options.enable_args_parsing()
-        import comfy.utils
-    finally:
-        sys.argv = argv
+    """ComfyUI's own map (diffusers name -> original name)."""
+    comfy = import_comfy_in_process()
     return comfy.utils.unet_to_diffusers(dict(config))
 
 

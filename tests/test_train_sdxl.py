@@ -9,19 +9,11 @@ import sys
 
 import torch
 
-from conftest import COMFY_DIR, REPO
+from conftest import REPO, import_comfy_in_process
 
 
 def load_pack():
-    sys.path.insert(0, str(COMFY_DIR))
-    argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]
-    try:
-        import comfy.options
-
-        comfy.options.enable_args_parsing()
-        import comfy.model_management  # noqa: F401
-    finally:
-        sys.argv = argv
+    import_comfy_in_process()
     if "facechain_pack" not in sys.modules:
         spec = importlib.util.spec_from_file_location("facechain_pack", REPO / "__init__.py",
                                                       submodule_search_locations=[str(REPO)])
