@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from . import model_store
-from .errors import FaceChainError
+from .backends import backend_instance
 
 BACKENDS = ("embedded", "damofd")
 
@@ -98,17 +98,8 @@ class DamoFDDetector:
         return sorted(faces, key=lambda f: f.area, reverse=True)
 
 
-_detectors: dict = {}
-_lock = threading.Lock()
-
-
 def get_detector(backend: str = "embedded"):
-    if backend not in BACKENDS:
-        raise FaceChainError(f"Unknown face detector '{backend}'; choose one of {', '.join(BACKENDS)}.")
-    with _lock:
-        if backend not in _detectors:
-            _detectors[backend] = YuNetDetector() if backend == "embedded" else DamoFDDetector()
-        return _detectors[backend]
+    return backend_instance("face detection", backend, {"embedded": YuNetDetector, "damofd": DamoFDDetector})
 
 
 def detect_faces(rgb: np.ndarray, backend: str = "embedded") -> list[Face]:

@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from . import model_store
+from .backends import backend_instance
 from .errors import FaceChainError
 from .face_regions import FaceFrame, cheek_samples, draw_oval, feature_mask
 from .images import as_rgb_uint8
@@ -222,19 +223,8 @@ def masks_from_parts(masks, labels, scores, shape, threshold: float = 0.8):
     return tuple(best[k] if best[k] is not None else empty for k in ("Face", "Hair", "Human"))
 
 
-_parsers: dict = {}
-_lock = threading.Lock()
-
-
 def get_parser(backend: str):
-    if backend not in BACKENDS:
-        raise FaceChainError(f"Unknown parsing backend '{backend}'; choose one of {', '.join(BACKENDS)}.")
-    if backend == "embedded":
-        return None
-    with _lock:
-        if backend not in _parsers:
-            _parsers[backend] = M2FPParser()
-        return _parsers[backend]
+    return backend_instance("parsing", backend, {"embedded": None, "m2fp": M2FPParser})
 
 
 def parse_crop(image: np.ndarray, keypoints, backend: str = "embedded", name: str = "crop") -> Parsing:

@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from . import model_store
+from .backends import backend_instance
 from .errors import FaceChainError
 from .face_regions import FaceFrame, draw_oval, feature_mask
 from .images import as_rgb_uint8
@@ -88,19 +89,8 @@ class ABPNRetoucher:
         return cv2.cvtColor(np.clip(bgr, 0, 255).astype(np.uint8), cv2.COLOR_BGR2RGB)
 
 
-_retouchers: dict = {}
-_lock = threading.Lock()
-
-
 def _retoucher(backend: str):
-    if backend not in BACKENDS:
-        raise FaceChainError(f"Unknown retouch backend '{backend}'; choose one of {', '.join(BACKENDS)}.")
-    if backend == "embedded":
-        return None
-    with _lock:
-        if backend not in _retouchers:
-            _retouchers[backend] = ABPNRetoucher()
-        return _retouchers[backend]
+    return backend_instance("retouch", backend, {"embedded": None, "abpn": ABPNRetoucher})
 
 
 def retouch_crop(image: np.ndarray, keypoints, strength: float = 0.6, backend: str = "embedded",
