@@ -1,11 +1,14 @@
 """comfyui-facechain: FaceChain's personal-portrait pipeline as ComfyUI nodes."""
 
-try:
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-except ModuleNotFoundError as e:
-    # Imported outside ComfyUI (pytest collects this folder as a package): nothing to register.
-    if e.name not in ("comfy", "folder_paths"):
-        raise
-    NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
+
+# pytest imports this file too (its package set-up), where there is nothing to register: as a lone file in
+# a checkout whose name is no Python identifier (comfyui-facechain), or as a package without ComfyUI.
+if __package__:
+    try:
+        from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F811
+    except ModuleNotFoundError as e:
+        if e.name not in ("comfy", "folder_paths"):
+            raise
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
