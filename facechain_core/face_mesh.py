@@ -24,7 +24,7 @@ import numpy as np
 
 from . import model_store
 from .backends import backend_instance
-from .errors import FaceChainError
+from .errors import FaceChainError, ModelMissingError
 from .face_regions import FaceFrame
 
 N_POINTS = 468
@@ -75,7 +75,7 @@ class Mesh:
         return [[round(float(x), 1), round(float(y), 1)] for x, y in self.points]
 
 
-def read_tflite(path: Path) -> "cv2.dnn.Net":
+def read_tflite(path: Path):
     """A TFLite net in OpenCV. OpenCV 5's new engine returns only the graph's declared outputs (the mesh's
     face-presence score is an inner layer), so its classic engine is asked for where there is a choice."""
     engine = getattr(cv2.dnn, "ENGINE_CLASSIC", None)
@@ -163,3 +163,18 @@ def mesh_from_list(value, shape: tuple[int, int] | None = None) -> np.ndarray | 
     if pts.shape != (N_POINTS, 2) or not np.all(np.isfinite(pts)):
         return None
     return pts
+
+
+def add_meshes(images: list[np.ndarray], faces: list[dict]) -> list[dict]:
+    """The FACECHAIN_FACES dicts with each face's 468 points (``mesh``: [x, y] pairs in the crop's pixels)
+    added, for the steps that need real contours (HumanParse, SkinRetouch, FaceFusion). Without the mesh's
+    model file the dicts go on unchanged: those steps then say what is missing when they need it."""
+    out = []
+    for img, face in zip(images, faces):
+        face = dict(face)
+        try:
+            face["mesh"] = face_mesh(img, face["keypoints"]).to_list()
+        except ModelMissingError:
+            return [dict(f) for f in faces]
+        out.append(face)
+    return out
