@@ -125,6 +125,13 @@ def hangs_from_chin(hair: np.ndarray, across: np.ndarray, below: np.ndarray, fac
     return occupied[np.round(across).astype(np.intp) - lo] > 0
 
 
+def unbroken_down(hair: np.ndarray, gap: int = 3) -> np.ndarray:
+    """Pixels of ``hair`` joined to the top of their column by hair all the way up (gaps of up to ``gap``
+    pixels bridged): hair hangs down from the head, a patch of hair-coloured clothes under a gap does not."""
+    closed = cv2.morphologyEx(hair.astype(np.uint8), cv2.MORPH_CLOSE, np.ones((gap + 1, 1), np.uint8))
+    return np.cumprod(closed, axis=0).astype(bool) & hair
+
+
 def hair_below_mouth(rgb: np.ndarray, person: np.ndarray, face: np.ndarray, neck: np.ndarray,
                      axes: FaceAxes, points: np.ndarray) -> np.ndarray:
     """0/255 at ``rgb``'s size: the person's pixels below the mouth whose colour is the hair's.
@@ -145,9 +152,11 @@ def hair_below_mouth(rgb: np.ndarray, person: np.ndarray, face: np.ndarray, neck
     hair = (prob > 0.5) & p & ~n
     across = _small(axes.across, side, cv2.INTER_LINEAR)
     hair &= (below <= 0) | hangs_from_chin(hair & ~f, across, below, axes.height * k, axes.width * k)
-    hair = hair.astype(np.uint8) * 255
-    hair = cv2.resize(hair, (w, h), interpolation=cv2.INTER_LINEAR)
-    hair = np.where((hair > 127) & (person > 0), 255, 0).astype(np.uint8)
+    hair &= (below <= 0) | unbroken_down(hair | (below <= 0))
+    # the decision is blocky at this size: smooth it, and let the full-size person mask draw the edge
+    soft = cv2.GaussianBlur(hair.astype(np.float32), (3, 3), 0)
+    soft = cv2.resize(soft, (w, h), interpolation=cv2.INTER_LINEAR)
+    hair = np.where((soft > 0.5) & (person > 0), 255, 0).astype(np.uint8)
     hair[axes.below_chin < -axes.mouth_depth(points)] = 0
     return hair
 
