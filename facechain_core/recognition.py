@@ -214,7 +214,8 @@ def parallel_map(fn, items: list, workers: int = 0):
     with _shared_lock:
         pool = _pools.get(n)
         if pool is None:
-            pool = _pools[n] = ThreadPoolExecutor(n, thread_name_prefix=f"facechain{n}", initializer=_load_thread_models)
+            pool = _pools[n] = ThreadPoolExecutor(n, thread_name_prefix=f"facechain{n}",
+                                                  initializer=_load_thread_models)
     yield from pool.map(fn, items)
 
 

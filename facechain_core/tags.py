@@ -166,7 +166,8 @@ class FairFace:
 
         path = model_store.model_path("fairface") / self.weights_file
         if not path.is_file():
-            raise ModelMissingError(f"The FairFace weights are missing: expected file '{path.name}' in '{path.parent}'. "
+            raise ModelMissingError(f"The FairFace weights are missing: expected file '{path.name}' in "
+                                    f"'{path.parent}'. "
                                     f"Fetch them with `{model_store.fetch_command('fairface')}`, or set subject_from "
                                     f"to 'input'.")
         net = torchvision.models.resnet34(weights=None)

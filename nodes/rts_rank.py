@@ -39,9 +39,11 @@ class RTSRank:
                                          "ArcFace ONNX file in models/facechain/arcface. rts: FaceChain's RTS model. "
                                          "Fetch the learned ones with install.py --models."}),
             "min_face_fraction": ("FLOAT", {"default": d["min_face_fraction"], "min": 0.01, "max": 1.0, "step": 0.01,
-                                            "tooltip": "Smallest plausible face, as a share of the image's short side."}),
+                                            "tooltip": "Smallest plausible face, as a share of the image's "
+                                                       "short side."}),
             "max_face_fraction": ("FLOAT", {"default": d["max_face_fraction"], "min": 0.05, "max": 1.5, "step": 0.01,
-                                            "tooltip": "Largest plausible face, as a share of the image's short side."}),
+                                            "tooltip": "Largest plausible face, as a share of the image's "
+                                                       "short side."}),
             "if_none_kept": (list(IF_NONE), {"default": IF_NONE[0], "tooltip": "When no image shows one plausible "
                                              "face: return the first top_n images unranked (score 0), or stop."}),
         }, "optional": {

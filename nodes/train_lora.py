@@ -204,7 +204,8 @@ class TrainFaceLoRA:
                                                    "the text encoder's attention (FaceChain trained the UNet only)."}),
                 "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing LoRA of the same name. "
                                           "Off: an existing file is an error and is never touched."}),
-                "precision": (list(PRECISIONS), {"default": d["precision"], "tooltip": "auto: the 16-bit type the model "
+                "precision": (list(PRECISIONS), {"default": d["precision"], "tooltip": "auto: the 16-bit type the "
+                                                 "model "
                                                  "is loaded in (fp16 with loss scaling, or bf16), else bf16 where "
                                                  "the GPU supports it; always fp32 on the CPU."}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": d["gradient_checkpointing"], "tooltip":

@@ -42,7 +42,8 @@ def alphas_cumprod() -> torch.Tensor:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """The byte -> printable character table of GPT-2/CLIP byte-level BPE."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
     chars = keep[:]
     extra = 0
     for b in range(256):
