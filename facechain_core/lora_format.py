@@ -112,10 +112,6 @@ def kohya_state_dict(unet_layers: Mapping[str, tuple], text_layers: Sequence[Map
     return out
 
 
-def kohya_layer_names(state: Mapping[str, torch.Tensor]) -> list[str]:
-    return sorted({k.rsplit(".lora_down.weight", 1)[0] for k in state if k.endswith(".lora_down.weight")})
-
-
 def kohya_metadata(arch: str, rank: int, alpha: float, steps: int, samples: int, trigger: str,
                    captions: Iterable[str], base_model_hash: str, extra: Mapping[str, str] | None = None,
                    train_text_encoder: bool = False) -> dict[str, str]:

@@ -149,12 +149,6 @@ def get_recogniser(backend: str = "embedded"):
         return _shared[backend]
 
 
-def forget_recognisers() -> None:
-    """Drop loaded learned recognisers (a model file was replaced)."""
-    with _shared_lock:
-        _shared.clear()
-
-
 def embed_face(rgb: np.ndarray, face: Face, backend: str = "embedded") -> np.ndarray:
     return get_recogniser(backend).embed(rgb, face)
 

@@ -30,7 +30,6 @@ from .progress import ProgressFn, no_progress
 RULES = Path(__file__).with_name("data") / "tag_filters.json"
 TAGGERS = ("auto", "none", "wd14")
 SUBJECT_SOURCES = ("auto", "input", "fairface")
-CAPTIONS_TYPE = "FACECHAIN_CAPTIONS"
 
 
 @lru_cache(maxsize=1)

@@ -11,9 +11,9 @@ import folder_paths
 
 from ..facechain_core import styles
 from ..facechain_core.errors import FaceChainError
-from .common import CATEGORY, numpy_to_images
+from .common import CATEGORY
+from .sockets import CAPTIONS, numpy_to_images
 
-CAPTIONS = "FACECHAIN_CAPTIONS"  # AutoTag's output: {"trigger", "subject", "captions", "shared_tags", "prompt"}
 NONE = "none"
 _log = logging.getLogger("comfyui-facechain")
 _reported: set[str] = set()

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-
 from ..facechain_core.errors import FaceChainError
 from ..facechain_core.rank import RankSettings, filter_defaults, rank_images
 from ..facechain_core.recognition import BACKENDS
 from .common import CATEGORY, first, progress
-from .face_fusion import DETECTIONS, batches_of, to_uint8
+from .sockets import DETECTIONS, batches_of, images_to_numpy
 
 IF_NONE = ("return unranked", "stop with an error")
 
@@ -56,11 +55,11 @@ class RTSRank:
     def rank(self, images, reference, top_n, backend, min_face_fraction, max_face_fraction, if_none_kept,
              names=None, detections=None):
         batches = batches_of(images)
-        arrays = to_uint8(batches)
+        arrays = images_to_numpy(batches)
         singles = [b[i:i + 1, ..., :3] for b in batches for i in range(b.shape[0])]  # the input's own floats
         if not arrays:
             raise FaceChainError("RTSRank got no images. Connect the generated (or fused) images.")
-        refs = to_uint8(batches_of(reference))
+        refs = images_to_numpy(batches_of(reference))
         settings = RankSettings(top_n=int(first(top_n)), backend=first(backend),
                                 min_face_fraction=float(first(min_face_fraction)),
                                 max_face_fraction=float(first(max_face_fraction)))

@@ -19,8 +19,8 @@ from ..facechain_core.train import (Backbone, TrainSettings, check_free, default
                                      save_lora, train_lora, weights_fingerprint)
 from ..facechain_core.train.settings import PRECISIONS
 from .common import CATEGORY, progress
+from .sockets import CAPTIONS
 
-CAPTIONS = "FACECHAIN_CAPTIONS"  # AutoTag's output: {"trigger", "subject", "captions", "shared_tags", "prompt"}
 # ComfyUI's model config classes whose UNet, noise schedule and LoRA keys this trainer handles.
 ARCHITECTURES = {"SD15": "sd15", "SDXL": "sdxl", "SSD1B": "sdxl", "Segmind_Vega": "sdxl",
                  "KOALA_700M": "sdxl", "KOALA_1B": "sdxl"}

@@ -45,6 +45,25 @@ def import_comfy_in_process():
     return comfy
 
 
+def load_pack(name: str = "comfyui_facechain", root: Path = REPO):
+    """This pack imported in the test process as ComfyUI would import it from custom_nodes (a package named
+    after its folder; ComfyUI's own top-level ``nodes`` module stays untouched), ComfyUI on the CPU."""
+    import importlib.util
+
+    import_comfy_in_process()
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, root / "__init__.py",
+                                                      submodule_search_locations=[str(root)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
+
+
 def tiny_checkpoint() -> Path:
     if not TINY_CKPT.is_file():
         import subprocess

@@ -24,7 +24,6 @@ from .trainer import Backbone
 
 CONFIGS = Path(__file__).resolve().parent.parent / "data" / "configs"
 UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 
 
