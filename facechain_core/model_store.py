@@ -112,11 +112,16 @@ def modelscope_pipeline(name: str, task: str):
 
 
 def embedded_path(name: str) -> Path:
-    """A model file shipped inside a registry package (found without importing the package)."""
+    """A model file of an offline default: inside an installed registry package (found without importing
+    the package), or taken out of a registry wheel into the pack's models folder (``embedded.py``)."""
     try:
         entry = catalogue()["embedded"][name]
     except KeyError:
         raise FaceChainError(f"Unknown embedded model '{name}'.") from None
+    if "wheel" in entry:
+        from . import embedded
+
+        return embedded.path(name)
     spec = importlib.util.find_spec(entry["package"])
     if spec is None or not spec.submodule_search_locations:
         raise ModelMissingError(
