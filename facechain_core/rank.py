@@ -4,6 +4,10 @@ FaceChain's rule: an image is kept only if exactly one face is detected and its 
 kept face is embedded by a face-recognition model and the images are sorted by cosine similarity to the
 template face. Here the reference may also be several photos (the aligned training crops): their
 normalised embeddings are averaged, which is steadier than any single photo.
+
+Likeness: the similarity as a share of the person's own photo-to-photo similarity (leave-one-out over the
+references: each one against the mean of the others), so 100 % means "as alike as two of the person's own
+photos", whatever the recogniser's scale. Images below the accept threshold are rejected, with the reason.
 """
 
 from __future__ import annotations
@@ -38,9 +42,12 @@ class RankSettings:
     min_face_fraction: float = field(default_factory=lambda: filter_defaults()["min_face_fraction"])
     max_face_fraction: float = field(default_factory=lambda: filter_defaults()["max_face_fraction"])
     min_face_px: float = field(default_factory=lambda: filter_defaults()["min_face_px"])
+    accept_likeness: float = field(default_factory=lambda: filter_defaults()["accept_likeness"])  # percent
     workers: int = 0  # 0: choose from the CPU count
 
     def check(self) -> None:
+        if not 0.0 <= self.accept_likeness <= 200.0:
+            raise FaceChainError(f"Accept threshold {self.accept_likeness}% is outside 0-200%.")
         if self.top_n < 1:
             raise FaceChainError(f"top_n is {self.top_n}; keep at least 1 image.")
         if not 0.0 < self.min_face_fraction < self.max_face_fraction <= 1.5:
@@ -56,6 +63,12 @@ class Candidate:
     face: Face | None = None
     embedding: np.ndarray | None = None
     why_dropped: str = ""
+    likeness: float | None = None  # percent of the person's own photo-to-photo similarity
+    fusion_note: str = ""  # how FaceFusion reduced or skipped its fusion of this image, when it did
+
+    @property
+    def accepted(self) -> bool:
+        return self.score is not None and not self.why_dropped
 
 
 @dataclass
@@ -64,19 +77,56 @@ class RankResult:
     scores: list[float]  # their similarities
     candidates: list[Candidate]
     reference_count: int
+    self_similarity: float = 0.0  # the person's own photo-to-photo similarity (100 % likeness)
+    self_similarity_source: str = ""
+    accept_likeness: float = 0.0
+
+    @property
+    def likeness(self) -> list[float]:
+        """The likeness (percent) of each returned image, in ``order``."""
+        return [self.candidates[i].likeness for i in self.order]
+
+    @property
+    def rejected(self) -> list[int]:
+        """Indices of the images not accepted (no plausible face, or below the likeness threshold), best first."""
+        out = [c for c in self.candidates if not c.accepted]
+        return [c.index for c in sorted(out, key=lambda c: (c.score is None, -(c.score or 0.0), c.index))]
 
     def report_text(self) -> str:
+        n_acc = sum(c.accepted for c in self.candidates)
         lines = [f"RTSRank: {len(self.order)} of {len(self.candidates)} images returned "
-                 f"(reference: {self.reference_count} face{'s' if self.reference_count != 1 else ''})"]
+                 f"(reference: {self.reference_count} face{'s' if self.reference_count != 1 else ''}); "
+                 f"{n_acc} accepted at likeness >= {self.accept_likeness:.0f}%, "
+                 f"100% = similarity {self.self_similarity:.3f} ({self.self_similarity_source})"]
         rank_of = {i: r for r, i in enumerate(self.order)}
         for c in sorted(self.candidates, key=lambda c: (c.score is None, -(c.score or 0.0), c.index)):
             if c.score is None:
-                lines.append(f"- {c.name}: dropped, {c.why_dropped}")
+                line = f"- {c.name}: dropped, {c.why_dropped}"
+            elif c.why_dropped:
+                line = f"- {c.name}: rejected, {c.why_dropped}"
             elif c.index in rank_of:
-                lines.append(f"- {c.name}: similarity {c.score:.3f}, rank {rank_of[c.index] + 1}")
+                line = f"- {c.name}: likeness {c.likeness:.0f}%, similarity {c.score:.3f}, rank {rank_of[c.index] + 1}"
             else:
-                lines.append(f"- {c.name}: similarity {c.score:.3f}, below the top {len(self.order)}")
+                line = (f"- {c.name}: likeness {c.likeness:.0f}%, similarity {c.score:.3f}, "
+                        f"below the top {len(self.order)}")
+            lines.append(line + (f" [fusion {c.fusion_note}]" if c.fusion_note else ""))
         return "\n".join(lines)
+
+
+def self_similarity(refs: list[np.ndarray], backend: str) -> tuple[float, str]:
+    """The person's own photo-to-photo similarity: leave-one-out over the reference embeddings (each one
+    against the normalised mean of the others), or the recogniser's typical value for a single photo."""
+    d = filter_defaults()
+    if len(refs) < 2:
+        return float(d["typical_self_similarity"][backend]), "one reference photo: the recogniser's typical value"
+    unit = [r / np.linalg.norm(r) for r in refs]
+    total = np.sum(unit, axis=0)
+    loo = []
+    for u in unit:
+        rest = total - u
+        loo.append(float(np.dot(u, rest / np.linalg.norm(rest))))
+    value = max(float(np.mean(loo)), float(d["min_self_similarity"]))
+    return value, f"leave-one-out over {len(refs)} reference photos"
 
 
 def plausible_face(face: Face, image_shape: tuple[int, ...], s: RankSettings) -> str:
@@ -147,6 +197,14 @@ def rank_images(images: list[np.ndarray], references: list[np.ndarray], settings
         c.embedding = embed_face(rgb, faces[0], s.backend)
         return c
 
+    def fusion_note(i: int) -> str:
+        """FaceFusion's word on this image, when it fused less than the whole inner face or not at all."""
+        items = detections[i] if detections is not None else []
+        first_face = items[0] if items and isinstance(items[0], dict) else {}
+        if "fusion" not in first_face:
+            return ""
+        return f"{first_face['fusion'].replace('_', ' and ')}: {first_face.get('fusion_note', '')}".rstrip(": ")
+
     # The references and the images are embedded side by side on the same threads.
     jobs = [("ref", i) for i in range(len(references))] + [("img", i) for i in range(len(images))]
     refs, candidates = [], []
@@ -161,10 +219,17 @@ def rank_images(images: list[np.ndarray], references: list[np.ndarray], settings
     if not refs:
         raise FaceChainError("RTSRank found no face in the reference image(s). Connect the template face photo "
                              "(or the aligned training crops) showing the person's face clearly.")
-    ref = np.mean(refs, axis=0)
+    ref = np.mean([r / np.linalg.norm(r) for r in refs], axis=0)
     ref = ref / np.linalg.norm(ref)
+    full, source = self_similarity(refs, s.backend)
     for c in candidates:
+        c.fusion_note = fusion_note(c.index)
         if c.embedding is not None:
-            c.score = float(np.dot(ref, c.embedding))
-    kept = sorted((c for c in candidates if c.score is not None), key=lambda c: (-c.score, c.index))[:s.top_n]
-    return RankResult([c.index for c in kept], [c.score for c in kept], candidates, len(refs))
+            c.score = float(np.dot(ref, c.embedding / np.linalg.norm(c.embedding)))
+            c.likeness = max(0.0, 100.0 * c.score / full)
+            if c.likeness < s.accept_likeness:
+                c.why_dropped = (f"likeness {c.likeness:.0f}% below the accept threshold {s.accept_likeness:.0f}% "
+                                 f"(similarity {c.score:.3f})")
+    kept = sorted((c for c in candidates if c.accepted), key=lambda c: (-c.score, c.index))[:s.top_n]
+    return RankResult([c.index for c in kept], [c.score for c in kept], candidates, len(refs), full, source,
+                      s.accept_likeness)
