@@ -178,6 +178,7 @@ def _blend(rgb: np.ndarray, warped: np.ndarray, tgt: fg.FaceShape, roi, region: 
         support = np.zeros(patch.shape[:2], np.uint8)
         cv2.fillPoly(support, [np.round(inner_poly).astype(np.int32)], 255)
         face = fb.match_colour(face, patch, support > 0, d["blend"]["colour_sigma"] * tgt.iod)
+        face = fb.match_features(face, patch, local, tgt.iod, d["blend"]["feature_grow"])
     face = fb.match_detail(face, patch, fb.eye_boxes(local), d["blend"]["detail_min_ratio"],
                            d["blend"]["detail_max_ratio"], d["blend"]["detail_max_gain"])
     a = alpha * strength
@@ -202,13 +203,18 @@ def _next_level(level: str) -> str:
     return "eyes_brows" if nxt == "reduced" else nxt
 
 
-def _after_check(out: np.ndarray, face: Face, tgt: fg.FaceShape, tpl: Template, before: float) -> tuple[str, float]:
-    """'' when the fused face keeps its outline and is at least as like the template as before, else why not;
-    and the fused face's likeness to the template."""
+def _after_check(original: np.ndarray, out: np.ndarray, face: Face, tgt: fg.FaceShape, tpl: Template,
+                 before: float) -> tuple[str, float]:
+    """'' when the fused face keeps its outline and its eyes' sharpness and is more like the person than before,
+    else why not; and the fused face's likeness."""
     d = fg.settings_data()
     shift = fg.outline_shift(tgt, face_mesh(out, face.keypoints).points, d["inner_face"]["inner_scale"])
     if shift > d["guards"]["outline_tolerance"]:
         return f"the outline moved {shift:.2f} IOD when fused", before
+    boxes = fb.eye_boxes(tgt.points)
+    sharp = fb.sharpness(out, boxes) / max(1e-6, fb.sharpness(original, boxes))
+    if sharp < d["guards"]["min_eye_sharpness"]:
+        return f"the eyes came out softer ({sharp:.2f} of their sharpness)", before
     after = cosine(embed_face(out, face), tpl.embedding)
     if after < before + d["guards"]["min_likeness_gain"]:
         return f"fusing did not raise the likeness to the {tpl.likeness_to} ({before:.2f} -> {after:.2f})", after
@@ -241,7 +247,7 @@ def fuse_one(rgb: np.ndarray, faces: list[Face], tpl: Template, s: FusionSetting
             before = cosine(embed_face(rgb, face), tpl.embedding)
         strength = s.strength * (fg.settings_data()["guards"]["reduced_strength"] if verdict.reduced else 1.0)
         out, mask = _blend(rgb, warped, tgt, roi, verdict.region, strength, s)
-        why_not, after = _after_check(out, face, tgt, tpl, before)
+        why_not, after = _after_check(rgb, out, face, tgt, tpl, before)
         if not why_not:
             level = "reduced" if verdict.reduced and verdict.level == "full" else verdict.level
             note = LEVEL_WORDS[level] + (" at reduced strength" if verdict.reduced and level == "eyes_brows" else "")

@@ -69,6 +69,31 @@ def match_colour(warped: np.ndarray, target: np.ndarray, support: np.ndarray, si
     return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
+FEATURES = {"brows": ("right_brow", "left_brow"), "eyes": ("right_eye", "left_eye"), "lips": ("lips_outer",)}
+
+
+def match_features(face: np.ndarray, target: np.ndarray, local: np.ndarray, iod: float, grow: float) -> np.ndarray:
+    """Each feature (brows, eyes, lips) of ``face`` given the target's own tone: the Lab mean and spread of the
+    template's feature are mapped onto the target's same feature, so dark brows on fair hair turn the
+    hair's colour and lipstick stays the image's, while the feature's shape and detail stay the template's."""
+    fl = cv2.cvtColor(face.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+    tl = cv2.cvtColor(target.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+    out = fl.copy()
+    g = max(1, int(round(grow * iod)))
+    for names in FEATURES.values():
+        hard = fm.fill_contours(face.shape[:2], local, list(names), grow=g) > 0
+        if hard.sum() < 12:
+            continue
+        fm_, fs = fl[hard].mean(axis=0), fl[hard].std(axis=0) + 1e-3
+        tm, ts = tl[hard].mean(axis=0), tl[hard].std(axis=0) + 1e-3
+        k = np.clip(ts / fs, 0.5, 2.0)
+        mapped = (fl - fm_) * k + tm
+        soft = cv2.GaussianBlur(hard.astype(np.float32), (0, 0), max(1.0, g))[..., None]
+        out = out + (mapped - out) * soft
+    out[..., 0] = np.clip(out[..., 0], 0, 100)
+    return np.clip(cv2.cvtColor(out, cv2.COLOR_LAB2RGB) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
 def eye_boxes(points: np.ndarray, pad: float = 0.15) -> list[tuple[int, int, int, int]]:
     """x0, y0, x1, y1 around each eye's contour, padded by ``pad`` inter-ocular distances."""
     r, le = fm.contour(points, "right_eye"), fm.contour(points, "left_eye")

@@ -209,7 +209,8 @@ def test_rank_with_fusion_detections_matches_searching_again_and_names_reduced_f
     b = {m[0]: (float(m[2]), m[3]) for m in re.findall(pattern, searched, re.M)}
     assert set(a) == set(b) == {"biden1.jpg", "biden2.jpg", "rose1.jpg", "rose2.jpg"}
     for name in a:
-        assert a[name][1] == b[name][1] and abs(a[name][0] - b[name][0]) < 0.03, (name, a[name], b[name])
+        # same rank; the fused face found afresh has slightly different keypoints (its features are the template's)
+        assert a[name][1] == b[name][1] and abs(a[name][0] - b[name][0]) < 0.05, (name, a[name], b[name])
     fusion_notes = report_lines(entry)[1:]
     reduced = [n for n in fusion_notes if "fused less" in n or "reduced strength" in n or "left unfused" in n]
     assert reduced, fusion_notes
