@@ -69,7 +69,8 @@ class FaceAxes:
         if self.width < 4 or self.height < 4:
             raise FaceChainError("The face mesh is degenerate (face narrower than 4 pixels); run FaceAlign again.")
         middle = (point(points, "left_cheek") + point(points, "right_cheek")) / 2
-        ys, xs = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float32)
+        xs = np.arange(shape[1], dtype=np.float32)[None, :]
+        ys = np.arange(shape[0], dtype=np.float32)[:, None]
         self.across = (xs - middle[0]) * self.right[0] + (ys - middle[1]) * self.right[1]
         self.below_chin = (xs - self.chin[0]) * self.down[0] + (ys - self.chin[1]) * self.down[1]
 

@@ -88,8 +88,8 @@ def soft_inside(mask: np.ndarray, feather: int) -> np.ndarray:
 
 def paint_outside(rgb: np.ndarray, mask: np.ndarray, feather: int = 3) -> np.ndarray:
     """White outside the mask; a few pixels of fade inside its edge so the cut-out has no jagged rim."""
-    a = soft_inside(mask, feather)[..., None]
-    return (rgb.astype(np.float32) * a + WHITE * (1.0 - a) + 0.5).astype(np.uint8)
+    a = soft_inside(mask, feather)
+    return cv2.blendLinear(rgb, np.full_like(rgb, WHITE), a, 1.0 - a)
 
 
 # --- embedded backend ------------------------------------------------------------------------------------
