@@ -180,7 +180,7 @@ def hair_mask(rgb: np.ndarray, person: np.ndarray, face: np.ndarray, neck: np.nd
     if seeds_hair.sum() >= 20 and seeds_other.sum() >= 20:
         coloured = colour_probability(v.rgb, seeds_hair, seeds_other) > 0.5
         if seeds_beside.sum() >= 20:
-            hangs = colour_probability(v.rgb, seeds_beside, seeds_other) > 0.5
+            hangs = colour_probability(v.rgb, seeds_beside, seeds_other) > zone["hang_colour"]
             coloured = np.where(upper, coloured, coloured & hangs)
     hair = v.person & ~v.face & ~v.neck & (np.abs(v.across) <= zone["half_width"] * axes.width)
     hair &= (upper & near) | coloured
