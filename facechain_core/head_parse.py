@@ -24,10 +24,10 @@ import cv2
 import numpy as np
 
 from . import model_store
-from .backends import backend_instance
 from .detect import detect_faces
 from .errors import FaceChainError
 from .face_mesh import face_mesh, fill_contours, jaw, point, read_tflite, topology
+from .model_cache import cached
 
 LONG_HAIR = ("keep", "cut")
 SEG_SIDE = 256  # the person net's input side
@@ -37,8 +37,8 @@ WORK_SIDE = 128  # the colour test's side: it decides hair or not in blocks, the
 class PersonMaskNet:
     """selfie_segmentation.tflite through OpenCV: RGB in [0, 1], 256x256, person probability out."""
 
-    def __init__(self):
-        self._net = read_tflite(model_store.embedded_path("selfie_segmentation"))
+    def __init__(self, path):
+        self._net = read_tflite(path)
         self._lock = threading.Lock()
 
     def probability(self, rgb: np.ndarray) -> np.ndarray:
@@ -52,7 +52,9 @@ class PersonMaskNet:
 
 
 def person_net() -> PersonMaskNet:
-    return backend_instance("person_mask", "embedded", {"embedded": PersonMaskNet})
+    """The shared net, loaded again when its file changes."""
+    path = model_store.embedded_path("selfie_segmentation")
+    return cached(("embedded", "selfie_segmentation"), lambda: PersonMaskNet(path), [path])
 
 
 class FaceAxes:
