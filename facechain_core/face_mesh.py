@@ -13,28 +13,25 @@ Points are ``float32`` (468, 2) arrays in the pixel frame of the image they were
 
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from . import model_store
-from .backends import backend_instance
+from .data_files import load
 from .errors import FaceChainError, ModelMissingError
 from .face_regions import FaceFrame
+from .model_cache import cached
 
 N_POINTS = 468
-DATA = Path(__file__).resolve().parent / "data" / "face_mesh.json"
 
 
-@lru_cache(maxsize=1)
 def topology() -> dict:
     """The named index groups of the mesh (``data/face_mesh.json``)."""
-    return json.loads(DATA.read_text())
+    return load("face_mesh.json")
 
 
 def contour(points: np.ndarray, name: str) -> np.ndarray:
@@ -87,8 +84,7 @@ def read_tflite(path: Path):
 class FaceMeshNet:
     """face_landmark.tflite through OpenCV, one forward at a time (an OpenCV net is not re-entrant)."""
 
-    def __init__(self):
-        path = model_store.embedded_path("face_mesh")
+    def __init__(self, path: Path):
         self._net = read_tflite(path)
         self._outs = self._output_names()
         self._lock = threading.Lock()
@@ -114,7 +110,9 @@ class FaceMeshNet:
 
 
 def mesh_net() -> FaceMeshNet:
-    return backend_instance("face_mesh", "embedded", {"embedded": FaceMeshNet})
+    """The shared net, loaded again when its file changes."""
+    path = model_store.embedded_path("face_mesh")
+    return cached(("embedded", "face_mesh"), lambda: FaceMeshNet(path), [path])
 
 
 def _crop_transform(centre: np.ndarray, side: float, angle: float, size: int) -> np.ndarray:

@@ -31,8 +31,10 @@ from .detect import Face
 from .errors import FaceChainError
 from .face_mesh import face_mesh, topology
 from .images import as_rgb_uint8
+from .model_cache import cached, learned_files
 from .progress import ProgressFn, no_progress
-from .recognition import cosine, detect_faces_parallel_safe, embed_face, parallel_map
+from .recognition import cosine, embed_face
+from .threads import detect_faces_per_thread, parallel_map
 
 BACKENDS = ("embedded", "face_fusion")
 LEVEL_WORDS = {"full": "fused (inner face)", "reduced": "fused at reduced strength (inner face)",
@@ -111,15 +113,8 @@ class LearnedFusion:
         return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)  # ModelScope's vision pipelines answer in BGR
 
 
-_learned: dict = {}
-_learned_lock = threading.Lock()
-
-
 def learned_fusion() -> LearnedFusion:
-    with _learned_lock:
-        if "face_fusion" not in _learned:
-            _learned["face_fusion"] = LearnedFusion()
-        return _learned["face_fusion"]
+    return cached(("fusion", "face_fusion"), LearnedFusion, learned_files("face_fusion"))
 
 
 @dataclass
@@ -262,7 +257,7 @@ def fuse_one(rgb: np.ndarray, faces: list[Face], tpl: Template, s: FusionSetting
 def reference_embedding(images: list[np.ndarray], detector: str, workers: int) -> np.ndarray | None:
     """The normalised mean recogniser embedding of the person's photos (None when none shows a face)."""
     def one(rgb):
-        faces = detect_faces_parallel_safe(rgb, detector)
+        faces = detect_faces_per_thread(rgb, detector)
         return embed_face(rgb, faces[0]) if faces else None
 
     embs = [e for e in parallel_map(one, images, workers) if e is not None]
@@ -289,7 +284,7 @@ def fuse_images(images: list[np.ndarray], template: np.ndarray, settings: Fusion
     template_rgb = as_rgb_uint8(template, "template")
     progress(0, len(rgbs), None)
     # 1. find the faces of the template and of every image side by side, 2. fuse side by side
-    found = list(parallel_map(lambda im: detect_faces_parallel_safe(im, s.detector), [template_rgb] + rgbs,
+    found = list(parallel_map(lambda im: detect_faces_per_thread(im, s.detector), [template_rgb] + rgbs,
                               s.workers))
     if not found[0]:
         raise FaceChainError("FaceFusion found no face in the template image. Connect a clear photo of the "

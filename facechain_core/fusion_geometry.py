@@ -8,23 +8,19 @@ eyes, the warp's triangles); what fails decides how much is fused (``data/fusion
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path
 
 import cv2
 import numpy as np
 
 from . import face_mesh as fm
-
-DATA = Path(__file__).resolve().parent / "data" / "fusion.json"
+from .data_files import load
 LEVELS = ("full", "reduced", "eyes_brows", "skip")  # from the most fused to the least
 
 
-@lru_cache(maxsize=1)
 def settings_data() -> dict:
-    return json.loads(DATA.read_text())
+    """``data/fusion.json``: the inner face, the blend and the guards' thresholds."""
+    return load("fusion.json")
 
 
 def _idx(name: str) -> int:

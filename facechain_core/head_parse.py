@@ -24,9 +24,10 @@ import cv2
 import numpy as np
 
 from . import model_store
-from .backends import backend_instance
+from .detect import detect_faces
 from .errors import FaceChainError
 from .face_mesh import face_mesh, fill_contours, jaw, point, read_tflite, topology
+from .model_cache import cached
 
 LONG_HAIR = ("keep", "cut")
 SEG_SIDE = 256  # the person net's input side
@@ -36,8 +37,8 @@ WORK_SIDE = 128  # the colour test's side: it decides hair or not in blocks, the
 class PersonMaskNet:
     """selfie_segmentation.tflite through OpenCV: RGB in [0, 1], 256x256, person probability out."""
 
-    def __init__(self):
-        self._net = read_tflite(model_store.embedded_path("selfie_segmentation"))
+    def __init__(self, path):
+        self._net = read_tflite(path)
         self._lock = threading.Lock()
 
     def probability(self, rgb: np.ndarray) -> np.ndarray:
@@ -51,7 +52,9 @@ class PersonMaskNet:
 
 
 def person_net() -> PersonMaskNet:
-    return backend_instance("person_mask", "embedded", {"embedded": PersonMaskNet})
+    """The shared net, loaded again when its file changes."""
+    path = model_store.embedded_path("selfie_segmentation")
+    return cached(("embedded", "selfie_segmentation"), lambda: PersonMaskNet(path), [path])
 
 
 class FaceAxes:
@@ -69,7 +72,8 @@ class FaceAxes:
         if self.width < 4 or self.height < 4:
             raise FaceChainError("The face mesh is degenerate (face narrower than 4 pixels); run FaceAlign again.")
         middle = (point(points, "left_cheek") + point(points, "right_cheek")) / 2
-        ys, xs = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float32)
+        xs = np.arange(shape[1], dtype=np.float32)[None, :]
+        ys = np.arange(shape[0], dtype=np.float32)[:, None]
         self.across = (xs - middle[0]) * self.right[0] + (ys - middle[1]) * self.right[1]
         self.below_chin = (xs - self.chin[0]) * self.down[0] + (ys - self.chin[1]) * self.down[1]
 
@@ -132,40 +136,94 @@ def unbroken_down(hair: np.ndarray, gap: int = 3) -> np.ndarray:
     return np.cumprod(closed, axis=0).astype(bool) & hair
 
 
-def hair_below_mouth(rgb: np.ndarray, person: np.ndarray, face: np.ndarray, neck: np.ndarray,
-                     axes: FaceAxes, points: np.ndarray) -> np.ndarray:
-    """0/255 at ``rgb``'s size: the person's pixels below the mouth whose colour is the hair's.
+class SmallView:
+    """The crop and its masks at the colour test's size (the test decides in blocks; the full-size person mask
+    draws the edges afterwards)."""
 
-    The hair's colour comes from the person above the eyes outside the face (certain hair); what is not
-    hair from the face and the column under the jaw below the chin (neck, chest, the clothes on them)."""
-    h, w = person.shape
-    k = WORK_SIDE / max(h, w)
-    side = (max(1, round(w * k)), max(1, round(h * k)))
-    small = _small(rgb, side)
-    p, f, n = (_small(m, side, cv2.INTER_NEAREST) > 0 for m in (person, face, neck))
-    below = _small(axes.below_chin, side, cv2.INTER_LINEAR)
-    seeds_hair = p & (below < -axes.eye_depth(points)) & ~f
-    seeds_other = (p & n & (below > 0)) | f
-    if seeds_hair.sum() < 20 or seeds_other.sum() < 20:
-        return np.zeros((h, w), np.uint8)
-    prob = colour_probability(small, seeds_hair, seeds_other)
-    hair = (prob > 0.5) & p & ~n
-    across = _small(axes.across, side, cv2.INTER_LINEAR)
-    hair &= (below <= 0) | hangs_from_chin(hair & ~f, across, below, axes.height * k, axes.width * k)
-    hair &= (below <= 0) | unbroken_down(hair | (below <= 0))
-    # the decision is blocky at this size: smooth it, and let the full-size person mask draw the edge
-    soft = cv2.GaussianBlur(hair.astype(np.float32), (3, 3), 0)
-    soft = cv2.resize(soft, (w, h), interpolation=cv2.INTER_LINEAR)
-    hair = np.where((soft > 0.5) & (person > 0), 255, 0).astype(np.uint8)
-    hair[axes.below_chin < -axes.mouth_depth(points)] = 0
-    return hair
+    def __init__(self, rgb, person, face, neck, axes: FaceAxes):
+        h, w = person.shape
+        self.full = (w, h)
+        self.k = WORK_SIDE / max(h, w)
+        self.side = (max(1, round(w * self.k)), max(1, round(h * self.k)))
+        self.rgb = _small(rgb, self.side)
+        self.person, self.face, self.neck = (_small(m, self.side, cv2.INTER_NEAREST) > 0 for m in (person, face, neck))
+        # face coordinates stay in full-size pixels
+        self.below = _small(axes.below_chin, self.side, cv2.INTER_LINEAR)
+        self.across = _small(axes.across, self.side, cv2.INTER_LINEAR)
+        outside = (~self.face).astype(np.uint8)
+        self.from_face = cv2.distanceTransform(outside, cv2.DIST_L2, 3) / max(axes.width * self.k, 1.0)
+
+    def up(self, mask: np.ndarray, person: np.ndarray) -> np.ndarray:
+        """A small 0/1 decision at full size, smoothed, within the full-size person mask; 0/255."""
+        soft = cv2.GaussianBlur(mask.astype(np.float32), (3, 3), 0)
+        soft = cv2.resize(soft, self.full, interpolation=cv2.INTER_LINEAR)
+        return np.where((soft > 0.5) & (person > 0), 255, 0).astype(np.uint8)
 
 
-def head_zone(axes: FaceAxes) -> np.ndarray:
-    """0/255: where hair of this head may lie: a band a few face widths wide around the face's axis."""
+def hair_mask(rgb: np.ndarray, person: np.ndarray, face: np.ndarray, neck: np.ndarray, axes: FaceAxes,
+              points: np.ndarray) -> np.ndarray:
+    """0/255 at ``rgb``'s size: the hair of this head.
+
+    Near the face (``near`` face widths from its oval) and above the mouth, the person is hair. Further out,
+    and below the mouth, only what has the hair's colour: colour histograms of the person above the eyes near
+    the face (certain hair) against the face and the column under the jaw below the chin (neck, chest and
+    the clothes on them). Below the chin, hair must also hang: under hair at the chin's level, unbroken."""
     zone = topology()["head"]
-    inside = np.abs(axes.across) <= zone["half_width"] * axes.width
-    return inside.astype(np.uint8) * 255
+    v = SmallView(rgb, person, face, neck, axes)
+    near = v.from_face < zone["near"]
+    upper = v.below < -axes.mouth_depth(points)
+    seeds_hair = v.person & near & (v.below < -axes.eye_depth(points)) & ~v.face
+    # not hair: the face, the neck column under the chin and the background around the head (the person
+    # mask can take in a patch of background between the hair and the shoulders)
+    seeds_other = (v.person & v.neck & (v.below > 0)) | v.face | (~v.person & (v.from_face < 1.0))
+    # below the mouth, the hair's colour is that of the hair beside the face, which is what hangs down
+    seeds_beside = v.person & near & ~v.face & ~v.neck & (v.below > -axes.eye_depth(points)) & upper
+    coloured = np.zeros(v.person.shape, bool)
+    if seeds_hair.sum() >= 20 and seeds_other.sum() >= 20:
+        coloured = colour_probability(v.rgb, seeds_hair, seeds_other) > 0.5
+        if seeds_beside.sum() >= 20:
+            hangs = colour_probability(v.rgb, seeds_beside, seeds_other) > zone["hang_colour"]
+            coloured = np.where(upper, coloured, coloured & hangs)
+    hair = v.person & ~v.face & ~v.neck & (np.abs(v.across) <= zone["half_width"] * axes.width)
+    hair &= (upper & near) | coloured
+    hair &= (v.below <= 0) | hangs_from_chin(hair, v.across, v.below, axes.height, axes.width)
+    hair &= (v.below <= 0) | unbroken_down(hair | (v.below <= 0))
+    out = v.up(hair, person)
+    # above the mouth and near the face the full-size person mask decides on its own (sharp edges)
+    exact = (person > 0) & (face == 0) & (neck == 0) & (axes.below_chin < -axes.mouth_depth(points))
+    exact &= cv2.resize(near.astype(np.uint8), v.full, interpolation=cv2.INTER_NEAREST) > 0
+    out[exact] = 255
+    return out
+
+
+def other_faces(rgb: np.ndarray, points: np.ndarray, side: int = 320) -> list[tuple[np.ndarray, float]]:
+    """(centre, size) in ``rgb``'s pixels of every face in the crop other than this one (people behind or
+    beside the head). Detected on a smaller copy: a face of 30 pixels in a 512 crop is still found."""
+    h, w = rgb.shape[:2]
+    k = min(1.0, side / max(h, w))
+    small = cv2.resize(rgb, (max(1, round(w * k)), max(1, round(h * k))), interpolation=cv2.INTER_AREA)
+    oval = np.asarray(points, np.float32)[topology()["contours"]["face_oval"]]
+    centre, size = oval.mean(axis=0), float(np.ptp(oval, axis=0).max())
+    out = []
+    for f in detect_faces(small, "embedded"):
+        c, s = f.centre / k, f.size / k
+        if np.linalg.norm(c - centre) > 0.5 * size:
+            out.append((c, s))
+    return out
+
+
+def belongs_to_others(shape: tuple[int, int], points: np.ndarray, others) -> np.ndarray:
+    """True where a pixel lies nearer another face than this one, distances in each face's own size: the
+    person mask joins people who touch, this splits them between their faces."""
+    oval = np.asarray(points, np.float32)[topology()["contours"]["face_oval"]]
+    centre, size = oval.mean(axis=0), float(np.ptp(oval, axis=0).max())
+    xs = np.arange(shape[1], dtype=np.float32)[None, :]
+    ys = np.arange(shape[0], dtype=np.float32)[:, None]
+    own = np.hypot(xs - centre[0], ys - centre[1]) / size
+    theirs = np.zeros(shape[:2], bool)
+    for c, s in others:
+        theirs |= np.hypot(xs - c[0], ys - c[1]) / s < own
+    return theirs
 
 
 def mesh_parse(rgb: np.ndarray, keypoints, points: np.ndarray | None = None,
@@ -181,11 +239,10 @@ def mesh_parse(rgb: np.ndarray, keypoints, points: np.ndarray | None = None,
     face = fill_contours(shape, points, ["face_oval"])
     neck = under_jaw(shape, points, axes)
     neck[(face > 0) | ((axes.below_chin > 0) & (np.abs(axes.across) > zone["neck_half_width"] * axes.width))] = 0
-    hair = person.copy()
-    hair[(face > 0) | (neck > 0) | (head_zone(axes) == 0)] = 0
-    lower = hair_below_mouth(rgb, person, face, neck, axes, points)
-    hair[axes.below_chin > -axes.mouth_depth(points)] = 0  # below the mouth only what GrabCut calls hair
-    hair = np.maximum(hair, np.minimum(lower, head_zone(axes)))
+    hair = hair_mask(rgb, person, face, neck, axes, points)
+    others = other_faces(rgb, points)
+    if others:
+        hair[belongs_to_others(shape, points, others)] = 0
     if long_hair == "cut":
         hair[axes.below_chin > 0] = 0
     hair = cv2.morphologyEx(hair, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))

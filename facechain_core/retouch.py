@@ -22,10 +22,10 @@ from . import model_store
 from .backends import backend_instance
 from .errors import FaceChainError
 from .face_mesh import fill_contours, mesh_from_list
-from .face_regions import FaceFrame, draw_oval, feature_mask
+from .face_regions import FaceFrame, draw_oval, feature_mask, soft_inside
 from .images import as_rgb_uint8
-from .parse import require_colour, skin_likelihood, soft_inside
 from .progress import ProgressFn, no_progress
+from .skin_colour import require_colour, skin_likelihood
 
 BACKENDS = ("embedded", "abpn")
 
@@ -39,7 +39,11 @@ def features(shape: tuple[int, int], frame: FaceFrame, mesh: np.ndarray | None) 
     eyes = fill_contours(shape, mesh, ["right_eye", "left_eye"], grow=max(2, round(0.12 * d)))
     brows = fill_contours(shape, mesh, ["right_brow", "left_brow"], grow=max(2, round(0.06 * d)))
     lips = fill_contours(shape, mesh, ["lips_outer"], grow=max(2, round(0.05 * d)))
-    return np.maximum(np.maximum(eyes, brows), lips)
+    out = np.maximum(np.maximum(eyes, brows), lips)
+    # the detector's eyes and mouth corners stay sharp too: the two models disagree by up to ~0.15 d there
+    for x, y in frame.keypoints[[0, 1, 3, 4]]:
+        cv2.circle(out, (round(float(x)), round(float(y))), max(3, round(0.15 * d)), 255, -1)
+    return out
 
 
 def skin_mask(rgb: np.ndarray, keypoints, limit: np.ndarray | None = None, mesh=None) -> np.ndarray:
@@ -140,7 +144,8 @@ def retouch_crop(image: np.ndarray, keypoints, strength: float = 0.6, backend: s
 
 def retouch_crops(images: list[np.ndarray], keypoints: list, strength: float = 0.6, backend: str = "embedded",
                   limits: list[np.ndarray] | None = None, names: list[str] | None = None,
-                  progress: ProgressFn | None = None, meshes: list | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+                  progress: ProgressFn | None = None,
+                  meshes: list | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     if not images:
         raise FaceChainError("SkinRetouch got no images. Connect the aligned crops of FaceAlign or HumanParse.")
     progress = progress or no_progress

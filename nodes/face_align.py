@@ -60,7 +60,8 @@ class FaceAlign:
         report = result.report_text()
         crops = [a.image for a in result.aligned]
         return {"ui": {"text": [report]},
-                "result": (numpy_to_images(crops), add_meshes(crops, [a.to_dict() for a in result.aligned]), report)}
+                "result": (numpy_to_images(crops), add_meshes(crops, [a.to_dict() for a in result.aligned]),
+                           report)}
 
 
 NODE_CLASS_MAPPINGS = {"FaceChainFaceAlign": FaceAlign}

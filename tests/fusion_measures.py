@@ -15,11 +15,12 @@ from PIL import Image, ImageDraw
 
 from facechain_core import face_mesh as fm
 from facechain_core.fusion_geometry import FaceShape, settings_data
-from facechain_core.recognition import cosine, detect_faces_parallel_safe, embed_face
+from facechain_core.recognition import cosine, embed_face
+from facechain_core.threads import detect_faces_per_thread
 
 
 def embedding(rgb: np.ndarray) -> np.ndarray:
-    faces = detect_faces_parallel_safe(rgb)
+    faces = detect_faces_per_thread(rgb)
     assert faces, "no face found"
     return embed_face(rgb, faces[0])
 
@@ -63,8 +64,8 @@ class Naturalness:
 
 
 def naturalness(before: np.ndarray, after: np.ndarray) -> Naturalness:
-    f0 = detect_faces_parallel_safe(before)[0]
-    found = detect_faces_parallel_safe(after)
+    f0 = detect_faces_per_thread(before)[0]
+    found = detect_faces_per_thread(after)
     m0 = fm.face_mesh(before, f0.keypoints).points
     shape0 = FaceShape.of(m0)
     # the result's own face and mesh, found from scratch on the result
@@ -94,7 +95,7 @@ def _crop(img: np.ndarray, box) -> np.ndarray:
 def sheet_row(name: str, template: np.ndarray, before: np.ndarray, after: np.ndarray, note: str,
               size: int = 300) -> Image.Image:
     """Template | before face | after face | before eyes | after eyes | before mouth | after mouth, and the note."""
-    f0 = detect_faces_parallel_safe(before)[0]
+    f0 = detect_faces_per_thread(before)[0]
     m0 = fm.face_mesh(before, f0.keypoints).points
     lo, hi = m0.min(axis=0), m0.max(axis=0)
     pad = 0.15 * (hi - lo)

@@ -177,9 +177,9 @@ def disfigured(rgb: np.ndarray) -> np.ndarray:
     broken warp smears a face (made here, so the ranking has a known-bad image)."""
     import cv2
 
-    from facechain_core.recognition import detect_faces_parallel_safe
+    from facechain_core.threads import detect_faces_per_thread
 
-    face = detect_faces_parallel_safe(rgb)[0]
+    face = detect_faces_per_thread(rgb)[0]
     cx, cy = face.centre
     radius = face.size / 2
     yy, xx = np.mgrid[0:rgb.shape[0], 0:rgb.shape[1]].astype(np.float32)
