@@ -13,6 +13,7 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 
+from ..facechain_core import licences
 from ..facechain_core.errors import FaceChainError
 from ..facechain_core.lora_format import kohya_metadata
 from ..facechain_core.train import (Backbone, TrainSettings, check_free, defaults, lora_file, resolve_captions,
@@ -252,14 +253,15 @@ class TrainFaceLoRA:
                               token, caption_list, base_hash, train_text_encoder=settings.train_text_encoder,
                               extra={"ss_output_name": path.stem, "facechain_batch_size": settings.batch_size,
                                      "facechain_learning_rate": settings.learning_rate,
-                                     "facechain_seed": settings.seed, "facechain_precision": result.precision})
+                                     "facechain_seed": settings.seed, "facechain_precision": result.precision,
+                                     **licences.metadata(licences.models_for(train="lora"))})
         save_lora(path, result.lora, meta, overwrite)
 
         # Apply the file as it is on disk, through the same calls as the stock LoraLoader.
         lora = comfy.utils.load_torch_file(str(path), safe_load=True)
         model_lora, clip_lora = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
         rel = os.path.relpath(path, folder_paths.get_folder_paths("loras")[0]).replace(os.sep, "/")
-        report = f"LoRA saved: {rel}\ntrigger: {token}\n{result.summary()}"
+        report = f"LoRA saved: {rel}\ntrigger: {token}\n{result.summary()}\n{licences.line(train='lora')}"
         return {"ui": {"text": [report]}, "result": (model_lora, clip_lora, rel, report)}
 
 
