@@ -64,7 +64,8 @@ def test_embedded_licences_are_what_their_package_says():
 
 @pytest.mark.parametrize("expression,friendly", [
     ("Apache-2.0", True), ("Apache-2.0 AND MIT", True), ("MIT OR LicenseRef-Other", True),
-    ("CC-BY-NC-4.0", False), ("Apache-2.0 AND LicenseRef-InsightFace-non-commercial", False), ("?", False), ("", False)])
+    ("CC-BY-NC-4.0", False), ("Apache-2.0 AND LicenseRef-InsightFace-non-commercial", False), ("?", False),
+    ("", False)])
 def test_commercial_friendly_is_decided_by_the_data_list(expression, friendly):
     assert licences.is_commercial_friendly(expression) is friendly
 
@@ -78,7 +79,8 @@ def test_commercial_only_refuses_non_commercial_and_unknown_models(root, monkeyp
         model_store.model_path("arcface")
     msg = str(e.value)
     assert not isinstance(e.value, ModelMissingError)
-    for words in ("'arcface'", "LicenseRef-InsightFace-non-commercial", "SFace, Apache-2.0", "FACECHAIN_COMMERCIAL_ONLY"):
+    for words in ("'arcface'", "LicenseRef-InsightFace-non-commercial", "SFace, Apache-2.0",
+                  "FACECHAIN_COMMERCIAL_ONLY"):
         assert words in msg, msg
     with pytest.raises(FaceChainError, match="'rts'.*licence is unknown"):
         model_store.model_path("rts")
@@ -145,9 +147,9 @@ def test_node_reports_and_lora_metadata_name_models_and_licences(client, comfy_b
                                                                 "scorer": "embedded", "min_quality": 0.0}},
         "7": {"class_type": "FaceChainFaceFusion", "inputs": {"images": ["2", 0], "template": ["6", 3],
                                                               "strength": 1.0, "backend": "embedded"}},
-        "8": {"class_type": "FaceChainRTSRank", "inputs": {"images": ["7", 0], "reference": ["6", 3], "top_n": 2,
-                                                           "backend": "embedded", "min_face_fraction": 0.12,
-                                                           "max_face_fraction": 0.85, "if_none_kept": "return unranked"}},
+        "8": {"class_type": "FaceChainRTSRank", "inputs": {
+            "images": ["7", 0], "reference": ["6", 3], "top_n": 2, "backend": "embedded", "min_face_fraction": 0.12,
+            "max_face_fraction": 0.85, "if_none_kept": "return unranked"}},
         "9": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": TINY_CKPT.name}},
         "10": {"class_type": "FaceChainTrainFaceLoRA", "inputs": {
             "model": ["9", 0], "clip": ["9", 1], "vae": ["9", 2], "images": ["4", 0], "name": "licence_lora",
