@@ -8,16 +8,15 @@ check is a small function that returns findings; none installs or downloads anyt
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import re
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
-DATA = Path(__file__).with_name("data") / "doctor.json"
+from . import data_files
+
 PIP = f"{Path(sys.executable).name} -m pip"  # the fixes name this Python's pip, as the user would type it
 
 
@@ -33,10 +32,8 @@ class Finding:
         return f"{head} {self.check}: {self.message}" + (f"\n        fix: {self.fix}" if self.fix else "")
 
 
-@lru_cache(maxsize=1)
 def expectations() -> dict:
-    with open(DATA, encoding="utf-8") as f:
-        return json.load(f)
+    return data_files.load("doctor.json")
 
 
 def _installed(names: list[str]) -> dict[str, list[str]]:
@@ -87,11 +84,12 @@ def check_embedded_models() -> list[Finding]:
     from .errors import FaceChainError
 
     out = []
-    for name in sorted(model_store.catalogue()["embedded"]):
+    packaged = {n: e for n, e in model_store.catalogue()["embedded"].items() if "package" in e}
+    for name in sorted(packaged):
         try:
             out.append(Finding(f"model {name}", "ok", str(model_store.embedded_path(name))))
         except FaceChainError as e:
-            pkg = model_store.catalogue()["embedded"][name]["package"]
+            pkg = packaged[name]["package"]
             out.append(Finding(f"model {name}", "error", re.split(r"[;.] ", str(e))[0],
                                f"{PIP} install --force-reinstall {pkg}"))
     module = model_store.embedded_module()

@@ -12,20 +12,16 @@ from __future__ import annotations
 import json
 import os
 import re
-from functools import lru_cache
-from pathlib import Path
 
+from . import data_files
 from .errors import FaceChainError
 
-DATA = Path(__file__).with_name("data") / "licences.json"
 ENV = "FACECHAIN_COMMERCIAL_ONLY"
 UNKNOWN = "?"
 
 
-@lru_cache(maxsize=1)
 def _data() -> dict:
-    with open(DATA, encoding="utf-8") as f:
-        return json.load(f)
+    return data_files.load("licences.json")
 
 
 def commercial_only() -> bool:

