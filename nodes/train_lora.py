@@ -8,6 +8,7 @@ import torch
 
 import folder_paths
 
+from ..facechain_core import licences
 from ..facechain_core.lora_format import kohya_metadata
 from ..facechain_core.train import (TrainSettings, check_free, defaults, lora_file, require_images,
                                      resolve_captions, save_lora, train_lora, weights_fingerprint)
@@ -104,11 +105,12 @@ class TrainFaceLoRA:
                               token, caption_list, base_hash, train_text_encoder=settings.train_text_encoder,
                               extra={"ss_output_name": path.stem, "facechain_batch_size": settings.batch_size,
                                      "facechain_learning_rate": settings.learning_rate,
-                                     "facechain_seed": settings.seed, "facechain_precision": result.precision})
+                                     "facechain_seed": settings.seed, "facechain_precision": result.precision,
+                                     **licences.metadata(licences.models_for(train="lora"))})
         save_lora(path, result.lora, meta, overwrite)
         model_lora, clip_lora = apply_lora_file(model, clip, path)
         rel = os.path.relpath(path, loras).replace(os.sep, "/")
-        report = f"LoRA saved: {rel}\ntrigger: {token}\n{result.summary()}"
+        report = f"LoRA saved: {rel}\ntrigger: {token}\n{result.summary()}\n{licences.line(train='lora')}"
         return {"ui": {"text": [report]}, "result": (model_lora, clip_lora, rel, report)}
 
 

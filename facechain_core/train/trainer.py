@@ -49,6 +49,9 @@ class Backbone:
     training_context: Optional[Callable[[bool], ContextManager]] = None
 
 
+LOSS_CURVE = "loss curve (mean per run of steps):"  # the report line a plot reads back
+
+
 @dataclass
 class TrainResult:
     lora: dict  # kohya state dict, ready to save
@@ -58,6 +61,12 @@ class TrainResult:
     timings: dict = field(default_factory=dict)
     precision: str = "fp32"
     notes: list = field(default_factory=list)
+
+    def loss_curve(self, points: int = 50) -> list[float]:
+        """The per-step losses averaged over at most ``points`` equal runs of steps (for a plot)."""
+        n = len(self.losses)
+        edges = [round(i * n / min(points, n)) for i in range(min(points, n) + 1)]
+        return [sum(self.losses[a:b]) / (b - a) for a, b in zip(edges, edges[1:]) if b > a]
 
     def summary(self) -> str:
         t = self.timings
@@ -71,6 +80,8 @@ class TrainResult:
             f"caching {t.get('cache_s', 0):.1f} s, training {t.get('train_s', 0):.1f} s "
             f"({1000 * t.get('train_s', 0) / max(self.samples, 1):.1f} ms/sample)",
         ]
+        if self.losses:
+            lines.append(f"{LOSS_CURVE} " + " ".join(f"{v:.4f}" for v in self.loss_curve()))
         if "compile_s" in t:
             lines.append(f"compile (first step) {t['compile_s']:.1f} s")
         if "peak_gib" in t:
