@@ -55,7 +55,7 @@ def set_identity(single_faces: list[tuple[str, np.ndarray, Face]]) -> Identity |
 
 def face_label(face: Face, faces: list[Face], shape: tuple) -> str:
     """'face 2 of 4 (2nd largest, centre 31% across, 40% down)': how the report names a face of a photo."""
-    i = faces.index(face)
+    i = next(j for j, f in enumerate(faces) if f is face)
     size = "the largest" if i == 0 else f"{i + 1}{'nd' if i == 1 else 'rd' if i == 2 else 'th'} largest"
     x, y = 100 * face.centre[0] / shape[1], 100 * face.centre[1] / shape[0]
     return f"face {i + 1} of {len(faces)} ({size}, centre {x:.0f}% across, {y:.0f}% down)"
