@@ -10,25 +10,18 @@ Outputs are mapped onto FairFace's layout (gender [male, female], the nine FairF
 
 from __future__ import annotations
 
-import json
 import threading
-from functools import lru_cache
-from pathlib import Path
 
 import cv2
 import numpy as np
 
-from . import model_store
+from . import data_files, model_store
 from .errors import FaceChainError
 from .onnx_session import onnx_session
 
-DATA = Path(__file__).with_name("data") / "age_gender.json"
 
-
-@lru_cache(maxsize=1)
 def spec() -> dict:
-    with open(DATA, encoding="utf-8") as f:
-        return json.load(f)
+    return data_files.load("age_gender.json")
 
 
 def face_chip(rgb: np.ndarray, keypoints, side: int) -> np.ndarray:

@@ -23,14 +23,12 @@ import numpy as np
 
 from .detect import Face, choose_subject, detect_faces
 from .errors import FaceChainError
+from .face_regions import MEAN_FACE_5
 from .identity import choose_by_identity, set_identity
 from .identity import rules as subject_rules
 from .images import MIN_SIDE, as_rgb_uint8
 from .progress import ProgressFn, no_progress
 
-# The usual mean 5-point face (112x112 template), in the keypoint order of detect.py.
-MEAN_FACE_5 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
-                        [41.5493, 92.3655], [70.7299, 92.2041]])
 WHITE = (255, 255, 255)
 
 
@@ -249,7 +247,8 @@ def align_found(found: Found, subject: Face, settings: AlignSettings | None = No
         if tilt * last_tilt < 0:  # overshot: the detector's keypoints move more than the photo turned
             gain *= 0.5
         last_tilt = tilt
-        grow = 1.0 if abs(fraction - s.face_fraction) < 0.015 else float(np.clip(s.face_fraction / fraction, 0.85, 1.15))
+        grow = 1.0 if abs(fraction - s.face_fraction) < 0.015 \
+            else float(np.clip(s.face_fraction / fraction, 0.85, 1.15))
         t = np.radians(-tilt * gain)
         r = grow * np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
         fix = np.hstack([r, (target - r @ seen.centre)[:, None]])

@@ -8,23 +8,17 @@ identity and no other face does. Thresholds: ``data/subject_rules.json``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 
+from . import data_files
 from .detect import Face, choose_subject
 from .recognition import embed_face
 
-RULES = Path(__file__).with_name("data") / "subject_rules.json"
 
-
-@lru_cache(maxsize=1)
 def rules() -> dict:
-    with open(RULES, encoding="utf-8") as f:
-        return json.load(f)
+    return data_files.load("subject_rules.json")
 
 
 @dataclass

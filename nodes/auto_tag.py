@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from ..facechain_core.face_regions import faces_for_images
-from ..facechain_core.tags import CAPTIONS_TYPE, SUBJECT_SOURCES, TAGGERS, caption_photos, rules
+from ..facechain_core.tags import SUBJECT_SOURCES, TAGGERS, caption_photos, rules
 from ._learned import models_state
-from .common import CATEGORY, FACES, images_to_numpy, progress
+from .common import CATEGORY, progress
+from .sockets import CAPTIONS, FACES, images_to_numpy
 
 
 class AutoTag:
@@ -15,7 +16,7 @@ class AutoTag:
                    "share. Works without any download: the subject phrase then comes from the embedded gender/age "
                    "networks (a handsome man, a mature woman, ...) and captions carry no tags.")
     CATEGORY = CATEGORY
-    RETURN_TYPES = (CAPTIONS_TYPE, "STRING", "STRING", "STRING")
+    RETURN_TYPES = (CAPTIONS, "STRING", "STRING", "STRING")
     RETURN_NAMES = ("captions", "captions_text", "prompt", "report")
     OUTPUT_TOOLTIPS = (
         "Everything at once for TrainFaceLoRA / ApplyStyleLoRA / TemplateFace: a dict with trigger, subject, "

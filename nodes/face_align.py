@@ -5,7 +5,8 @@ from __future__ import annotations
 from ..facechain_core.align import AlignSettings, align_photos
 from ..facechain_core.detect import BACKENDS
 from ..facechain_core.errors import FaceChainError
-from .common import CATEGORY, FACES, first, images_to_numpy, numpy_to_images, progress
+from .common import CATEGORY, first, progress
+from .sockets import FACES, images_to_numpy, numpy_to_images
 
 
 class FaceAlign:

@@ -13,7 +13,8 @@ from PIL import Image
 from facechain_core.align import align_photos, mirrored_tilt, turn_upright
 from facechain_core.detect import detect_faces
 from facechain_core.images import load_photo
-from facechain_core.recognition import detect_faces_parallel_safe, embed_face
+from facechain_core.recognition import embed_face
+from facechain_core.threads import detect_faces_per_thread
 
 ROTATED = {"obama/obama1.jpg": 90, "rose_leslie/rose1.jpg": 180, "katy_perry/img42.jpg": 270,
            "jennifer_aniston/img53.jpg": 90, "biden/biden1.jpg": 270, "katy_perry/img45.jpg": 180}
@@ -66,7 +67,7 @@ def crop_embedding(crop: np.ndarray) -> np.ndarray:
 def photo_embedding(rel: str) -> np.ndarray:
     """The embedding of the one face of a single-face photo, searched at FaceAlign's working size."""
     img = load_photo(FACES / rel)
-    faces = detect_faces_parallel_safe(img)
+    faces = detect_faces_per_thread(img)
     assert len(faces) == 1, rel
     return embed_face(img, faces[0])
 
@@ -125,7 +126,7 @@ def test_group_photos_keep_her_face(client):
         assert min(sims) > 0.45, (name, sims)
     # the bystanders of img54 are other people: none of them is her
     img = load_photo(FACES / "jennifer_aniston" / "img54.jpg")
-    others = detect_faces_parallel_safe(img)[1:]
+    others = detect_faces_per_thread(img)[1:]
     assert len(others) == 3
     assert max(float(embed_face(img, f) @ e) for f in others for e in singles) < 0.3
     contact_sheet("subject_jennifer.png", [(n, c) for n, c in sorted(by_name.items())])
