@@ -69,7 +69,7 @@ class SkinRetouch:
         limits = limit_masks(mask, len(arrays), arrays[0].shape[:2])
         names = [f.get("name") or f"crop {i + 1}" for i, f in enumerate(faces)]
         out = retouch_crops(arrays, [f["keypoints"] for f in faces], strength, backend, limits, names,
-                            progress(len(arrays)))
+                            progress(len(arrays)), [f.get("mesh") for f in faces])
         return {"ui": {"text": [licences.line(retouch=backend)]},
                 "result": (numpy_to_images([o[0] for o in out]), numpy_to_masks([o[1] for o in out]))}
 
