@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..facechain_core import licences
 from ..facechain_core.errors import FaceChainError
 from ..facechain_core.rank import RankSettings, filter_defaults, rank_images
 from ..facechain_core.recognition import BACKENDS
@@ -76,7 +77,7 @@ class RTSRank:
             settings.accept_likeness = float(first(accept_likeness))
         result = rank_images(arrays, refs, settings, [str(n) for n in names or []], progress(len(arrays)),
                              first(detections) if detections else None)
-        report = result.report_text()
+        report = result.report_text() + "\n" + licences.line(rank=settings.backend)
         order, scores, likeness = result.order, result.scores, result.likeness
         if not order:
             if first(if_none_kept) != IF_NONE[0]:
