@@ -19,6 +19,7 @@ through the same region mask, strength and after-check, so "outside the mask is 
 from __future__ import annotations
 
 import threading
+import zlib
 from dataclasses import dataclass, field
 
 import cv2
@@ -66,6 +67,12 @@ class FusedImage:
     faces: list[Face] = field(default_factory=list)  # the faces found in the input image, largest first
     level: str = "none"  # full, reduced, eyes_brows, skip; none: nothing to fuse (no face, strength 0)
     reasons: list[str] = field(default_factory=list)  # why the fusion was reduced or skipped
+    embedding: np.ndarray | None = None  # the embedded recogniser's (SFace) vector of the returned face, if taken
+
+
+def image_crc(rgb: np.ndarray) -> int:
+    """CRC-32 of an image's uint8 pixels: ties a stored embedding to the exact image it was taken on."""
+    return zlib.crc32(np.ascontiguousarray(rgb, np.uint8).tobytes(), zlib.crc32(str(rgb.shape).encode()))
 
 
 @dataclass
@@ -82,6 +89,11 @@ class FusionResult:
             if faces and img.level not in ("none", "full"):
                 faces[0]["fusion"] = img.level
                 faces[0]["fusion_note"] = "; ".join(img.reasons)
+            if faces and img.embedding is not None:
+                # the embedded recogniser's vector of the returned face, and which pixels it belongs to:
+                # RTSRank takes it instead of embedding the same face again when the image is unchanged
+                faces[0]["embedding"] = [round(float(v), 6) for v in img.embedding]
+                faces[0]["image_crc"] = image_crc(img.image)
             out.append(faces)
         return out
 
@@ -199,21 +211,22 @@ def _next_level(level: str) -> str:
 
 
 def _after_check(original: np.ndarray, out: np.ndarray, face: Face, tgt: fg.FaceShape, tpl: Template,
-                 before: float) -> tuple[str, float]:
-    """'' when the fused face keeps its outline and its eyes' sharpness and is more like the person than before,
-    else why not; and the fused face's likeness."""
+                 before: float) -> tuple[str, float, np.ndarray | None]:
+    """'' when the fused face keeps its eyes' sharpness, is more like the person than before and keeps its
+    outline, else why not; and the fused face's likeness and vector. Cheapest check first."""
     d = fg.settings_data()
-    shift = fg.outline_shift(tgt, face_mesh(out, face.keypoints).points, d["inner_face"]["inner_scale"])
-    if shift > d["guards"]["outline_tolerance"]:
-        return f"the outline moved {shift:.2f} IOD when fused", before
     boxes = fb.eye_boxes(tgt.points)
     sharp = fb.sharpness(out, boxes) / max(1e-6, fb.sharpness(original, boxes))
     if sharp < d["guards"]["min_eye_sharpness"]:
-        return f"the eyes came out softer ({sharp:.2f} of their sharpness)", before
-    after = cosine(embed_face(out, face), tpl.embedding)
+        return f"the eyes came out softer ({sharp:.2f} of their sharpness)", before, None
+    vec = embed_face(out, face)
+    after = cosine(vec, tpl.embedding)
     if after < before + d["guards"]["min_likeness_gain"]:
-        return f"fusing did not raise the likeness to the {tpl.likeness_to} ({before:.2f} -> {after:.2f})", after
-    return "", after
+        return f"fusing did not raise the likeness to the {tpl.likeness_to} ({before:.2f} -> {after:.2f})", after, vec
+    shift = fg.outline_shift(tgt, face_mesh(out, face.keypoints).points, d["inner_face"]["inner_scale"])
+    if shift > d["guards"]["outline_tolerance"]:
+        return f"the outline moved {shift:.2f} IOD when fused", before, None
+    return "", after, vec
 
 
 def fuse_one(rgb: np.ndarray, faces: list[Face], tpl: Template, s: FusionSettings) -> FusedImage:
@@ -232,26 +245,32 @@ def fuse_one(rgb: np.ndarray, faces: list[Face], tpl: Template, s: FusionSetting
     if roi[2] - roi[0] < 16 or roi[3] - roi[1] < 16 or tgt.iod < 6:
         verdict.lower("skip", f"face too small to fuse ({tgt.iod:.0f} px between the eyes)")
     extra = f" ({len(faces)} faces seen, the largest used)" if len(faces) > 1 else ""
-    warped, before = None, None
+    warped, before, original_vec = None, None, None
     while verdict.level != "skip":
         if warped is None:
+            original_vec = embed_face(rgb, face)
+            before = cosine(original_vec, tpl.embedding)
+            if before >= fg.settings_data()["guards"]["same_face_likeness"]:
+                verdict.lower("skip", f"already as like the {tpl.likeness_to} as a fusion could make it "
+                                      f"(likeness {before:.2f})")
+                break
             if s.backend == "face_fusion":
                 warped = learned_fusion().fuse(rgb, tpl.image)[roi[1]:roi[3], roi[0]:roi[2]]
             else:
                 warped = fg.warp_patch(tpl.image, tpl.shape.points, tgt.points, tpl.triangles, roi)
-            before = cosine(embed_face(rgb, face), tpl.embedding)
         strength = s.strength * (fg.settings_data()["guards"]["reduced_strength"] if verdict.reduced else 1.0)
         out, mask = _blend(rgb, warped, tgt, roi, verdict.region, strength, s)
-        why_not, after = _after_check(rgb, out, face, tgt, tpl, before)
+        why_not, after, vec = _after_check(rgb, out, face, tgt, tpl, before)
         if not why_not:
             level = "reduced" if verdict.reduced and verdict.level == "full" else verdict.level
             note = LEVEL_WORDS[level] + (" at reduced strength" if verdict.reduced and level == "eyes_brows" else "")
             note += f", likeness to the {tpl.likeness_to} {before:.2f} -> {after:.2f}"
             note += f": {'; '.join(verdict.reasons)}" if verdict.reasons else ""
-            return FusedImage(out, mask, note + extra, True, roi, faces, level, list(verdict.reasons))
+            return FusedImage(out, mask, note + extra, True, roi, faces, level, list(verdict.reasons), vec)
         verdict.lower(_next_level(verdict.level), f"{why_not} ({verdict.region.replace('_', ' and ')} region)")
     note = f"left unfused: {'; '.join(verdict.reasons)}"
-    return FusedImage(rgb, zero, note + extra, False, None, faces, "skip", list(verdict.reasons))
+    return FusedImage(rgb, zero, note + extra, False, None, faces, "skip", list(verdict.reasons),
+                      original_vec)
 
 
 def reference_embedding(images: list[np.ndarray], detector: str, workers: int) -> np.ndarray | None:

@@ -76,22 +76,30 @@ def match_features(face: np.ndarray, target: np.ndarray, local: np.ndarray, iod:
     """Each feature (brows, eyes, lips) of ``face`` given the target's own tone: the Lab mean and spread of the
     template's feature are mapped onto the target's same feature, so dark brows on fair hair turn the
     hair's colour and lipstick stays the image's, while the feature's shape and detail stay the template's."""
-    fl = cv2.cvtColor(face.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
-    tl = cv2.cvtColor(target.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
-    out = fl.copy()
+    out = face.copy()
     g = max(1, int(round(grow * iod)))
+    h, w = face.shape[:2]
     for names in FEATURES.values():
-        hard = fm.fill_contours(face.shape[:2], local, list(names), grow=g) > 0
+        pts = np.vstack([fm.contour(local, n) for n in names])
+        lo = np.maximum(np.floor(pts.min(axis=0)) - 4 * g, 0).astype(int)
+        hi = np.minimum(np.ceil(pts.max(axis=0)) + 4 * g, [w, h]).astype(int)
+        if np.any(hi - lo < 4):
+            continue
+        box = (slice(lo[1], hi[1]), slice(lo[0], hi[0]))  # the feature's box: the work stays small
+        hard = fm.fill_contours((hi[1] - lo[1], hi[0] - lo[0]), local - lo, list(names), grow=g) > 0
         if hard.sum() < 12:
             continue
+        fl = cv2.cvtColor(out[box].astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+        tl = cv2.cvtColor(target[box].astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
         fm_, fs = fl[hard].mean(axis=0), fl[hard].std(axis=0) + 1e-3
         tm, ts = tl[hard].mean(axis=0), tl[hard].std(axis=0) + 1e-3
-        k = np.clip(ts / fs, 0.5, 2.0)
-        mapped = (fl - fm_) * k + tm
+        mapped = (fl - fm_) * np.clip(ts / fs, 0.5, 2.0) + tm
+        mapped[..., 0] = np.clip(mapped[..., 0], 0, 100)
+        mapped = cv2.cvtColor(mapped, cv2.COLOR_LAB2RGB) * 255.0
         soft = cv2.GaussianBlur(hard.astype(np.float32), (0, 0), max(1.0, g))[..., None]
-        out = out + (mapped - out) * soft
-    out[..., 0] = np.clip(out[..., 0], 0, 100)
-    return np.clip(cv2.cvtColor(out, cv2.COLOR_LAB2RGB) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        cur = out[box].astype(np.float32)
+        out[box] = np.clip(cur + (mapped - cur) * soft + 0.5, 0, 255).astype(np.uint8)
+    return out
 
 
 def eye_boxes(points: np.ndarray, pad: float = 0.15) -> list[tuple[int, int, int, int]]:

@@ -139,20 +139,14 @@ def triangulate(points: np.ndarray) -> np.ndarray:
     lo = np.floor(points.min(axis=0)) - 2
     hi = np.ceil(points.max(axis=0)) + 2
     div = cv2.Subdiv2D((int(lo[0]), int(lo[1]), int(hi[0] - lo[0]) + 1, int(hi[1] - lo[1]) + 1))
-    lookup = {}
+    index = {}
     for i, q in enumerate(points):
-        lookup.setdefault((round(float(q[0]), 3), round(float(q[1]), 3)), i)
+        index.setdefault((float(np.float32(q[0])), float(np.float32(q[1]))), i)  # Subdiv2D keeps float32 points
         div.insert((float(q[0]), float(q[1])))
     tris = []
     for t in div.getTriangleList().reshape(-1, 3, 2):
-        idx = []
-        for v in t:
-            d = np.linalg.norm(points - v, axis=1)
-            j = int(np.argmin(d))
-            if d[j] > 1e-2:
-                break
-            idx.append(j)
-        if len(idx) == 3 and len(set(idx)) == 3:
+        idx = [index.get((float(np.float32(v[0])), float(np.float32(v[1])))) for v in t]
+        if None not in idx and len(set(idx)) == 3:  # corners at the outer bounding vertices are left out
             tris.append(idx)
     return np.array(tris, np.int32).reshape(-1, 3)
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from . import data_files
 from .detect import Face
+from .fusion import image_crc
 from .errors import FaceChainError
 from .images import as_rgb_uint8
 from .progress import ProgressFn, no_progress
@@ -190,8 +191,19 @@ def rank_images(images: list[np.ndarray], references: list[np.ndarray], settings
             c.why_dropped = why
             return c
         c.face = faces[0]
-        c.embedding = embed_face(rgb, faces[0], s.backend)
+        c.embedding = given_embedding(i, rgb) if s.backend == "embedded" else None
+        if c.embedding is None:
+            c.embedding = embed_face(rgb, faces[0], s.backend)
         return c
+
+    def given_embedding(i: int, rgb: np.ndarray) -> np.ndarray | None:
+        """FaceFusion's SFace vector of this face, when it was taken on exactly these pixels."""
+        items = detections[i] if detections is not None else []
+        d = items[0] if items and isinstance(items[0], dict) else {}
+        if "embedding" not in d or d.get("image_crc") != image_crc(rgb):
+            return None
+        vec = np.asarray(d["embedding"], np.float32)
+        return vec if vec.ndim == 1 and np.all(np.isfinite(vec)) and np.linalg.norm(vec) > 0 else None
 
     def fusion_note(i: int) -> str:
         """FaceFusion's word on this image, when it fused less than the whole inner face or not at all."""
