@@ -30,7 +30,7 @@ from . import fusion_geometry as fg
 from . import model_store
 from .detect import Face
 from .errors import FaceChainError
-from .face_mesh import face_mesh, topology
+from .face_mesh import face_mesh, fill_contours, topology
 from .images import as_rgb_uint8
 from .model_cache import cached, learned_files
 from .progress import ProgressFn, no_progress
@@ -184,8 +184,12 @@ def _blend(rgb: np.ndarray, warped: np.ndarray, tgt: fg.FaceShape, roi, region: 
     if s.colour_match:
         support = np.zeros(patch.shape[:2], np.uint8)
         cv2.fillPoly(support, [np.round(inner_poly).astype(np.int32)], 255)
-        face = fb.match_colour(face, patch, support > 0, d["blend"]["colour_sigma"] * tgt.iod)
-        face = fb.match_features(face, patch, local, tgt.iod, d["blend"]["feature_grow"])
+        # skin against skin: the template's brows would carry their darkness into the skin around them
+        grow = max(1, int(round(2 * d["blend"]["feature_grow"] * tgt.iod)))
+        features = fill_contours(patch.shape[:2], local, ["right_brow", "left_brow"], grow=grow)
+        face = fb.match_colour(face, patch, (support > 0) & (features == 0), d["blend"]["colour_sigma"] * tgt.iod)
+        face = fb.match_brows(face, patch, local, tgt.iod, d["blend"]["feature_grow"])
+        face = fb.match_lips(face, patch, local, tgt.iod)
     face = fb.match_detail(face, patch, fb.eye_boxes(local), d["blend"]["detail_min_ratio"],
                            d["blend"]["detail_max_ratio"], d["blend"]["detail_max_gain"])
     a = alpha * strength

@@ -69,36 +69,67 @@ def match_colour(warped: np.ndarray, target: np.ndarray, support: np.ndarray, si
     return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
-FEATURES = {"brows": ("right_brow", "left_brow"), "eyes": ("right_eye", "left_eye"), "lips": ("lips_outer",)}
+def _box(pts: np.ndarray, pad: int, shape) -> tuple[slice, slice] | None:
+    h, w = shape[:2]
+    lo = np.maximum(np.floor(pts.min(axis=0)) - pad, 0).astype(int)
+    hi = np.minimum(np.ceil(pts.max(axis=0)) + pad, [w, h]).astype(int)
+    return None if np.any(hi - lo < 4) else (slice(lo[1], hi[1]), slice(lo[0], hi[0]))
 
 
-def match_features(face: np.ndarray, target: np.ndarray, local: np.ndarray, iod: float, grow: float) -> np.ndarray:
-    """Each feature (brows, eyes, lips) of ``face`` given the target's own tone: the Lab mean and spread of the
-    template's feature are mapped onto the target's same feature, so dark brows on fair hair turn the
-    hair's colour and lipstick stays the image's, while the feature's shape and detail stay the template's."""
+def match_brows(face: np.ndarray, target: np.ndarray, local: np.ndarray, iod: float, grow: float) -> np.ndarray:
+    """The template's brow hairs take the colour of the target's brow hairs; the skin between the hairs keeps
+    the colour the region match gave it. Each pixel counts as hair by how much darker it is than the skin
+    around the brow, so dark brows on a fair redhead turn auburn without a pale fringe."""
     out = face.copy()
     g = max(1, int(round(grow * iod)))
-    h, w = face.shape[:2]
-    for names in FEATURES.values():
-        pts = np.vstack([fm.contour(local, n) for n in names])
-        lo = np.maximum(np.floor(pts.min(axis=0)) - 4 * g, 0).astype(int)
-        hi = np.minimum(np.ceil(pts.max(axis=0)) + 4 * g, [w, h]).astype(int)
-        if np.any(hi - lo < 4):
+    for name in ("right_brow", "left_brow"):
+        pts = fm.contour(local, name)
+        box = _box(pts, 4 * g, face.shape)
+        if box is None:
             continue
-        box = (slice(lo[1], hi[1]), slice(lo[0], hi[0]))  # the feature's box: the work stays small
-        hard = fm.fill_contours((hi[1] - lo[1], hi[0] - lo[0]), local - lo, list(names), grow=g) > 0
-        if hard.sum() < 12:
+        shape = (box[0].stop - box[0].start, box[1].stop - box[1].start)
+        off = np.array([box[1].start, box[0].start])
+        brow = fm.fill_contours(shape, local - off, [name], grow=g) > 0
+        ring = (fm.fill_contours(shape, local - off, [name], grow=3 * g) > 0) & ~brow
+        if brow.sum() < 12 or ring.sum() < 12:
             continue
         fl = cv2.cvtColor(out[box].astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
         tl = cv2.cvtColor(target[box].astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
-        fm_, fs = fl[hard].mean(axis=0), fl[hard].std(axis=0) + 1e-3
-        tm, ts = tl[hard].mean(axis=0), tl[hard].std(axis=0) + 1e-3
-        mapped = (fl - fm_) * np.clip(ts / fs, 0.5, 2.0) + tm
-        mapped[..., 0] = np.clip(mapped[..., 0], 0, 100)
-        mapped = cv2.cvtColor(mapped, cv2.COLOR_LAB2RGB) * 255.0
-        soft = cv2.GaussianBlur(hard.astype(np.float32), (0, 0), max(1.0, g))[..., None]
-        cur = out[box].astype(np.float32)
-        out[box] = np.clip(cur + (mapped - cur) * soft + 0.5, 0, 255).astype(np.uint8)
+
+        def hair_weight(lab):
+            skin = np.median(lab[ring][:, 0])
+            dark = np.percentile(lab[brow][:, 0], 15)
+            return np.clip((skin - lab[..., 0]) / max(4.0, skin - dark), 0.0, 1.0)
+
+        wf, wt = hair_weight(fl) * brow, hair_weight(tl) * brow
+        if wf.sum() < 4 or wt.sum() < 4:
+            continue
+        hair_f = (fl * wf[..., None]).sum(axis=(0, 1)) / wf.sum()
+        hair_t = (tl * wt[..., None]).sum(axis=(0, 1)) / wt.sum()
+        soft = cv2.GaussianBlur(brow.astype(np.float32), (0, 0), max(1.0, g / 2))
+        shifted = fl + (hair_t - hair_f) * (hair_weight(fl) * soft)[..., None]
+        shifted[..., 0] = np.clip(shifted[..., 0], 0, 100)
+        out[box] = np.clip(cv2.cvtColor(shifted, cv2.COLOR_LAB2RGB) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return out
+
+
+def match_lips(face: np.ndarray, target: np.ndarray, local: np.ndarray, iod: float) -> np.ndarray:
+    """The template's lips take the target's lip colour (Lab mean inside the lip contour; lipstick stays the
+    image's), faded out over a few pixels at the lips' edge."""
+    box = _box(fm.contour(local, "lips_outer"), 4, face.shape)
+    if box is None:
+        return face
+    shape = (box[0].stop - box[0].start, box[1].stop - box[1].start)
+    lips = fm.fill_contours(shape, local - [box[1].start, box[0].start], ["lips_outer"]) > 0
+    if lips.sum() < 12:
+        return face
+    fl = cv2.cvtColor(face[box].astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+    tl = cv2.cvtColor(target[box].astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+    soft = cv2.GaussianBlur(lips.astype(np.float32), (0, 0), max(1.0, 0.02 * iod)) * lips
+    shifted = fl + (tl[lips].mean(axis=0) - fl[lips].mean(axis=0)) * soft[..., None]
+    shifted[..., 0] = np.clip(shifted[..., 0], 0, 100)
+    out = face.copy()
+    out[box] = np.clip(cv2.cvtColor(shifted, cv2.COLOR_LAB2RGB) * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return out
 
 
