@@ -19,7 +19,6 @@ through the same region mask, strength and after-check, so "outside the mask is 
 from __future__ import annotations
 
 import threading
-import zlib
 from dataclasses import dataclass, field
 
 import cv2
@@ -33,6 +32,7 @@ from .errors import FaceChainError
 from .face_mesh import face_mesh, fill_contours, topology
 from .images import as_rgb_uint8
 from .model_cache import cached, learned_files
+from .photo_embeddings import image_crc, photo_embedding
 from .progress import ProgressFn, no_progress
 from .recognition import cosine, embed_face
 from .threads import detect_faces_per_thread, parallel_map
@@ -68,11 +68,6 @@ class FusedImage:
     level: str = "none"  # full, reduced, eyes_brows, skip; none: nothing to fuse (no face, strength 0)
     reasons: list[str] = field(default_factory=list)  # why the fusion was reduced or skipped
     embedding: np.ndarray | None = None  # the embedded recogniser's (SFace) vector of the returned face, if taken
-
-
-def image_crc(rgb: np.ndarray) -> int:
-    """CRC-32 of an image's uint8 pixels: ties a stored embedding to the exact image it was taken on."""
-    return zlib.crc32(np.ascontiguousarray(rgb, np.uint8).tobytes(), zlib.crc32(str(rgb.shape).encode()))
 
 
 @dataclass
@@ -279,11 +274,7 @@ def fuse_one(rgb: np.ndarray, faces: list[Face], tpl: Template, s: FusionSetting
 
 def reference_embedding(images: list[np.ndarray], detector: str, workers: int) -> np.ndarray | None:
     """The normalised mean recogniser embedding of the person's photos (None when none shows a face)."""
-    def one(rgb):
-        faces = detect_faces_per_thread(rgb, detector)
-        return embed_face(rgb, faces[0]) if faces else None
-
-    embs = [e for e in parallel_map(one, images, workers) if e is not None]
+    embs = [e for e in parallel_map(lambda rgb: photo_embedding(rgb, detector), images, workers) if e is not None]
     if not embs:
         return None
     mean = np.mean([e / np.linalg.norm(e) for e in embs], axis=0)

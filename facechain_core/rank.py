@@ -18,7 +18,7 @@ import numpy as np
 
 from . import data_files
 from .detect import Face
-from .fusion import image_crc
+from .photo_embeddings import image_crc, photo_embedding
 from .errors import FaceChainError
 from .images import as_rgb_uint8
 from .progress import ProgressFn, no_progress
@@ -172,9 +172,7 @@ def rank_images(images: list[np.ndarray], references: list[np.ndarray], settings
     progress(0, len(images), None)
 
     def reference(i: int):
-        rgb = as_rgb_uint8(references[i], f"reference {i + 1}")
-        faces = detect_faces_per_thread(rgb, s.detector)
-        return embed_face(rgb, faces[0], s.backend) if faces else None
+        return photo_embedding(as_rgb_uint8(references[i], f"reference {i + 1}"), s.detector, s.backend)
 
     def candidate(i: int) -> Candidate:
         c = Candidate(i, names[i])
