@@ -90,7 +90,7 @@ def workflows() -> dict[str, list[dict]]:
         **style, face_lora=FACE_LORA, trigger="fcsks", subject="a person", shared_tags=""))
     generate = [
         node(1, "CheckpointLoaderSimple", [-380, 300], ckpt_name=CHECKPOINT),
-        node(2, "LoadImage", [-380, 500], "Template face photo", image=TEMPLATE_IMAGE),
+        node(2, "FaceChainLoadTemplatePhoto", [-380, 500], "Template face photo", image=TEMPLATE_IMAGE),
         *gen_sampling,
         *fuse_rank_save(9, decoded, ["2", 0], 1480, 300),
     ]

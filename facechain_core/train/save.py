@@ -12,6 +12,7 @@ from typing import Iterable, Mapping
 import torch
 
 from ..errors import FaceChainError
+from ..user_paths import shown
 
 _NAME_OK = re.compile(r"^[\w\-. ]+$", re.UNICODE)
 
@@ -35,8 +36,45 @@ def lora_file(folder: str | os.PathLike, name: str) -> Path:
 
 def check_free(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
-        raise FaceChainError(f"A LoRA named '{path.name}' already exists in {path.parent}. Choose another name, "
+        raise FaceChainError(f"A LoRA named '{path.name}' already exists in {shown(path.parent)}. Choose another name, "
                              f"or turn 'overwrite' on to replace it.")
+
+
+TEMP_TAG = "facechain-partial"  # in every temporary file name, with the writer's process id
+
+
+def _temp_name(path: Path) -> str:
+    return f".{path.stem}.{TEMP_TAG}-{os.getpid()}-"
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete temporary files that a killed save left behind (their writer process no longer runs)."""
+    removed = []
+    for tmp in Path(folder).glob(f".*.{TEMP_TAG}-*.tmp"):
+        match = re.search(rf"\.{TEMP_TAG}-(\d+)-", tmp.name)
+        if match and not _process_alive(int(match.group(1))):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _host_file_mode(path: str) -> None:
+    """mkstemp makes 0600 files; give the LoRA the mode any file the host writes gets (0666 less umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def save_lora(path: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str], overwrite: bool) -> Path:
@@ -45,11 +83,13 @@ def save_lora(path: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[s
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(path.parent)
     check_free(path, overwrite)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_name(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         save_file(dict(state), tmp, metadata={k: str(v) for k, v in metadata.items()})
+        _host_file_mode(tmp)
         if overwrite:
             os.replace(tmp, path)
         else:
