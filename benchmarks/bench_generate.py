@@ -1,7 +1,8 @@
 """What FaceFusion + RTSRank add to the time the host spends sampling the portraits they work on.
 
-    python benchmarks/bench_generate.py                       # on a CUDA machine: full-size SD1.5, 8 x 512x512, 30 steps
-    python benchmarks/bench_generate.py --cpu --checkpoint .cache/tiny_sd15.safetensors --size 64 --steps 3   # smoke test
+    python benchmarks/bench_generate.py     # on a CUDA machine: full-size SD1.5, 8 x 512x512, 30 steps
+    # smoke test:
+    python benchmarks/bench_generate.py --cpu --checkpoint .cache/tiny_sd15.safetensors --size 64 --steps 3
 
 Sampling: ComfyUI's own code (checkpoint loader, text encoder, `comfy.sample.sample` as KSampler calls it,
 VAE decode) on an SD1.5-shaped checkpoint. Without --checkpoint one is built on the spot with the full

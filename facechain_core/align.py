@@ -107,7 +107,8 @@ def _nearest(faces: list[Face], centre: np.ndarray, size: float) -> Face | None:
     return min(near, key=lambda f: np.linalg.norm(f.centre - centre)) if near else None
 
 
-def align_photo(image: np.ndarray, name: str = "photo", settings: AlignSettings | None = None) -> tuple[AlignedFace | None, str]:
+def align_photo(image: np.ndarray, name: str = "photo",
+                settings: AlignSettings | None = None) -> tuple[AlignedFace | None, str]:
     """Align one photo. Returns (crop, "") or (None, reason it was skipped)."""
     s = settings or AlignSettings()
     rgb = as_rgb_uint8(image, name)
@@ -166,7 +167,8 @@ def align_photo(image: np.ndarray, name: str = "photo", settings: AlignSettings 
         if tilt * last_tilt < 0:  # overshot: the detector's keypoints move more than the photo turned
             gain *= 0.5
         last_tilt = tilt
-        grow = 1.0 if abs(fraction - s.face_fraction) < 0.015 else float(np.clip(s.face_fraction / fraction, 0.85, 1.15))
+        grow = 1.0 if abs(fraction - s.face_fraction) < 0.015 \
+            else float(np.clip(s.face_fraction / fraction, 0.85, 1.15))
         t = np.radians(-tilt * gain)
         r = grow * np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
         fix = np.hstack([r, (target - r @ seen.centre)[:, None]])

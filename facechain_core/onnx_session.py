@@ -22,7 +22,8 @@ def _providers() -> list[str]:
         cuda = torch.cuda.is_available()
     except ImportError:
         cuda = False
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available and (cuda or p != "CUDAExecutionProvider")]
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+            if p in available and (cuda or p != "CUDAExecutionProvider")]
 
 
 def onnx_session(path: str | Path):

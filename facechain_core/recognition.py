@@ -149,12 +149,6 @@ def get_recogniser(backend: str = "embedded"):
         return _shared[backend]
 
 
-def forget_recognisers() -> None:
-    """Drop loaded learned recognisers (a model file was replaced)."""
-    with _shared_lock:
-        _shared.clear()
-
-
 def embed_face(rgb: np.ndarray, face: Face, backend: str = "embedded") -> np.ndarray:
     return get_recogniser(backend).embed(rgb, face)
 
@@ -214,7 +208,8 @@ def parallel_map(fn, items: list, workers: int = 0):
     with _shared_lock:
         pool = _pools.get(n)
         if pool is None:
-            pool = _pools[n] = ThreadPoolExecutor(n, thread_name_prefix=f"facechain{n}", initializer=_load_thread_models)
+            pool = _pools[n] = ThreadPoolExecutor(n, thread_name_prefix=f"facechain{n}",
+                                                  initializer=_load_thread_models)
     yield from pool.map(fn, items)
 
 

@@ -115,7 +115,8 @@ def retouch_crop(image: np.ndarray, keypoints, strength: float = 0.6, backend: s
     smooth = smooth_skin(roi, frame.size) if engine is None else engine.retouch(rgb)[box]
     w = blend_weight(mask[box], strength, feather=max(3, int(frame.size / 60)) | 1)
     out = rgb.copy()
-    out[box] = np.clip(roi.astype(np.float32) * (1.0 - w) + smooth.astype(np.float32) * w + 0.5, 0, 255).astype(np.uint8)
+    blend = roi.astype(np.float32) * (1.0 - w) + smooth.astype(np.float32) * w
+    out[box] = np.clip(blend + 0.5, 0, 255).astype(np.uint8)
     return out, mask
 
 

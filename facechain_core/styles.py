@@ -174,7 +174,8 @@ def parse_style(path: Path, data) -> Style:
     if not isinstance(palette, list) or not all(isinstance(c, str) and re.fullmatch(r"#[0-9a-fA-F]{6}", c)
                                                 for c in palette):
         raise ValueError("'palette' must be a list of colours like \"#a0b0c0\"")
-    return Style(key=path.stem, name=_text(data, "name", required=True), positive=_text(data, "positive", required=True),
+    return Style(key=path.stem, name=_text(data, "name", required=True),
+                 positive=_text(data, "positive", required=True),
                  negative=_text(data, "negative"), description=_text(data, "description"),
                  face_lora_weight=_number(data, "face_lora_weight", 0.95, 0.0, 2.0), style_lora=style_lora,
                  preview=preview_path, palette=tuple(palette), path=path)
@@ -206,7 +207,8 @@ def load_catalogue(dirs: list[Path] | None = None) -> Catalogue:
                     data = json.load(f)
                 style = parse_style(path, data)
             except json.JSONDecodeError as e:
-                cat.problems.append(f"{path.name} in {folder}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})")
+                cat.problems.append(f"{path.name} in {folder}: not valid JSON "
+                                    f"(line {e.lineno}, column {e.colno}: {e.msg})")
                 continue
             except (OSError, UnicodeDecodeError, ValueError) as e:
                 cat.problems.append(f"{path.name} in {folder}: {e}")

@@ -30,7 +30,6 @@ from .progress import ProgressFn, no_progress
 RULES = Path(__file__).with_name("data") / "tag_filters.json"
 TAGGERS = ("auto", "none", "wd14")
 SUBJECT_SOURCES = ("auto", "input", "fairface")
-CAPTIONS_TYPE = "FACECHAIN_CAPTIONS"
 
 
 @lru_cache(maxsize=1)
@@ -166,7 +165,8 @@ class FairFace:
 
         path = model_store.model_path("fairface") / self.weights_file
         if not path.is_file():
-            raise ModelMissingError(f"The FairFace weights are missing: expected file '{path.name}' in '{path.parent}'. "
+            raise ModelMissingError(f"The FairFace weights are missing: expected file '{path.name}' in "
+                                    f"'{path.parent}'. "
                                     f"Fetch them with `{model_store.fetch_command('fairface')}`, or set subject_from "
                                     f"to 'input'.")
         net = torchvision.models.resnet34(weights=None)

@@ -19,8 +19,8 @@ from ..facechain_core.train import (Backbone, TrainSettings, check_free, default
                                      save_lora, train_lora, weights_fingerprint)
 from ..facechain_core.train.settings import PRECISIONS
 from .common import CATEGORY, progress
+from .sockets import CAPTIONS
 
-CAPTIONS = "FACECHAIN_CAPTIONS"  # AutoTag's output: {"trigger", "subject", "captions", "shared_tags", "prompt"}
 # ComfyUI's model config classes whose UNet, noise schedule and LoRA keys this trainer handles.
 ARCHITECTURES = {"SD15": "sd15", "SDXL": "sdxl", "SSD1B": "sdxl", "Segmind_Vega": "sdxl",
                  "KOALA_700M": "sdxl", "KOALA_1B": "sdxl"}
@@ -204,7 +204,8 @@ class TrainFaceLoRA:
                                                    "the text encoder's attention (FaceChain trained the UNet only)."}),
                 "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing LoRA of the same name. "
                                           "Off: an existing file is an error and is never touched."}),
-                "precision": (list(PRECISIONS), {"default": d["precision"], "tooltip": "auto: the 16-bit type the model "
+                "precision": (list(PRECISIONS), {"default": d["precision"], "tooltip": "auto: the 16-bit type the "
+                                                 "model "
                                                  "is loaded in (fp16 with loss scaling, or bf16), else bf16 where "
                                                  "the GPU supports it; always fp32 on the CPU."}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": d["gradient_checkpointing"], "tooltip":

@@ -24,7 +24,6 @@ from .trainer import Backbone
 
 CONFIGS = Path(__file__).resolve().parent.parent / "data" / "configs"
 UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 
 
@@ -42,7 +41,8 @@ def alphas_cumprod() -> torch.Tensor:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """The byte -> printable character table of GPT-2/CLIP byte-level BPE."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
     chars = keep[:]
     extra = 0
     for b in range(256):

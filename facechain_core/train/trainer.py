@@ -60,10 +60,12 @@ class TrainResult:
 
     def summary(self) -> str:
         t = self.timings
-        first = sum(self.losses[: max(1, len(self.losses) // 10)]) / max(1, len(self.losses[: max(1, len(self.losses) // 10)]))
-        last = sum(self.losses[-max(1, len(self.losses) // 10):]) / max(1, len(self.losses[-max(1, len(self.losses) // 10):]))
+        tenth = max(1, len(self.losses) // 10)
+        head, tail = self.losses[:tenth], self.losses[-tenth:]
+        first, last = sum(head) / max(1, len(head)), sum(tail) / max(1, len(tail))
         lines = [
-            f"{self.steps} steps x batch {self.samples // max(self.steps, 1)} = {self.samples} samples, {self.precision}",
+            f"{self.steps} steps x batch {self.samples // max(self.steps, 1)} = {self.samples} samples, "
+            f"{self.precision}",
             f"loss {first:.4f} (first 10%) -> {last:.4f} (last 10%)",
             f"caching {t.get('cache_s', 0):.1f} s, training {t.get('train_s', 0):.1f} s "
             f"({1000 * t.get('train_s', 0) / max(self.samples, 1):.1f} ms/sample)",
@@ -229,7 +231,8 @@ def train_lora(backbone: Backbone, images: torch.Tensor, captions: Sequence[str]
         with host_context, borrowed_weights(*frozen), \
                 lora_adapters(backbone.unet, settings.unet_targets, settings.rank, settings.lora_alpha,
                               settings.seed, cast_inputs) as unet_params, \
-                gradient_checkpointing(backbone.unet, settings.gradient_checkpointing or settings.high_res_checkpoint_tokens > 0,
+                gradient_checkpointing(backbone.unet,
+                                       settings.gradient_checkpointing or settings.high_res_checkpoint_tokens > 0,
                                        settings.checkpoint_blocks,
                                        0 if settings.gradient_checkpointing else settings.high_res_checkpoint_tokens):
             te_params = []
@@ -367,8 +370,9 @@ def train_lora(backbone: Backbone, images: torch.Tensor, captions: Sequence[str]
     unet_layers, te_layers = result_layers
     lora = kohya_state_dict(unet_layers, te_layers, backbone.arch, backbone.unet_naming, backbone.num_res_blocks,
                             dtype=getattr(torch, settings.save_dtype))
-    mode = f"{precision} ({'autocast over ' + str(weight_dtype).replace('torch.', '') + ' weights' if use_autocast else 'weights and activations'})" \
-        if compute_dtype is not None else "fp32"
+    how = "autocast over " + str(weight_dtype).replace("torch.", "") + " weights" if use_autocast \
+        else "weights and activations"
+    mode = f"{precision} ({how})" if compute_dtype is not None else "fp32"
     return TrainResult(lora=lora, steps=steps, samples=steps * batch, losses=losses, timings=timings,
                        precision=mode, notes=notes)
 
