@@ -189,7 +189,7 @@ def time_fuse_rank(faces: Path, n: int, size: int, repeats: int, template_kind: 
     return {"fusion_s": statistics.median(f_runs), "rank_s": statistics.median(r_runs),
             "fusion_runs_s": [round(x, 4) for x in f_runs], "rank_runs_s": [round(x, 4) for x in r_runs],
             "fused": fusion_report.splitlines()[0], "ranked": rank_report.splitlines()[0],
-            "default_workers": importlib.import_module("facechain_pack.facechain_core.recognition").default_workers(n),
+            "default_workers": importlib.import_module("facechain_pack.facechain_core.threads").default_workers(n),
             "fusion_plus_rank_by_workers_s": sweep}
 
 

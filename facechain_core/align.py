@@ -20,12 +20,10 @@ import numpy as np
 
 from .detect import Face, choose_subject, detect_faces
 from .errors import FaceChainError
+from .face_regions import MEAN_FACE_5
 from .images import MIN_SIDE, as_rgb_uint8
 from .progress import ProgressFn, no_progress
 
-# The usual mean 5-point face (112x112 template), in the keypoint order of detect.py.
-MEAN_FACE_5 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
-                        [41.5493, 92.3655], [70.7299, 92.2041]])
 WHITE = (255, 255, 255)
 
 

@@ -20,10 +20,10 @@ import numpy as np
 from . import model_store
 from .backends import backend_instance
 from .errors import FaceChainError
-from .face_regions import FaceFrame, draw_oval, feature_mask
+from .face_regions import FaceFrame, draw_oval, feature_mask, soft_inside
 from .images import as_rgb_uint8
-from .parse import require_colour, skin_likelihood, soft_inside
 from .progress import ProgressFn, no_progress
+from .skin_colour import require_colour, skin_likelihood
 
 BACKENDS = ("embedded", "abpn")
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from . import model_store
+from .model_cache import cached
 from .errors import FaceChainError, ModelMissingError
 
 BUILTIN_DIR = Path(__file__).with_name("data") / "styles"
@@ -219,27 +219,10 @@ def load_catalogue(dirs: list[Path] | None = None) -> Catalogue:
     return cat
 
 
-_cache_lock = threading.Lock()
-_cache: tuple[tuple, Catalogue] | None = None
-
-
 def catalogue() -> Catalogue:
     """The catalogue, read again only when a style file was added, removed or changed."""
-    global _cache
-    stamp = []
-    for folder in style_dirs():
-        if folder.is_dir():
-            for p in sorted(folder.glob("*.json")):
-                try:
-                    st = p.stat()
-                    stamp.append((str(p), st.st_mtime_ns, st.st_size))
-                except OSError:
-                    pass
-    key = tuple(stamp)
-    with _cache_lock:
-        if _cache is None or _cache[0] != key:
-            _cache = (key, load_catalogue())
-        return _cache[1]
+    files = [p for folder in style_dirs() if folder.is_dir() for p in sorted(folder.glob("*.json"))]
+    return cached(("styles",), load_catalogue, files)
 
 
 def find_style_lora(style: Style, lora_dirs: list[str | os.PathLike]) -> Path:

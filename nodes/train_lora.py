@@ -15,7 +15,8 @@ import folder_paths
 
 from ..facechain_core.errors import FaceChainError
 from ..facechain_core.lora_format import kohya_metadata
-from ..facechain_core.train import (Backbone, TrainSettings, check_free, defaults, lora_file, resolve_captions,
+from ..facechain_core.train import (Backbone, TrainSettings, check_free, defaults, lora_file, require_images,
+                                     resolve_captions,
                                      save_lora, train_lora, weights_fingerprint)
 from ..facechain_core.train.settings import PRECISIONS
 from .common import CATEGORY, progress
@@ -230,9 +231,7 @@ class TrainFaceLoRA:
         folder = os.path.join(folder_paths.get_folder_paths("loras")[0], d["lora_folder"])
         path = lora_file(folder, name)
         check_free(path, overwrite)  # before training: no wasted minutes
-        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] == 0:
-            raise FaceChainError("No training images: connect the aligned face crops (an IMAGE batch of 3-20 photos).")
-        caption_list, token = resolve_captions(images.shape[0], captions, caption_text, trigger)
+        caption_list, token = resolve_captions(require_images(images), captions, caption_text, trigger)
         settings = TrainSettings().with_(rank=rank, learning_rate=learning_rate, samples=samples,
                                          batch_size=batch_size, flip=flip, seed=seed,
                                          train_text_encoder=train_text_encoder, precision=precision,

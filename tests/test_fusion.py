@@ -11,7 +11,8 @@ from PIL import Image
 
 from conftest import FACES, expect_node_error, png_arrays
 from facechain_core.images import load_photo
-from facechain_core.recognition import cosine, detect_faces_parallel_safe, embed_face
+from facechain_core.recognition import cosine, embed_face
+from facechain_core.threads import detect_faces_per_thread
 
 TARGETS = ["biden/biden2.jpg", "rose_leslie/rose1.jpg", "biden/biden1.jpg"]
 
@@ -30,7 +31,7 @@ def fusion_prompt(targets: str, template: str, strength: float = 1.0, backend: s
 
 
 def embedding(rgb: np.ndarray) -> np.ndarray:
-    faces = detect_faces_parallel_safe(rgb)
+    faces = detect_faces_per_thread(rgb)
     assert faces, "no face found"
     return embed_face(rgb, faces[0])
 
@@ -68,7 +69,7 @@ def test_fused_face_is_closer_to_the_template_and_nothing_outside_the_mask_chang
         outside = mask == 0
         assert np.array_equal(out[outside], original[outside]), f"{rel}: pixels outside the mask changed"
         inside = mask > 0
-        face = detect_faces_parallel_safe(original)[0]
+        face = detect_faces_per_thread(original)[0]
         x, y, w, h = face.box
         ys, xs = np.nonzero(inside)
         # the mask is the face: inside the face box grown by a quarter, and covering most of the box's middle

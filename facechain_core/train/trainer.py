@@ -20,6 +20,7 @@ import torch
 from ..errors import FaceChainError
 from ..lora_format import kohya_state_dict
 from ..progress import ProgressFn, no_progress
+from .captions import require_images
 from .lora_layers import borrowed_weights, gradient_checkpointing, lora_adapters, lora_weights
 from .settings import TrainSettings
 
@@ -125,9 +126,7 @@ def _lr_factor(settings: TrainSettings, steps: int) -> Callable[[int], float]:
 
 
 def _check_images(images: torch.Tensor, captions: Sequence[str], backbone: Backbone) -> None:
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] == 0:
-        raise FaceChainError("No training images: connect the aligned face crops (an IMAGE batch of 3-20 photos).")
-    n, h, w = images.shape[0], images.shape[1], images.shape[2]
+    n, h, w = require_images(images), images.shape[1], images.shape[2]
     if len(captions) != n:
         raise FaceChainError(f"{n} images but {len(captions)} captions: give one caption per image, "
                              f"or one caption for all.")
