@@ -84,3 +84,10 @@ def scrub(text: str) -> str:
     for label, root in sorted(_roots.items(), key=lambda kv: -len(str(kv[1]))):
         text = text.replace(str(root) + os.sep, label + "/").replace(str(root), label)
     return text
+
+
+def file_name_from(text: str, fallback: str = "face") -> str:
+    """A plain file name from a folder-like text: its last part, characters a file name cannot take as '_'."""
+    last = [p for p in re.split(r"[\\/]", (text or "").strip()) if p not in ("", ".", "..")]
+    name = re.sub(r"[^\w\-. ]", "_", last[-1] if last else fallback).strip(" .") or fallback
+    return name[:100]

@@ -138,3 +138,58 @@ def test_client_says_what_is_wrong_with_the_photos_folder(client, photos, words)
     res = run_client("--server", client.url, "--photos", photos, "--checkpoint", TINY_CKPT.name)
     assert res.returncode != 0
     assert words in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def lora_report(entry) -> str:
+    return "\n".join(t for out in entry["outputs"].values() for t in out.get("text", []) if "LoRA saved" in t)
+
+
+def test_a_deleted_lora_is_trained_again_and_an_identical_rerun_reuses_the_file(client, comfy_base):
+    graph = train_graph("robust_again", samples=4)
+    path = lora_folder(comfy_base) / "robust_again.safetensors"
+    client.run(graph)
+    assert path.is_file()
+    again = client.run(graph)  # the file appeared since the first run: the node runs, finds its own inputs
+    assert "reused the saved file" in lora_report(again) and path.is_file()
+    path.unlink()
+    entry = client.run(graph)  # identical prompt, file gone: the host's cache must not answer
+    assert path.is_file(), "the LoRA was deleted and the identical prompt did not train it again"
+    assert "reused" not in lora_report(entry)
+    other = train_graph("robust_again", samples=4, seed=7)  # other inputs, same name, overwrite off
+    message = expect_node_error(client, other, "already exists", "overwrite")
+    assert_user_text(message, comfy_base)
+
+
+def test_shipped_train_graphs_name_the_lora_after_the_person_and_never_overwrite():
+    import json
+
+    for name in ("facechain_train_api.json", "facechain_train_generate_api.json"):
+        prompt = json.loads((REPO / "workflows" / "api" / name).read_text())
+        train = next(n for n in prompt.values() if n["class_type"] == "FaceChainTrainFaceLoRA")
+        loader = train["inputs"]["name"]
+        assert isinstance(loader, list) and prompt[loader[0]]["class_type"] == "FaceChainLoadPhotos", name
+        assert loader[1] == 3 and train["inputs"]["overwrite"] is False, name
+
+
+def test_each_person_gets_a_lora_of_their_own(client, comfy_base):
+    for person in ("obama", "biden"):
+        graph = train_graph("unused", samples=4)
+        graph["2"]["inputs"]["folder"] = person
+        graph["4"]["inputs"]["name"] = ["2", 3]
+        client.run(graph)
+    for person in ("obama", "biden"):
+        assert (lora_folder(comfy_base) / f"{person}.safetensors").is_file(), person
+
+
+def test_install_offline_says_one_line_per_failed_model_goes_on_and_leaves_nothing(tmp_path):
+    env = dict(os.environ, FACECHAIN_MODELS=str(tmp_path / "models"), HF_HUB_OFFLINE="1")
+    res = subprocess.run([sys.executable, str(REPO / "install.py"), "--models", "wd14_tagger", "arcface",
+                          "--styles", "autumn_poplars", "--loras-dir", str(tmp_path / "loras")],
+                         capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
+    assert res.returncode == 1, res.stdout + res.stderr
+    failed = [line for line in res.stderr.splitlines() if line.strip().startswith("failed:")]
+    assert len(failed) == 3, res.stderr  # each item tried, each failure one line
+    assert "3 could not be fetched" in res.stderr and "Traceback" not in res.stderr
+    left = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert left == [], left
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").rglob("*"))

@@ -34,8 +34,10 @@ def lora_file(folder: str | os.PathLike, name: str) -> Path:
     return target
 
 
-def check_free(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
+def check_free(path: Path, overwrite: bool, reusable: bool = False) -> None:
+    """Refuse to replace an existing LoRA unless asked; ``reusable``: unless it is one of ours, which the
+    caller may find was trained from the same inputs (then it is reused, not replaced)."""
+    if path.exists() and not overwrite and not (reusable and trained_from(path)):
         raise FaceChainError(f"A LoRA named '{path.name}' already exists in {shown(path.parent)}. Choose another name, "
                              f"or turn 'overwrite' on to replace it.")
 
@@ -106,6 +108,33 @@ def save_lora(path: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[s
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+INPUTS_KEY = "facechain_inputs_sha256"  # metadata: what the LoRA was trained from (photos, captions, settings, base)
+
+
+def inputs_fingerprint(images: torch.Tensor, captions: Iterable[str], settings: Mapping, base_hash: str) -> str:
+    """A sha256 of everything a training run depends on: the photos as 8-bit pixels, the captions, the
+    settings and the base model's fingerprint. Equal fingerprints train the same LoRA."""
+    import json
+
+    h = hashlib.sha256()
+    pixels = (images.detach().float().cpu().clamp(0, 1) * 255 + 0.5).to(torch.uint8).contiguous()
+    h.update(str(tuple(pixels.shape)).encode())
+    h.update(pixels.numpy().tobytes())
+    h.update(json.dumps([list(captions), dict(settings), base_hash], sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def trained_from(path: str | os.PathLike) -> str | None:
+    """The inputs fingerprint stored in a saved LoRA, or None (no file, another tool's file, unreadable)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get(INPUTS_KEY)
+    except Exception:  # noqa: BLE001 - a foreign or broken file is simply not ours to reuse
+        return None
 
 
 def weights_fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]], prefix_strip: str = "") -> str:
