@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 
-from conftest import REPO, load_pack
+from conftest import load_pack
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def test_every_registered_node_function_is_guarded(pack):
         assert getattr(getattr(cls, cls.FUNCTION), "_facechain_guarded", False), key
 
 
-def test_an_unexpected_error_becomes_a_clear_message_and_a_server_path_is_hidden(pack):
+def test_an_unexpected_error_becomes_a_clear_message_and_a_server_path_is_hidden(pack, tmp_path):
     boundary, user_paths, errors = boundary_and_paths(pack)
 
     class Broken:
@@ -34,10 +34,10 @@ def test_an_unexpected_error_becomes_a_clear_message_and_a_server_path_is_hidden
         def run(self, value):
             if value == "bug":
                 return {}["missing"]
-            raise errors.FaceChainError(f"The file {REPO / 'models' / 'x.onnx'} is broken; fetch it again.")
+            raise errors.FaceChainError(f"The file {tmp_path / 'facechain' / 'x.onnx'} is broken; fetch it again.")
 
     boundary.guard(Broken, "Broken Node")
-    user_paths.set_roots({"custom_nodes/pack": REPO})
+    user_paths.set_roots({"models": tmp_path})
     with pytest.raises(errors.FaceChainError) as info:
         Broken().run("bug")
     text = str(info.value)
@@ -45,7 +45,7 @@ def test_an_unexpected_error_becomes_a_clear_message_and_a_server_path_is_hidden
     assert "missing" not in text and "Traceback" not in text
     with pytest.raises(errors.FaceChainError) as info:
         Broken().run("path")
-    assert str(info.value) == "The file custom_nodes/pack/models/x.onnx is broken; fetch it again."
+    assert str(info.value) == "The file models/facechain/x.onnx is broken; fetch it again."
 
 
 def test_cancel_and_out_of_memory_pass_unchanged(pack):
