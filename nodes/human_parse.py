@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..facechain_core import licences
 from ..facechain_core.face_regions import faces_for_images
 from ..facechain_core.head_parse import LONG_HAIR
 from ..facechain_core.parse import BACKENDS, parse_crops
@@ -47,8 +48,9 @@ class HumanParse:
         names = [f.get("name") or f"crop {i + 1}" for i, f in enumerate(faces)]
         parts = parse_crops(arrays, [f["keypoints"] for f in faces], backend, names, progress(len(arrays)),
                             [f.get("mesh") for f in faces], long_hair)
-        return (numpy_to_images([p.image for p in parts]), numpy_to_masks([p.head for p in parts]),
-                numpy_to_masks([p.face for p in parts]), numpy_to_masks([p.hair for p in parts]))
+        return {"ui": {"text": [licences.line(parse=backend)]}, "result": (
+            numpy_to_images([p.image for p in parts]), numpy_to_masks([p.head for p in parts]),
+            numpy_to_masks([p.face for p in parts]), numpy_to_masks([p.hair for p in parts]))}
 
 
 NODE_CLASS_MAPPINGS = {"FaceChainHumanParse": HumanParse}

@@ -78,13 +78,25 @@ def train_nodes(with_outputs: bool = True):
         node(7, "FaceChainTemplateFace", [1700, y], images=["5", 0], faces=["3", 1], scorer="embedded",
              min_quality=0.3, captions=["6", 0]),
         node(8, "FaceChainTrainFaceLoRA", [2040, y], model=["1", 0], clip=["1", 1], vae=["1", 2], images=["7", 0],
-             name="face", trigger="fcsks", captions=["7", 2], seed=42, overwrite=True),
+             name=["2", 3], trigger="fcsks", captions=["7", 2], seed=42, overwrite=False),
         node(10, "PreviewAny", [2400, y], "Training report", source=["8", 3]),
     ]
     if with_outputs:
         nodes.append(node(9, "SaveImage", [2400, y + 300], "Template face (use it for generating later)",
                           images=["7", 3], filename_prefix="facechain/template"))
-    return nodes
+    return nodes + stage_previews(y + 420)
+
+
+def stage_previews(y: int):
+    """What each preprocessing step made, shown under it in the editor; the run report reads them from /history."""
+    return [
+        node(21, "PreviewImage", [340, y], "Aligned crops", images=["3", 0]),
+        node(22, "MaskToImage", [680, y], "Head masks as images", mask=["4", 1]),
+        node(23, "PreviewImage", [680, y + 110], "Head masks", images=["22", 0]),
+        node(24, "PreviewImage", [1020, y], "Retouched crops", images=["5", 0]),
+        node(25, "PreviewAny", [1360, y], "Captions", source=["6", 1]),
+        node(26, "PreviewImage", [1700, y], "Template face", images=["7", 3]),
+    ]
 
 
 def workflows() -> dict[str, list[dict]]:
@@ -94,17 +106,18 @@ def workflows() -> dict[str, list[dict]]:
         **style, face_lora=FACE_LORA, trigger="fcsks", subject="a person", shared_tags=""))
     generate = [
         node(1, "CheckpointLoaderSimple", [-380, 300], ckpt_name=CHECKPOINT),
-        node(2, "LoadImage", [-380, 500], "Template face photo", image=TEMPLATE_IMAGE),
+        node(2, "FaceChainLoadTemplatePhoto", [-380, 500], "Template face photo", image=TEMPLATE_IMAGE),
         *gen_sampling,
         *fuse_rank_save(9, decoded, ["2", 0], 1480, 300),
     ]
     # Train and generate in one prompt: the new LoRA reaches ApplyStyleLoRA through its path socket (it is
     # not in the loras list when the prompt is queued), the captions bring trigger, subject and shared tags,
     # and the template face comes from TemplateFace.
-    tg_sampling, tg_decoded = sampling(11, ["1", 0], ["1", 1], ["1", 2], 0, 1000, dict(
+    tg_sampling, tg_decoded = sampling(11, ["1", 0], ["1", 1], ["1", 2], 0, 1150, dict(
         **style, face_lora="none", trigger="", subject="", shared_tags="", captions=["7", 2], face_lora_path=["8", 2]))
     train_generate = [*train_nodes(with_outputs=False), *tg_sampling,
-                      *fuse_rank_save(17, tg_decoded, ["7", 3], 1480, 1000)]
+                      *fuse_rank_save(17, tg_decoded, ["7", 3], 1480, 1150),
+                      node(27, "PreviewImage", [1100, 1450], "Generated (before fusion)", images=tg_decoded)]
     return {"facechain_train": train_nodes(), "facechain_generate": generate,
             "facechain_train_generate": train_generate}
 

@@ -120,7 +120,7 @@ def test_train_and_generate_workflow_runs_in_one_prompt(client, comfy_base):
     report = check_generate_part(client, entry, prompt)
     # the LoRA trained in this prompt, reached through the path socket; trigger and subject from AutoTag
     assert "Face LoRA: wf_train_generate.safetensors at 0.95" in report
-    assert re.search(r"^Positive: fcsks, a person, ", report, re.M)
+    assert re.search(r"^Positive: fcsks, a (handsome|mature) man, ", report, re.M)  # AutoTag, offline
 
 
 @pytest.mark.parametrize("name", MINE)
@@ -142,8 +142,9 @@ def test_ui_file_holds_the_api_graph(name, object_info):
             assert (str(link[1]), link[2], str(link[3])) == (src, slot, nid)
             assert object_info[api[src]["class_type"]]["output"][slot] == link[5]
         values = [v for v in spec["inputs"].values() if not isinstance(v, list)]
+        extras = ("KSampler", "FaceChainTrainFaceLoRA", "FaceChainLoadTemplatePhoto")  # seed control, upload button
         widgets = [w for w in node["widgets_values"] if w not in ("fixed", "randomize", "image")] \
-            if spec["class_type"] in ("KSampler", "FaceChainTrainFaceLoRA", "LoadImage") else node["widgets_values"]
+            if spec["class_type"] in extras else node["widgets_values"]
         unlinked_widget_values = [w for w in widgets]
         for v in values:
             assert v in unlinked_widget_values, (nid, v)
