@@ -146,6 +146,7 @@ def test_two_people_photo_follows_the_set(client, comfy_base, person, kept, face
         return
     assert "two_people.jpg: kept" in report and f"face {face} of 2" in report, report
     crop = crops[names.index("two_people.jpg")]
+    contact_sheet(f"subject_two_people_{person}.png", list(zip(names, crops)))
     own = [photo_embedding(f"{person}/{p.name}") for p in sorted((FACES / person).glob("*.jpg"))
            if p.name != "obama4_240p.jpg"]
     assert min(float(crop_embedding(crop) @ e) for e in own) > 0.45
