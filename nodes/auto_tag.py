@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..facechain_core import licences
 from ..facechain_core.face_regions import faces_for_images
 from ..facechain_core.tags import SUBJECT_SOURCES, TAGGERS, caption_photos, rules
 from ._learned import models_state
@@ -59,7 +60,7 @@ class AutoTag:
         faces = faces_for_images(faces, len(arrays), "AutoTag")
         result = caption_photos(arrays, [f["keypoints"] for f in faces], trigger, subject, subject_from, tagger,
                                 threshold, [f.get("name") or "" for f in faces], progress(len(arrays)))
-        report = result.report()
+        report = result.report() + "\n" + licences.line(tagger=tagger, subject=subject_from)
         return {"ui": {"text": [report]},
                 "result": (result.to_dict(), "\n".join(result.captions), result.prompt, report)}
 

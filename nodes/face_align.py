@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from ..facechain_core import licences
 from ..facechain_core.align import AlignSettings, align_photos
 from ..facechain_core.detect import BACKENDS
 from ..facechain_core.errors import FaceChainError
+from ..facechain_core.face_mesh import add_meshes
 from .common import CATEGORY, first, progress
 from .sockets import FACES, images_to_numpy, numpy_to_images
 
@@ -59,10 +61,11 @@ class FaceAlign:
         settings = AlignSettings(size=first(size), face_fraction=first(face_fraction),
                                  centre_from_top=first(face_centre), backend=first(detector))
         result = align_photos(list(zip(names, arrays)), settings, progress(len(arrays)))
-        report = result.report_text()
+        report = result.report_text() + "\n" + licences.line(align=first(detector))
+        crops = [a.image for a in result.aligned]
         return {"ui": {"text": [report]},
-                "result": (numpy_to_images([a.image for a in result.aligned]),
-                           [a.to_dict() for a in result.aligned], report)}
+                "result": (numpy_to_images(crops), add_meshes(crops, [a.to_dict() for a in result.aligned]),
+                           report)}
 
 
 NODE_CLASS_MAPPINGS = {"FaceChainFaceAlign": FaceAlign}

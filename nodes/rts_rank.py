@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..facechain_core import licences
 from ..facechain_core.errors import FaceChainError
 from ..facechain_core.rank import RankSettings, filter_defaults, rank_images
 from ..facechain_core.recognition import BACKENDS
@@ -65,7 +66,7 @@ class RTSRank:
                                 max_face_fraction=float(first(max_face_fraction)))
         result = rank_images(arrays, refs, settings, [str(n) for n in names or []], progress(len(arrays)),
                              first(detections) if detections else None)
-        report = result.report_text()
+        report = result.report_text() + "\n" + licences.line(rank=settings.backend)
         order, scores = result.order, result.scores
         if not order:
             if first(if_none_kept) != IF_NONE[0]:
