@@ -56,7 +56,7 @@ def as_image(path) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def aligned(nodes, input_dir):
-    photos, names = result(nodes["LoadPhotos"].load("obama", 3))
+    photos, names, _ = result(nodes["LoadPhotos"].load("obama", 3))
     crops, faces, report = result(nodes["FaceAlign"].align(photos, [256], [0.4], [0.42], ["embedded"], names))
     return photos, names, crops, faces, report
 
