@@ -77,7 +77,7 @@ def train_nodes(with_outputs: bool = True):
         node(7, "FaceChainTemplateFace", [1700, y], images=["5", 0], faces=["3", 1], scorer="embedded",
              min_quality=0.3, captions=["6", 0]),
         node(8, "FaceChainTrainFaceLoRA", [2040, y], model=["1", 0], clip=["1", 1], vae=["1", 2], images=["7", 0],
-             name="face", trigger="fcsks", captions=["7", 2], seed=42, overwrite=True),
+             name=["2", 3], trigger="fcsks", captions=["7", 2], seed=42, overwrite=False),
         node(10, "PreviewAny", [2400, y], "Training report", source=["8", 3]),
     ]
     if with_outputs:
@@ -105,7 +105,7 @@ def workflows() -> dict[str, list[dict]]:
         **style, face_lora=FACE_LORA, trigger="fcsks", subject="a person", shared_tags=""))
     generate = [
         node(1, "CheckpointLoaderSimple", [-380, 300], ckpt_name=CHECKPOINT),
-        node(2, "LoadImage", [-380, 500], "Template face photo", image=TEMPLATE_IMAGE),
+        node(2, "FaceChainLoadTemplatePhoto", [-380, 500], "Template face photo", image=TEMPLATE_IMAGE),
         *gen_sampling,
         *fuse_rank_save(9, decoded, ["2", 0], 1480, 300),
     ]
