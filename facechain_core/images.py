@@ -81,7 +81,7 @@ def read_photo(path: str | os.PathLike) -> Photo:
                 notes.append(f"{img.mode} grayscale scaled to 8 bits")
                 gray = wide_gray_to_uint8(img)
                 return Photo(np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2)), "; ".join(notes))
-            return Photo(np.asarray(flatten_alpha(img), dtype=np.uint8), "; ".join(notes))
+            return Photo(np.array(flatten_alpha(img), dtype=np.uint8), "; ".join(notes))  # writable, for torch
     except FaceChainError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
