@@ -199,9 +199,17 @@ class Progress:
         self.say(f"[{node_id}] {self.title(node_id)}: {text}")
 
 
-def wait_with_websocket(server: Server, prompt: dict, progress: Progress, ws) -> str:
+def queue(server: Server, prompt: dict) -> str:
+    """Queue the prompt; refuse it whole when the host found errors in some nodes (it would run the rest)."""
     answer = server.post("/prompt", {"prompt": prompt, "client_id": server.client_id})
-    prompt_id = answer["prompt_id"]
+    if answer.get("node_errors"):
+        server.post("/queue", {"delete": [answer["prompt_id"]]})
+        raise SystemExit(f"the server refused the prompt: {describe_refusal(json.dumps(answer).encode())}")
+    return answer["prompt_id"]
+
+
+def wait_with_websocket(server: Server, prompt: dict, progress: Progress, ws) -> str:
+    prompt_id = queue(server, prompt)
     print(f"queued prompt {prompt_id}", flush=True)
     while True:
         raw = ws.recv()
@@ -224,8 +232,7 @@ def wait_with_websocket(server: Server, prompt: dict, progress: Progress, ws) ->
 
 
 def wait_polling(server: Server, prompt: dict) -> str:
-    answer = server.post("/prompt", {"prompt": prompt, "client_id": server.client_id})
-    prompt_id = answer["prompt_id"]
+    prompt_id = queue(server, prompt)
     print(f"queued prompt {prompt_id} (install websocket-client for live progress; polling)", flush=True)
     while True:
         hist = server.get(f"/history/{prompt_id}")
