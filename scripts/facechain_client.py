@@ -45,9 +45,19 @@ class Server:
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
-                return json.loads(r.read() or b"null")
+                answer = json.loads(r.read() or b"null")
         except urllib.error.HTTPError as e:
             raise SystemExit(f"the server refused the prompt: {describe_refusal(e.read())}") from None
+        if path == "/prompt" and isinstance(answer, dict) and answer.get("node_errors"):
+            # ComfyUI queues a prompt when some outputs are valid (the preview nodes) and drops the broken ones:
+            # take it off the queue and say what was wrong, as for a refused prompt.
+            reason = describe_refusal(json.dumps(answer).encode())
+            try:
+                self.post("/queue", {"delete": [answer.get("prompt_id")]})
+            except (SystemExit, OSError):
+                pass  # already running or gone: the reason below is what matters
+            raise SystemExit(f"the server refused the prompt: {reason}")
+        return answer
 
     def upload(self, path: Path, subfolder: str, name: str | None = None) -> str:
         """POST /upload/image into input/<subfolder>; returns the name the server stored."""
