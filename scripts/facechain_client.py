@@ -210,12 +210,8 @@ class Progress:
 
 
 def queue(server: Server, prompt: dict) -> str:
-    """Queue the prompt; refuse it whole when the host found errors in some nodes (it would run the rest)."""
-    answer = server.post("/prompt", {"prompt": prompt, "client_id": server.client_id})
-    if answer.get("node_errors"):
-        server.post("/queue", {"delete": [answer["prompt_id"]]})
-        raise SystemExit(f"the server refused the prompt: {describe_refusal(json.dumps(answer).encode())}")
-    return answer["prompt_id"]
+    """Queue the prompt (``Server.post`` refuses it whole when the host found errors in some nodes)."""
+    return server.post("/prompt", {"prompt": prompt, "client_id": server.client_id})["prompt_id"]
 
 
 def wait_with_websocket(server: Server, prompt: dict, progress: Progress, ws) -> str:
