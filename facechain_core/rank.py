@@ -168,3 +168,21 @@ def rank_images(images: list[np.ndarray], references: list[np.ndarray], settings
             c.score = float(np.dot(ref, c.embedding))
     kept = sorted((c for c in candidates if c.score is not None), key=lambda c: (-c.score, c.index))[:s.top_n]
     return RankResult([c.index for c in kept], [c.score for c in kept], candidates, len(refs))
+
+
+IF_NONE_KEPT = ("return unranked", "stop with an error")
+
+
+def order_or_unranked(result: RankResult, n_images: int, top_n: int, if_none_kept: str = IF_NONE_KEPT[0]
+                      ) -> tuple[list[int], list[float], str]:
+    """(order, scores, report). When no image showed one plausible face: the first ``top_n`` unranked
+    (score 0), or an error, as ``if_none_kept`` says (RTSRank and the standalone pipeline both)."""
+    report = result.report_text()
+    if result.order:
+        return list(result.order), [float(s) for s in result.scores], report
+    if if_none_kept != IF_NONE_KEPT[0]:
+        raise FaceChainError("RTSRank kept no image:\n" + report + "\nGenerate more images, or widen the "
+                             "face size band.")
+    order = list(range(min(top_n, n_images)))
+    report += "\nNo image showed exactly one plausible face: returned the first ones unranked (score 0)."
+    return order, [0.0] * len(order), report

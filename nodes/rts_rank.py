@@ -4,12 +4,12 @@ from __future__ import annotations
 
 
 from ..facechain_core.errors import FaceChainError
-from ..facechain_core.rank import RankSettings, filter_defaults, rank_images
+from ..facechain_core.rank import IF_NONE_KEPT, RankSettings, filter_defaults, order_or_unranked, rank_images
 from ..facechain_core.recognition import BACKENDS
 from .common import CATEGORY, first, progress
 from .face_fusion import DETECTIONS, batches_of, to_uint8
 
-IF_NONE = ("return unranked", "stop with an error")
+IF_NONE = IF_NONE_KEPT
 
 
 class RTSRank:
@@ -64,17 +64,9 @@ class RTSRank:
                                 max_face_fraction=float(first(max_face_fraction)))
         result = rank_images(arrays, refs, settings, [str(n) for n in names or []], progress(len(arrays)),
                              first(detections) if detections else None)
-        report = result.report_text()
-        order, scores = result.order, result.scores
-        if not order:
-            if first(if_none_kept) != IF_NONE[0]:
-                raise FaceChainError("RTSRank kept no image:\n" + report + "\nGenerate more images, or widen the "
-                                     "face size band.")
-            order = list(range(min(settings.top_n, len(arrays))))
-            scores = [0.0] * len(order)
-            report += "\nNo image showed exactly one plausible face: returned the first ones unranked (score 0)."
+        order, scores, report = order_or_unranked(result, len(arrays), settings.top_n, first(if_none_kept))
         out = [singles[i] for i in order]
-        return {"ui": {"text": [report]}, "result": (out, [float(s) for s in scores], report)}
+        return {"ui": {"text": [report]}, "result": (out, scores, report)}
 
 
 NODE_CLASS_MAPPINGS = {"FaceChainRTSRank": RTSRank}
