@@ -86,8 +86,6 @@ def preprocess(photos_dir: str | os.PathLike, spec: dict) -> TrainingSet:
     photos = [(p.name, load_photo(p)) for p in files]
     aligned = align_photos(photos, AlignSettings(size=fa["size"], face_fraction=fa["face_fraction"],
                                                  centre_from_top=fa["face_centre"], backend=fa["detector"]))
-    if not aligned.aligned:
-        raise FaceChainError(f"No usable face in any photo of '{Path(photos_dir).name}':\n{aligned.report_text()}")
     faces = [a.to_dict() for a in aligned.aligned]
     names = [f.get("name") or f"crop {i + 1}" for i, f in enumerate(faces)]
     keypoints = [f["keypoints"] for f in faces]
@@ -134,8 +132,10 @@ class Run:
         self.manifest["stage"] = name
         self.log(f"[{self.manifest['person']}] {name} ...")
         t0 = time.perf_counter()
-        yield
-        self.manifest["timings"][name] = round(time.perf_counter() - t0, 3)
+        try:
+            yield
+        finally:  # a failed stage keeps its time too
+            self.manifest["timings"][name] = round(time.perf_counter() - t0, 3)
 
     def save(self) -> dict:
         write_json_atomic(self.out / MANIFEST, self.manifest)
