@@ -135,16 +135,18 @@ def _client_args(photos: Path, checkpoint: str, style: str, overrides: dict):
 
 # --- the client side -----------------------------------------------------------------------------------------
 
-def local_cluster(workers: int | None = None, comfy_pool: int = 0):
-    """A cluster on this machine: one worker per visible GPU, or ``workers`` CPU workers (or one per server)."""
+def local_cluster(workers: int | None = None, comfy_pool: int = 0, gpus: int | None = None):
+    """A cluster on this machine: one worker per visible GPU (the first ``gpus`` of them when given), or
+    ``workers`` CPU workers, or one worker per ComfyUI server of a pool. Returns (cluster, GPUs used)."""
     require_dask()
     from distributed import Nanny, Scheduler, SpecCluster
 
-    gpus = 0
     if not workers and not comfy_pool:
         import torch
 
-        gpus = torch.cuda.device_count()
+        gpus = min(torch.cuda.device_count(), gpus or 1 << 20)
+    else:
+        gpus = 0
     count = comfy_pool or gpus or workers or 1
     threads = max(1, (os.cpu_count() or 1) // count)
     specs = {}
@@ -160,8 +162,9 @@ def local_cluster(workers: int | None = None, comfy_pool: int = 0):
 
 def run_batch(people_dir, out_dir, scheduler: str = "local", checkpoint: str = "", style: str = "Studio Headshot",
               overrides: dict | None = None, device: str = "auto", workers: int | None = None,
-              lora_dirs: list[str] | None = None, comfy: list[str] | None = None, log=print) -> dict:
-    """Run every person not yet done; returns (and writes to out/batch.json) the summary."""
+              lora_dirs: list[str] | None = None, comfy: list[str] | None = None, log=print, client=None) -> dict:
+    """Run every person not yet done; returns (and writes to out/batch.json) the summary. ``client``: a
+    connected ``distributed.Client`` to use instead of ``scheduler`` (the benchmark warms its workers first)."""
     distributed = require_dask()
     people = people_in(people_dir)
     out = Path(out_dir)
@@ -171,26 +174,29 @@ def run_batch(people_dir, out_dir, scheduler: str = "local", checkpoint: str = "
         (skipped if done else todo).append(p)
     if skipped:
         log(f"skipping {len(skipped)} already done: {', '.join(p.name for p in skipped)}")
-    cluster, gpus = (local_cluster(workers, len(comfy or [])) if scheduler == "local" else (None, None))
+    own = client is None
+    cluster, gpus = local_cluster(workers, len(comfy or [])) if own and scheduler == "local" else (None, None)
     t0 = time.perf_counter()
     results = {}
     try:
-        with distributed.Client(cluster or scheduler) as client:
-            n_workers = len(client.scheduler_info()["workers"])
-            log(f"{n_workers} workers ({scheduler}{f', {gpus} GPUs' if gpus else ''}); {len(todo)} people to run")
-            futures = {}
-            for p in todo:
-                if comfy:
-                    f = client.submit(comfy_task, str(p), str(out / p.name), comfy, checkpoint, style,
-                                      dict(overrides or {}), key=f"comfy-{p.name}-{time.time_ns()}", pure=False)
-                else:
-                    f = client.submit(person_task, str(p), str(out / p.name), str(checkpoint), style,
-                                      dict(overrides or {}), device, lora_dirs, resources={RESOURCE: 1},
-                                      key=f"person-{p.name}-{time.time_ns()}", pure=False)
-                futures[f] = p
-            for f in distributed.as_completed(futures):
-                results[futures[f].name] = _outcome(f, futures[f], out, log)
+        client = client or distributed.Client(cluster or scheduler)
+        n_workers = len(client.scheduler_info()["workers"])
+        log(f"{n_workers} workers ({scheduler}{f', {gpus} GPUs' if gpus else ''}); {len(todo)} people to run")
+        futures = {}
+        for p in todo:
+            if comfy:
+                f = client.submit(comfy_task, str(p), str(out / p.name), comfy, checkpoint, style,
+                                  dict(overrides or {}), key=f"comfy-{p.name}-{time.time_ns()}", pure=False)
+            else:
+                f = client.submit(person_task, str(p), str(out / p.name), str(checkpoint), style,
+                                  dict(overrides or {}), device, lora_dirs, resources={RESOURCE: 1},
+                                  key=f"person-{p.name}-{time.time_ns()}", pure=False)
+            futures[f] = p
+        for f in distributed.as_completed(futures):
+            results[futures[f].name] = _outcome(f, futures[f], out, log)
     finally:
+        if own and client is not None:
+            client.close()
         if cluster is not None:
             cluster.close()
     return _summary(out, people, results, skipped, time.perf_counter() - t0, scheduler, gpus)
