@@ -183,3 +183,24 @@ def test_lora_is_added_for_one_call_and_taken_out(monkeypatch):
             pass
     again = standalone.generate(models, "a photo", "", 64, 64, 1, 2, 7.0, 1, "euler", "normal")[0]
     assert np.array_equal(again, base)  # same seed, weights back: the same picture
+
+
+def test_batch_comfy_pool_runs_the_bundled_workflow(comfy_server, tmp_path):
+    """--comfy: each person is uploaded to a running ComfyUI (the pack's client) and the bundled API workflow
+    runs there; a person whose photos the server's LoadFacePhotos cannot read is recorded as failed."""
+    people = tmp_path / "people"
+    shutil.copytree(FACES / "obama", people / "obama")
+    (people / "not_photos").mkdir()
+    (people / "not_photos" / "IMG_0001.jpg").write_text("this is a text file, not a JPEG")
+    out = tmp_path / "out"
+    r = run_cli("batch", "--people", str(people), "--scheduler", "local", "--comfy", comfy_server.url,
+                "--checkpoint", str(tiny_checkpoint()), "--out", str(out), *SMALL)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "1 workers (local); 2 people to run" in r.stdout
+    m = json.loads((out / "obama" / "manifest.json").read_text())
+    assert m["status"] == "done" and m["mode"] == "comfy" and m["server"] == comfy_server.url, m
+    assert [p["file"] for p in m["portraits"]] == ["rank_01.png", "rank_02.png"]
+    assert all(read(out / "obama" / p["file"]).shape == (64, 64, 3) for p in m["portraits"])
+    assert "RTSRank" in m["reports"]["rank"]
+    bad = json.loads((out / "not_photos" / "manifest.json").read_text())
+    assert bad["status"] == "failed" and "could not be read" in bad["error"], bad
