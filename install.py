@@ -32,7 +32,8 @@ def comfy_models_root() -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Install comfyui-facechain's requirements and, if asked, its learned models.")
+    ap = argparse.ArgumentParser(
+        description="Install comfyui-facechain's requirements and, if asked, its learned models.")
     ap.add_argument("--models", nargs="*", default=[], help="learned models to fetch ('all' for every one)")
     ap.add_argument("--list", action="store_true", help="list the learned models and exit")
     ap.add_argument("--no-requirements", action="store_true", help="skip pip install -r requirements.txt")

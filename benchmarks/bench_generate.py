@@ -1,7 +1,8 @@
 """What FaceFusion + RTSRank add to the time the host spends sampling the portraits they work on.
 
-    python benchmarks/bench_generate.py                       # on a CUDA machine: full-size SD1.5, 8 x 512x512, 30 steps
-    python benchmarks/bench_generate.py --cpu --checkpoint .cache/tiny_sd15.safetensors --size 64 --steps 3   # smoke test
+    python benchmarks/bench_generate.py     # on a CUDA machine: full-size SD1.5, 8 x 512x512, 30 steps
+    # smoke test:
+    python benchmarks/bench_generate.py --cpu --checkpoint .cache/tiny_sd15.safetensors --size 64 --steps 3
 
 Sampling: ComfyUI's own code (checkpoint loader, text encoder, `comfy.sample.sample` as KSampler calls it,
 VAE decode) on an SD1.5-shaped checkpoint. Without --checkpoint one is built on the spot with the full
@@ -188,7 +189,7 @@ def time_fuse_rank(faces: Path, n: int, size: int, repeats: int, template_kind: 
     return {"fusion_s": statistics.median(f_runs), "rank_s": statistics.median(r_runs),
             "fusion_runs_s": [round(x, 4) for x in f_runs], "rank_runs_s": [round(x, 4) for x in r_runs],
             "fused": fusion_report.splitlines()[0], "ranked": rank_report.splitlines()[0],
-            "default_workers": importlib.import_module("facechain_pack.facechain_core.recognition").default_workers(n),
+            "default_workers": importlib.import_module("facechain_pack.facechain_core.threads").default_workers(n),
             "fusion_plus_rank_by_workers_s": sweep}
 
 

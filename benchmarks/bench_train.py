@@ -298,7 +298,8 @@ def main() -> None:
     import diffusers
     import peft
     import transformers
-    env = {"gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__, "diffusers": diffusers.__version__,
+    env = {"gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
+           "diffusers": diffusers.__version__,
            "peft": peft.__version__, "transformers": transformers.__version__}
     print(json.dumps(env), flush=True)
     torch.backends.cuda.matmul.allow_tf32 = True

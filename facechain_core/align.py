@@ -20,12 +20,10 @@ import numpy as np
 
 from .detect import Face, choose_subject, detect_faces
 from .errors import FaceChainError
+from .face_regions import MEAN_FACE_5
 from .images import MIN_SIDE, as_rgb_uint8
 from .progress import ProgressFn, no_progress
 
-# The usual mean 5-point face (112x112 template), in the keypoint order of detect.py.
-MEAN_FACE_5 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
-                        [41.5493, 92.3655], [70.7299, 92.2041]])
 WHITE = (255, 255, 255)
 
 
@@ -107,7 +105,8 @@ def _nearest(faces: list[Face], centre: np.ndarray, size: float) -> Face | None:
     return min(near, key=lambda f: np.linalg.norm(f.centre - centre)) if near else None
 
 
-def align_photo(image: np.ndarray, name: str = "photo", settings: AlignSettings | None = None) -> tuple[AlignedFace | None, str]:
+def align_photo(image: np.ndarray, name: str = "photo",
+                settings: AlignSettings | None = None) -> tuple[AlignedFace | None, str]:
     """Align one photo. Returns (crop, "") or (None, reason it was skipped)."""
     s = settings or AlignSettings()
     rgb = as_rgb_uint8(image, name)
@@ -166,7 +165,8 @@ def align_photo(image: np.ndarray, name: str = "photo", settings: AlignSettings 
         if tilt * last_tilt < 0:  # overshot: the detector's keypoints move more than the photo turned
             gain *= 0.5
         last_tilt = tilt
-        grow = 1.0 if abs(fraction - s.face_fraction) < 0.015 else float(np.clip(s.face_fraction / fraction, 0.85, 1.15))
+        grow = 1.0 if abs(fraction - s.face_fraction) < 0.015 \
+            else float(np.clip(s.face_fraction / fraction, 0.85, 1.15))
         t = np.radians(-tilt * gain)
         r = grow * np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
         fix = np.hstack([r, (target - r @ seen.centre)[:, None]])

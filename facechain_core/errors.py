@@ -8,6 +8,3 @@ class FaceChainError(ValueError):
 class ModelMissingError(FaceChainError):
     """A learned model is not on disk and cannot be fetched here."""
 
-
-class Cancelled(Exception):
-    """Raised by a progress callback when the user pressed Cancel."""

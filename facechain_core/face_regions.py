@@ -16,6 +16,11 @@ import numpy as np
 
 from .errors import FaceChainError
 
+# The usual mean 5-point face (112x112 template), in the keypoint order of detect.py: FaceAlign levels the
+# eyes by it, FaceFusion places faces by it, align_112 warps every recogniser's and scorer's input onto it.
+MEAN_FACE_5 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
+                        [41.5493, 92.3655], [70.7299, 92.2041]])
+
 
 @dataclass(frozen=True)
 class FaceFrame:
@@ -105,11 +110,19 @@ def cheek_samples(rgb: np.ndarray, frame: FaceFrame) -> np.ndarray:
     return rgb[mask > 0]
 
 
+def soft_inside(mask: np.ndarray, feather: int) -> np.ndarray:
+    """A 0-1 weight that fades in over ``feather`` pixels from the mask's edge and is exactly 0 outside it."""
+    if feather <= 1:
+        return (mask > 0).astype(np.float32)
+    inner = cv2.erode(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (feather, feather)))
+    soft = cv2.GaussianBlur(inner.astype(np.float32) / 255.0, (0, 0), feather / 2.0)
+    soft[mask == 0] = 0.0
+    return soft
+
+
 def align_112(rgb: np.ndarray, keypoints, size: int = 112, border: str = "white") -> np.ndarray:
     """The face warped onto the usual 112x112 five-point template (what FairFace, FQA and the ArcFace family
     were trained on). ``border``: "white" (FaceChain's fill) or "replicate" (edge pixels, for recognisers)."""
-    from .align import MEAN_FACE_5
-
     src = np.asarray(keypoints, np.float32)
     dst = (MEAN_FACE_5 * (size / 112.0)).astype(np.float32)
     m, _ = cv2.estimateAffinePartial2D(src, dst, method=cv2.LMEDS)

@@ -29,10 +29,11 @@ import numpy as np
 from . import model_store
 from .detect import Face
 from .errors import FaceChainError
+from .face_regions import MEAN_FACE_5
 from .images import as_rgb_uint8
 from .progress import ProgressFn, no_progress
-from .align import MEAN_FACE_5
-from .recognition import detect_faces_parallel_safe, parallel_map
+from .model_cache import cached, learned_files
+from .threads import detect_faces_per_thread, parallel_map
 
 BACKENDS = ("embedded", "face_fusion")
 
@@ -288,15 +289,8 @@ class LearnedFusion:
         return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)  # ModelScope's vision pipelines answer in BGR
 
 
-_learned: dict = {}
-_learned_lock = threading.Lock()
-
-
 def learned_fusion() -> LearnedFusion:
-    with _learned_lock:
-        if "face_fusion" not in _learned:
-            _learned["face_fusion"] = LearnedFusion()
-        return _learned["face_fusion"]
+    return cached(("fusion", "face_fusion"), LearnedFusion, learned_files("face_fusion"))
 
 
 @dataclass
@@ -366,7 +360,7 @@ def fuse_images(images: list[np.ndarray], template: np.ndarray, settings: Fusion
     template_rgb = as_rgb_uint8(template, "template")
     progress(0, len(rgbs), None)
     # 1. find the faces of the template and of every image side by side, 2. fuse side by side
-    found = list(parallel_map(lambda im: detect_faces_parallel_safe(im, s.detector), [template_rgb] + rgbs,
+    found = list(parallel_map(lambda im: detect_faces_per_thread(im, s.detector), [template_rgb] + rgbs,
                               s.workers))
     if not found[0]:
         raise FaceChainError("FaceFusion found no face in the template image. Connect a clear photo of the "

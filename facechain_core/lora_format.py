@@ -112,10 +112,6 @@ def kohya_state_dict(unet_layers: Mapping[str, tuple], text_layers: Sequence[Map
     return out
 
 
-def kohya_layer_names(state: Mapping[str, torch.Tensor]) -> list[str]:
-    return sorted({k.rsplit(".lora_down.weight", 1)[0] for k in state if k.endswith(".lora_down.weight")})
-
-
 def kohya_metadata(arch: str, rank: int, alpha: float, steps: int, samples: int, trigger: str,
                    captions: Iterable[str], base_model_hash: str, extra: Mapping[str, str] | None = None,
                    train_text_encoder: bool = False) -> dict[str, str]:
@@ -131,7 +127,8 @@ def kohya_metadata(arch: str, rank: int, alpha: float, steps: int, samples: int,
         "ss_steps": str(int(steps)),
         "ss_num_train_images": str(len(captions)),
         "ss_network_train_unet_only": "False" if train_text_encoder else "True",
-        "modelspec.architecture": {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}[arch],
+        "modelspec.architecture": {"sd15": "stable-diffusion-v1/lora",
+                                   "sdxl": "stable-diffusion-xl-v1-base/lora"}[arch],
         "modelspec.trigger_phrase": trigger,
         "facechain_trigger": trigger,
         "facechain_captions": json.dumps(captions, ensure_ascii=False),

@@ -14,23 +14,20 @@ The catalogue is data (``data/models.json``). Two kinds of entry:
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 import tempfile
-from functools import lru_cache
 from pathlib import Path
 
+from . import data_files
 from .errors import FaceChainError, ModelMissingError
 
-CATALOGUE = Path(__file__).with_name("data") / "models.json"
+CATALOGUE = data_files.DATA / "models.json"
 _root_override: Path | None = None
 
 
-@lru_cache(maxsize=1)
 def catalogue() -> dict:
-    with open(CATALOGUE, encoding="utf-8") as f:
-        return json.load(f)
+    return data_files.load("models.json")
 
 
 def set_models_root(path: str | os.PathLike | None) -> None:

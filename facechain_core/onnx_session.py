@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 from .errors import FaceChainError
-
-_sessions: dict = {}
-_lock = threading.Lock()
+from .model_cache import cached
 
 
 def _providers() -> list[str]:
@@ -22,7 +19,8 @@ def _providers() -> list[str]:
         cuda = torch.cuda.is_available()
     except ImportError:
         cuda = False
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available and (cuda or p != "CUDAExecutionProvider")]
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+            if p in available and (cuda or p != "CUDAExecutionProvider")]
 
 
 def onnx_session(path: str | Path):
@@ -33,15 +31,15 @@ def onnx_session(path: str | Path):
     except ImportError:
         raise FaceChainError("onnxruntime is not installed; run `pip install -r requirements.txt` in the "
                              "comfyui-facechain folder.") from None
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
-    with _lock:
-        if key not in _sessions:
-            try:
-                options = ort.SessionOptions()
-                options.log_severity_level = 3
-                _sessions[key] = ort.InferenceSession(str(path), options, providers=_providers())
-            except Exception as e:  # onnxruntime raises its own exception types for broken files
-                raise FaceChainError(f"Could not open the ONNX model '{path}' ({type(e).__name__}: {e}). "
-                                     f"Fetch it again (`python install.py --models ...`).") from None
-        return _sessions[key]
+    path.stat()  # a missing file is the caller's FileNotFoundError, as before
+
+    def open_session():
+        try:
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            return ort.InferenceSession(str(path), options, providers=_providers())
+        except Exception as e:  # onnxruntime raises its own exception types for broken files
+            raise FaceChainError(f"Could not open the ONNX model '{path}' ({type(e).__name__}: {e}). "
+                                 f"Fetch it again (`python install.py --models ...`).") from None
+
+    return cached(("onnx", str(path.resolve())), open_session, [path])

@@ -24,9 +24,10 @@ import numpy as np
 from . import model_store
 from .backends import backend_instance
 from .errors import FaceChainError
-from .face_regions import FaceFrame, cheek_samples, draw_oval, feature_mask
+from .face_regions import FaceFrame, draw_oval, feature_mask, soft_inside
 from .images import as_rgb_uint8
 from .progress import ProgressFn, no_progress
+from .skin_colour import require_colour, skin_likelihood
 
 BACKENDS = ("embedded", "m2fp")
 WHITE = 255
@@ -71,16 +72,6 @@ def head_mask(face: np.ndarray, hair: np.ndarray, person: np.ndarray | None = No
     return np.maximum(largest_region(head), face)
 
 
-def soft_inside(mask: np.ndarray, feather: int) -> np.ndarray:
-    """A 0-1 weight that fades in over ``feather`` pixels from the mask's edge and is exactly 0 outside it."""
-    if feather <= 1:
-        return (mask > 0).astype(np.float32)
-    inner = cv2.erode(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (feather, feather)))
-    soft = cv2.GaussianBlur(inner.astype(np.float32) / 255.0, (0, 0), feather / 2.0)
-    soft[mask == 0] = 0.0
-    return soft
-
-
 def paint_outside(rgb: np.ndarray, mask: np.ndarray, feather: int = 3) -> np.ndarray:
     """White outside the mask; a few pixels of fade inside its edge so the cut-out has no jagged rim."""
     a = soft_inside(mask, feather)[..., None]
@@ -88,39 +79,6 @@ def paint_outside(rgb: np.ndarray, mask: np.ndarray, feather: int = 3) -> np.nda
 
 
 # --- embedded backend ------------------------------------------------------------------------------------
-
-def require_colour(rgb: np.ndarray, keypoints, name: str, step: str) -> None:
-    """The embedded backends find skin by its colour: a black-and-white photo has none to find."""
-    frame = FaceFrame.from_keypoints(keypoints)
-    face = rgb[draw_oval(rgb.shape[:2], frame, 0.8) > 0].astype(np.int16)
-    if face.size == 0:
-        raise FaceChainError(f"The face of {name} lies outside the crop; run FaceAlign on the photo again.")
-    spread = np.abs(face[:, 0] - face[:, 1]) + np.abs(face[:, 1] - face[:, 2])
-    if float(np.mean(spread)) < 4.0:
-        raise FaceChainError(
-            f"{name} is a grayscale (black-and-white) photo: {step}'s embedded backend finds skin by its "
-            f"colour and cannot work on it. Remove the photo from the folder or use a colour photo of the person.")
-
-
-def skin_likelihood(rgb: np.ndarray, frame: FaceFrame, whole: np.ndarray | None = None) -> np.ndarray:
-    """Mahalanobis distance (squared) of every pixel's chroma to the skin colour sampled on the cheeks.
-
-    Chroma (Cr, Cb) carries the skin colour across light and shade; luminance only enters weakly, so that
-    dark hair and white walls of a similar hue still fall outside. ``rgb`` may be a part of ``whole``, the
-    image the frame's keypoints refer to (the cheeks are sampled there)."""
-    ycc = cv2.cvtColor(rgb, cv2.COLOR_RGB2YCrCb).astype(np.float32)
-    sampled = cheek_samples(rgb if whole is None else whole, frame)
-    samples = cv2.cvtColor(sampled[None], cv2.COLOR_RGB2YCrCb)[0].astype(np.float32)
-    if len(samples) < 20:
-        raise FaceChainError("The cheeks of the face are outside the crop; run FaceAlign on the photo again.")
-    mean = samples.mean(axis=0)
-    cov = np.cov(samples.T) + np.diag([25.0, 4.0, 4.0])  # floor: a flat-lit cheek has almost no spread
-    cov[0, :] *= 4.0  # luminance counts a quarter as much: light and shade vary across a face
-    cov[:, 0] *= 4.0
-    inv = np.linalg.inv(cov).astype(np.float32)
-    diff = ycc - mean
-    return np.einsum("...i,ij,...j->...", diff, inv, diff)
-
 
 def embedded_parse(rgb: np.ndarray, keypoints, work_side: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Face, hair and person masks of one crop, from its keypoints, skin colour and GrabCut."""

@@ -14,12 +14,3 @@ ProgressFn = Callable[[int, int, Optional[str]], None]
 def no_progress(done: int, total: int, info: str | None = None) -> None:
     return None
 
-
-def scaled(progress: ProgressFn | None, start: int, span: int, total: int) -> ProgressFn:
-    """Map a sub-task's 0..n onto ``start..start+span`` of a larger ``total``."""
-    progress = progress or no_progress
-
-    def inner(done: int, n: int, info: str | None = None) -> None:
-        progress(start + (span * done) // max(n, 1), total, info)
-
-    return inner

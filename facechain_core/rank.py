@@ -8,26 +8,22 @@ normalised embeddings are averaged, which is steadier than any single photo.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 
+from . import data_files
 from .detect import Face
 from .errors import FaceChainError
 from .images import as_rgb_uint8
 from .progress import ProgressFn, no_progress
-from .recognition import detect_faces_parallel_safe, embed_face, get_recogniser, parallel_map
+from .recognition import embed_face, get_recogniser
+from .threads import detect_faces_per_thread, parallel_map
 
-FILTER_FILE = Path(__file__).with_name("data") / "rank_filter.json"
 
 
-@lru_cache(maxsize=1)
 def filter_defaults() -> dict:
-    with open(FILTER_FILE, encoding="utf-8") as f:
-        return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+    return data_files.settings("rank_filter.json")
 
 
 @dataclass
@@ -126,7 +122,7 @@ def rank_images(images: list[np.ndarray], references: list[np.ndarray], settings
 
     def reference(i: int):
         rgb = as_rgb_uint8(references[i], f"reference {i + 1}")
-        faces = detect_faces_parallel_safe(rgb, s.detector)
+        faces = detect_faces_per_thread(rgb, s.detector)
         return embed_face(rgb, faces[0], s.backend) if faces else None
 
     def candidate(i: int) -> Candidate:
@@ -135,7 +131,7 @@ def rank_images(images: list[np.ndarray], references: list[np.ndarray], settings
         if detections is not None:
             faces = faces_from_dicts(detections[i], names[i])
         else:
-            faces = detect_faces_parallel_safe(rgb, s.detector)
+            faces = detect_faces_per_thread(rgb, s.detector)
         if len(faces) != 1:
             c.why_dropped = "no face found" if not faces else f"{len(faces)} faces (exactly one is needed)"
             return c

@@ -13,17 +13,18 @@ Every backend returns L2-normalised float32 vectors, so the dot product is the c
 
 from __future__ import annotations
 
-import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
 
-from . import face_regions, model_store
+from . import model_store
 from .detect import Face
 from .errors import FaceChainError
+from .face_regions import align_112
+from .model_cache import cached, learned_files
 from .onnx_session import onnx_session
+from .threads import per_thread
 
 BACKENDS = ("embedded", "arcface", "rts")
 
@@ -31,11 +32,6 @@ BACKENDS = ("embedded", "arcface", "rts")
 def face_row(face: Face) -> np.ndarray:
     """YuNet's 15-number row (x, y, w, h, 5 keypoints, score), as alignCrop takes it."""
     return np.hstack([face.box, face.keypoints.ravel(), [face.score]]).astype(np.float32)
-
-
-def align_112(rgb: np.ndarray, face: Face) -> np.ndarray:
-    """The face on the 112x112 five-point template every ArcFace-family recogniser was trained on."""
-    return face_regions.align_112(rgb, face.keypoints, border="replicate")
 
 
 def _normalise(v: np.ndarray) -> np.ndarray:
@@ -102,7 +98,7 @@ class ArcFaceOnnxRecogniser:
         return np.stack([_normalise(v) for v in out.reshape(len(crops), -1)])
 
     def embed(self, rgb: np.ndarray, face: Face) -> np.ndarray:
-        return self.embed_crops([align_112(rgb, face)])[0]
+        return self.embed_crops([align_112(rgb, face.keypoints, border="replicate")])[0]
 
 
 class RTSRecogniser:
@@ -129,30 +125,14 @@ class RTSRecogniser:
         return _normalise(np.asarray(emb)[0])
 
 
-_local = threading.local()
-_shared: dict = {}
-_shared_lock = threading.Lock()
-
-
 def get_recogniser(backend: str = "embedded"):
     """One recogniser per backend; the embedded one per thread (OpenCV's nets are not thread-safe)."""
     if backend not in BACKENDS:
         raise FaceChainError(f"Unknown face recogniser '{backend}'; choose one of {', '.join(BACKENDS)}.")
     if backend == "embedded":
-        rec = getattr(_local, "sface", None)
-        if rec is None:
-            rec = _local.sface = SFaceRecogniser()
-        return rec
-    with _shared_lock:
-        if backend not in _shared:
-            _shared[backend] = ArcFaceOnnxRecogniser() if backend == "arcface" else RTSRecogniser()
-        return _shared[backend]
-
-
-def forget_recognisers() -> None:
-    """Drop loaded learned recognisers (a model file was replaced)."""
-    with _shared_lock:
-        _shared.clear()
+        return per_thread("sface", SFaceRecogniser)
+    make = ArcFaceOnnxRecogniser if backend == "arcface" else RTSRecogniser
+    return cached(("recogniser", backend), make, learned_files(backend))
 
 
 def embed_face(rgb: np.ndarray, face: Face, backend: str = "embedded") -> np.ndarray:
@@ -161,68 +141,3 @@ def embed_face(rgb: np.ndarray, face: Face, backend: str = "embedded") -> np.nda
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(_normalise(a), _normalise(b)))
-
-
-# Photos larger than this are searched for faces at this long side (FaceAlign's working size): the search
-# costs grow with the pixels, and a face is hundreds of pixels wide there. Smaller is not safe: YuNet
-# starts to see extra faces when one face fills half the frame (biden2.jpg at 640 px shows it).
-DETECT_MAX_SIDE = 1024
-
-
-def detect_faces_parallel_safe(rgb: np.ndarray, backend: str = "embedded",
-                               max_side: int | None = DETECT_MAX_SIDE) -> list[Face]:
-    """detect.detect_faces, with one YuNet per thread so that a thread pool does not queue on one lock;
-    large images are searched at ``max_side`` and the faces scaled back."""
-    h, w = rgb.shape[:2]
-    k = 1.0
-    if max_side and max(h, w) > max_side:
-        k = max_side / max(h, w)
-        rgb = cv2.resize(rgb, (max(1, round(w * k)), max(1, round(h * k))), interpolation=cv2.INTER_AREA)
-    if backend != "embedded":
-        from .detect import detect_faces
-
-        faces = detect_faces(rgb, backend)
-    else:
-        det = getattr(_local, "yunet", None)
-        if det is None:
-            from .detect import YuNetDetector
-
-            det = _local.yunet = YuNetDetector()
-        faces = det.detect(rgb)
-    if k != 1.0:
-        faces = [Face(f.box / k, f.keypoints / k, f.score) for f in faces]
-    return faces
-
-
-_pools: dict[int, ThreadPoolExecutor] = {}
-
-
-def default_workers(n: int) -> int:
-    """Threads for n images: OpenCV's detector, recogniser, warps and blending release the GIL, so the
-    images of a batch run side by side; half the cores leaves room for OpenCV's own threads."""
-    return max(1, min(n, 8, (os.cpu_count() or 2) // 2))
-
-
-def parallel_map(fn, items: list, workers: int = 0):
-    """``map(fn, items)`` in order, on a lasting pool of threads: the per-thread detector and recogniser
-    each thread loads stay loaded for the next batch. Yields results as they come, in order."""
-    n = workers if workers > 0 else default_workers(len(items))
-    n = max(1, min(n, len(items)))
-    if n == 1:
-        yield from map(fn, items)
-        return
-    with _shared_lock:
-        pool = _pools.get(n)
-        if pool is None:
-            pool = _pools[n] = ThreadPoolExecutor(n, thread_name_prefix=f"facechain{n}", initializer=_load_thread_models)
-    yield from pool.map(fn, items)
-
-
-def _load_thread_models() -> None:
-    """Each pool thread loads its own YuNet and SFace as it starts (together, once), not in the middle of
-    some later batch."""
-    try:
-        detect_faces_parallel_safe(np.zeros((32, 32, 3), np.uint8))
-        get_recogniser("embedded")
-    except Exception:  # a missing package shows up, with its message, where the model is used
-        pass

@@ -20,10 +20,10 @@ import numpy as np
 from . import model_store
 from .backends import backend_instance
 from .errors import FaceChainError
-from .face_regions import FaceFrame, draw_oval, feature_mask
+from .face_regions import FaceFrame, draw_oval, feature_mask, soft_inside
 from .images import as_rgb_uint8
-from .parse import require_colour, skin_likelihood, soft_inside
 from .progress import ProgressFn, no_progress
+from .skin_colour import require_colour, skin_likelihood
 
 BACKENDS = ("embedded", "abpn")
 
@@ -115,7 +115,8 @@ def retouch_crop(image: np.ndarray, keypoints, strength: float = 0.6, backend: s
     smooth = smooth_skin(roi, frame.size) if engine is None else engine.retouch(rgb)[box]
     w = blend_weight(mask[box], strength, feather=max(3, int(frame.size / 60)) | 1)
     out = rgb.copy()
-    out[box] = np.clip(roi.astype(np.float32) * (1.0 - w) + smooth.astype(np.float32) * w + 0.5, 0, 255).astype(np.uint8)
+    blend = roi.astype(np.float32) * (1.0 - w) + smooth.astype(np.float32) * w
+    out[box] = np.clip(blend + 0.5, 0, 255).astype(np.uint8)
     return out, mask
 
 

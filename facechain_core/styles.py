@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from . import model_store
+from .model_cache import cached
 from .errors import FaceChainError, ModelMissingError
 
 BUILTIN_DIR = Path(__file__).with_name("data") / "styles"
@@ -208,7 +208,8 @@ def parse_style(path: Path, data) -> Style:
     if not isinstance(palette, list) or not all(isinstance(c, str) and re.fullmatch(r"#[0-9a-fA-F]{6}", c)
                                                 for c in palette):
         raise ValueError("'palette' must be a list of colours like \"#a0b0c0\"")
-    return Style(key=path.stem, name=_text(data, "name", required=True), positive=_text(data, "positive", required=True),
+    return Style(key=path.stem, name=_text(data, "name", required=True),
+                 positive=_text(data, "positive", required=True),
                  negative=_text(data, "negative"), description=_text(data, "description"),
                  face_lora_weight=_number(data, "face_lora_weight", 0.95, 0.0, 2.0), style_lora=style_lora,
                  preview=preview_path, palette=tuple(palette), path=path)
@@ -240,7 +241,8 @@ def load_catalogue(dirs: list[Path] | None = None) -> Catalogue:
                     data = json.load(f)
                 style = parse_style(path, data)
             except json.JSONDecodeError as e:
-                cat.problems.append(f"{path.name} in {folder}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})")
+                cat.problems.append(f"{path.name} in {folder}: not valid JSON "
+                                    f"(line {e.lineno}, column {e.colno}: {e.msg})")
                 continue
             except (OSError, UnicodeDecodeError, ValueError) as e:
                 cat.problems.append(f"{path.name} in {folder}: {e}")
@@ -251,27 +253,10 @@ def load_catalogue(dirs: list[Path] | None = None) -> Catalogue:
     return cat
 
 
-_cache_lock = threading.Lock()
-_cache: tuple[tuple, Catalogue] | None = None
-
-
 def catalogue() -> Catalogue:
     """The catalogue, read again only when a style file was added, removed or changed."""
-    global _cache
-    stamp = []
-    for folder in style_dirs():
-        if folder.is_dir():
-            for p in sorted(folder.glob("*.json")):
-                try:
-                    st = p.stat()
-                    stamp.append((str(p), st.st_mtime_ns, st.st_size))
-                except OSError:
-                    pass
-    key = tuple(stamp)
-    with _cache_lock:
-        if _cache is None or _cache[0] != key:
-            _cache = (key, load_catalogue())
-        return _cache[1]
+    files = [p for folder in style_dirs() if folder.is_dir() for p in sorted(folder.glob("*.json"))]
+    return cached(("styles",), load_catalogue, files)
 
 
 def find_style_lora(style: Style, lora_dirs: list[str | os.PathLike]) -> Path:

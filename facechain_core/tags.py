@@ -12,31 +12,25 @@ tags enter the prompt, which subject phrase an age and gender give) are data: ``
 from __future__ import annotations
 
 import csv
-import json
-import threading
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from . import model_store
+from . import data_files, model_store
 from .errors import FaceChainError, ModelMissingError
 from .face_regions import align_112
+from .model_cache import cached
 from .onnx_session import onnx_session
 from .progress import ProgressFn, no_progress
 
-RULES = Path(__file__).with_name("data") / "tag_filters.json"
 TAGGERS = ("auto", "none", "wd14")
 SUBJECT_SOURCES = ("auto", "input", "fairface")
-CAPTIONS_TYPE = "FACECHAIN_CAPTIONS"
 
 
-@lru_cache(maxsize=1)
 def rules() -> dict:
-    with open(RULES, encoding="utf-8") as f:
-        return json.load(f)
+    return data_files.load("tag_filters.json")
 
 
 def clean_trigger(trigger: str) -> str:
@@ -166,7 +160,8 @@ class FairFace:
 
         path = model_store.model_path("fairface") / self.weights_file
         if not path.is_file():
-            raise ModelMissingError(f"The FairFace weights are missing: expected file '{path.name}' in '{path.parent}'. "
+            raise ModelMissingError(f"The FairFace weights are missing: expected file '{path.name}' in "
+                                    f"'{path.parent}'. "
                                     f"Fetch them with `{model_store.fetch_command('fairface')}`, or set subject_from "
                                     f"to 'input'.")
         net = torchvision.models.resnet34(weights=None)
@@ -201,19 +196,6 @@ def subject_phrase(gender: np.ndarray, age: np.ndarray, r: dict | None = None) -
     return s["phrases"][group][g]
 
 
-_models: dict = {}
-_models_lock = threading.Lock()
-
-
-def _cached(kind: str, key: tuple, make):
-    """One loaded model per kind, reloaded when its files change (a model installed or replaced later)."""
-    with _models_lock:
-        held = _models.get(kind)
-        if held is None or held[0] != key:
-            _models[kind] = (key, make())
-        return _models[kind][1]
-
-
 def get_tagger(choice: str) -> WD14Tagger | None:
     if choice not in TAGGERS:
         raise FaceChainError(f"Unknown tagger '{choice}'; choose one of {', '.join(TAGGERS)}.")
@@ -221,8 +203,7 @@ def get_tagger(choice: str) -> WD14Tagger | None:
         return None
     model = model_store.model_path("wd14_tagger")
     table = model.with_name("selected_tags.csv")
-    key = (str(model), model.stat().st_mtime_ns, table.stat().st_mtime_ns if table.is_file() else 0)
-    return _cached("wd14", key, WD14Tagger)
+    return cached(("tagger", "wd14"), WD14Tagger, [model, table])
 
 
 def get_fairface(choice: str) -> FairFace | None:
@@ -231,8 +212,7 @@ def get_fairface(choice: str) -> FairFace | None:
     if choice == "input" or (choice == "auto" and not model_store.is_present("fairface")):
         return None
     path = model_store.model_path("fairface") / FairFace.weights_file
-    key = (str(path), path.stat().st_mtime_ns if path.is_file() else 0)
-    return _cached("fairface", key, FairFace)
+    return cached(("subject", "fairface"), FairFace, [path])
 
 
 # --- the caption set -------------------------------------------------------------------------------------

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-from ..facechain_core import model_store
+from pathlib import Path
+
+from ..facechain_core.model_cache import files_stamp, learned_files
 
 
 def models_state(*names: str) -> str:
     """A fingerprint of the learned models' files: installing, replacing or removing one re-runs the node
-    (its widgets alone would not change, so ComfyUI would otherwise reuse the old output)."""
+    (its widgets alone would not change, so ComfyUI would otherwise reuse the old output). The same files
+    and the same rule as the library's model cache."""
     parts = []
-    for name in names:
-        entry = model_store.catalogue()["learned"][name]
-        base = model_store.models_root() / entry["path"]
-        files = [base] if entry["kind"] == "file" else [base / entry.get("check", ""), base]
-        files += [model_store.models_root() / rel for rel in entry.get("companions", {})]
-        for f in files:
-            try:
-                st = f.stat()
-                parts.append(f"{f.name}:{st.st_mtime_ns}:{st.st_size}")
-            except OSError:
-                parts.append(f"{f.name}:-")
+    for path, *when in files_stamp(f for name in names for f in learned_files(name)):
+        parts.append(f"{Path(path).name}:" + ("-" if when[0] is None else f"{when[0]}:{when[1]}"))
     return "|".join(parts)

@@ -11,9 +11,9 @@ import folder_paths
 
 from ..facechain_core import styles
 from ..facechain_core.errors import FaceChainError
-from .common import CATEGORY, numpy_to_images
+from .common import CATEGORY
+from .sockets import CAPTIONS, numpy_to_images
 
-CAPTIONS = "FACECHAIN_CAPTIONS"  # AutoTag's output: {"trigger", "subject", "captions", "shared_tags", "prompt"}
 NONE = "none"
 _log = logging.getLogger("comfyui-facechain")
 _reported: set[str] = set()
@@ -45,7 +45,8 @@ def resolve_lora(name: str, what: str) -> Path:
         if p.is_file():
             return p
     raise FaceChainError(f"The {what} '{name}' was not found in ComfyUI's loras folders "
-                         f"({', '.join(str(r) for r in roots)}). Train it first (TrainFaceLoRA) or pick one from the list.")
+                         f"({', '.join(str(r) for r in roots)}). Train it first (TrainFaceLoRA) or pick one from "
+                         f"the list.")
 
 
 class ApplyStyleLoRA:
@@ -72,7 +73,8 @@ class ApplyStyleLoRA:
         default_style = "Studio Headshot" if "Studio Headshot" in names else names[0]
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The base model (a portrait SD1.5 checkpoint), or TrainFaceLoRA's model."}),
+                "model": ("MODEL", {"tooltip": "The base model (a portrait SD1.5 checkpoint), or TrainFaceLoRA's "
+                                    "model."}),
                 "clip": ("CLIP", {"tooltip": "The base model's text encoder."}),
                 "style": (names, {"default": default_style, "tooltip": "The portrait style. Add your own by "
                                   "dropping a style file into models/facechain/styles." + note}),
@@ -93,7 +95,8 @@ class ApplyStyleLoRA:
                                             "tooltip": "Your own words, added after the style's prompt."}),
             },
             "optional": {
-                "captions": (CAPTIONS, {"tooltip": "AutoTag's captions: trigger word, subject phrase and shared tags."}),
+                "captions": (CAPTIONS, {"tooltip": "AutoTag's captions: trigger word, subject phrase and shared "
+                                        "tags."}),
                 "face_lora_path": ("STRING", {"forceInput": True, "tooltip": "TrainFaceLoRA's LoRA path (relative "
                                               "to models/loras); wins over the face_lora list."}),
             },

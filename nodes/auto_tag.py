@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from ..facechain_core.face_regions import faces_for_images
-from ..facechain_core.tags import CAPTIONS_TYPE, SUBJECT_SOURCES, TAGGERS, caption_photos, rules
+from ..facechain_core.tags import SUBJECT_SOURCES, TAGGERS, caption_photos, rules
 from ._learned import models_state
-from .common import CATEGORY, FACES, images_to_numpy, progress
+from .common import CATEGORY, progress
+from .sockets import CAPTIONS, FACES, images_to_numpy
 
 
 class AutoTag:
@@ -14,7 +15,7 @@ class AutoTag:
                    "gender tags), plus the generation prompt fragment from the tags more than half the photos "
                    "share. Works without any model: captions are then trigger + subject.")
     CATEGORY = CATEGORY
-    RETURN_TYPES = (CAPTIONS_TYPE, "STRING", "STRING", "STRING")
+    RETURN_TYPES = (CAPTIONS, "STRING", "STRING", "STRING")
     RETURN_NAMES = ("captions", "captions_text", "prompt", "report")
     OUTPUT_TOOLTIPS = (
         "Everything at once for TrainFaceLoRA / ApplyStyleLoRA / TemplateFace: a dict with trigger, subject, "

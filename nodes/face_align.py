@@ -5,7 +5,8 @@ from __future__ import annotations
 from ..facechain_core.align import AlignSettings, align_photos
 from ..facechain_core.detect import BACKENDS
 from ..facechain_core.errors import FaceChainError
-from .common import CATEGORY, FACES, first, images_to_numpy, numpy_to_images, progress
+from .common import CATEGORY, first, progress
+from .sockets import FACES, images_to_numpy, numpy_to_images
 
 
 class FaceAlign:
@@ -29,7 +30,8 @@ class FaceAlign:
                 "size": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 8,
                                  "tooltip": "Side of each square crop in pixels (FaceChain trains at 512)."}),
                 "face_fraction": ("FLOAT", {"default": 0.40, "min": 0.35, "max": 0.45, "step": 0.01,
-                                            "tooltip": "Face size as a share of the crop side (FaceChain: 0.35-0.45)."}),
+                                            "tooltip": "Face size as a share of the crop side "
+                                                       "(FaceChain: 0.35-0.45)."}),
                 "face_centre": ("FLOAT", {"default": 0.42, "min": 0.35, "max": 0.50, "step": 0.01,
                                           "tooltip": "Height of the face centre from the top, as a share of "
                                                      "the crop side (FaceChain: 0.35-0.50)."}),

@@ -7,9 +7,10 @@ import torch
 from ..facechain_core.errors import FaceChainError
 from ..facechain_core.face_regions import faces_for_images
 from ..facechain_core.quality import SCORERS, assess_faces
-from ..facechain_core.tags import CAPTIONS_TYPE, CaptionSet
+from ..facechain_core.tags import CaptionSet
 from ._learned import models_state
-from .common import CATEGORY, FACES, images_to_numpy, progress
+from .common import CATEGORY, progress
+from .sockets import CAPTIONS, FACES, images_to_numpy
 
 
 class TemplateFace:
@@ -18,7 +19,7 @@ class TemplateFace:
                    "min_quality with the reason in the report, and outputs the best one as the template face that "
                    "FaceFusion and RTSRank compare against.")
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("IMAGE", FACES, CAPTIONS_TYPE, "IMAGE", FACES, "STRING")
+    RETURN_TYPES = ("IMAGE", FACES, CAPTIONS, "IMAGE", FACES, "STRING")
     RETURN_NAMES = ("kept", "kept_faces", "kept_captions", "template", "template_face", "report")
     OUTPUT_TOOLTIPS = ("The crops good enough to train on, in their order.", "Face data of the kept crops.",
                        "The captions of the kept crops (when captions were connected), shared tags recomputed.",
@@ -39,7 +40,7 @@ class TemplateFace:
                                           "tooltip": "Photos scoring below this are dropped from the training set."}),
             },
             "optional": {
-                "captions": (CAPTIONS_TYPE, {"tooltip": "AutoTag's captions for the same images: the kept ones are "
+                "captions": (CAPTIONS, {"tooltip": "AutoTag's captions for the same images: the kept ones are "
                                              "passed on, so images and captions stay paired."}),
             },
         }

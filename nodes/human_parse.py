@@ -5,7 +5,8 @@ from __future__ import annotations
 from ..facechain_core.face_regions import faces_for_images
 from ..facechain_core.parse import BACKENDS, parse_crops
 from ._learned import models_state
-from .common import CATEGORY, FACES, images_to_numpy, numpy_to_images, numpy_to_masks, progress
+from .common import CATEGORY, progress
+from .sockets import FACES, images_to_numpy, numpy_to_images, numpy_to_masks
 
 
 class HumanParse:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-
 from ..facechain_core.errors import FaceChainError
 from ..facechain_core.rank import IF_NONE_KEPT, RankSettings, filter_defaults, order_or_unranked, rank_images
 from ..facechain_core.recognition import BACKENDS
 from .common import CATEGORY, first, progress
-from .face_fusion import DETECTIONS, batches_of, to_uint8
+from .sockets import DETECTIONS, batches_of, images_to_numpy
 
 IF_NONE = IF_NONE_KEPT
 
@@ -39,9 +38,11 @@ class RTSRank:
                                          "ArcFace ONNX file in models/facechain/arcface. rts: FaceChain's RTS model. "
                                          "Fetch the learned ones with install.py --models."}),
             "min_face_fraction": ("FLOAT", {"default": d["min_face_fraction"], "min": 0.01, "max": 1.0, "step": 0.01,
-                                            "tooltip": "Smallest plausible face, as a share of the image's short side."}),
+                                            "tooltip": "Smallest plausible face, as a share of the image's "
+                                                       "short side."}),
             "max_face_fraction": ("FLOAT", {"default": d["max_face_fraction"], "min": 0.05, "max": 1.5, "step": 0.01,
-                                            "tooltip": "Largest plausible face, as a share of the image's short side."}),
+                                            "tooltip": "Largest plausible face, as a share of the image's "
+                                                       "short side."}),
             "if_none_kept": (list(IF_NONE), {"default": IF_NONE[0], "tooltip": "When no image shows one plausible "
                                              "face: return the first top_n images unranked (score 0), or stop."}),
         }, "optional": {
@@ -54,11 +55,11 @@ class RTSRank:
     def rank(self, images, reference, top_n, backend, min_face_fraction, max_face_fraction, if_none_kept,
              names=None, detections=None):
         batches = batches_of(images)
-        arrays = to_uint8(batches)
+        arrays = images_to_numpy(batches)
         singles = [b[i:i + 1, ..., :3] for b in batches for i in range(b.shape[0])]  # the input's own floats
         if not arrays:
             raise FaceChainError("RTSRank got no images. Connect the generated (or fused) images.")
-        refs = to_uint8(batches_of(reference))
+        refs = images_to_numpy(batches_of(reference))
         settings = RankSettings(top_n=int(first(top_n)), backend=first(backend),
                                 min_face_fraction=float(first(min_face_fraction)),
                                 max_face_fraction=float(first(max_face_fraction)))

@@ -8,7 +8,8 @@ from ..facechain_core.errors import FaceChainError
 from ..facechain_core.face_regions import faces_for_images
 from ..facechain_core.retouch import BACKENDS, retouch_crops
 from ._learned import models_state
-from .common import CATEGORY, FACES, images_to_numpy, masks_to_numpy, numpy_to_images, numpy_to_masks, progress
+from .common import CATEGORY, progress
+from .sockets import FACES, images_to_numpy, masks_to_numpy, numpy_to_images, numpy_to_masks
 
 
 def limit_masks(mask, n: int, size: tuple[int, int]) -> list[np.ndarray] | None:

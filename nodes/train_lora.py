@@ -15,12 +15,13 @@ import folder_paths
 
 from ..facechain_core.errors import FaceChainError
 from ..facechain_core.lora_format import kohya_metadata
-from ..facechain_core.train import (Backbone, TrainSettings, check_free, defaults, lora_file, resolve_captions,
+from ..facechain_core.train import (Backbone, TrainSettings, check_free, defaults, lora_file, require_images,
+                                     resolve_captions,
                                      save_lora, train_lora, weights_fingerprint)
 from ..facechain_core.train.settings import PRECISIONS
 from .common import CATEGORY, progress
+from .sockets import CAPTIONS
 
-CAPTIONS = "FACECHAIN_CAPTIONS"  # AutoTag's output: {"trigger", "subject", "captions", "shared_tags", "prompt"}
 # ComfyUI's model config classes whose UNet, noise schedule and LoRA keys this trainer handles.
 ARCHITECTURES = {"SD15": "sd15", "SDXL": "sdxl", "SSD1B": "sdxl", "Segmind_Vega": "sdxl",
                  "KOALA_700M": "sdxl", "KOALA_1B": "sdxl"}
@@ -204,7 +205,8 @@ class TrainFaceLoRA:
                                                    "the text encoder's attention (FaceChain trained the UNet only)."}),
                 "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing LoRA of the same name. "
                                           "Off: an existing file is an error and is never touched."}),
-                "precision": (list(PRECISIONS), {"default": d["precision"], "tooltip": "auto: the 16-bit type the model "
+                "precision": (list(PRECISIONS), {"default": d["precision"], "tooltip": "auto: the 16-bit type the "
+                                                 "model "
                                                  "is loaded in (fp16 with loss scaling, or bf16), else bf16 where "
                                                  "the GPU supports it; always fp32 on the CPU."}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": d["gradient_checkpointing"], "tooltip":
@@ -229,9 +231,7 @@ class TrainFaceLoRA:
         folder = os.path.join(folder_paths.get_folder_paths("loras")[0], d["lora_folder"])
         path = lora_file(folder, name)
         check_free(path, overwrite)  # before training: no wasted minutes
-        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] == 0:
-            raise FaceChainError("No training images: connect the aligned face crops (an IMAGE batch of 3-20 photos).")
-        caption_list, token = resolve_captions(images.shape[0], captions, caption_text, trigger)
+        caption_list, token = resolve_captions(require_images(images), captions, caption_text, trigger)
         settings = TrainSettings().with_(rank=rank, learning_rate=learning_rate, samples=samples,
                                          batch_size=batch_size, flip=flip, seed=seed,
                                          train_text_encoder=train_text_encoder, precision=precision,

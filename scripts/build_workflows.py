@@ -1,6 +1,8 @@
 """Write the generate-stage example workflows in both formats from one description each.
 
-    .venv/bin/python scripts/build_workflows.py            # writes workflows/facechain_{train,generate,train_generate}{,_api}.json
+    .venv/bin/python scripts/build_workflows.py
+
+writes workflows/facechain_{train,generate,train_generate}.json and their API versions in workflows/api/.
 
 Each workflow is described once below (nodes, links, widget values, place on the canvas). The API file
 (for /prompt) is that description as is; the UI file (for the editor) is laid out the way the editor
@@ -54,7 +56,8 @@ def fuse_rank_save(first: int, images, template, x: int, y: int):
         node(r, "FaceChainRTSRank", [x + 340, y], images=[str(f), 0], reference=template, top_n=4,
              backend="embedded", min_face_fraction=0.12, max_face_fraction=0.85, if_none_kept="return unranked",
              detections=[str(f), 3]),
-        node(s, "SaveImage", [x + 700, y], "Ranked portraits", images=[str(r), 0], filename_prefix="facechain/portrait"),
+        node(s, "SaveImage", [x + 700, y], "Ranked portraits", images=[str(r), 0],
+             filename_prefix="facechain/portrait"),
         node(t, "PreviewAny", [x + 700, y + 380], "Ranking report", source=[str(r), 2]),
     ]
 

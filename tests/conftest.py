@@ -11,16 +11,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
-sys.path.insert(0, str(REPO))
+from comfy_host import CACHE, COMFY_DIR, ComfyClient, ComfyServer, PromptError, install_comfyui
 
-from comfy_host import CACHE, COMFY_DIR, ComfyClient, ComfyServer, PromptError, install_comfyui  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 SHARED = Path(os.environ.get("FACECHAIN_SHARED", REPO.parent / "shared"))
 FACES = SHARED / "faces"
 TINY_CKPT = CACHE / "tiny_sd15.safetensors"
 ARTIFACTS = REPO / "artifacts"
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that needs the ComfyUI server (directly or through ``client``/``object_info``) is marked
+    ``host``: ``pytest -m "not host"`` runs the fast in-process layer alone."""
+    for item in items:
+        if "comfy_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.host)
 
 
 def import_comfy_in_process():
@@ -37,6 +43,25 @@ def import_comfy_in_process():
     finally:
         sys.argv = argv
     return comfy
+
+
+def load_pack(name: str = "comfyui_facechain", root: Path = REPO):
+    """This pack imported in the test process as ComfyUI would import it from custom_nodes (a package named
+    after its folder; ComfyUI's own top-level ``nodes`` module stays untouched), ComfyUI on the CPU."""
+    import importlib.util
+
+    import_comfy_in_process()
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, root / "__init__.py",
+                                                      submodule_search_locations=[str(root)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
 
 
 def tiny_checkpoint() -> Path:

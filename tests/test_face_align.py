@@ -84,7 +84,8 @@ def make_folder(comfy_base, name: str, files: dict) -> str:
 
 
 def test_bad_inputs_give_clear_errors_and_server_keeps_serving(client, comfy_base):
-    corrupt = make_folder(comfy_base, "bad_corrupt", {"broken.jpg": lambda p: p.write_bytes(b"\xff\xd8\xff not a jpeg")})
+    corrupt = make_folder(comfy_base, "bad_corrupt",
+                          {"broken.jpg": lambda p: p.write_bytes(b"\xff\xd8\xff not a jpeg")})
     expect_node_error(client, align_prompt(corrupt), "broken.jpg", "could not be read")
 
     empty = make_folder(comfy_base, "bad_empty", {"notes.txt": lambda p: p.write_text("no photos here")})
@@ -98,7 +99,8 @@ def test_bad_inputs_give_clear_errors_and_server_keeps_serving(client, comfy_bas
     tiny = make_folder(comfy_base, "bad_1x1", {"dot.png": lambda p: Image.new("RGB", (1, 1), (200, 150, 120)).save(p)})
     expect_node_error(client, align_prompt(tiny), "dot.png", "too small")
 
-    huge = make_folder(comfy_base, "bad_huge", {"huge.png": lambda p: Image.new("RGB", (12000, 12000), (90, 90, 90)).save(p)})
+    huge = make_folder(comfy_base, "bad_huge",
+                       {"huge.png": lambda p: Image.new("RGB", (12000, 12000), (90, 90, 90)).save(p)})
     expect_node_error(client, align_prompt(huge), "huge.png", "12000x12000", "downscale")
 
     expect_node_error(client, align_prompt("../../"), "outside ComfyUI's input directory")

@@ -23,7 +23,8 @@ from facechain_core.errors import FaceChainError
 
 TEST_FACE_LORA = "facechain_test/face_a.safetensors"
 _UNET_ATTN = re.compile(r"^model\.diffusion_model\.(.+\.attn[12]\.(?:to_q|to_k|to_v|to_out\.0))\.weight$")
-_CLIP_ATTN = re.compile(r"^cond_stage_model\.transformer\.(text_model\.encoder\.layers\.\d+\.self_attn\.[qkv]_proj)\.weight$")
+_CLIP_ATTN = re.compile(r"^cond_stage_model\.transformer\."
+                        r"(text_model\.encoder\.layers\.\d+\.self_attn\.[qkv]_proj)\.weight$")
 
 
 def make_lora(path: Path, seed: int, scale: float = 0.6, rank: int = 4) -> Path:
@@ -178,8 +179,8 @@ def test_broken_style_file_is_reported_not_fatal(client, comfy_base):
 
 def test_catalogue_rules_without_the_host(tmp_path):
     assert styles.join_prompt(["fcsks, a man", "Smile, smile", "", "a man, hat"]) == "fcsks, a man, Smile, hat"
-    (tmp_path / "escape.json").write_text(json.dumps({"name": "Escape", "positive": "x",
-                                                       "style_lora": {"file": "../../evil.safetensors", "weight": 0.3}}))
+    (tmp_path / "escape.json").write_text(json.dumps({
+        "name": "Escape", "positive": "x", "style_lora": {"file": "../../evil.safetensors", "weight": 0.3}}))
     (tmp_path / "ok_style.json").write_text(json.dumps({"name": "Fine Style", "positive": "x"}))
     cat = styles.load_catalogue([tmp_path])
     assert list(cat.styles) == ["Fine Style"]
@@ -207,7 +208,8 @@ def test_install_py_fetches_a_style_lora_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(hub, "model_file_download", fake_download)
     loras = tmp_path / "loras"
-    assert install.main(["--no-requirements", "--styles", "Autumn Poplars", "film_noir", "--loras-dir", str(loras)]) == 0
+    args = ["--no-requirements", "--styles", "Autumn Poplars", "film_noir", "--loras-dir", str(loras)]
+    assert install.main(args) == 0
     assert calls == [("PeiPeiY/style_lora", "autumn_populus.safetensors", "v1")]
     assert (loras / "facechain_styles" / "autumn_populus.safetensors").read_bytes() == b"lora"
     assert sorted(p.name for p in (loras / "facechain_styles").iterdir()) == ["autumn_populus.safetensors"]

@@ -168,8 +168,8 @@ def test_bad_input_gives_clear_errors_and_server_keeps_serving(client, comfy_bas
     # masks of the wrong size
     p = stage("obama", "a")
     p["m"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 64, "height": 64}}
-    p["r"] = {"class_type": "FaceChainSkinRetouch", "inputs": {"images": ["a2", 0], "faces": ["a2", 1],
-                                                               "strength": 0.6, "backend": "embedded", "mask": ["m", 0]}}
+    p["r"] = {"class_type": "FaceChainSkinRetouch", "inputs": {"images": ["a2", 0], "faces": ["a2", 1], "strength": 0.6,
+                                                               "backend": "embedded", "mask": ["m", 0]}}
     p["s"] = {"class_type": "PreviewImage", "inputs": {"images": ["r", 0]}}
     expect_node_error(client, p, "mask", "64x64", "512x512")
 

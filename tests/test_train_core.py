@@ -3,17 +3,13 @@ SDXL, the tiny UNet), captions, names that must not escape the LoRA folder, sett
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 
-from conftest import REPO, import_comfy_in_process
-
-sys.path.insert(0, str(REPO))
-from facechain_core.errors import FaceChainError  # noqa: E402
-from facechain_core.lora_format import diffusers_to_ldm, kohya_state_dict, ldm_to_diffusers  # noqa: E402
-from facechain_core.train import TrainSettings, lora_file, resolve_captions, save_lora  # noqa: E402
+from conftest import import_comfy_in_process
+from facechain_core.errors import FaceChainError
+from facechain_core.lora_format import diffusers_to_ldm, kohya_state_dict, ldm_to_diffusers
+from facechain_core.train import TrainSettings, lora_file, resolve_captions, save_lora
 
 SD15 = {"num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
         "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "transformer_depth_middle": 1}

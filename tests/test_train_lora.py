@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from conftest import REPO, TINY_CKPT, expect_node_error
+from conftest import TINY_CKPT, expect_node_error
 
 TRAIN = "FaceChainTrainFaceLoRA"
 
@@ -70,11 +70,8 @@ def fetch_latent(client, entry, node_id) -> np.ndarray:
 
 def tiny_unet_fingerprint() -> str:
     """The base-model hash the trainer should record for the tiny checkpoint, from the file itself."""
-    import sys
-
     from safetensors.torch import load_file
 
-    sys.path.insert(0, str(REPO))
     from facechain_core.train import weights_fingerprint
 
     prefix = "model.diffusion_model."

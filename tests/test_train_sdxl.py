@@ -4,23 +4,15 @@ kohya SDXL keys (original block names), and ComfyUI's LoRA loader maps every one
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+import importlib
 
 import torch
 
-from conftest import REPO, import_comfy_in_process
+from conftest import load_pack
 
 
-def load_pack():
-    import_comfy_in_process()
-    if "facechain_pack" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("facechain_pack", REPO / "__init__.py",
-                                                      submodule_search_locations=[str(REPO)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["facechain_pack"] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module("facechain_pack.nodes.train_lora")
+def load_train_node():
+    return importlib.import_module(load_pack().__name__ + ".nodes.train_lora")
 
 
 class StandInCLIP:
@@ -63,7 +55,7 @@ def tiny_sdxl():
 
 
 def test_sdxl_trains_and_comfyui_maps_every_key():
-    node = load_pack()
+    node = load_train_node()
     from facechain_core.train import TrainSettings, train_lora
 
     import comfy.sd

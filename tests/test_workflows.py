@@ -81,7 +81,8 @@ def check_generate_part(client, entry: dict, prompt: dict) -> str:
     assert fusion_report.startswith("FaceFusion: fused the template face into 0 of 2 images")
     assert fusion_report.count("no face found, left unchanged") == 2
     rank_report = text_of(entry, rank)
-    assert rank_report.startswith("RTSRank: 0 of 2 images returned") and "returned the first ones unranked" in rank_report
+    assert rank_report.startswith("RTSRank: 0 of 2 images returned")
+    assert "returned the first ones unranked" in rank_report
     assert preview_text(entry, prompt, "FaceChainRTSRank") == rank_report
     images = saved_images(client, entry, prompt)
     assert len(images) == 2 and all(im.shape == (64, 64, 3) and im.std() > 1.0 for im in images)

@@ -6,6 +6,15 @@ from typing import Mapping
 
 from ..errors import FaceChainError
 
+NO_IMAGES = "No training images: connect the aligned face crops (an IMAGE batch of 3-20 photos)."
+
+
+def require_images(images) -> int:
+    """The one check that there is something to train on: an IMAGE batch [N,H,W,C] with N > 0. Returns N."""
+    if getattr(images, "ndim", 0) != 4 or images.shape[0] == 0:
+        raise FaceChainError(NO_IMAGES)
+    return int(images.shape[0])
+
 
 def clean_token(trigger: str | None) -> str:
     t = " ".join((trigger or "").split()).strip(" ,")
@@ -22,7 +31,7 @@ def resolve_captions(n_images: int, captions: Mapping | None = None, caption_tex
     the trigger is put in front of a line that lacks it); else the trigger token alone.
     """
     if n_images <= 0:
-        raise FaceChainError("No training images: connect the aligned face crops (an IMAGE batch of 3-20 photos).")
+        raise FaceChainError(NO_IMAGES)
     if captions is not None:
         if not isinstance(captions, Mapping) or not isinstance(captions.get("captions"), (list, tuple)):
             raise FaceChainError("The captions input is not a FACECHAIN_CAPTIONS value: connect AutoTag's captions "

@@ -19,18 +19,16 @@ from pathlib import Path
 
 import torch
 
+from .. import data_files
 from ..errors import FaceChainError
 from .trainer import Backbone
 
-CONFIGS = Path(__file__).resolve().parent.parent / "data" / "configs"
 UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 
 
 def config(name: str) -> dict:
-    with open(CONFIGS / f"{name}.json", encoding="utf-8") as f:
-        return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+    return data_files.settings(f"configs/{name}.json")
 
 
 def alphas_cumprod() -> torch.Tensor:
@@ -42,7 +40,8 @@ def alphas_cumprod() -> torch.Tensor:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """The byte -> printable character table of GPT-2/CLIP byte-level BPE."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
     chars = keep[:]
     extra = 0
     for b in range(256):

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, field, fields, replace
-from functools import lru_cache
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 
+from .. import data_files
 from ..errors import FaceChainError
 
-DEFAULTS_FILE = Path(__file__).resolve().parent.parent / "data" / "train_defaults.json"
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
-@lru_cache(maxsize=1)
 def defaults() -> dict:
-    with open(DEFAULTS_FILE, encoding="utf-8") as f:
-        return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+    return data_files.settings("train_defaults.json")
 
 
 def _default(name):
@@ -91,6 +86,3 @@ class TrainSettings:
         if problems:
             raise FaceChainError("Bad training settings: " + "; ".join(problems) + ".")
         return self
-
-    def as_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}

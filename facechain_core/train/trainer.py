@@ -20,6 +20,7 @@ import torch
 from ..errors import FaceChainError
 from ..lora_format import kohya_state_dict
 from ..progress import ProgressFn, no_progress
+from .captions import require_images
 from .lora_layers import borrowed_weights, gradient_checkpointing, lora_adapters, lora_weights
 from .settings import TrainSettings
 
@@ -60,10 +61,12 @@ class TrainResult:
 
     def summary(self) -> str:
         t = self.timings
-        first = sum(self.losses[: max(1, len(self.losses) // 10)]) / max(1, len(self.losses[: max(1, len(self.losses) // 10)]))
-        last = sum(self.losses[-max(1, len(self.losses) // 10):]) / max(1, len(self.losses[-max(1, len(self.losses) // 10):]))
+        tenth = max(1, len(self.losses) // 10)
+        head, tail = self.losses[:tenth], self.losses[-tenth:]
+        first, last = sum(head) / max(1, len(head)), sum(tail) / max(1, len(tail))
         lines = [
-            f"{self.steps} steps x batch {self.samples // max(self.steps, 1)} = {self.samples} samples, {self.precision}",
+            f"{self.steps} steps x batch {self.samples // max(self.steps, 1)} = {self.samples} samples, "
+            f"{self.precision}",
             f"loss {first:.4f} (first 10%) -> {last:.4f} (last 10%)",
             f"caching {t.get('cache_s', 0):.1f} s, training {t.get('train_s', 0):.1f} s "
             f"({1000 * t.get('train_s', 0) / max(self.samples, 1):.1f} ms/sample)",
@@ -123,9 +126,7 @@ def _lr_factor(settings: TrainSettings, steps: int) -> Callable[[int], float]:
 
 
 def _check_images(images: torch.Tensor, captions: Sequence[str], backbone: Backbone) -> None:
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] == 0:
-        raise FaceChainError("No training images: connect the aligned face crops (an IMAGE batch of 3-20 photos).")
-    n, h, w = images.shape[0], images.shape[1], images.shape[2]
+    n, h, w = require_images(images), images.shape[1], images.shape[2]
     if len(captions) != n:
         raise FaceChainError(f"{n} images but {len(captions)} captions: give one caption per image, "
                              f"or one caption for all.")
@@ -229,7 +230,8 @@ def train_lora(backbone: Backbone, images: torch.Tensor, captions: Sequence[str]
         with host_context, borrowed_weights(*frozen), \
                 lora_adapters(backbone.unet, settings.unet_targets, settings.rank, settings.lora_alpha,
                               settings.seed, cast_inputs) as unet_params, \
-                gradient_checkpointing(backbone.unet, settings.gradient_checkpointing or settings.high_res_checkpoint_tokens > 0,
+                gradient_checkpointing(backbone.unet,
+                                       settings.gradient_checkpointing or settings.high_res_checkpoint_tokens > 0,
                                        settings.checkpoint_blocks,
                                        0 if settings.gradient_checkpointing else settings.high_res_checkpoint_tokens):
             te_params = []
@@ -367,8 +369,9 @@ def train_lora(backbone: Backbone, images: torch.Tensor, captions: Sequence[str]
     unet_layers, te_layers = result_layers
     lora = kohya_state_dict(unet_layers, te_layers, backbone.arch, backbone.unet_naming, backbone.num_res_blocks,
                             dtype=getattr(torch, settings.save_dtype))
-    mode = f"{precision} ({'autocast over ' + str(weight_dtype).replace('torch.', '') + ' weights' if use_autocast else 'weights and activations'})" \
-        if compute_dtype is not None else "fp32"
+    how = "autocast over " + str(weight_dtype).replace("torch.", "") + " weights" if use_autocast \
+        else "weights and activations"
+    mode = f"{precision} ({how})" if compute_dtype is not None else "fp32"
     return TrainResult(lora=lora, steps=steps, samples=steps * batch, losses=losses, timings=timings,
                        precision=mode, notes=notes)
 

@@ -1,0 +1,89 @@
+"""The one home of thread pools and per-thread models.
+
+OpenCV's detector, recogniser, warps and blending release the GIL, so the images of a batch run side by
+side on a lasting pool of threads. OpenCV's nets are not thread-safe: each thread keeps its own copy
+(``per_thread``), loaded when the thread starts, so the next batch finds it ready.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import cv2
+import numpy as np
+
+from .detect import Face
+
+_local = threading.local()
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+# Photos larger than this are searched for faces at this long side (FaceAlign's working size): the search
+# costs grow with the pixels, and a face is hundreds of pixels wide there. Smaller is not safe: YuNet
+# starts to see extra faces when one face fills half the frame (biden2.jpg at 640 px shows it).
+DETECT_MAX_SIDE = 1024
+
+
+def per_thread(name: str, make: Callable):
+    """This thread's own instance of ``make()`` (made once per thread)."""
+    held = getattr(_local, name, None)
+    if held is None:
+        held = make()
+        setattr(_local, name, held)
+    return held
+
+
+def default_workers(n: int) -> int:
+    """Threads for n images: half the cores leaves room for OpenCV's own threads."""
+    return max(1, min(n, 8, (os.cpu_count() or 2) // 2))
+
+
+def parallel_map(fn, items: list, workers: int = 0):
+    """``map(fn, items)`` in order, on a lasting pool of threads: the per-thread detector and recogniser
+    each thread loads stay loaded for the next batch. Yields results as they come, in order."""
+    n = workers if workers > 0 else default_workers(len(items))
+    n = max(1, min(n, len(items)))
+    if n == 1:
+        yield from map(fn, items)
+        return
+    with _pools_lock:
+        pool = _pools.get(n)
+        if pool is None:
+            pool = _pools[n] = ThreadPoolExecutor(n, thread_name_prefix=f"facechain{n}",
+                                                  initializer=_load_thread_models)
+    yield from pool.map(fn, items)
+
+
+def detect_faces_per_thread(rgb: np.ndarray, backend: str = "embedded",
+                            max_side: int | None = DETECT_MAX_SIDE) -> list[Face]:
+    """detect.detect_faces, with one YuNet per thread so that a thread pool does not queue on one lock;
+    large images are searched at ``max_side`` and the faces scaled back."""
+    from .detect import YuNetDetector, detect_faces
+
+    h, w = rgb.shape[:2]
+    k = 1.0
+    if max_side and max(h, w) > max_side:
+        k = max_side / max(h, w)
+        rgb = cv2.resize(rgb, (max(1, round(w * k)), max(1, round(h * k))), interpolation=cv2.INTER_AREA)
+    if backend != "embedded":
+        faces = detect_faces(rgb, backend)
+    else:
+        faces = per_thread("yunet", YuNetDetector).detect(rgb)
+    if k != 1.0:
+        faces = [Face(f.box / k, f.keypoints / k, f.score) for f in faces]
+    return faces
+
+
+def _load_thread_models() -> None:
+    """Each pool thread loads its own YuNet and SFace as it starts (together, once), not in the middle of
+    some later batch."""
+    from .recognition import get_recogniser
+
+    try:
+        detect_faces_per_thread(np.zeros((32, 32, 3), np.uint8))
+        get_recogniser("embedded")
+    except Exception:  # a missing package shows up, with its message, where the model is used
+        pass
