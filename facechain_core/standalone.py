@@ -8,11 +8,8 @@ back unchanged; generation adds the face and style LoRAs into the weights for on
 
 from __future__ import annotations
 
-import json
-import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -20,10 +17,9 @@ import numpy as np
 import torch
 
 from .errors import FaceChainError
-from .lora_format import kohya_layer_names, kohya_metadata
+from .data_files import settings as data_settings
+from .lora_format import kohya_metadata
 from .progress import ProgressFn
-
-SAMPLERS_FILE = Path(__file__).with_name("data") / "samplers.json"
 
 
 @dataclass
@@ -50,27 +46,25 @@ def choose_device(device: str = "auto", precision: str = "auto") -> tuple[torch.
     return torch.device(device), torch.float16
 
 
-_cache: dict = {}
-_cache_lock = threading.Lock()
-
-
 def load_models(checkpoint: str | Path, device: torch.device, dtype: torch.dtype) -> Models:
-    """The checkpoint's UNet, VAE and text encoder; kept for the next call with the same file (one at a time)."""
-    from .train import weights_fingerprint
-    from .train import diffusers_backbone as db
+    """The checkpoint's UNet, VAE and text encoder, held in the pack's model cache: one checkpoint per device
+    and dtype, loaded again when another file is asked for or the file changes."""
+    from . import model_cache
 
     path = Path(checkpoint).resolve()
     if not path.is_file():
         raise FaceChainError(f"Checkpoint '{checkpoint}' not found: give an SD1.5 single-file checkpoint "
                              f"(.safetensors).")
-    key = (str(path), path.stat().st_mtime_ns, str(device), str(dtype))
-    with _cache_lock:
-        if _cache.get("key") != key:
-            _cache.clear()  # one base model per process: free the old one before loading the next
-            unet, vae, text, original_unet = db.load_checkpoint(path, device=device, dtype=dtype)
-            base_hash = weights_fingerprint(original_unet.items())
-            _cache.update(key=key, models=Models(unet, vae, text, device, dtype, base_hash, str(path)))
-        return _cache["models"]
+    return model_cache.cached(("standalone sd15", str(device), str(dtype)),
+                              lambda: _load_models(path, device, dtype), files=[path])
+
+
+def _load_models(path: Path, device: torch.device, dtype: torch.dtype) -> Models:
+    from .train import diffusers_backbone as db
+    from .train import weights_fingerprint
+
+    unet, vae, text, original_unet = db.load_checkpoint(path, device=device, dtype=dtype)
+    return Models(unet, vae, text, device, dtype, weights_fingerprint(original_unet.items()), str(path))
 
 
 def train_and_save(models: Models, images: np.ndarray, captions: Sequence[str], trigger: str, settings,
@@ -93,19 +87,13 @@ def train_and_save(models: Models, images: np.ndarray, captions: Sequence[str], 
 
 # --- generation --------------------------------------------------------------------------------------------
 
-@lru_cache(maxsize=1)
-def sampler_table() -> dict:
-    with open(SAMPLERS_FILE, encoding="utf-8") as f:
-        return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
-
-
 def make_scheduler(sampler_name: str, scheduler: str):
     """The diffusers scheduler for ComfyUI's (sampler_name, scheduler) pair, on SD1.5's noise schedule."""
     import diffusers
 
     from .train.diffusers_backbone import config
 
-    table = sampler_table()
+    table = data_settings("samplers.json")
     if sampler_name not in table["samplers"] or scheduler not in table["schedulers"]:
         raise FaceChainError(f"The standalone pipeline samples with {', '.join(table['samplers'])} and schedules "
                              f"{', '.join(table['schedulers'])}; got sampler '{sampler_name}', scheduler "
@@ -126,6 +114,11 @@ def lora_targets(unet: torch.nn.Module, text_encoder: torch.nn.Module) -> dict[s
             full = name if name.startswith("text_model.") else "text_model." + name
             out["lora_te_" + full.replace(".", "_")] = m
     return out
+
+
+def layer_names(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """The kohya layer names in a LoRA state dict."""
+    return sorted({k.rsplit(".lora_down.weight", 1)[0] for k in state if k.endswith(".lora_down.weight")})
 
 
 def _delta(state: Mapping[str, torch.Tensor], key: str, module: torch.nn.Module) -> torch.Tensor | None:
@@ -149,7 +142,7 @@ def applied_loras(models: Models, loras: Sequence[tuple[str, Mapping[str, torch.
     lines = []
     try:
         for label, state, weight in loras:
-            names = kohya_layer_names(state)
+            names = layer_names(state)
             used = 0
             for key in names:
                 module = targets.get(key)
