@@ -7,6 +7,11 @@ they are, centre-cropped square and resized). FILE is an SD1.5 single-file check
 model configs ship with the pack, nothing is downloaded. The LoRA is written with kohya key names (ComfyUI's
 LoraLoader, A1111 and Forge load it), to a temporary name first; an existing file is kept unless
 ``--overwrite``. Ctrl-C stops within one step and writes nothing.
+
+    python -m facechain_core portraits --photos DIR --checkpoint FILE --style NAME --out DIR
+    python -m facechain_core batch --people DIR --scheduler local|ADDRESS --checkpoint FILE --out DIR
+
+run the whole pipeline for one person, or for many on Dask (facechain_core/pipeline.py, batch.py).
 """
 
 from __future__ import annotations

@@ -81,16 +81,22 @@ def test_portraits_on_tiny_model(tmp_path):
     contact_sheet([[read(out / "template.png"), *portraits]], ARTIFACTS / "portraits_tiny.png")
 
 
-def test_portraits_reports_bad_input_in_manifest(tmp_path):
-    r = run_cli("portraits", "--photos", str(FACES / "obama"), "--checkpoint", str(tiny_checkpoint()),
-                "--style", "No Such Style", "--out", str(tmp_path / "o"), *SMALL)
-    assert r.returncode == 2 and "Unknown style 'No Such Style'" in r.stderr
-    assert "Traceback" not in r.stderr
+def test_portraits_reports_bad_input_in_manifest(tmp_path, capsys):
+    from facechain_core.__main__ import main
+
+    common = ["--photos", str(FACES / "obama"), "--checkpoint", str(tiny_checkpoint()), *SMALL]
+    assert main(["portraits", *common, "--style", "No Such Style", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "Unknown style 'No Such Style'" in err and "Traceback" not in err
     m = json.loads((tmp_path / "o" / "manifest.json").read_text())
-    assert m["status"] == "failed" and "Known styles" in m["error"]
-    r = run_cli("portraits", "--photos", str(FACES / "obama"), "--checkpoint", str(tiny_checkpoint()),
-                "--out", str(tmp_path / "o2"), "--set", "KSampler.colour=1")
-    assert r.returncode == 2 and "Unknown pipeline setting 'KSampler.colour'" in r.stderr
+    assert m["status"] == "failed" and "Known styles" in m["error"] and "traceback" not in m
+    assert main(["portraits", *common, "--out", str(tmp_path / "o2"), "--set", "KSampler.colour=1"]) == 2
+    assert "Unknown pipeline setting 'KSampler.colour'" in capsys.readouterr().err
+    # a style whose LoRA file is missing fails before any work, saying how to get it
+    assert main(["portraits", *common, "--style", "Wild West", "--out", str(tmp_path / "o3"),
+                 "--loras", str(tmp_path / "no_loras")]) == 2
+    m = json.loads((tmp_path / "o3" / "manifest.json").read_text())
+    assert "install.py --styles wild_west" in m["error"] and "preprocess" not in m["timings"]
 
 
 def people_folder(root):
