@@ -126,7 +126,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ncancelled: nothing written", file=sys.stderr)
+        done = ": nothing written" if args.command == "train" else "; the manifests say where each person stopped"
+        print(f"\ncancelled{done}", file=sys.stderr)
         return 130
 
 

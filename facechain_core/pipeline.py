@@ -177,6 +177,10 @@ def make_portraits(photos: str | os.PathLike, checkpoint: str | os.PathLike, sty
         run.manifest.update(status="failed", error=str(e))
     except Exception as e:  # recorded, not raised: one person's failure must not stop a batch
         run.manifest.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+    except KeyboardInterrupt:
+        run.manifest.update(status="cancelled", error="cancelled (Ctrl-C)")
+        run.save()
+        raise
     run.manifest["timings"]["total"] = round(time.perf_counter() - t0, 3)
     return run.save()
 
