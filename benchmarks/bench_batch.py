@@ -138,7 +138,7 @@ def warm_up(client, faces: Path, folder: str, checkpoint: Path, style: str, over
     futures = [client.submit(person_task, str(faces / folder), str(work / f"warm_{i}"), str(checkpoint), style,
                              small, "auto", None, workers=[addr], resources={RESOURCE: 1}, pure=False,
                              key=f"warm-{i}-{time.time_ns()}")
-               for i, addr in enumerate(client.scheduler_info()["workers"])]
+               for i, addr in enumerate(client.nthreads())]
     out = {}
     for f in futures:
         m = f.result()

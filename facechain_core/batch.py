@@ -180,7 +180,7 @@ def run_batch(people_dir, out_dir, scheduler: str = "local", checkpoint: str = "
     results = {}
     try:
         client = client or distributed.Client(cluster or scheduler)
-        n_workers = len(client.scheduler_info()["workers"])
+        n_workers = len(client.nthreads())
         log(f"{n_workers} workers ({scheduler}{f', {gpus} GPUs' if gpus else ''}); {len(todo)} people to run")
         futures = {}
         for p in todo:

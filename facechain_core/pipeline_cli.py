@@ -25,16 +25,20 @@ SIZE_FLAGS = {
 
 
 def _common(p) -> None:
+    from .pipeline import workflow_settings
+
     p.add_argument("--checkpoint", required=True, help="SD1.5 single-file checkpoint (.safetensors)")
-    p.add_argument("--style", default="Studio Headshot", help="a style name or file stem (styles.py)")
+    style = workflow_settings()["FaceChainApplyStyleLoRA"]["style"]
+    p.add_argument("--style", default=style, help=f"a style name or file stem (workflow: {style})")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--size", type=int, help="training crop side (workflow: 512; a multiple of 64 for SD1.5)")
-    p.add_argument("--samples", type=int, help="training samples (workflow: 2000)")
-    p.add_argument("--batch-size", type=int, help="training batch size (workflow: 4)")
-    p.add_argument("--images", type=int, help="portraits generated per person (workflow: 8)")
-    p.add_argument("--image-size", type=int, help="portrait side in pixels (workflow: 512)")
-    p.add_argument("--steps", type=int, help="sampling steps (workflow: 40)")
-    p.add_argument("--top", type=int, help="portraits kept after ranking (workflow: 4)")
+    help_text = {"size": "training crop side (a multiple of 64 for SD1.5)", "samples": "training samples",
+                 "batch_size": "training batch size", "images": "portraits generated per person",
+                 "image_size": "portrait side in pixels", "steps": "sampling steps",
+                 "top": "portraits kept after ranking"}
+    for flag, keys in SIZE_FLAGS.items():
+        node, _, field = keys[0].partition(".")
+        value = workflow_settings()[node][field]
+        p.add_argument("--" + flag.replace("_", "-"), type=int, help=f"{help_text[flag]} (workflow: {value})")
     p.add_argument("--set", action="append", default=[], metavar="NodeType.input=JSON", help="any other setting")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--loras", action="append", default=None, metavar="DIR",

@@ -46,7 +46,7 @@ def read(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-def check_done(folder, top: int = 2) -> dict:
+def check_done(folder, top: int = 2, loras=("face LoRA: 32 of 32 layers at 0.95",)) -> dict:
     m = json.loads((folder / "manifest.json").read_text())
     assert m["status"] == "done", m.get("error")
     assert m["error"] is None and m["photos_kept"] >= 2
@@ -56,8 +56,8 @@ def check_done(folder, top: int = 2) -> dict:
     for p in m["portraits"]:
         assert read(folder / p["file"]).shape == (64, 64, 3)
     # every layer of the trained face LoRA found its place in the diffusers UNet
-    assert m["generate"]["loras"] == ["face LoRA: 32 of 32 layers at 0.95"]
-    assert m["generate"]["positive"].startswith("fcsks, a person, professional headshot")
+    assert m["generate"]["loras"] == list(loras)
+    assert m["generate"]["positive"].startswith("fcsks, a person, ")
     assert m["generate"]["sampler"] == "dpmpp_2m/karras" and m["generate"]["steps"] == 3
     # noise from the tiny model shows no face: the fallback returns the images unranked, and says so
     assert m["likeness"] == {"best": None, "mean": None, "ranked": False}
@@ -68,12 +68,37 @@ def check_done(folder, top: int = 2) -> dict:
     return m
 
 
+def fake_style_lora(path, seed: int = 0) -> None:
+    """A kohya LoRA for every attention projection of the tiny UNet (what a style LoRA holds), random weights:
+    it stands in for a style's downloaded file (no model hub here)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    blocks = ["down_blocks_0_attentions_0", "mid_block_attentions_0", "up_blocks_0_attentions_0",
+              "up_blocks_0_attentions_1"]
+    state = {}
+    for block in blocks:
+        for attn in ("attn1", "attn2"):
+            for proj in ("to_q", "to_k", "to_v", "to_out_0"):
+                key = f"lora_unet_{block}_transformer_blocks_0_{attn}_{proj}"
+                fan_in = 768 if attn == "attn2" and proj in ("to_k", "to_v") else 320
+                state[f"{key}.lora_down.weight"] = torch.randn(4, fan_in, generator=g).half() * 0.01
+                state[f"{key}.lora_up.weight"] = torch.randn(320, 4, generator=g).half() * 0.01
+                state[f"{key}.alpha"] = torch.tensor(4.0).half()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path))
+
+
 def test_portraits_on_tiny_model(tmp_path):
+    """A style with a style LoRA: both LoRAs go into the model at the style's weights, the prompt is the style's."""
     out = tmp_path / "portraits"
+    fake_style_lora(tmp_path / "loras" / "facechain_styles" / "west.safetensors")
     r = run_cli("portraits", "--photos", str(FACES / "obama"), "--checkpoint", str(tiny_checkpoint()),
-                "--style", "studio_headshot", "--out", str(out), *SMALL)
+                "--style", "Wild West", "--loras", str(tmp_path / "loras"), "--out", str(out), *SMALL)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    m = check_done(out)
+    m = check_done(out, loras=["face LoRA: 32 of 32 layers at 0.95", "style LoRA: 32 of 32 layers at 0.35"])
+    assert m["style"] == "Wild West" and "cowboy hat and leather vest" in m["generate"]["positive"]
+    assert m["generate"]["negative"].startswith("city, modern car")
     assert m["train"]["samples"] == 8 and m["generate"]["size"] == [64, 64]
     assert "1. portrait_01.png" in r.stdout
     portraits = [read(out / p["file"]) for p in m["portraits"]]
@@ -124,6 +149,7 @@ def test_batch_two_workers_failures_recorded_rerun_skips(tmp_path):
     assert summary["people"] == {"no_face": "failed", "not_photos": "failed", "obama": "done"}
     assert summary["done"] == 1 and summary["failed"] == ["no_face", "not_photos"] and summary["people_per_min"] > 0
     done = check_done(out / "obama")
+    assert done["style"] == "Studio Headshot" and "professional headshot" in done["generate"]["positive"]
     no_face = json.loads((out / "no_face" / "manifest.json").read_text())
     assert no_face["status"] == "failed" and no_face["stage"] == "preprocess"
     assert "found no usable face in any photo" in no_face["error"] and "noise.png" in no_face["error"]
