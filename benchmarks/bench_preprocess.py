@@ -21,6 +21,7 @@ sys.path.insert(0, str(REPO))
 
 from facechain_core.align import AlignSettings, align_photos  # noqa: E402
 from facechain_core.detect import get_detector  # noqa: E402
+from facechain_core.face_mesh import add_meshes  # noqa: E402
 from facechain_core.images import load_photo  # noqa: E402
 from facechain_core.parse import parse_crops  # noqa: E402
 from facechain_core.quality import assess_faces  # noqa: E402
@@ -32,15 +33,16 @@ def run_once(photos) -> dict:
     times = {}
     t = time.perf_counter()
     aligned = align_photos(photos, AlignSettings()).aligned
-    times["FaceAlign"] = time.perf_counter() - t
     crops = [a.image for a in aligned]
+    faces = add_meshes(crops, [a.to_dict() for a in aligned])  # as the FaceAlign node does
+    times["FaceAlign"] = time.perf_counter() - t
     kps = [a.face.keypoints for a in aligned]
-    faces = [a.to_dict() for a in aligned]
+    meshes = [f.get("mesh") for f in faces]
     t = time.perf_counter()
-    heads = [p.image for p in parse_crops(crops, kps)]
+    heads = [p.image for p in parse_crops(crops, kps, meshes=meshes)]
     times["HumanParse"] = time.perf_counter() - t
     t = time.perf_counter()
-    retouched = [r[0] for r in retouch_crops(heads, kps, 0.6)]
+    retouched = [r[0] for r in retouch_crops(heads, kps, 0.6, meshes=meshes)]
     times["SkinRetouch"] = time.perf_counter() - t
     t = time.perf_counter()
     captions = caption_photos(retouched, kps, "fcsks", "a person", "input", "none")

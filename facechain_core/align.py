@@ -1,8 +1,11 @@
 """FaceChain's photo alignment: one level, square, white-filled head-and-shoulders crop per photo.
 
 The rules (from FaceChain's train-stage preprocessing):
-1. scale the photo so its long side is 1024 and detect faces with 5 keypoints;
-2. keep the largest face only if its area is at least 4x the next, else skip the photo; no face: skip;
+1. scale the photo so its long side is 1024 and detect faces with 5 keypoints; a photo without a
+   confidently upright face is tried at 90, 180 and 270 degrees and turned to the one that has it;
+2. keep the largest face only if its area is at least 4x the next, else skip the photo; no face: skip.
+   Beyond FaceChain: in a set, a photo with several faces keeps the one face that matches the identity
+   of the set's single-face photos (``identity.py``); FaceChain's rule is the fallback;
 3. level the eyes: the rotation of the similarity transform from the keypoints to a mean 5-point face,
    applied to a 1.5x white-padded square copy, then detect again (here the second detection runs on the
    output crop itself, see step 5, which is smaller and also checks the final result);
@@ -21,6 +24,8 @@ import numpy as np
 from .detect import Face, choose_subject, detect_faces
 from .errors import FaceChainError
 from .face_regions import MEAN_FACE_5
+from .identity import choose_by_identity, set_identity
+from .identity import rules as subject_rules
 from .images import MIN_SIDE, as_rgb_uint8
 from .progress import ProgressFn, no_progress
 
@@ -54,10 +59,12 @@ class AlignedFace:
     rotation: float  # degrees the photo was turned to level the eyes
     other_faces: int = 0
     source_face_px: float = 0.0  # side of the face in the original photo's pixels
+    upright_turn: int = 0  # degrees clockwise the photo was turned to stand the face upright (0, 90, 180, 270)
+    subject_note: str = ""  # which face was chosen among several, and why
 
     def to_dict(self) -> dict:
         return {"name": self.name, "source_size": list(self.source_size), "rotation": round(self.rotation, 2),
-                "source_face_px": round(self.source_face_px, 1),
+                "upright_turn": self.upright_turn, "source_face_px": round(self.source_face_px, 1),
                 "size": int(self.image.shape[0]), **self.face.to_dict()}
 
 
@@ -105,23 +112,98 @@ def _nearest(faces: list[Face], centre: np.ndarray, size: float) -> Face | None:
     return min(near, key=lambda f: np.linalg.norm(f.centre - centre)) if near else None
 
 
-def align_photo(image: np.ndarray, name: str = "photo",
-                settings: AlignSettings | None = None) -> tuple[AlignedFace | None, str]:
-    """Align one photo. Returns (crop, "") or (None, reason it was skipped)."""
+@dataclass
+class Found:
+    """A photo after step 1: turned upright, searched at the working size."""
+    name: str
+    rgb: np.ndarray  # the photo, turned upright
+    work: np.ndarray  # the same at the working size
+    faces: list[Face]  # in ``work``, largest first
+    turn: int  # degrees clockwise it was turned (0, 90, 180, 270)
+    source_size: tuple[int, int]  # (width, height) of the photo as given
+    why: str = ""  # set when the photo is skipped at this step
+
+
+def _rescore(img: np.ndarray, face: Face, r: dict, backend: str) -> float:
+    """The face's detection score in a square around it at a fixed size: like for like between photos."""
+    side, s = r["rescore_side"], r["rescore_context"] * face.size / r["rescore_side"]
+    m = np.array([[1 / s, 0, side / 2 - face.centre[0] / s], [0, 1 / s, side / 2 - face.centre[1] / s]])
+    crop = cv2.warpAffine(img, m, (side, side), flags=cv2.INTER_AREA if s > 1 else cv2.INTER_LINEAR,
+                          borderValue=WHITE)
+    seen = _nearest(detect_faces(crop, backend), np.array([side / 2, side / 2]), face.size / s)
+    return seen.score if seen is not None else 0.0
+
+
+def upright_score(img: np.ndarray, faces: list[Face], backend: str = "embedded") -> float:
+    """How surely ``img`` holds an upright face: the best mean of a face's score in the photo and rescored."""
+    r = subject_rules()["upright"]
+    best = sorted(faces, key=lambda f: f.score, reverse=True)[: r["rescore_faces"]]
+    return max(((f.score + _rescore(img, f, r, backend)) / 2 for f in best), default=0.0)
+
+
+def turn_upright(work: np.ndarray, backend: str = "embedded") -> tuple[int | None, list[Face], str]:
+    """(degrees clockwise, faces in the turned image, note). Degrees None: no turn shows an upright face
+    surely enough (the note says why); the photo must not be used sideways."""
+    r = subject_rules()["upright"]
+    seen = {0: detect_faces(work, backend)}
+    scores = {0: upright_score(work, seen[0], backend)}
+    if scores[0] >= r["confident"]:
+        return 0, seen[0], ""
+    for turn in (90, 180, 270):
+        turned = np.ascontiguousarray(np.rot90(work, -turn // 90))
+        seen[turn] = detect_faces(turned, backend)
+        scores[turn] = upright_score(turned, seen[turn], backend)
+    order = sorted(scores, key=lambda t: -scores[t])
+    best, runner = order[0], order[1]
+    listed = ", ".join(f"{t} deg {scores[t]:.2f}" for t in order)
+    if scores[best] == 0.0:
+        return 0, [], ""
+    if scores[best] < r["confident"] and scores[best] - scores[runner] < r["margin"]:
+        return None, [], (f"no turn of the photo shows a surely upright face (upright scores {listed}; "
+                          f"{r['confident']:.2f}, or a lead of {r['margin']:.2f}, needed)")
+    note = "" if best == 0 else f"turned {best} deg clockwise to stand the face upright (upright scores {listed})"
+    return best, seen[best], note
+
+
+def find_faces(image: np.ndarray, name: str = "photo", settings: AlignSettings | None = None) -> Found:
+    """Step 1: check the photo, turn it upright, detect its faces at the working size."""
     s = settings or AlignSettings()
     rgb = as_rgb_uint8(image, name)
     h, w = rgb.shape[:2]
     if min(h, w) < MIN_SIDE:
-        return None, f"too small ({w}x{h}); photos need at least {MIN_SIDE} px on the short side"
-
-    # 1-2. detect at a fixed working size and choose the subject
+        return Found(name, rgb, rgb, [], 0, (w, h),
+                     f"too small ({w}x{h}); photos need at least {MIN_SIDE} px on the short side")
     k0 = s.detect_long_side / max(h, w)
     work = cv2.resize(rgb, (max(1, round(w * k0)), max(1, round(h * k0))),
                       interpolation=cv2.INTER_AREA if k0 < 1 else cv2.INTER_CUBIC)
-    faces = detect_faces(work, s.backend)
-    subject, why = choose_subject(faces, s.dominance)
+    turn, faces, note = turn_upright(work, s.backend)
+    if turn is None:
+        return Found(name, rgb, work, [], 0, (w, h), note)
+    if turn:
+        rgb = np.ascontiguousarray(np.rot90(rgb, -turn // 90))
+        work = np.ascontiguousarray(np.rot90(work, -turn // 90))
+    return Found(name, rgb, work, faces, turn, (w, h))
+
+
+def align_photo(image: np.ndarray, name: str = "photo",
+                settings: AlignSettings | None = None) -> tuple[AlignedFace | None, str]:
+    """Align one photo on its own (FaceChain's 4x rule for several faces). Returns (crop, "") or (None, why)."""
+    s = settings or AlignSettings()
+    found = find_faces(image, name, s)
+    if found.why:
+        return None, found.why
+    subject, why = choose_subject(found.faces, s.dominance)
     if subject is None:
         return None, why
+    return align_found(found, subject, s), ""
+
+
+def align_found(found: Found, subject: Face, settings: AlignSettings | None = None, note: str = "") -> AlignedFace:
+    """Steps 3-5 for the chosen face of a photo found by ``find_faces``."""
+    s = settings or AlignSettings()
+    rgb, work, faces = found.rgb, found.work, found.faces
+    h, w = rgb.shape[:2]
+    k0 = s.detect_long_side / max(h, w)
 
     # 3. level the eyes: turn about the centre of a 1.5x padded square canvas (the map only; nothing is
     # drawn until the crop, and the padding is the white border of that one warp)
@@ -177,7 +259,8 @@ def align_photo(image: np.ndarray, name: str = "photo",
     if best is not None:
         _, out, face, full, angle = best
     source_face = face.size / float(np.hypot(full[0, 0], full[1, 0]))
-    return AlignedFace(out, face, name, (w, h), angle, len(faces) - 1, source_face), ""
+    return AlignedFace(out, face, found.name, found.source_size, angle, len(faces) - 1, source_face, found.turn,
+                       note)
 
 
 def _warp(rgb: np.ndarray, full: np.ndarray, size: int) -> np.ndarray:
@@ -193,24 +276,37 @@ def _warp(rgb: np.ndarray, full: np.ndarray, size: int) -> np.ndarray:
 
 def align_photos(photos: list[tuple[str, np.ndarray]], settings: AlignSettings | None = None,
                  progress: ProgressFn | None = None) -> AlignResult:
-    """Align every photo; skipped ones are named in the report with the reason."""
+    """Align every photo; skipped ones are named in the report with the reason.
+
+    All photos are searched first, so that a photo with several faces can keep the one face that matches
+    the identity the set's single-face photos share."""
     s = settings or AlignSettings()
     s.check()
     progress = progress or no_progress
     if not photos:
         raise FaceChainError("No photos were given. Connect 3-20 photos of one person.")
-    result = AlignResult()
+    n = len(photos)
+    found = []
     for i, (name, image) in enumerate(photos):
-        progress(i, len(photos), name)
-        aligned, why = align_photo(image, name, s)
-        if aligned is None:
-            result.skipped.append((name, why))
-            result.report.append(f"- {name}: skipped, {why}")
-        else:
-            result.aligned.append(aligned)
-            result.report.append(f"- {name}: kept ({aligned.source_size[0]}x{aligned.source_size[1]}, "
-                                 f"turned {aligned.rotation:+.1f} deg)")
-    progress(len(photos), len(photos), None)
+        progress(i, 2 * n, name)
+        found.append(find_faces(image, name, s))
+    identity = set_identity([(f.name, f.work, f.faces[0]) for f in found if not f.why and len(f.faces) == 1])
+    result = AlignResult()
+    if identity is not None and any(len(f.faces) > 1 for f in found):
+        result.report.append(f"identity of the set: {identity.describe()}")
+    for i, f in enumerate(found):
+        progress(n + i, 2 * n, f.name)
+        subject, why = (None, f.why) if f.why else choose_by_identity(f.work, f.faces, identity, s.dominance)
+        if subject is None:
+            result.skipped.append((f.name, why))
+            result.report.append(f"- {f.name}: skipped, {why}")
+            continue
+        aligned = align_found(f, subject, s, why)
+        result.aligned.append(aligned)
+        turned = f"turned upright by {f.turn} deg clockwise, then " if f.turn else "turned "
+        result.report.append(f"- {f.name}: kept ({f.source_size[0]}x{f.source_size[1]}, {turned}"
+                             f"{aligned.rotation:+.1f} deg){'; ' + why if why else ''}")
+    progress(2 * n, 2 * n, None)
     if not result.aligned:
         raise FaceChainError(
             "FaceAlign found no usable face in any photo:\n" + "\n".join(result.report[-20:]) +

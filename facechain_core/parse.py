@@ -4,9 +4,12 @@ FaceChain keeps only the head of each aligned crop: head = hair + face from a hu
 grown a little, limited to the person, the largest connected region kept; everything else is painted
 white. Two backends produce the face, hair and person masks; the head rule is shared:
 
-* ``embedded`` (default, offline): the face oval and features from the 5 keypoints, a skin-colour model
-  sampled on the cheeks to find the forehead, jaw and hairline, and OpenCV's GrabCut seeded from those
-  to separate hair from the background. No model file.
+* ``embedded`` (default, offline): MediaPipe's learned person mask and 468-point face mesh, the head cut
+  out of the person below the chin and beside the face (``head_parse.py``). Long hair below the chin is
+  kept (``long_hair="keep"``, as FaceChain's parser does) or cut at the chin (``"cut"``).
+* ``classical`` (offline, no model file): the face oval and features from the 5 keypoints, a skin-colour
+  model sampled on the cheeks to find the forehead, jaw and hairline, and OpenCV's GrabCut seeded from
+  those to separate hair from the background.
 * ``m2fp``: FaceChain's M2FP multi-human parsing through a ModelScope pipeline on the snapshot in the
   model store.
 
@@ -24,12 +27,14 @@ import numpy as np
 from . import model_store
 from .backends import backend_instance
 from .errors import FaceChainError
+from .face_mesh import mesh_from_list
 from .face_regions import FaceFrame, draw_oval, feature_mask, soft_inside
+from .head_parse import LONG_HAIR, mesh_parse
 from .images import as_rgb_uint8
 from .progress import ProgressFn, no_progress
 from .skin_colour import require_colour, skin_likelihood
 
-BACKENDS = ("embedded", "m2fp")
+BACKENDS = ("embedded", "classical", "m2fp")
 WHITE = 255
 
 
@@ -74,8 +79,8 @@ def head_mask(face: np.ndarray, hair: np.ndarray, person: np.ndarray | None = No
 
 def paint_outside(rgb: np.ndarray, mask: np.ndarray, feather: int = 3) -> np.ndarray:
     """White outside the mask; a few pixels of fade inside its edge so the cut-out has no jagged rim."""
-    a = soft_inside(mask, feather)[..., None]
-    return (rgb.astype(np.float32) * a + WHITE * (1.0 - a) + 0.5).astype(np.uint8)
+    a = soft_inside(mask, feather)
+    return cv2.blendLinear(rgb, np.full_like(rgb, WHITE), a, 1.0 - a)
 
 
 # --- embedded backend ------------------------------------------------------------------------------------
@@ -182,13 +187,18 @@ def masks_from_parts(masks, labels, scores, shape, threshold: float = 0.8):
 
 
 def get_parser(backend: str):
-    return backend_instance("parsing", backend, {"embedded": None, "m2fp": M2FPParser})
+    return backend_instance("parsing", backend, {"embedded": None, "classical": None, "m2fp": M2FPParser})
 
 
-def parse_crop(image: np.ndarray, keypoints, backend: str = "embedded", name: str = "crop") -> Parsing:
+def parse_crop(image: np.ndarray, keypoints, backend: str = "embedded", name: str = "crop", mesh=None,
+               long_hair: str = "keep") -> Parsing:
+    """Masks and head-on-white of one crop. ``mesh``: the face's 468 points in the crop (FaceAlign's faces
+    carry them), found here when absent; ``long_hair``: keep or cut hair below the chin (embedded backend)."""
     rgb = as_rgb_uint8(image, name)
     parser = get_parser(backend)
-    if parser is None:
+    if backend == "embedded":
+        face, hair, person = mesh_parse(rgb, keypoints, mesh_from_list(mesh), long_hair)
+    elif parser is None:
         require_colour(rgb, keypoints, name, "HumanParse")
         face, hair, person = embedded_parse(rgb, keypoints)
     else:
@@ -201,14 +211,18 @@ def parse_crop(image: np.ndarray, keypoints, backend: str = "embedded", name: st
 
 
 def parse_crops(images: list[np.ndarray], keypoints: list, backend: str = "embedded", names: list[str] | None = None,
-                progress: ProgressFn | None = None) -> list[Parsing]:
+                progress: ProgressFn | None = None, meshes: list | None = None,
+                long_hair: str = "keep") -> list[Parsing]:
     if not images:
         raise FaceChainError("HumanParse got no images. Connect the aligned crops of FaceAlign.")
+    if long_hair not in LONG_HAIR:
+        raise FaceChainError(f"Unknown long_hair '{long_hair}'; choose one of {', '.join(LONG_HAIR)}.")
+    meshes = meshes or [None] * len(images)
     progress = progress or no_progress
     names = names or [f"crop {i + 1}" for i in range(len(images))]
     out = []
     for i, (img, kps) in enumerate(zip(images, keypoints)):
         progress(i, len(images), names[i])
-        out.append(parse_crop(img, kps, backend, names[i]))
+        out.append(parse_crop(img, kps, backend, names[i], meshes[i], long_hair))
     progress(len(images), len(images), None)
     return out

@@ -89,10 +89,13 @@ def preprocess(photos_dir: str | os.PathLike, spec: dict) -> TrainingSet:
     faces = [a.to_dict() for a in aligned.aligned]
     names = [f.get("name") or f"crop {i + 1}" for i, f in enumerate(faces)]
     keypoints = [f["keypoints"] for f in faces]
-    parts = parse_crops([a.image for a in aligned.aligned], keypoints, spec["FaceChainHumanParse"]["backend"], names)
+    meshes = [f.get("mesh") for f in faces]  # FaceAlign's face mesh of each crop, when it made one
+    hp = spec["FaceChainHumanParse"]
+    extra = {"long_hair": hp["long_hair"]} if "long_hair" in hp else {}  # else the library's (= the node's) default
+    parts = parse_crops([a.image for a in aligned.aligned], keypoints, hp["backend"], names, meshes=meshes, **extra)
     sr = spec["FaceChainSkinRetouch"]
     retouched = [o[0] for o in retouch_crops([p.image for p in parts], keypoints, sr["strength"], sr["backend"],
-                                             None, names)]
+                                             None, names, meshes=meshes)]
     at = spec["FaceChainAutoTag"]
     captions = caption_photos(retouched, keypoints, at["trigger"], at["subject"], at["subject_from"], at["tagger"],
                               at["threshold"], names)
@@ -231,10 +234,22 @@ def _pipeline(run: Run, photos: Path, checkpoint: Path, style: str, spec: dict, 
         name = f"portrait_{n:02d}.png"
         save_png_atomic(ranked.images[i], run.out / name)
         m["portraits"].append({"file": name, "rank": n, "image": i, "score": round(score, 4)})
+    m["licences"] = licence_line(spec)
     scores = [p["score"] for p in m["portraits"]] if ranked.by_identity else []
     # cosine similarity to the template face (SFace by default); null when no portrait showed a face to compare
     m["likeness"] = {"best": max(scores, default=None), "mean": round(float(np.mean(scores)), 4) if scores else None,
                      "ranked": bool(ranked.by_identity)}
+
+
+def licence_line(spec: dict) -> str:
+    """The models this run used and their licences, as the nodes' reports name them."""
+    from . import licences
+
+    return licences.line(align=spec["FaceChainFaceAlign"]["detector"], parse=spec["FaceChainHumanParse"]["backend"],
+                         retouch=spec["FaceChainSkinRetouch"]["backend"], tagger=spec["FaceChainAutoTag"]["tagger"],
+                         subject=spec["FaceChainAutoTag"]["subject_from"],
+                         quality=spec["FaceChainTemplateFace"]["scorer"], train="lora",
+                         fusion=spec["FaceChainFaceFusion"]["backend"], rank=spec["FaceChainRTSRank"]["backend"])
 
 
 def _weights(spec: dict) -> tuple[float, float]:

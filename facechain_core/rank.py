@@ -169,11 +169,12 @@ def rank_images(images: list[np.ndarray], references: list[np.ndarray], settings
 IF_NONE_KEPT = ("return unranked", "stop with an error")
 
 
-def order_or_unranked(result: RankResult, n_images: int, top_n: int, if_none_kept: str = IF_NONE_KEPT[0]
-                      ) -> tuple[list[int], list[float], str]:
-    """(order, scores, report). When no image showed one plausible face: the first ``top_n`` unranked
-    (score 0), or an error, as ``if_none_kept`` says (RTSRank and the standalone pipeline both)."""
-    report = result.report_text()
+def order_or_unranked(result: RankResult, n_images: int, top_n: int, if_none_kept: str = IF_NONE_KEPT[0],
+                      note: str = "") -> tuple[list[int], list[float], str]:
+    """(order, scores, report, with ``note`` after the ranking). When no image showed one plausible face: the
+    first ``top_n`` unranked (score 0), or an error, as ``if_none_kept`` says (RTSRank and the standalone
+    pipeline both)."""
+    report = result.report_text() + ("\n" + note if note else "")
     if result.order:
         return list(result.order), [float(s) for s in result.scores], report
     if if_none_kept != IF_NONE_KEPT[0]:

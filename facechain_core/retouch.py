@@ -1,8 +1,9 @@
 """Skin retouching: smooth blemishes on the skin of the face and neck, leave everything else alone.
 
 * ``embedded`` (default, offline): a skin mask (the cheek-sampled skin colour within the face and neck,
-  less the eyes, brows and lips placed from the keypoints), and an edge-preserving bilateral filter whose
-  result is blended in with the ``strength`` inside that mask only.
+  less the eyes, brows and lips: their real contours from the 468-point face mesh when the faces carry it,
+  else shapes placed from the 5 keypoints), and an edge-preserving bilateral filter whose result is
+  blended in with the ``strength`` inside that mask only.
 * ``abpn``: FaceChain's ABPN skin-retouching network through a ModelScope pipeline on the snapshot in
   the model store; its output is blended in through the same skin mask, so eyes, brows, lips, hair and
   the background stay exactly as they were with either backend.
@@ -20,6 +21,7 @@ import numpy as np
 from . import model_store
 from .backends import backend_instance
 from .errors import FaceChainError
+from .face_mesh import fill_contours, mesh_from_list
 from .face_regions import FaceFrame, draw_oval, feature_mask, soft_inside
 from .images import as_rgb_uint8
 from .progress import ProgressFn, no_progress
@@ -28,12 +30,33 @@ from .skin_colour import require_colour, skin_likelihood
 BACKENDS = ("embedded", "abpn")
 
 
-def skin_mask(rgb: np.ndarray, keypoints, limit: np.ndarray | None = None) -> np.ndarray:
+def features(shape: tuple[int, int], frame: FaceFrame, mesh: np.ndarray | None) -> np.ndarray:
+    """Eyes, brows and lips that the retouch leaves sharp: the mesh's contours grown over lids, lashes and
+    the lip line (in eye distances), else generous shapes from the keypoints."""
+    if mesh is None:
+        return cv2.dilate(feature_mask(shape, frame), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
+    d = frame.eye_distance
+    eyes = fill_contours(shape, mesh, ["right_eye", "left_eye"], grow=max(2, round(0.12 * d)))
+    brows = fill_contours(shape, mesh, ["right_brow", "left_brow"], grow=max(2, round(0.06 * d)))
+    lips = fill_contours(shape, mesh, ["lips_outer"], grow=max(2, round(0.05 * d)))
+    out = np.maximum(np.maximum(eyes, brows), lips)
+    # the detector's eyes and mouth corners stay sharp too: the two models disagree by up to ~0.15 d there
+    for x, y in frame.keypoints[[0, 1, 3, 4]]:
+        cv2.circle(out, (round(float(x)), round(float(y))), max(3, round(0.15 * d)), 255, -1)
+    return out
+
+
+def skin_mask(rgb: np.ndarray, keypoints, limit: np.ndarray | None = None, mesh=None) -> np.ndarray:
     """0/255 mask of the skin a retouch may touch: skin colour within the face oval and the neck under it,
-    without the eyes, brows and lips (grown a little so their edges stay crisp); within ``limit`` if given."""
+    without the eyes, brows and lips (grown a little so their edges stay crisp); within ``limit`` if given.
+    ``mesh``: the face's 468 points in ``rgb``'s pixels (FaceAlign's faces carry them), or None."""
     frame = FaceFrame.from_keypoints(keypoints)
     shape = rgb.shape[:2]
-    zone = draw_oval(shape, frame, 1.12)
+    mesh = mesh_from_list(mesh)
+    if mesh is None:
+        zone = draw_oval(shape, frame, 1.12)
+    else:
+        zone = fill_contours(shape, mesh, ["face_oval"], grow=max(2, round(0.05 * frame.eye_distance)))
     neck = np.array([frame.point(-0.95, 1.6), frame.point(0.95, 1.6), frame.point(0.85, 3.0),
                      frame.point(-0.85, 3.0)], np.int32)
     cv2.fillConvexPoly(zone, neck, 255)
@@ -43,8 +66,7 @@ def skin_mask(rgb: np.ndarray, keypoints, limit: np.ndarray | None = None) -> np
         return skin
     skin[box] = ((skin_likelihood(rgb[box], frame, rgb) < 8.0) & (zone[box] > 0)).astype(np.uint8) * 255
     skin = cv2.morphologyEx(skin, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3)))
-    keep = cv2.dilate(feature_mask(shape, frame), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
-    skin[keep > 0] = 0
+    skin[features(shape, frame, mesh) > 0] = 0
     if limit is not None:
         skin[limit == 0] = 0
     return skin
@@ -94,7 +116,7 @@ def _retoucher(backend: str):
 
 
 def retouch_crop(image: np.ndarray, keypoints, strength: float = 0.6, backend: str = "embedded",
-                 limit: np.ndarray | None = None, name: str = "crop") -> tuple[np.ndarray, np.ndarray]:
+                 limit: np.ndarray | None = None, name: str = "crop", mesh=None) -> tuple[np.ndarray, np.ndarray]:
     """(retouched image, 0/255 mask of where it may differ from the input)."""
     if not 0.0 <= strength <= 1.0:
         raise FaceChainError(f"Retouch strength {strength} is outside 0-1.")
@@ -105,7 +127,7 @@ def retouch_crop(image: np.ndarray, keypoints, strength: float = 0.6, backend: s
                              f"(HumanParse's face or head mask).")
     require_colour(rgb, keypoints, name, "SkinRetouch")
     frame = FaceFrame.from_keypoints(keypoints)
-    mask = skin_mask(rgb, keypoints, limit)
+    mask = skin_mask(rgb, keypoints, limit, mesh)
     if strength == 0.0 or not np.any(mask):
         return rgb.copy(), mask
     engine = _retoucher(backend)
@@ -122,7 +144,8 @@ def retouch_crop(image: np.ndarray, keypoints, strength: float = 0.6, backend: s
 
 def retouch_crops(images: list[np.ndarray], keypoints: list, strength: float = 0.6, backend: str = "embedded",
                   limits: list[np.ndarray] | None = None, names: list[str] | None = None,
-                  progress: ProgressFn | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+                  progress: ProgressFn | None = None,
+                  meshes: list | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     if not images:
         raise FaceChainError("SkinRetouch got no images. Connect the aligned crops of FaceAlign or HumanParse.")
     progress = progress or no_progress
@@ -130,6 +153,7 @@ def retouch_crops(images: list[np.ndarray], keypoints: list, strength: float = 0
     out = []
     for i, (img, kps) in enumerate(zip(images, keypoints)):
         progress(i, len(images), names[i])
-        out.append(retouch_crop(img, kps, strength, backend, None if limits is None else limits[i], names[i]))
+        out.append(retouch_crop(img, kps, strength, backend, None if limits is None else limits[i], names[i],
+                                None if meshes is None else meshes[i]))
     progress(len(images), len(images), None)
     return out

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .errors import FaceChainError
+from . import licences
 from .data_files import settings as data_settings
 from .lora_format import kohya_metadata
 from .progress import ProgressFn
@@ -80,7 +81,8 @@ def train_and_save(models: Models, images: np.ndarray, captions: Sequence[str], 
                           captions, models.base_hash, train_text_encoder=settings.train_text_encoder,
                           extra={"ss_output_name": Path(out).stem, "facechain_batch_size": settings.batch_size,
                                  "facechain_learning_rate": settings.learning_rate, "facechain_seed": settings.seed,
-                                 "facechain_precision": result.precision, "facechain_images": ",".join(names)})
+                                 "facechain_precision": result.precision, "facechain_images": ",".join(names),
+                                 **licences.metadata(licences.models_for(train="lora"))})
     save_lora(Path(out), result.lora, meta, overwrite)
     return result
 

@@ -5,8 +5,9 @@ tags enter the prompt, which subject phrase an age and gender give) are data: ``
 
 * Tags come from a WD14 tagger (the ONNX image tagger many ComfyUI users already have) when its
   ``model.onnx`` and ``selected_tags.csv`` are in the model store; without it captions carry no tags.
-* The subject phrase comes from the node's input, or from FairFace (gender and age, summed over all
-  photos as FaceChain does) when its weights are in the model store.
+* The subject phrase follows FaceChain's rule (gender and age summed over all photos): from FairFace when
+  its weights are in the model store, else from the embedded gender and age networks (``age_gender.py``,
+  offline), or from the node's input when asked or when neither can tell.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .onnx_session import onnx_session
 from .progress import ProgressFn, no_progress
 
 TAGGERS = ("auto", "none", "wd14")
-SUBJECT_SOURCES = ("auto", "input", "fairface")
+SUBJECT_SOURCES = ("auto", "input", "fairface", "embedded")
 
 
 def rules() -> dict:
@@ -153,6 +154,7 @@ class FairFace:
     ModelScope pipeline does. Loaded with torchvision directly: the pipeline would fetch a detector."""
 
     weights_file = "pytorch_model.pt"
+    name = "FairFace"
 
     def __init__(self):
         import torch
@@ -206,13 +208,28 @@ def get_tagger(choice: str) -> WD14Tagger | None:
     return cached(("tagger", "wd14"), WD14Tagger, [model, table])
 
 
-def get_fairface(choice: str) -> FairFace | None:
+def get_fairface(choice: str):
+    """The gender/age model the choice names: FairFace, the embedded networks, or None (the input phrase).
+    'auto' takes FairFace when installed, else the embedded networks when their files are present."""
     if choice not in SUBJECT_SOURCES:
         raise FaceChainError(f"Unknown subject source '{choice}'; choose one of {', '.join(SUBJECT_SOURCES)}.")
-    if choice == "input" or (choice == "auto" and not model_store.is_present("fairface")):
+    if choice == "input":
         return None
+    if choice == "embedded" or (choice == "auto" and not model_store.is_present("fairface")):
+        if choice == "auto" and not embedded_files_present():
+            return None
+        from .age_gender import EmbeddedAgeGender
+
+        files = [model_store.embedded_path(n) for n in ("gender", "age")]
+        return cached(("subject", "embedded"), EmbeddedAgeGender, files)
     path = model_store.model_path("fairface") / FairFace.weights_file
     return cached(("subject", "fairface"), FairFace, [path])
+
+
+def embedded_files_present() -> bool:
+    from . import embedded
+
+    return all(embedded.is_present(n) for n in ("gender", "age"))
 
 
 # --- the caption set -------------------------------------------------------------------------------------
@@ -275,27 +292,42 @@ def caption_photos(images: list[np.ndarray], keypoints: list, trigger: str, subj
     threshold = r["tagger"]["general_threshold"] if threshold is None else float(threshold)
     progress = progress or no_progress
     wd14 = get_tagger(tagger)
-    fairface = get_fairface(subject_from)
-    notes = []
-    per_image, gender, age = [], np.zeros(2), np.zeros(9)
+    judge = get_fairface(subject_from)
+    per_image, gender, age = [], np.zeros(2), np.zeros(len(r["subject"]["age_bins"]))
     for i, rgb in enumerate(images):
         progress(i, len(images), names[i])
         per_image.append(wd14.tags(rgb, threshold, r) if wd14 else [])
-        if fairface:
-            g, a = fairface.predict(rgb, keypoints[i])
+        if judge:
+            g, a = judge.predict(rgb, keypoints[i])
             gender, age = gender + g, age + a
     progress(len(images), len(images), None)
-    if fairface:
-        phrase = subject_phrase(gender, age, r)
-        notes.append(f"subject phrase '{phrase}' from FairFace over {len(images)} photos "
-                     f"(male {gender[0] / len(images):.2f}, female {gender[1] / len(images):.2f}).")
-    else:
-        phrase = clean_phrase(subject)
-        missing = "" if model_store.is_present("fairface") else \
-            f" FairFace would choose it from the photos: `{model_store.fetch_command('fairface')}`."
-        notes.append(f"subject phrase '{phrase}' from the node input.{missing}")
+    phrase, notes = _subject(judge, gender, age, len(images), subject, r)
     if not wd14:
         why = "tagger set to 'none'" if tagger == "none" else "no WD14 tagger installed"
         notes.append(f"no descriptive tags ({why}); captions are trigger + subject only. Descriptive tags come from "
                      f"the WD14 tagger: `{model_store.fetch_command('wd14_tagger')}`.")
     return CaptionSet(trigger, phrase, per_image, names, notes)
+
+
+def _subject(judge, gender: np.ndarray, age: np.ndarray, n: int, subject: str, r: dict) -> tuple[str, list[str]]:
+    """The subject phrase and the report lines that say where it came from."""
+    fairface_hint = "" if model_store.is_present("fairface") else \
+        f" FairFace (learned) would choose it from the photos: `{model_store.fetch_command('fairface')}`."
+    if judge is None:
+        return clean_phrase(subject), [f"subject phrase '{clean_phrase(subject)}' from the node input.{fairface_hint}"]
+    share = gender / n
+    bins = r["subject"]["age_bins"]
+    measured = (f"male {share[0]:.2f}, female {share[1]:.2f}; most likely age {bins[int(np.argmax(age))]}")
+    if isinstance(judge, FairFace):
+        phrase = subject_phrase(gender, age, r)
+        return phrase, [f"subject phrase '{phrase}' from FairFace over {n} photos ({measured})."]
+    from .age_gender import spec
+
+    if share.max() < spec()["min_gender_share"]:
+        phrase = clean_phrase(subject)
+        why = (f"subject phrase '{phrase}' from the node input: {judge.name} could not tell the gender reliably "
+               f"over {n} photos ({measured}).{fairface_hint}")
+        return phrase, [why]
+    phrase = subject_phrase(gender, age, r)
+    return phrase, [f"subject phrase '{phrase}' from {judge.name} over {n} photos ({measured}), offline."
+                    f"{fairface_hint}"]

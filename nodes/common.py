@@ -6,6 +6,7 @@ Nodes stay thin: they translate ComfyUI types to numpy/torch (``sockets``) and c
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import comfy.model_management
@@ -33,6 +34,35 @@ def progress(total: int):
     def update(done: int, n: int, info: str | None = None) -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
         bar.update_absolute(int(done), int(n))
+
+    return update
+
+
+def _text_under_node(node_id):
+    """Show the current loss under the node (ComfyUI's progress bar carries numbers only)."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return lambda text: None
+    last = {"t": 0.0}
+
+    def send(text):
+        now = time.monotonic()
+        if node_id is not None and now - last["t"] > 0.5:
+            last["t"] = now
+            PromptServer.instance.send_progress_text(text, node_id)
+
+    return send
+
+
+def progress_with_text(total: int, node_id: str | None):
+    """``progress`` that also shows the step's text (e.g. the loss) under the node."""
+    bar, show = progress(total), _text_under_node(node_id)
+
+    def update(done: int, n: int, info: str | None = None) -> None:
+        bar(done, n, info)
+        if info:
+            show(info)
 
     return update
 

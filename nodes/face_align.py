@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+from ..facechain_core import licences
 from ..facechain_core.align import AlignSettings, align_photos
 from ..facechain_core.detect import BACKENDS
 from ..facechain_core.errors import FaceChainError
+from ..facechain_core.face_mesh import add_meshes
 from .common import CATEGORY, first, progress
 from .sockets import FACES, images_to_numpy, numpy_to_images
 
 
 class FaceAlign:
     DESCRIPTION = ("Finds the person's face in each photo, levels the eyes and cuts a square crop with the "
-                   "face at FaceChain's size and place (white outside the photo). Photos with no face, or "
-                   "with two faces of similar size, are skipped and named in the report.")
+                   "face at FaceChain's size and place (white outside the photo). A photo lying on its side or "
+                   "upside down is turned upright first. In a photo with several faces the one that matches the "
+                   "person of the single-face photos is kept (FaceChain's rule, the largest face at least 4x the "
+                   "next, when there is no single-face photo). Skipped photos are named in the report with why.")
     CATEGORY = CATEGORY
     INPUT_IS_LIST = True
     RETURN_TYPES = ("IMAGE", FACES, "STRING")
     RETURN_NAMES = ("aligned", "faces", "report")
     OUTPUT_TOOLTIPS = ("The aligned crops, one batch.", "Face box and 5 keypoints of each crop, for "
-                       "HumanParse, FaceFusion and RTSRank.", "Which photos were kept or skipped, and why.")
+                       "HumanParse, FaceFusion and RTSRank.", "Which photos were kept (turned upright, which face "
+                       "was chosen) or skipped, and why.")
     FUNCTION = "align"
 
     @classmethod
@@ -56,10 +61,11 @@ class FaceAlign:
         settings = AlignSettings(size=first(size), face_fraction=first(face_fraction),
                                  centre_from_top=first(face_centre), backend=first(detector))
         result = align_photos(list(zip(names, arrays)), settings, progress(len(arrays)))
-        report = result.report_text()
+        report = result.report_text() + "\n" + licences.line(align=first(detector))
+        crops = [a.image for a in result.aligned]
         return {"ui": {"text": [report]},
-                "result": (numpy_to_images([a.image for a in result.aligned]),
-                           [a.to_dict() for a in result.aligned], report)}
+                "result": (numpy_to_images(crops), add_meshes(crops, [a.to_dict() for a in result.aligned]),
+                           report)}
 
 
 NODE_CLASS_MAPPINGS = {"FaceChainFaceAlign": FaceAlign}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..facechain_core import licences
 from ..facechain_core.errors import FaceChainError
 from ..facechain_core.fusion import BACKENDS, FusionSettings, fuse_images
 from .common import CATEGORY, first, progress
@@ -66,7 +67,7 @@ class FaceFusion:
                 out[j, y0:y1, x0:x1] = torch.where(m, face, out[j, y0:y1, x0:x1])
             out_images.append(out)
             out_masks.append(torch.from_numpy(np.stack(masks)))
-        report = result.report_text()
+        report = result.report_text() + "\n" + licences.line(fusion=settings.backend)
         return {"ui": {"text": [report]}, "result": (out_images, out_masks, report, result.detections())}
 
 

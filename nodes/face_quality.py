@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..facechain_core import licences
 from ..facechain_core.errors import FaceChainError
 from ..facechain_core.face_regions import faces_for_images
 from ..facechain_core.quality import SCORERS, assess_faces
@@ -59,7 +60,7 @@ class TemplateFace:
                 raise FaceChainError(f"TemplateFace got captions for {len(caps.tags)} images but {len(arrays)} "
                                      f"images; connect the captions AutoTag made from these same images.")
         result = assess_faces(arrays, faces, scorer, min_quality, progress(len(arrays)))
-        report = result.report_text(scorer)
+        report = result.report_text(scorer) + "\n" + licences.line(quality=scorer)
         keep = torch.tensor(result.kept, dtype=torch.long)
         kept_caps = caps.subset(result.kept).to_dict() if caps is not None else None
         best = result.template

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from ..facechain_core import licences
 from ..facechain_core.face_regions import faces_for_images
+from ..facechain_core.head_parse import LONG_HAIR
 from ..facechain_core.parse import BACKENDS, parse_crops
 from ._learned import models_state
 from .common import CATEGORY, progress
@@ -27,21 +29,28 @@ class HumanParse:
             "images": ("IMAGE", {"tooltip": "The aligned crops from FaceAlign."}),
             "faces": (FACES, {"tooltip": "The faces output of the same FaceAlign (keypoints of each crop)."}),
             "backend": (list(BACKENDS), {"default": "embedded", "tooltip": (
-                "embedded: keypoints, skin colour and GrabCut, offline. m2fp: FaceChain's M2FP human parsing "
-                "(ModelScope), fetched into models/facechain by install.py --models m2fp.")}),
+                "embedded: MediaPipe's person mask and 468-point face mesh, offline (files fetched by install.py). "
+                "classical: keypoints, skin colour and GrabCut, no model file. m2fp: FaceChain's M2FP human "
+                "parsing (ModelScope), fetched into models/facechain by install.py --models m2fp.")}),
+        }, "optional": {
+            "long_hair": (list(LONG_HAIR), {"default": "keep", "tooltip": (
+                "keep: hair that falls below the chin onto the shoulders stays in the head, as FaceChain keeps "
+                "it. cut: the head ends at the chin. Used by the embedded backend.")}),
         }}
 
     @classmethod
     def IS_CHANGED(cls, **kwargs):
         return models_state("m2fp")
 
-    def parse(self, images, faces, backend):
+    def parse(self, images, faces, backend, long_hair="keep"):
         arrays = images_to_numpy(images)
         faces = faces_for_images(faces, len(arrays), "HumanParse")
         names = [f.get("name") or f"crop {i + 1}" for i, f in enumerate(faces)]
-        parts = parse_crops(arrays, [f["keypoints"] for f in faces], backend, names, progress(len(arrays)))
-        return (numpy_to_images([p.image for p in parts]), numpy_to_masks([p.head for p in parts]),
-                numpy_to_masks([p.face for p in parts]), numpy_to_masks([p.hair for p in parts]))
+        parts = parse_crops(arrays, [f["keypoints"] for f in faces], backend, names, progress(len(arrays)),
+                            [f.get("mesh") for f in faces], long_hair)
+        return {"ui": {"text": [licences.line(parse=backend)]}, "result": (
+            numpy_to_images([p.image for p in parts]), numpy_to_masks([p.head for p in parts]),
+            numpy_to_masks([p.face for p in parts]), numpy_to_masks([p.hair for p in parts]))}
 
 
 NODE_CLASS_MAPPINGS = {"FaceChainHumanParse": HumanParse}

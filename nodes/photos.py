@@ -5,25 +5,28 @@ from __future__ import annotations
 import torch
 
 from ..facechain_core.errors import FaceChainError
-from ..facechain_core.images import list_photos, load_photo
+from ..facechain_core.images import list_photos, read_photo, scan_folder
 from .common import CATEGORY, input_subfolder, progress
 
 
 class LoadFacePhotos:
     DESCRIPTION = ("Loads every photo in a folder under ComfyUI's input directory, as a list, so photos of "
-                   "different sizes can go to FaceAlign together. Transparent parts become white.")
+                   "different sizes can go to FaceAlign together. Transparent parts become white, 16-bit "
+                   "grayscale is scaled to 8 bits, an animated GIF gives its first frame. The report names "
+                   "every file that was skipped and why.")
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("IMAGE", "STRING")
-    RETURN_NAMES = ("photos", "names")
-    OUTPUT_IS_LIST = (True, True)
-    OUTPUT_TOOLTIPS = ("One IMAGE per photo, each at its own size.", "The file name of each photo.")
+    RETURN_TYPES = ("IMAGE", "STRING", "STRING")
+    RETURN_NAMES = ("photos", "names", "report")
+    OUTPUT_IS_LIST = (True, True, False)
+    OUTPUT_TOOLTIPS = ("One IMAGE per photo, each at its own size.", "The file name of each photo.",
+                       "Which files were loaded (and how, when it is worth saying) and which were skipped, and why.")
     FUNCTION = "load"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "folder": ("STRING", {"default": "facechain", "tooltip": "Folder inside ComfyUI's input directory "
-                                  "that holds 3-20 photos of one person (JPEG, PNG, WebP)."}),
+                                  "that holds 3-20 photos of one person (JPEG, PNG, WebP, TIFF, BMP, GIF)."}),
             "max_photos": ("INT", {"default": 20, "min": 1, "max": 200, "tooltip": "Use at most this many "
                                    "photos (in name order)."}),
         }}
@@ -37,14 +40,28 @@ class LoadFacePhotos:
         return "|".join(f"{p.name}:{p.stat().st_mtime_ns}:{p.stat().st_size}" for p in files)
 
     def load(self, folder, max_photos):
-        files = list_photos(input_subfolder(folder))[:max_photos]
+        files, skipped = scan_folder(input_subfolder(folder))
+        skipped += [(p.name, f"beyond max_photos ({max_photos})") for p in files[max_photos:]]
+        files = files[:max_photos]
         step = progress(len(files))
-        photos = []
+        photos, names, lines = [], [], []
         for i, path in enumerate(files):
             step(i, len(files))
-            photos.append(torch.from_numpy(load_photo(path)).float().div_(255.0).unsqueeze(0))
+            try:
+                photo = read_photo(path)
+            except FaceChainError as e:
+                skipped.append((path.name, str(e)))
+                continue
+            photos.append(torch.from_numpy(photo.image).float().div_(255.0).unsqueeze(0))
+            names.append(path.name)
+            lines.append(f"- {path.name}: loaded{f', {photo.note}' if photo.note else ''}")
         step(len(files), len(files))
-        return (photos, [p.name for p in files])
+        lines += [f"- {name}: skipped, {why}" for name, why in sorted(skipped)]
+        report = "\n".join([f"Load Face Photos: {len(photos)} photos from '{folder}', {len(skipped)} files skipped",
+                            *lines])
+        if not photos:
+            raise FaceChainError(f"No photo in '{folder}' could be used:\n" + "\n".join(lines[-20:]))
+        return {"ui": {"text": [report]}, "result": (photos, names, report)}
 
 
 NODE_CLASS_MAPPINGS = {"FaceChainLoadPhotos": LoadFacePhotos}

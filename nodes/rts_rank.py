@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..facechain_core import licences
 from ..facechain_core.errors import FaceChainError
 from ..facechain_core.rank import IF_NONE_KEPT, RankSettings, filter_defaults, order_or_unranked, rank_images
 from ..facechain_core.recognition import BACKENDS
@@ -65,7 +66,8 @@ class RTSRank:
                                 max_face_fraction=float(first(max_face_fraction)))
         result = rank_images(arrays, refs, settings, [str(n) for n in names or []], progress(len(arrays)),
                              first(detections) if detections else None)
-        order, scores, report = order_or_unranked(result, len(arrays), settings.top_n, first(if_none_kept))
+        order, scores, report = order_or_unranked(result, len(arrays), settings.top_n, first(if_none_kept),
+                                                  licences.line(rank=settings.backend))
         out = [singles[i] for i in order]
         return {"ui": {"text": [report]}, "result": (out, scores, report)}
 

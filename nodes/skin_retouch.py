@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..facechain_core import licences
 from ..facechain_core.errors import FaceChainError
 from ..facechain_core.face_regions import faces_for_images
 from ..facechain_core.retouch import BACKENDS, retouch_crops
@@ -68,8 +69,9 @@ class SkinRetouch:
         limits = limit_masks(mask, len(arrays), arrays[0].shape[:2])
         names = [f.get("name") or f"crop {i + 1}" for i, f in enumerate(faces)]
         out = retouch_crops(arrays, [f["keypoints"] for f in faces], strength, backend, limits, names,
-                            progress(len(arrays)))
-        return (numpy_to_images([o[0] for o in out]), numpy_to_masks([o[1] for o in out]))
+                            progress(len(arrays)), [f.get("mesh") for f in faces])
+        return {"ui": {"text": [licences.line(retouch=backend)]},
+                "result": (numpy_to_images([o[0] for o in out]), numpy_to_masks([o[1] for o in out]))}
 
 
 NODE_CLASS_MAPPINGS = {"FaceChainSkinRetouch": SkinRetouch}

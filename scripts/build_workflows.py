@@ -83,7 +83,19 @@ def train_nodes(with_outputs: bool = True):
     if with_outputs:
         nodes.append(node(9, "SaveImage", [2400, y + 300], "Template face (use it for generating later)",
                           images=["7", 3], filename_prefix="facechain/template"))
-    return nodes
+    return nodes + stage_previews(y + 420)
+
+
+def stage_previews(y: int):
+    """What each preprocessing step made, shown under it in the editor; the run report reads them from /history."""
+    return [
+        node(21, "PreviewImage", [340, y], "Aligned crops", images=["3", 0]),
+        node(22, "MaskToImage", [680, y], "Head masks as images", mask=["4", 1]),
+        node(23, "PreviewImage", [680, y + 110], "Head masks", images=["22", 0]),
+        node(24, "PreviewImage", [1020, y], "Retouched crops", images=["5", 0]),
+        node(25, "PreviewAny", [1360, y], "Captions", source=["6", 1]),
+        node(26, "PreviewImage", [1700, y], "Template face", images=["7", 3]),
+    ]
 
 
 def workflows() -> dict[str, list[dict]]:
@@ -100,10 +112,11 @@ def workflows() -> dict[str, list[dict]]:
     # Train and generate in one prompt: the new LoRA reaches ApplyStyleLoRA through its path socket (it is
     # not in the loras list when the prompt is queued), the captions bring trigger, subject and shared tags,
     # and the template face comes from TemplateFace.
-    tg_sampling, tg_decoded = sampling(11, ["1", 0], ["1", 1], ["1", 2], 0, 1000, dict(
+    tg_sampling, tg_decoded = sampling(11, ["1", 0], ["1", 1], ["1", 2], 0, 1150, dict(
         **style, face_lora="none", trigger="", subject="", shared_tags="", captions=["7", 2], face_lora_path=["8", 2]))
     train_generate = [*train_nodes(with_outputs=False), *tg_sampling,
-                      *fuse_rank_save(17, tg_decoded, ["7", 3], 1480, 1000)]
+                      *fuse_rank_save(17, tg_decoded, ["7", 3], 1480, 1150),
+                      node(27, "PreviewImage", [1100, 1450], "Generated (before fusion)", images=tg_decoded)]
     return {"facechain_train": train_nodes(), "facechain_generate": generate,
             "facechain_train_generate": train_generate}
 

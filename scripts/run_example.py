@@ -4,7 +4,8 @@
 
 Defaults: the photos in ../shared/faces/obama, the train-and-generate workflow (or the most complete one
 bundled), and a tiny random-weight SD1.5 checkpoint built on the spot when no checkpoint is given (it
-shows the graph runs; real portraits need a real SD1.5 checkpoint). Output images land in --out.
+shows the graph runs; real portraits need a real SD1.5 checkpoint). Output images land in --out, with a one-page
+report of the run (--out/report.html and the contact sheet --out/report.png; see scripts/run_report.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
+import run_report  # noqa: E402
 from comfy_host import CACHE, ComfyClient, ComfyServer, install_comfyui  # noqa: E402
 
 # With no checkpoint given, the tiny random-weight model runs the graph on a CPU in a minute or two: these
@@ -34,6 +36,12 @@ TINY_MODEL_INPUTS = {
 }
 # Every run of the example trains the same name again.
 EXAMPLE_INPUTS = {"FaceChainTrainFaceLoRA": {"name": "example_face", "overwrite": True}}
+
+TINY_MODEL_NOTE = ("The portraits are noise: no --checkpoint was given, so this run used a tiny random-weight "
+                   "SD1.5-shaped model that only shows the graph runs offline. Run again with --checkpoint "
+                   "FILE.safetensors (a real SD1.5 checkpoint) for real portraits; everything before sampling "
+                   "(crops, masks, retouching, captions, template face) is already real.")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 PREFERRED = ["facechain_train_generate_api.json", "facechain_generate_api.json",
              "facechain_preprocess_api.json", "facechain_align_api.json"]
@@ -110,6 +118,14 @@ def main() -> int:
                 os.replace(tmp, target)
                 saved += 1
         print(f"done in {time.time() - t:.1f} s: {saved} images in {args.out}")
+        photos = sorted(p for p in photos_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        run = run_report.collect(prompt, entry, lambda img: client.view(img["filename"], img.get("subfolder", ""),
+                                                                        img.get("type", "output")), photos,
+                                 title=f"FaceChain run: {workflow.stem} on {len(photos)} photos from {args.photos}")
+        if args.checkpoint is None:
+            run.notes.append(TINY_MODEL_NOTE)
+        page, sheet = run_report.write(run, args.out)
+        print(f"report: {page} (contact sheet {sheet})")
     return 0
 
 

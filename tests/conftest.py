@@ -87,7 +87,7 @@ def comfy_base(tmp_path_factory) -> Path:
     for sub in ("models/checkpoints", "input", "output"):
         (base / sub).mkdir(parents=True, exist_ok=True)
     link_or_copy(tiny_checkpoint(), base / "models" / "checkpoints" / TINY_CKPT.name)
-    for person in ("obama", "biden", "rose_leslie", "hard"):
+    for person in ("obama", "biden", "rose_leslie", "hard", "jennifer_aniston", "katy_perry"):
         shutil.copytree(FACES / person, base / "input" / person)
     return base
 

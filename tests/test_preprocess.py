@@ -205,13 +205,14 @@ def test_bad_input_gives_clear_errors_and_server_keeps_serving(client, comfy_bas
     p["s"] = {"class_type": "PreviewAny", "inputs": {"source": ["t", 1]}}
     expect_node_error(client, p, "trigger token is empty")
 
-    # a grayscale photo: the embedded parser and retouch find skin by colour
+    # a grayscale photo: the classical parser and the retouch find skin by colour (the embedded parser's
+    # person mask and face mesh work on it)
     gray = comfy_base / "input" / "gray_obama"
     gray.mkdir(exist_ok=True)
     Image.open(FACES / "obama" / "obama1.jpg").convert("L").save(gray / "obama1_bw.jpg", quality=95)
     p = stage("gray_obama", "g")
     p["h"] = {"class_type": "FaceChainHumanParse", "inputs": {"images": ["g2", 0], "faces": ["g2", 1],
-                                                              "backend": "embedded"}}
+                                                              "backend": "classical"}}
     p["s"] = {"class_type": "PreviewImage", "inputs": {"images": ["h", 0]}}
     expect_node_error(client, p, "obama1_bw.jpg", "grayscale", "colour photo")
 

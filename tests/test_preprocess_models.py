@@ -204,9 +204,9 @@ def test_learned_backends_missing_offline_say_what_to_fetch(client):
     cases.append((p, ("'fqa'", "install.py --models fqa")))
     for prompt, words in cases:
         expect_node_error(client, prompt, *words)
-    # offline, 'auto' falls back on the inputs and says which models would add tags
+    # offline, 'auto' takes the embedded gender/age model for the subject and says which models would add tags
     entry = client.run(autotag(subject_from="auto", tagger="auto"))
-    assert text(entry, "5").splitlines()[0] == f"{TRIGGER}, a person"
+    assert text(entry, "5").splitlines()[0] == f"{TRIGGER}, a mature man"
     assert "install.py --models wd14_tagger" in text(entry, "4")
 
 

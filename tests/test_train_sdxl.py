@@ -11,8 +11,8 @@ import torch
 from conftest import load_pack
 
 
-def load_train_node():
-    return importlib.import_module(load_pack().__name__ + ".nodes.train_lora")
+def load_backbone_module():
+    return importlib.import_module(load_pack().__name__ + ".nodes.comfy_backbone")
 
 
 class StandInCLIP:
@@ -55,7 +55,7 @@ def tiny_sdxl():
 
 
 def test_sdxl_trains_and_comfyui_maps_every_key():
-    node = load_train_node()
+    node = load_backbone_module()
     from facechain_core.train import TrainSettings, train_lora
 
     import comfy.sd

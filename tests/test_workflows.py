@@ -120,7 +120,7 @@ def test_train_and_generate_workflow_runs_in_one_prompt(client, comfy_base):
     report = check_generate_part(client, entry, prompt)
     # the LoRA trained in this prompt, reached through the path socket; trigger and subject from AutoTag
     assert "Face LoRA: wf_train_generate.safetensors at 0.95" in report
-    assert re.search(r"^Positive: fcsks, a person, ", report, re.M)
+    assert re.search(r"^Positive: fcsks, a (handsome|mature) man, ", report, re.M)  # AutoTag, offline
 
 
 @pytest.mark.parametrize("name", MINE)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from contextlib import nullcontext
 from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
@@ -49,6 +49,9 @@ class Backbone:
     training_context: Optional[Callable[[bool], ContextManager]] = None
 
 
+LOSS_CURVE = "loss curve (mean per run of steps):"  # the report line a plot reads back
+
+
 @dataclass
 class TrainResult:
     lora: dict  # kohya state dict, ready to save
@@ -58,6 +61,12 @@ class TrainResult:
     timings: dict = field(default_factory=dict)
     precision: str = "fp32"
     notes: list = field(default_factory=list)
+
+    def loss_curve(self, points: int = 50) -> list[float]:
+        """The per-step losses averaged over at most ``points`` equal runs of steps (for a plot)."""
+        n = len(self.losses)
+        edges = [round(i * n / min(points, n)) for i in range(min(points, n) + 1)]
+        return [sum(self.losses[a:b]) / (b - a) for a, b in zip(edges, edges[1:]) if b > a]
 
     def summary(self) -> str:
         t = self.timings
@@ -71,6 +80,8 @@ class TrainResult:
             f"caching {t.get('cache_s', 0):.1f} s, training {t.get('train_s', 0):.1f} s "
             f"({1000 * t.get('train_s', 0) / max(self.samples, 1):.1f} ms/sample)",
         ]
+        if self.losses:
+            lines.append(f"{LOSS_CURVE} " + " ".join(f"{v:.4f}" for v in self.loss_curve()))
         if "compile_s" in t:
             lines.append(f"compile (first step) {t['compile_s']:.1f} s")
         if "peak_gib" in t:
@@ -163,6 +174,242 @@ def _index_cond(cond: Cond, idx: torch.Tensor) -> Cond:
     return {k: v[idx] for k, v in cond.items()}
 
 
+class LoRATrainer:
+    """One training run in named steps: cache latents, cache text, build the optimizer, one step (eager or
+    CUDA graph), the loop, save. ``train_lora`` runs them in that order."""
+
+    def __init__(self, backbone: Backbone, settings: TrainSettings, progress: ProgressFn | None = None):
+        self.backbone, self.settings, self.progress = backbone, settings, progress or no_progress
+        self.device = backbone.device
+        self.on_cuda = self.device.type == "cuda"
+        self.weight_dtype = next(backbone.unet.parameters()).dtype
+        self.precision = choose_precision(settings.precision, self.device, backbone.supports_bf16, self.weight_dtype)
+        self.compute_dtype, self.use_autocast = compute_plan(self.precision, self.weight_dtype, settings.amp_mode)
+        self.steps, self.batch = settings.steps, int(settings.batch_size)
+        self.views = 2 if settings.flip else 1
+        self.timings: dict = {}
+        self.notes: list = []
+        self.losses: list[float] = []
+        self.gen = torch.Generator(device=self.device).manual_seed(int(settings.seed))
+        self.scaler = None
+        self.graph = None
+
+    # 1. latents of every image (and its mirror), once
+    def cache_latents(self, images: torch.Tensor) -> None:
+        n = images.shape[0]
+        self.n, self.total = n, self.steps + n * self.views  # progress: each view of each image, then each step
+        latents = []
+        with torch.no_grad():
+            for view in range(self.views):
+                for i in range(n):
+                    img = images[i:i + 1]
+                    img = img.flip(2) if view else img
+                    latents.append(self.backbone.encode_images(img).to(device=self.device, dtype=torch.float32)
+                                   .clone())
+                    self.progress(len(latents), self.total, "encoding images")
+        self.latents = torch.cat(latents)  # [views * n, 4, h, w]
+
+    # 2. captions: cached embeddings when the text encoder is frozen
+    def cache_text(self, captions: list[str]) -> None:
+        unique = sorted(set(captions))
+        self.captions = captions
+        self.caption_index = torch.tensor([unique.index(c) for c in captions], device=self.device)
+        self.cached_cond = None
+        if not self.settings.train_text_encoder:
+            with torch.no_grad():
+                self.cached_cond = {k: v.to(self.device).clone()
+                                    for k, v in self.backbone.encode_text(unique).items()}
+
+    def text_encoders(self) -> list[torch.nn.Module]:
+        text_encoders = list(self.backbone.text_encoders) if self.settings.train_text_encoder else []
+        if self.settings.train_text_encoder and not text_encoders:
+            raise FaceChainError("This model's text encoder cannot be trained here: turn 'train text encoder' off.")
+        return text_encoders
+
+    def enter_adapters(self, stack: ExitStack, text_encoders: list) -> tuple[list, list]:
+        """The host's patches, borrowed weights, LoRA adapters and checkpointing, undone when ``stack`` closes
+        (in reverse order, on success, error or Cancel alike). Returns (UNet params, text encoder params)."""
+        s, b = self.settings, self.backbone
+        cast_inputs = not self.use_autocast  # peft casts activations to the LoRA's float32 unless autocast does
+        if b.training_context:
+            stack.enter_context(b.training_context(s.train_text_encoder))
+        stack.enter_context(borrowed_weights(b.unet, *b.text_encoders, *b.extra_frozen))
+        unet_params = stack.enter_context(lora_adapters(b.unet, s.unet_targets, s.rank, s.lora_alpha, s.seed,
+                                                        cast_inputs))
+        stack.enter_context(gradient_checkpointing(
+            b.unet, s.gradient_checkpointing or s.high_res_checkpoint_tokens > 0, s.checkpoint_blocks,
+            0 if s.gradient_checkpointing else s.high_res_checkpoint_tokens))
+        te_params = []
+        for k, te in enumerate(text_encoders):
+            te_params += stack.enter_context(lora_adapters(te, s.text_encoder_targets, s.rank, s.lora_alpha,
+                                                           s.seed + 1 + k, cast_inputs))
+        return unet_params, te_params
+
+    # 3. the optimizer, its schedule and loss scaling; the compiled forward
+    def build_optimizer(self, unet_params: list, te_params: list) -> None:
+        s = self.settings
+        groups = [{"params": unet_params, "lr": s.effective_lr}]
+        if te_params:
+            groups.append({"params": te_params, "lr": s.effective_lr * s.text_encoder_lr_ratio})
+        opt_kwargs = dict(betas=tuple(s.adam_betas), eps=s.adam_eps, weight_decay=s.weight_decay)
+        if self.on_cuda:
+            opt_kwargs["fused"] = True
+        self.optimizer = torch.optim.AdamW(groups, **opt_kwargs)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(s, self.steps))
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        self.params = unet_params + te_params
+        self.forward = self.backbone.predict_noise
+        if s.compile:
+            if self.on_cuda:
+                self.forward = torch.compile(self.forward, mode=s.compile_mode)
+            else:
+                self.notes.append("compile: skipped on the CPU")
+
+    def sample_order(self, order_gen: torch.Generator) -> None:
+        """The whole sample order (epochs of permutations) goes to the device once: a per-step copy from host
+        memory would make the CPU wait for the GPU at every step."""
+        steps, batch, n = self.steps, self.batch, self.n
+        order = torch.cat([torch.randperm(n, generator=order_gen)
+                           for _ in range(math.ceil(steps * batch / n))])[: steps * batch]
+        self.order = order.view(steps, batch).to(self.device)
+
+    def step_inputs(self, step: int) -> dict:
+        idx, batch, gen, device = self.order[step], self.batch, self.gen, self.device
+        if self.views == 2:
+            flip = torch.randint(0, 2, (batch,), generator=gen, device=device)
+            x0 = self.latents[idx + self.n * flip]
+        else:
+            x0 = self.latents[idx]
+        noise = torch.randn(x0.shape, generator=gen, device=device, dtype=x0.dtype)
+        t = torch.randint(0, self.alphas.shape[0], (batch,), generator=gen, device=device)
+        a = self.alphas[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        if self.cached_cond is not None:
+            cond = _index_cond(self.cached_cond, self.caption_index[idx])
+        else:
+            cond = {"captions": [self.captions[i] for i in idx.tolist()]}
+        return {"x_t": x_t, "t": t, "noise": noise, "cond": cond}
+
+    def forward_backward(self, inp: dict, autocast_cache: bool = True) -> torch.Tensor:
+        compute_dtype = self.compute_dtype
+        with torch.autocast(self.device.type, dtype=compute_dtype, enabled=self.use_autocast,
+                            cache_enabled=autocast_cache):
+            cond = inp["cond"]
+            if self.cached_cond is None:
+                cond = {k: v.to(self.device) for k, v in self.backbone.encode_text(cond["captions"]).items()}
+            x_t = inp["x_t"]
+            if compute_dtype is not None and not self.use_autocast:
+                x_t = x_t.to(compute_dtype)
+                cond = {k: v.to(compute_dtype) for k, v in cond.items()}
+            eps = self.forward(x_t, inp["t"], cond)
+        loss = torch.nn.functional.mse_loss(eps.float(), inp["noise"])
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        return loss.detach()
+
+    def capture_graph(self) -> None:
+        """On CUDA with cached text: record the step as a CUDA graph (falls back to eager steps)."""
+        s = self.settings
+        if not (s.cuda_graphs and self.on_cuda and self.cached_cond is not None and not s.compile):
+            return
+        try:
+            self.graph, self.static_in, self.static_loss, capture_s = _capture(
+                self.forward_backward, self.step_inputs(0), self.optimizer, self.device)
+            self.timings["capture_s"] = capture_s
+        except Exception as e:  # e.g. a host patch that syncs: train eagerly instead
+            self.graph = None
+            self.optimizer.zero_grad(set_to_none=True)
+            self.notes.append(f"CUDA graphs unavailable ({type(e).__name__}: {str(e)[:120]}); eager steps")
+
+    # 4. one step, eager or a graph replay; returns the loss (not read yet)
+    def one_step(self, step: int) -> torch.Tensor:
+        inp = self.step_inputs(step)
+        if self.graph is not None:
+            for k in ("x_t", "t", "noise"):
+                self.static_in[k].copy_(inp[k])
+            for k, v in inp["cond"].items():
+                self.static_in["cond"][k].copy_(v)
+            self.graph.replay()
+            loss = self.static_loss.clone()
+        else:
+            loss = self.forward_backward(inp)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.settings.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm, foreach=self.on_cuda or None)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if self.graph is None:
+            self.optimizer.zero_grad(set_to_none=True)
+        # (a graph's backward overwrites the same gradient tensors at every replay)
+        self.scheduler.step()
+        return loss
+
+    # 5. the loop: the loss is read one step late, so the GPU never waits for the Python side
+    def loop(self) -> None:
+        steps, losses = self.steps, self.losses
+        pending = None
+        t_train = time.perf_counter()
+        t_first = None
+        for step in range(steps):
+            loss = self.one_step(step)
+            if pending is not None:
+                losses.append(pending.item())
+                if t_first is None:
+                    t_first = time.perf_counter()
+            pending = loss
+            info = f"step {step + 1}/{steps} loss {losses[-1]:.4f}" if losses else f"step {step + 1}/{steps}"
+            self.progress(self.n * self.views + step + 1, self.total, info)
+        losses.append(pending.item())
+        if self.on_cuda:
+            torch.cuda.synchronize(self.device)
+        t_end = time.perf_counter()
+        self.timings["train_s"] = t_end - t_train
+        if t_first is not None and steps > 2:
+            self.timings["steady_step_s"] = (t_end - t_first) / (steps - 1)
+        if self.settings.compile and self.on_cuda and t_first is not None and steps > 2:
+            # the first step (compilation) minus what a steady step costs
+            steady = (t_end - t_first) / (steps - 1)
+            self.timings["compile_s"] = max(0.0, (t_first - t_train) - 2 * steady)
+
+    # 6. save: the trained layers as a kohya state dict, with the run's numbers
+    def result(self, unet_layers, te_layers) -> TrainResult:
+        if self.on_cuda:
+            self.timings["peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+        lora = kohya_state_dict(unet_layers, te_layers, self.backbone.arch, self.backbone.unet_naming,
+                                self.backbone.num_res_blocks, dtype=getattr(torch, self.settings.save_dtype))
+        how = "autocast over " + str(self.weight_dtype).replace("torch.", "") + " weights" if self.use_autocast \
+            else "weights and activations"
+        mode = f"{self.precision} ({how})" if self.compute_dtype is not None else "fp32"
+        return TrainResult(lora=lora, steps=self.steps, samples=self.steps * self.batch, losses=self.losses,
+                           timings=self.timings, precision=mode, notes=self.notes)
+
+    def run(self, images: torch.Tensor, captions: list[str]) -> TrainResult:
+        backbone, settings = self.backbone, self.settings
+        if self.on_cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        with torch.inference_mode(False):
+            t0 = time.perf_counter()
+            self.cache_latents(images)
+            self.cache_text(captions)
+            if backbone.prepare:  # e.g. load the UNet in full, after the VAE and text encoder are done
+                backbone.prepare(settings.train_text_encoder)
+            self.timings["cache_s"] = time.perf_counter() - t0
+            text_encoders = self.text_encoders()
+            self.alphas = backbone.alphas_cumprod.to(device=self.device, dtype=torch.float32)
+            order_gen = torch.Generator().manual_seed(int(settings.seed))
+            with ExitStack() as stack:
+                self.build_optimizer(*self.enter_adapters(stack, text_encoders))
+                self.sample_order(order_gen)
+                self.capture_graph()
+                self.loop()
+                layers = (lora_weights(backbone.unet), [lora_weights(te) for te in text_encoders])
+                self.graph = self.static_in = self.static_loss = None
+        return self.result(*layers)
+
+
 def train_lora(backbone: Backbone, images: torch.Tensor, captions: Sequence[str], settings: TrainSettings,
                progress: ProgressFn | None = None) -> TrainResult:
     """Train a face LoRA; returns the kohya state dict (nothing is written here).
@@ -172,206 +419,6 @@ def train_lora(backbone: Backbone, images: torch.Tensor, captions: Sequence[str]
     exception the host's modules are restored and no result exists.
     """
     settings.validate()
-    progress = progress or no_progress
     captions = list(captions)
     _check_images(images, captions, backbone)
-    device = backbone.device
-    weight_dtype = next(backbone.unet.parameters()).dtype
-    precision = choose_precision(settings.precision, device, backbone.supports_bf16, weight_dtype)
-    compute_dtype, use_autocast = compute_plan(precision, weight_dtype, settings.amp_mode)
-    on_cuda = device.type == "cuda"
-    n = images.shape[0]
-    steps = settings.steps
-    batch = int(settings.batch_size)
-    views = 2 if settings.flip else 1
-    total = steps + n * views  # progress units: encode each view of each image, then each step
-    timings: dict = {}
-    notes: list = []
-    if on_cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-
-    with torch.inference_mode(False):
-        t0 = time.perf_counter()
-        # 1. latents of every image (and its mirror), once
-        latents = []
-        with torch.no_grad():
-            for view in range(views):
-                for i in range(n):
-                    img = images[i:i + 1]
-                    img = img.flip(2) if view else img
-                    latents.append(backbone.encode_images(img).to(device=device, dtype=torch.float32).clone())
-                    progress(len(latents), total, "encoding images")
-        latents = torch.cat(latents)  # [views * n, 4, h, w]
-
-        # 2. captions: cached embeddings when the text encoder is frozen
-        unique = sorted(set(captions))
-        caption_index = torch.tensor([unique.index(c) for c in captions], device=device)
-        cached_cond = None
-        if not settings.train_text_encoder:
-            with torch.no_grad():
-                cached_cond = {k: v.to(device).clone() for k, v in backbone.encode_text(unique).items()}
-        if backbone.prepare:  # e.g. load the UNet in full, after the VAE and text encoder are done
-            backbone.prepare(settings.train_text_encoder)
-        timings["cache_s"] = time.perf_counter() - t0
-
-        text_encoders = list(backbone.text_encoders) if settings.train_text_encoder else []
-        if settings.train_text_encoder and not text_encoders:
-            raise FaceChainError("This model's text encoder cannot be trained here: turn 'train text encoder' off.")
-        alphas = backbone.alphas_cumprod.to(device=device, dtype=torch.float32)
-        gen = torch.Generator(device=device).manual_seed(int(settings.seed))
-        order_gen = torch.Generator().manual_seed(int(settings.seed))
-
-        result_layers = None
-        losses: list[float] = []
-        cast_inputs = not use_autocast  # peft casts activations to the LoRA's float32 unless autocast does
-        frozen = [backbone.unet, *backbone.text_encoders, *backbone.extra_frozen]
-        host_context = backbone.training_context(settings.train_text_encoder) if backbone.training_context \
-            else nullcontext()
-        with host_context, borrowed_weights(*frozen), \
-                lora_adapters(backbone.unet, settings.unet_targets, settings.rank, settings.lora_alpha,
-                              settings.seed, cast_inputs) as unet_params, \
-                gradient_checkpointing(backbone.unet,
-                                       settings.gradient_checkpointing or settings.high_res_checkpoint_tokens > 0,
-                                       settings.checkpoint_blocks,
-                                       0 if settings.gradient_checkpointing else settings.high_res_checkpoint_tokens):
-            te_params = []
-            te_contexts = []
-            try:
-                for k, te in enumerate(text_encoders):
-                    ctx = lora_adapters(te, settings.text_encoder_targets, settings.rank, settings.lora_alpha,
-                                        settings.seed + 1 + k, cast_inputs)
-                    te_params += ctx.__enter__()
-                    te_contexts.append(ctx)
-                groups = [{"params": unet_params, "lr": settings.effective_lr}]
-                if te_params:
-                    groups.append({"params": te_params, "lr": settings.effective_lr * settings.text_encoder_lr_ratio})
-                opt_kwargs = dict(betas=tuple(settings.adam_betas), eps=settings.adam_eps,
-                                  weight_decay=settings.weight_decay)
-                if on_cuda:
-                    opt_kwargs["fused"] = True
-                optimizer = torch.optim.AdamW(groups, **opt_kwargs)
-                scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(settings, steps))
-                scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-                all_params = unet_params + te_params
-
-                forward = backbone.predict_noise
-                if settings.compile:
-                    if on_cuda:
-                        forward = torch.compile(forward, mode=settings.compile_mode)
-                    else:
-                        notes.append("compile: skipped on the CPU")
-
-                # The whole sample order (epochs of permutations) goes to the device once: a per-step copy
-                # from host memory would make the CPU wait for the GPU at every step.
-                order = torch.cat([torch.randperm(n, generator=order_gen)
-                                   for _ in range(math.ceil(steps * batch / n))])[: steps * batch]
-                order = order.view(steps, batch).to(device)
-                cond_fixed = cached_cond is not None
-
-                def step_inputs(step):
-                    idx = order[step]
-                    if views == 2:
-                        flip = torch.randint(0, 2, (batch,), generator=gen, device=device)
-                        x0 = latents[idx + n * flip]
-                    else:
-                        x0 = latents[idx]
-                    noise = torch.randn(x0.shape, generator=gen, device=device, dtype=x0.dtype)
-                    t = torch.randint(0, alphas.shape[0], (batch,), generator=gen, device=device)
-                    a = alphas[t].view(-1, 1, 1, 1)
-                    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-                    if cond_fixed:
-                        cond = _index_cond(cached_cond, caption_index[idx])
-                    else:
-                        cond = {"captions": [captions[i] for i in idx.tolist()]}
-                    return {"x_t": x_t, "t": t, "noise": noise, "cond": cond}
-
-                def forward_backward(inp, autocast_cache=True):
-                    with torch.autocast(device.type, dtype=compute_dtype, enabled=use_autocast,
-                                        cache_enabled=autocast_cache):
-                        cond = inp["cond"]
-                        if not cond_fixed:
-                            cond = {k: v.to(device) for k, v in backbone.encode_text(cond["captions"]).items()}
-                        x_t = inp["x_t"]
-                        if compute_dtype is not None and not use_autocast:
-                            x_t = x_t.to(compute_dtype)
-                            cond = {k: v.to(compute_dtype) for k, v in cond.items()}
-                        eps = forward(x_t, inp["t"], cond)
-                    loss = torch.nn.functional.mse_loss(eps.float(), inp["noise"])
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
-                    return loss.detach()
-
-                graph = None
-                use_graphs = settings.cuda_graphs and on_cuda and cond_fixed and not settings.compile
-                if use_graphs:
-                    try:
-                        graph, static_in, static_loss, capture_s = _capture(forward_backward, step_inputs(0),
-                                                                           optimizer, device)
-                        timings["capture_s"] = capture_s
-                    except Exception as e:  # e.g. a host patch that syncs: train eagerly instead
-                        graph = None
-                        optimizer.zero_grad(set_to_none=True)
-                        notes.append(f"CUDA graphs unavailable ({type(e).__name__}: {str(e)[:120]}); eager steps")
-
-                pending = None
-                t_train = time.perf_counter()
-                t_first = None
-                for step in range(steps):
-                    inp = step_inputs(step)
-                    if graph is not None:
-                        for k in ("x_t", "t", "noise"):
-                            static_in[k].copy_(inp[k])
-                        for k, v in inp["cond"].items():
-                            static_in["cond"][k].copy_(v)
-                        graph.replay()
-                        loss = static_loss.clone()
-                    else:
-                        loss = forward_backward(inp)
-                    if scaler is not None:
-                        scaler.unscale_(optimizer)
-                    if settings.max_grad_norm:
-                        torch.nn.utils.clip_grad_norm_(all_params, settings.max_grad_norm, foreach=on_cuda or None)
-                    if scaler is not None:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                    if graph is None:
-                        optimizer.zero_grad(set_to_none=True)
-                    # (a graph's backward overwrites the same gradient tensors at every replay)
-                    scheduler.step()
-                    # read the previous step's loss: the GPU already has this step queued
-                    if pending is not None:
-                        losses.append(pending.item())
-                        if t_first is None:
-                            t_first = time.perf_counter()
-                    pending = loss
-                    info = f"step {step + 1}/{steps} loss {losses[-1]:.4f}" if losses else f"step {step + 1}/{steps}"
-                    progress(n * views + step + 1, total, info)
-                losses.append(pending.item())
-                if on_cuda:
-                    torch.cuda.synchronize(device)
-                t_end = time.perf_counter()
-                timings["train_s"] = t_end - t_train
-                if t_first is not None and steps > 2:
-                    timings["steady_step_s"] = (t_end - t_first) / (steps - 1)
-                if settings.compile and on_cuda and t_first is not None and steps > 2:
-                    # the first step (compilation) minus what a steady step costs
-                    steady = (t_end - t_first) / (steps - 1)
-                    timings["compile_s"] = max(0.0, (t_first - t_train) - 2 * steady)
-                result_layers = (lora_weights(backbone.unet), [lora_weights(te) for te in text_encoders])
-                del graph
-            finally:
-                for ctx in reversed(te_contexts):
-                    ctx.__exit__(None, None, None)
-
-    if on_cuda:
-        timings["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-    unet_layers, te_layers = result_layers
-    lora = kohya_state_dict(unet_layers, te_layers, backbone.arch, backbone.unet_naming, backbone.num_res_blocks,
-                            dtype=getattr(torch, settings.save_dtype))
-    how = "autocast over " + str(weight_dtype).replace("torch.", "") + " weights" if use_autocast \
-        else "weights and activations"
-    mode = f"{precision} ({how})" if compute_dtype is not None else "fp32"
-    return TrainResult(lora=lora, steps=steps, samples=steps * batch, losses=losses, timings=timings,
-                       precision=mode, notes=notes)
-
+    return LoRATrainer(backbone, settings, progress).run(images, captions)
