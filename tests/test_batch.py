@@ -25,7 +25,7 @@ SMALL = ["--size", "64", "--samples", "8", "--batch-size", "4", "--images", "2",
 TOKENIZER = str(COMFY_DIR / "comfy" / "sd1_tokenizer")  # CLIP's tokenizer files, from the test ComfyUI
 
 
-def run_cli(*args, timeout=400):
+def run_cli(*args, timeout=900):
     env = dict(os.environ, PYTHONUNBUFFERED="1", FACECHAIN_CLIP_TOKENIZER=TOKENIZER)
     return subprocess.run([sys.executable, "-m", "facechain_core", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
@@ -57,7 +57,7 @@ def check_done(folder, top: int = 2, loras=("face LoRA: 32 of 32 layers at 0.95"
         assert read(folder / p["file"]).shape == (64, 64, 3)
     # every layer of the trained face LoRA found its place in the diffusers UNet
     assert m["generate"]["loras"] == list(loras)
-    assert m["generate"]["positive"].startswith("fcsks, a person, ")
+    assert m["generate"]["positive"].startswith("fcsks, ")  # then the subject phrase (AutoTag's source)
     assert m["generate"]["sampler"] == "dpmpp_2m/karras" and m["generate"]["steps"] == 3
     # noise from the tiny model shows no face: the fallback returns the images unranked, and says so
     assert m["likeness"] == {"best": None, "mean": None, "ranked": False}
@@ -226,11 +226,12 @@ def test_batch_comfy_pool_runs_the_bundled_workflow(comfy_server, tmp_path):
     (people / "not_photos" / "IMG_0001.jpg").write_text("this is a text file, not a JPEG")
     out = tmp_path / "out"
     r = run_cli("batch", "--people", str(people), "--scheduler", "local", "--comfy", comfy_server.url,
-                "--checkpoint", str(tiny_checkpoint()), "--out", str(out), *SMALL)
+                "--checkpoint", str(tiny_checkpoint()), "--out", str(out), *SMALL,
+                "--size", "128")  # the host's FaceFusion finds no face in a 64 px template crop
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
     assert "1 workers (local); 2 people to run" in r.stdout
     m = json.loads((out / "obama" / "manifest.json").read_text())
-    assert m["status"] == "done" and m["mode"] == "comfy" and m["server"] == comfy_server.url, m
+    assert m["status"] == "done" and m["mode"] == "comfy" and m["server"] == comfy_server.url, m.get("error")
     assert [p["file"] for p in m["portraits"]] == ["rank_01.png", "rank_02.png"]
     assert all(read(out / "obama" / p["file"]).shape == (64, 64, 3) for p in m["portraits"])
     assert "RTSRank" in m["reports"]["rank"]
