@@ -68,15 +68,36 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.models or args.styles):
             fetch_embedded(args.quiet)
         names = model_store.learned_names() if "all" in args.models else args.models
-        for name in names:
-            print(f"fetching {name} into {model_store.models_root()} ...", flush=True)
-            print(f"  {model_store.fetch(name)}")
+        failed = fetch_each(names, model_store.fetch, f"into {model_store.models_root()}")
         if args.styles:
-            fetch_styles(args.styles, args.loras_dir or (root.parent / "loras" if root is not None else None))
+            failed += fetch_styles(args.styles, args.loras_dir or (root.parent / "loras" if root is not None else None))
     except FaceChainError as e:
         print(f"install.py: {e}", file=sys.stderr)
         return 2
+    if failed:
+        print(f"install.py: {len(failed)} could not be fetched: {', '.join(failed)} (nothing partial was left; "
+              f"run the same command again once the model hub is reachable)", file=sys.stderr)
+        return 1
     return 0
+
+
+def fetch_each(items: list, fetch_one, where: str, label=str) -> list[str]:
+    """Fetch every item, one line each; a failure is reported in one line and the rest go on."""
+    from facechain_core.errors import FaceChainError
+
+    failed = []
+    for item in items:
+        print(f"fetching {label(item)} {where} ...", flush=True)
+        try:
+            print(f"  {fetch_one(item)}", flush=True)
+        except FaceChainError as e:
+            failed.append(label(item))
+            print(f"  failed: {e}", file=sys.stderr, flush=True)
+        except Exception as e:  # noqa: BLE001 - network and hub errors of many libraries: one line each
+            failed.append(label(item))
+            print(f"  failed: could not download {label(item)} ({type(e).__name__}); check the internet "
+                  f"connection and that the model hub is reachable", file=sys.stderr, flush=True)
+    return failed
 
 
 def fetch_embedded(quiet: bool) -> None:
@@ -140,7 +161,7 @@ def _print_model(name: str, state: str, where: str, task: str, rec: dict) -> Non
           + (f" [{rec['source']}]" if rec["source"] else ""))
 
 
-def fetch_styles(wanted: list[str], loras_dir: Path | None) -> None:
+def fetch_styles(wanted: list[str], loras_dir: Path | None) -> list[str]:
     """Style LoRAs (facechain_core/data/styles) into <loras>/facechain_styles/, each atomically."""
     from facechain_core import styles
 
@@ -151,10 +172,8 @@ def fetch_styles(wanted: list[str], loras_dir: Path | None) -> None:
     for style in chosen:
         if style.prompt_only:
             print(f"{style.key}: prompt-only, nothing to fetch")
-            continue
-        print(f"fetching the LoRA of style {style.key} into {loras_dir} ...", flush=True)
-        print(f"  {styles.fetch_style_lora(style, loras_dir)}")
-
+    return fetch_each([s for s in chosen if not s.prompt_only], lambda s: styles.fetch_style_lora(s, loras_dir),
+                      f"into {loras_dir}", label=lambda s: f"the LoRA of style {s.key}")
 
 if __name__ == "__main__":
     sys.exit(main())

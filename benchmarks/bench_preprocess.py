@@ -26,7 +26,7 @@ from facechain_core.images import load_photo  # noqa: E402
 from facechain_core.parse import parse_crops  # noqa: E402
 from facechain_core.quality import assess_faces  # noqa: E402
 from facechain_core.retouch import retouch_crops  # noqa: E402
-from facechain_core.tags import caption_photos  # noqa: E402
+from facechain_core.tags import caption_photos, get_fairface  # noqa: E402
 
 
 def run_once(photos) -> dict:
@@ -45,7 +45,7 @@ def run_once(photos) -> dict:
     retouched = [r[0] for r in retouch_crops(heads, kps, 0.6, meshes=meshes)]
     times["SkinRetouch"] = time.perf_counter() - t
     t = time.perf_counter()
-    captions = caption_photos(retouched, kps, "fcsks", "a person", "input", "none")
+    captions = caption_photos(retouched, kps, "fcsks", "a person", "auto", "none")
     times["AutoTag"] = time.perf_counter() - t
     t = time.perf_counter()
     quality = assess_faces(retouched, faces)
@@ -63,7 +63,8 @@ def main() -> None:
     args = ap.parse_args()
     files = [p for person in ("obama", "biden", "rose_leslie") for p in sorted((args.faces / person).glob("*.jpg"))]
     photos = [(f"{i:02d}_{files[i % len(files)].name}", load_photo(files[i % len(files)])) for i in range(args.photos)]
-    get_detector("embedded")  # the detector loads once per process, not per set
+    get_detector("embedded")  # the detector and the subject model load once per process, not per set
+    get_fairface("auto")
     runs = [run_once(photos) for _ in range(args.repeat)]
     sizes = sorted({f"{img.shape[1]}x{img.shape[0]}" for _, img in photos})
     print(f"cv2 threads: {cv2.getNumThreads()}, photos: {len(photos)} ({', '.join(sizes)}), runs: {args.repeat}")

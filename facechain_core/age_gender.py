@@ -62,24 +62,34 @@ class EmbeddedAgeGender:
         self._order = [male, 1 - male]  # FairFace's [male, female]
         self._lock = threading.Lock()
 
-    def _input(self, chip: np.ndarray) -> np.ndarray:
-        x = (chip.astype(np.float32) - self._means) * np.float32(spec()["scale"])
-        return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+    def _input(self, chips: list[np.ndarray]) -> np.ndarray:
+        x = (np.stack(chips).astype(np.float32) - self._means) * np.float32(spec()["scale"])
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
-    def _run(self, session, chip: np.ndarray) -> np.ndarray:
+    def _run(self, session, chips: list[np.ndarray]) -> np.ndarray:
         name = session.get_inputs()[0].name
         with self._lock:
-            return np.asarray(session.run(None, {name: self._input(chip)})[0], np.float64).reshape(-1)
+            return np.asarray(session.run(None, {name: self._input(chips)})[0], np.float64).reshape(len(chips), -1)
+
+    def _age_probs(self, images: list[np.ndarray], keypoints: list) -> np.ndarray:
+        side = spec()["age"]["side"]
+        return self._run(self._age, [face_chip(img, k, side) for img, k in zip(images, keypoints)])
 
     def expected_age(self, rgb: np.ndarray, keypoints) -> float:
-        p = self._run(self._age, face_chip(rgb, keypoints, spec()["age"]["side"]))
-        weights = np.arange(len(p), dtype=np.float64)
-        weights[0] = 0.25
-        return float(p @ weights)
+        p = self._age_probs([rgb], [keypoints])[0]
+        years = np.arange(len(p), dtype=np.float64)
+        years[0] = 0.25
+        return float(p @ years)
+
+    def predict_many(self, images: list[np.ndarray], keypoints: list) -> tuple[np.ndarray, np.ndarray]:
+        """Per image: gender probabilities [male, female] and age probabilities over the nine FairFace bins."""
+        s = spec()
+        side = s["gender"]["side"]
+        g = self._run(self._gender, [face_chip(img, k, side) for img, k in zip(images, keypoints)])[:, self._order]
+        a = np.stack([fairface_bins(p, s["fairface_bin_upper_ages"]) for p in self._age_probs(images, keypoints)])
+        return g, a
 
     def predict(self, rgb: np.ndarray, keypoints) -> tuple[np.ndarray, np.ndarray]:
         """(gender probabilities [male, female], age probabilities over the nine FairFace bins)."""
-        s = spec()
-        g = self._run(self._gender, face_chip(rgb, keypoints, s["gender"]["side"]))[self._order]
-        a = self._run(self._age, face_chip(rgb, keypoints, s["age"]["side"]))
-        return g, fairface_bins(a, s["fairface_bin_upper_ages"])
+        g, a = self.predict_many([rgb], [keypoints])
+        return g[0], a[0]

@@ -290,10 +290,11 @@ def align_photos(photos: list[tuple[str, np.ndarray]], settings: AlignSettings |
     for i, (name, image) in enumerate(photos):
         progress(i, 2 * n, name)
         found.append(find_faces(image, name, s))
-    identity = set_identity([(f.name, f.work, f.faces[0]) for f in found if not f.why and len(f.faces) == 1])
-    result = AlignResult()
-    if identity is not None and any(len(f.faces) > 1 for f in found):
-        result.report.append(f"identity of the set: {identity.describe()}")
+    result, identity = AlignResult(), None
+    if any(len(f.faces) > 1 for f in found):  # the identity is needed (and embedded) only for group photos
+        identity = set_identity([(f.name, f.work, f.faces[0]) for f in found if not f.why and len(f.faces) == 1])
+        if identity is not None:
+            result.report.append(f"identity of the set: {identity.describe()}")
     for i, f in enumerate(found):
         progress(n + i, 2 * n, f.name)
         subject, why = (None, f.why) if f.why else choose_by_identity(f.work, f.faces, identity, s.dominance)

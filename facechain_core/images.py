@@ -81,7 +81,7 @@ def read_photo(path: str | os.PathLike) -> Photo:
                 notes.append(f"{img.mode} grayscale scaled to 8 bits")
                 gray = wide_gray_to_uint8(img)
                 return Photo(np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2)), "; ".join(notes))
-            return Photo(np.asarray(flatten_alpha(img), dtype=np.uint8), "; ".join(notes))
+            return Photo(np.array(flatten_alpha(img), dtype=np.uint8), "; ".join(notes))  # writable, for torch
     except FaceChainError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
@@ -100,14 +100,19 @@ def list_photos(folder: str | os.PathLike) -> list[Path]:
     return scan_folder(folder)[0]
 
 
-def scan_folder(folder: str | os.PathLike) -> tuple[list[Path], list[tuple[str, str]]]:
-    """The photo files of a folder in name order, and (name, why) for every other file in it."""
+def scan_folder(folder: str | os.PathLike, within: str | os.PathLike | None = None,
+                place: str = "the photo folder") -> tuple[list[Path], list[tuple[str, str]]]:
+    """The photo files of a folder in name order, and (name, why) for every other file in it. With
+    ``within``, a file that resolves outside it (a link to elsewhere) is refused, never read."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FaceChainError(f"Folder '{folder}' does not exist.")
+        raise FaceChainError(f"Folder '{folder.name}' does not exist.")
+    base = Path(within).resolve() if within is not None else None
     files, others = [], []
     for p in sorted(folder.iterdir()):
-        if p.is_file() and p.suffix.lower() in PHOTO_EXTENSIONS:
+        if base is not None and base not in p.resolve().parents:
+            others.append((p.name, f"a link to a file outside {place}; copy the photo in instead"))
+        elif p.is_file() and p.suffix.lower() in PHOTO_EXTENSIONS:
             files.append(p)
         elif p.is_file():
             others.append((p.name, f"not a photo type ({', '.join(sorted(PHOTO_EXTENSIONS))})"))

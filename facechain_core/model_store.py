@@ -155,8 +155,10 @@ def fetch(name: str, force: bool = False) -> Path:
     if is_present(name) and not force:
         return models_root() / entry["path"]
     target = models_root() / entry["path"]
+    made = [p for p in (*reversed(target.parent.parents), target.parent) if not p.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    done = False
     try:
         if entry["kind"] == "modelscope_snapshot":
             from modelscope.hub.snapshot_download import snapshot_download
@@ -178,8 +180,12 @@ def fetch(name: str, force: bool = False) -> Path:
         if target.exists():
             shutil.rmtree(target) if target.is_dir() else target.unlink()
         os.replace(staged, target)
+        done = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in reversed(made if not done else []):  # a failed fetch leaves no empty folders either
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
     return target
 
 

@@ -297,9 +297,12 @@ def caption_photos(images: list[np.ndarray], keypoints: list, trigger: str, subj
     for i, rgb in enumerate(images):
         progress(i, len(images), names[i])
         per_image.append(wd14.tags(rgb, threshold, r) if wd14 else [])
-        if judge:
+        if isinstance(judge, FairFace):
             g, a = judge.predict(rgb, keypoints[i])
             gender, age = gender + g, age + a
+    if judge is not None and not isinstance(judge, FairFace):  # the small embedded nets run as one batch
+        g, a = judge.predict_many(images, keypoints)
+        gender, age = g.sum(axis=0), a.sum(axis=0)
     progress(len(images), len(images), None)
     phrase, notes = _subject(judge, gender, age, len(images), subject, r)
     if not wd14:

@@ -8,11 +8,12 @@ import logging
 from importlib import import_module
 from pathlib import Path
 
+from .boundary import guard
 from .common import register_model_folder
 
-# Shared helpers, not nodes: sockets (types and conversions), common (host helpers), comfy_backbone and
-# the _private modules.
-HELPERS = {"common", "sockets", "comfy_backbone"}
+# Shared helpers, not nodes: sockets (types and conversions), common (host helpers), comfy_backbone,
+# boundary (errors leaving the pack) and the _private modules.
+HELPERS = {"common", "sockets", "comfy_backbone", "boundary"}
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
 FAILED: dict[str, str] = {}  # node module -> why it did not load
@@ -34,3 +35,5 @@ register_model_folder()
 for _path in sorted(Path(__file__).parent.glob("*.py")):
     if not _path.stem.startswith("_") and _path.stem not in HELPERS:
         _register(_path.stem)
+for _key, _cls in NODE_CLASS_MAPPINGS.items():
+    guard(_cls, NODE_DISPLAY_NAME_MAPPINGS.get(_key, _key))

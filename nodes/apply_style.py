@@ -9,7 +9,7 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 
-from ..facechain_core import styles
+from ..facechain_core import styles, user_paths
 from ..facechain_core.errors import FaceChainError
 from .common import CATEGORY
 from .sockets import CAPTIONS, numpy_to_images
@@ -33,7 +33,7 @@ def _style_names() -> tuple[list[str], str]:
 
 def resolve_lora(name: str, what: str) -> Path:
     """A LoRA path given relative to ComfyUI's loras folders (or absolute inside one of them)."""
-    name = (name or "").strip()
+    name = user_paths.check_name(name or "", what)
     roots = [Path(p).resolve() for p in folder_paths.get_folder_paths("loras")]
     candidate = Path(name)
     options = [candidate] if candidate.is_absolute() else [r / candidate for r in roots]
@@ -41,12 +41,11 @@ def resolve_lora(name: str, what: str) -> Path:
         p = p.resolve()
         if not any(p == r or r in p.parents for r in roots):
             raise FaceChainError(f"The {what} '{name}' is outside ComfyUI's loras folders; use a path inside "
-                                 f"{roots[0] if roots else 'models/loras'}.")
+                                 f"models/loras, such as facechain/face.safetensors.")
         if p.is_file():
             return p
-    raise FaceChainError(f"The {what} '{name}' was not found in ComfyUI's loras folders "
-                         f"({', '.join(str(r) for r in roots)}). Train it first (TrainFaceLoRA) or pick one from "
-                         f"the list.")
+    raise FaceChainError(f"The {what} '{name}' was not found in ComfyUI's loras folders (models/loras). "
+                         f"Train it first (TrainFaceLoRA) or pick one from the list.")
 
 
 class ApplyStyleLoRA:

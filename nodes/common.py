@@ -13,11 +13,12 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
-from ..facechain_core import model_store
+from ..facechain_core import model_store, user_paths
 from ..facechain_core.errors import FaceChainError
 
 CATEGORY = "FaceChain"
 MODELS_FOLDER = "facechain"
+PACK_DIR = Path(__file__).resolve().parent.parent
 
 
 def register_model_folder() -> None:
@@ -25,6 +26,9 @@ def register_model_folder() -> None:
     path = os.path.join(folder_paths.models_dir, MODELS_FOLDER)
     folder_paths.add_model_folder_path(MODELS_FOLDER, path, is_default=True)
     model_store.set_models_root(folder_paths.get_folder_paths(MODELS_FOLDER)[0])
+    user_paths.set_roots({"input": folder_paths.get_input_directory(), "output": folder_paths.get_output_directory(),
+                          "models": folder_paths.models_dir, "temp": folder_paths.get_temp_directory(),
+                          "custom_nodes/" + PACK_DIR.name: PACK_DIR})
 
 
 def progress(total: int):
@@ -69,17 +73,13 @@ def progress_with_text(total: int, node_id: str | None):
 
 def input_subfolder(name: str) -> Path:
     """A folder under ComfyUI's input directory; the name can never point outside it."""
-    base = Path(folder_paths.get_input_directory()).resolve()
-    name = (name or "").strip()
-    if not name:
+    if not (name or "").strip():
         raise FaceChainError("No folder given: type the name of a folder inside ComfyUI's input directory.")
-    target = (base / name).resolve()
-    if target != base and base not in target.parents:
-        raise FaceChainError(f"Folder '{name}' is outside ComfyUI's input directory; use a folder inside it.")
+    target = user_paths.within(folder_paths.get_input_directory(), name, "folder", "ComfyUI's input directory")
     if not target.is_dir():
         raise FaceChainError(
-            f"Folder '{name}' was not found in ComfyUI's input directory ({base}). Create it and put the "
-            f"photos there, or type the right name.")
+            f"Folder '{name.strip()}' was not found in ComfyUI's input directory. Create input/{name.strip()} "
+            f"and put the photos there, or type the right name.")
     return target
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import folder_paths
 import torch
 
+from ..facechain_core import user_paths
 from ..facechain_core.errors import FaceChainError
 from ..facechain_core.images import list_photos, read_photo, scan_folder
 from .common import CATEGORY, input_subfolder, progress
@@ -15,11 +17,13 @@ class LoadFacePhotos:
                    "grayscale is scaled to 8 bits, an animated GIF gives its first frame. The report names "
                    "every file that was skipped and why.")
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("IMAGE", "STRING", "STRING")
-    RETURN_NAMES = ("photos", "names", "report")
-    OUTPUT_IS_LIST = (True, True, False)
+    RETURN_TYPES = ("IMAGE", "STRING", "STRING", "STRING")
+    RETURN_NAMES = ("photos", "names", "report", "person")
+    OUTPUT_IS_LIST = (True, True, False, False)
     OUTPUT_TOOLTIPS = ("One IMAGE per photo, each at its own size.", "The file name of each photo.",
-                       "Which files were loaded (and how, when it is worth saying) and which were skipped, and why.")
+                       "Which files were loaded (and how, when it is worth saying) and which were skipped, and why.",
+                       "The folder's own name as a file name (e.g. 'obama' for people/obama): connect it to "
+                       "TrainFaceLoRA's name so every person gets a LoRA of their own.")
     FUNCTION = "load"
 
     @classmethod
@@ -40,7 +44,8 @@ class LoadFacePhotos:
         return "|".join(f"{p.name}:{p.stat().st_mtime_ns}:{p.stat().st_size}" for p in files)
 
     def load(self, folder, max_photos):
-        files, skipped = scan_folder(input_subfolder(folder))
+        files, skipped = scan_folder(input_subfolder(folder), folder_paths.get_input_directory(),
+                                     "ComfyUI's input directory")
         skipped += [(p.name, f"beyond max_photos ({max_photos})") for p in files[max_photos:]]
         files = files[:max_photos]
         step = progress(len(files))
@@ -61,7 +66,7 @@ class LoadFacePhotos:
                             *lines])
         if not photos:
             raise FaceChainError(f"No photo in '{folder}' could be used:\n" + "\n".join(lines[-20:]))
-        return {"ui": {"text": [report]}, "result": (photos, names, report)}
+        return {"ui": {"text": [report]}, "result": (photos, names, report, user_paths.file_name_from(folder))}
 
 
 NODE_CLASS_MAPPINGS = {"FaceChainLoadPhotos": LoadFacePhotos}

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from pathlib import Path
 
 import torch
 
 import folder_paths
 
 from ..facechain_core import licences
+from ..facechain_core.errors import FaceChainError
 from ..facechain_core.lora_format import kohya_metadata
 from ..facechain_core.train import (TrainSettings, check_free, defaults, lora_file, require_images,
                                      resolve_captions, save_lora, train_lora, weights_fingerprint)
+from ..facechain_core.train.save import INPUTS_KEY, inputs_fingerprint, trained_from
 from ..facechain_core.train.settings import PRECISIONS
 from .comfy_backbone import apply_lora_file, comfy_backbone
 from .common import CATEGORY, progress_with_text
@@ -85,12 +89,22 @@ class TrainFaceLoRA:
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
+    @classmethod
+    def IS_CHANGED(cls, name=None, **_):
+        """The saved file's state: a LoRA deleted (or replaced) since the last run makes the node run again.
+        With the name connected (not known yet), the state of the whole facechain LoRA folder."""
+        folder = lora_folder()
+        try:
+            files = [lora_file(folder, name)] if isinstance(name, str) else sorted(folder.glob("*.safetensors"))
+        except FaceChainError:
+            return float("nan")
+        return "|".join(f"{p.name}:{p.stat().st_mtime_ns}" if p.is_file() else f"{p.name}:missing" for p in files)
+
     def train(self, model, clip, vae, images, name, trigger, rank, learning_rate, samples, batch_size, flip, seed,
               train_text_encoder, overwrite, precision, gradient_checkpointing, compile, captions=None,
               caption_text="", unique_id=None):
-        loras = folder_paths.get_folder_paths("loras")[0]
-        path = lora_file(os.path.join(loras, defaults()["lora_folder"]), name)
-        check_free(path, overwrite)  # before training: no wasted minutes
+        path = lora_file(lora_folder(), name)
+        check_free(path, overwrite, reusable=True)  # before any work: no wasted minutes
         caption_list, token = resolve_captions(require_images(images), captions, caption_text, trigger)
         settings = TrainSettings().with_(rank=rank, learning_rate=learning_rate, samples=samples,
                                          batch_size=batch_size, flip=flip, seed=seed,
@@ -98,6 +112,12 @@ class TrainFaceLoRA:
                                          gradient_checkpointing=gradient_checkpointing, compile=compile).validate()
         backbone = comfy_backbone(model, clip, vae, (images.shape[1], images.shape[2]))
         base_hash = weights_fingerprint(backbone.unet.state_dict().items())
+        fingerprint = inputs_fingerprint(images, caption_list, dataclasses.asdict(settings), base_hash)
+        if path.is_file() and trained_from(path) == fingerprint:
+            summary = ("reused the saved file: it was trained from these photos, captions and settings on this "
+                       "base model (delete it, or change an input, to train again)")
+            return self._output(model, clip, path, token, summary)
+        check_free(path, overwrite)
         with torch.inference_mode(False):
             result = train_lora(backbone, images, caption_list, settings,
                                 progress_with_text(settings.steps, unique_id))
@@ -106,13 +126,20 @@ class TrainFaceLoRA:
                               extra={"ss_output_name": path.stem, "facechain_batch_size": settings.batch_size,
                                      "facechain_learning_rate": settings.learning_rate,
                                      "facechain_seed": settings.seed, "facechain_precision": result.precision,
-                                     **licences.metadata(licences.models_for(train="lora"))})
+                                     INPUTS_KEY: fingerprint, **licences.metadata(licences.models_for(train="lora"))})
         save_lora(path, result.lora, meta, overwrite)
+        return self._output(model, clip, path, token, result.summary())
+
+    @staticmethod
+    def _output(model, clip, path, token, summary):
         model_lora, clip_lora = apply_lora_file(model, clip, path)
-        rel = os.path.relpath(path, loras).replace(os.sep, "/")
-        report = f"LoRA saved: {rel}\ntrigger: {token}\n{result.summary()}\n{licences.line(train='lora')}"
+        rel = os.path.relpath(path, folder_paths.get_folder_paths("loras")[0]).replace(os.sep, "/")
+        report = f"LoRA saved: {rel}\ntrigger: {token}\n{summary}\n{licences.line(train='lora')}"
         return {"ui": {"text": [report]}, "result": (model_lora, clip_lora, rel, report)}
 
+
+def lora_folder() -> Path:
+    return Path(folder_paths.get_folder_paths("loras")[0]) / defaults()["lora_folder"]
 
 NODE_CLASS_MAPPINGS = {"FaceChainTrainFaceLoRA": TrainFaceLoRA}
 NODE_DISPLAY_NAME_MAPPINGS = {"FaceChainTrainFaceLoRA": "Train Face LoRA (FaceChain)"}

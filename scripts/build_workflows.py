@@ -70,14 +70,15 @@ def train_nodes(with_outputs: bool = True):
         node(2, "FaceChainLoadPhotos", [0, y], folder="facechain", max_photos=20),
         node(3, "FaceChainFaceAlign", [340, y], photos=["2", 0], names=["2", 1], size=512, face_fraction=0.4,
              face_centre=0.42, detector="embedded"),
-        node(4, "FaceChainHumanParse", [680, y], images=["3", 0], faces=["3", 1], backend="embedded"),
+        node(4, "FaceChainHumanParse", [680, y], images=["3", 0], faces=["3", 1], backend="embedded",
+             long_hair="keep"),
         node(5, "FaceChainSkinRetouch", [1020, y], images=["4", 0], faces=["3", 1], strength=0.6, backend="embedded"),
         node(6, "FaceChainAutoTag", [1360, y], images=["5", 0], faces=["3", 1], trigger="fcsks", subject="a person",
              subject_from="auto", tagger="auto", threshold=0.35),
         node(7, "FaceChainTemplateFace", [1700, y], images=["5", 0], faces=["3", 1], scorer="embedded",
              min_quality=0.3, captions=["6", 0]),
         node(8, "FaceChainTrainFaceLoRA", [2040, y], model=["1", 0], clip=["1", 1], vae=["1", 2], images=["7", 0],
-             name="face", trigger="fcsks", captions=["7", 2], seed=42, overwrite=True),
+             name=["2", 3], trigger="fcsks", captions=["7", 2], seed=42, overwrite=False),
         node(10, "PreviewAny", [2400, y], "Training report", source=["8", 3]),
     ]
     if with_outputs:
@@ -105,7 +106,7 @@ def workflows() -> dict[str, list[dict]]:
         **style, face_lora=FACE_LORA, trigger="fcsks", subject="a person", shared_tags=""))
     generate = [
         node(1, "CheckpointLoaderSimple", [-380, 300], ckpt_name=CHECKPOINT),
-        node(2, "LoadImage", [-380, 500], "Template face photo", image=TEMPLATE_IMAGE),
+        node(2, "FaceChainLoadTemplatePhoto", [-380, 500], "Template face photo", image=TEMPLATE_IMAGE),
         *gen_sampling,
         *fuse_rank_save(9, decoded, ["2", 0], 1480, 300),
     ]

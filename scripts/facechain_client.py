@@ -104,8 +104,30 @@ def ranked_output_node(prompt: dict) -> str:
     raise SystemExit("the workflow has no SaveImage fed by RTSRank")
 
 
+def photo_files(folder: Path | None) -> list[Path]:
+    """The photos of --photos; a clear message (no traceback) when it is not a readable folder."""
+    if folder is None:
+        return []
+    if not folder.exists():
+        raise SystemExit(f"--photos {folder}: no such folder")
+    if not folder.is_dir():
+        raise SystemExit(f"--photos {folder}: not a folder; give the folder that holds the photos")
+    try:
+        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in PHOTO_EXTENSIONS)
+    except OSError as e:
+        raise SystemExit(f"--photos {folder}: cannot be read ({e.strerror or e})") from None
+
+
+def upload_name(index: int, path: Path) -> str:
+    """A plain file name for the upload: the photo's own when it is safe, else photo_<n> (never a path)."""
+    name = path.name
+    safe = name and name not in (".", "..") and not name.startswith(".") and len(name.encode()) <= 120 and \
+        all(ch.isalnum() or ch in "-_. " for ch in name)
+    return name if safe else f"photo_{index:02d}{path.suffix.lower()}"
+
+
 def build_prompt(args, server: Server) -> dict:
-    photos = sorted(p for p in args.photos.iterdir() if p.suffix.lower() in PHOTO_EXTENSIONS) if args.photos else []
+    photos = photo_files(args.photos)
     training = args.face_lora is None
     if training and not photos:
         raise SystemExit(f"no photos (.jpg, .png, .webp) in {args.photos}")
@@ -114,16 +136,20 @@ def build_prompt(args, server: Server) -> dict:
     prompt = json.loads(path.read_text())
     run = f"facechain_{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}"
     if ids_of(prompt, "FaceChainLoadPhotos"):
-        for p in photos:
-            server.upload(p, run)
+        for i, p in enumerate(photos, start=1):
+            server.upload(p, run, upload_name(i, p))
         set_all(prompt, "FaceChainLoadPhotos", folder=run, max_photos=max(len(photos), 1))
         print(f"uploaded {len(photos)} photos into input/{run}", flush=True)
-    if ids_of(prompt, "LoadImage"):
+    loaders = [c for c in ("FaceChainLoadTemplatePhoto", "LoadImage") if ids_of(prompt, c)]
+    if loaders:
         template = args.template or (photos[0] if photos else None)
         if template is None:
             raise SystemExit("give --template PHOTO (or --photos) for the template face")
+        if not template.is_file():
+            raise SystemExit(f"--template {template}: no such photo")
         stored = server.upload(template, "", f"{run}_template{template.suffix.lower()}")
-        set_all(prompt, "LoadImage", image=stored)
+        for loader in loaders:
+            set_all(prompt, loader, image=stored)
         print(f"uploaded the template face {template.name} as input/{stored}", flush=True)
     set_all(prompt, "CheckpointLoaderSimple", ckpt_name=args.checkpoint)
     set_all(prompt, "FaceChainApplyStyleLoRA", style=args.style)

@@ -139,7 +139,7 @@ def test_install_list_shows_every_licence(tmp_path):
 
 def test_install_refuses_a_non_commercial_model_under_commercial_only(tmp_path):
     res = run_install("--models", "arcface", FACECHAIN_MODELS=str(tmp_path), FACECHAIN_COMMERCIAL_ONLY="1")
-    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.returncode == 1 and "Traceback" not in res.stderr  # a failed item: one line, the rest go on
     assert "'arcface' is refused" in res.stderr and "SFace" in res.stderr
     assert list(tmp_path.iterdir()) == []
 

@@ -56,7 +56,7 @@ def as_image(path) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def aligned(nodes, input_dir):
-    photos, names = result(nodes["LoadPhotos"].load("obama", 3))
+    photos, names, *_ = result(nodes["LoadPhotos"].load("obama", 3))
     crops, faces, report = result(nodes["FaceAlign"].align(photos, [256], [0.4], [0.42], ["embedded"], names))
     return photos, names, crops, faces, report
 
@@ -88,12 +88,12 @@ def test_align_without_photos_is_a_clear_error(nodes, pack):
 
 def test_parse_retouch_tag_and_template_on_aligned_crops(nodes, aligned, pack):
     _, _, crops, faces, _ = aligned
-    head_white, head, face, hair = nodes["HumanParse"].parse(crops, faces, "embedded")
+    head_white, head, face, hair = result(nodes["HumanParse"].parse(crops, faces, "embedded"))
     assert head_white.shape == crops.shape and head.shape == crops.shape[:3]
     outside = head < 0.01
     assert outside.any() and torch.all(head_white[outside] > 0.98), "outside the head is white"
     assert torch.all(face <= head + 1e-6) and face.sum() > 0.05 * face.numel()
-    retouched, skin = nodes["SkinRetouch"].retouch(head_white, faces, 1.0, "embedded", face)
+    retouched, skin = result(nodes["SkinRetouch"].retouch(head_white, faces, 1.0, "embedded", face))
     untouched = skin < 0.5
     assert torch.equal(retouched[untouched], head_white[untouched]), "pixels outside the skin mask unchanged"
     assert (retouched - head_white).abs().amax() > 0, "the skin was smoothed"
@@ -116,7 +116,7 @@ def test_retouch_mask_limits(nodes, aligned, pack):
         nodes["SkinRetouch"].retouch(crops, faces, 0.6, "embedded", torch.ones(2, 256, 256))
     with pytest.raises(err, match="mask is 128x128 but the images are 256x256"):
         nodes["SkinRetouch"].retouch(crops, faces, 0.6, "embedded", torch.ones(1, 128, 128))
-    nothing, skin = nodes["SkinRetouch"].retouch(crops, faces, 1.0, "embedded", torch.zeros(256, 256))
+    nothing, skin = result(nodes["SkinRetouch"].retouch(crops, faces, 1.0, "embedded", torch.zeros(256, 256)))
     assert torch.equal(nothing, crops) and skin.max() == 0, "an empty mask (one for all) changes nothing"
 
 

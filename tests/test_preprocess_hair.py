@@ -33,7 +33,9 @@ def prompt_for(folder: str) -> dict:
                 f"{prefix}_save": {"class_type": "SaveImage", "inputs": {"images": [f"{prefix}_img", 0],
                                                                          "filename_prefix": f"hair_{prefix}"}}}
     p = {
-        "load": {"class_type": "FaceChainLoadPhotos", "inputs": {"folder": folder, "max_photos": 20}},
+        # max_photos 19: a signature no other test file uses, so that the host's cache never hands this prompt's
+        # FaceAlign result to another test's prompt (a cached node sends no UI output, which those tests read)
+        "load": {"class_type": "FaceChainLoadPhotos", "inputs": {"folder": folder, "max_photos": 19}},
         "align": {"class_type": "FaceChainFaceAlign", "inputs": {
             "photos": ["load", 0], "size": 512, "face_fraction": 0.4, "face_centre": 0.42, "detector": "embedded",
             "names": ["load", 1]}},

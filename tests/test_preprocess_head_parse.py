@@ -9,7 +9,7 @@ import pytest
 from conftest import ARTIFACTS, FACES
 from facechain_core.align import AlignSettings, align_photo
 from facechain_core.errors import FaceChainError
-from facechain_core.face_mesh import contour, face_mesh, mesh_from_list, point
+from facechain_core.face_mesh import add_meshes, contour, face_mesh, mesh_from_list, point
 from facechain_core.images import load_photo
 from facechain_core.parse import parse_crop, parse_crops
 
@@ -108,3 +108,14 @@ def test_grayscale_and_bad_mesh_data(crops):
     assert np.linalg.norm(eyes.mean(axis=0) - k[0]) < 0.2 * np.linalg.norm(k[1] - k[0])
     with pytest.raises(FaceChainError, match="long_hair"):
         parse_crops([img], [k], long_hair="short")
+
+
+def test_missing_model_files_name_the_command(crops, tmp_path, monkeypatch):
+    img, k = crops["obama/obama1.jpg"]
+    monkeypatch.setenv("FACECHAIN_EMBEDDED_DIR", str(tmp_path))
+    with pytest.raises(FaceChainError, match="python install.py"):
+        parse_crop(img, k)
+    faces = [{"name": "obama1.jpg", "keypoints": k.tolist()}]
+    assert add_meshes([img], faces) == faces  # FaceAlign goes on without the mesh
+    # the classical parser needs no model file
+    assert parse_crop(img, k, backend="classical").head.any()

@@ -174,7 +174,8 @@ def test_fqa_scores_choose_the_template(client, model_dir):
     report = text(entry, "3")
     assert report.startswith("Face quality (fqa)")
     scores = {}
-    for line in report.splitlines()[1:]:
+    assert report.splitlines()[-1] == "Models: fqa (?, licence unknown: check before commercial use)"
+    for line in report.splitlines()[1:-1]:
         name = line[2:].split(":")[0]
         scores[name] = float(line.split(": ")[1].split(" ")[0])  # the score, which is the fqa value
         assert f"fqa {scores[name]:.2f}" in line

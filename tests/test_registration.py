@@ -10,7 +10,7 @@ from conftest import REPO, load_pack
 
 EXPECTED = {"FaceChainLoadPhotos", "FaceChainFaceAlign", "FaceChainHumanParse", "FaceChainSkinRetouch",
             "FaceChainAutoTag", "FaceChainTemplateFace", "FaceChainTrainFaceLoRA", "FaceChainApplyStyleLoRA",
-            "FaceChainFaceFusion", "FaceChainRTSRank"}
+            "FaceChainFaceFusion", "FaceChainRTSRank", "FaceChainLoadTemplatePhoto"}
 
 
 def copy_pack(dest):

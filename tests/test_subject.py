@@ -146,6 +146,7 @@ def test_two_people_photo_follows_the_set(client, comfy_base, person, kept, face
         return
     assert "two_people.jpg: kept" in report and f"face {face} of 2" in report, report
     crop = crops[names.index("two_people.jpg")]
+    contact_sheet(f"subject_two_people_{person}.png", list(zip(names, crops)))
     own = [photo_embedding(f"{person}/{p.name}") for p in sorted((FACES / person).glob("*.jpg"))
            if p.name != "obama4_240p.jpg"]
     assert min(float(crop_embedding(crop) @ e) for e in own) > 0.45
@@ -186,3 +187,31 @@ def test_offline_captions_say_man_or_woman(client, person, phrase):
         subject = line.split(": ", 1)[1].split(", ")[1]
         assert subject.endswith(phrase.strip()) and phrase in f" {subject}", line
     assert "from the embedded gender and age model" in report and "offline" in report, report
+
+
+def test_mixed_set_gives_no_guessed_gender():
+    """Two men and two women: the embedded model cannot name one gender for the set, so the phrase comes
+    from the node's input and the note says why."""
+    from facechain_core.tags import caption_photos
+
+    rels = ["obama/obama1.jpg", "obama/obama2.jpg", "rose_leslie/rose1.jpg", "rose_leslie/rose2.jpg"]
+    aligned = align_photos([(r, load_photo(FACES / r)) for r in rels]).aligned
+    caps = caption_photos([a.image for a in aligned], [a.face.keypoints for a in aligned], "fcsks", "a person",
+                          "embedded", "none")
+    assert caps.subject == "a person"
+    assert "could not tell the gender reliably" in caps.notes[0] and "male 0.50" in caps.notes[0], caps.notes
+    one = caption_photos([aligned[0].image], [aligned[0].face.keypoints], "fcsks", "a person", "embedded", "none")
+    assert one.subject.endswith(" man")
+
+
+def test_age_probabilities_fall_into_fairface_bins():
+    from facechain_core.age_gender import fairface_bins, spec
+    from facechain_core.tags import rules
+
+    upper = spec()["fairface_bin_upper_ages"]
+    assert len(upper) == len(rules()["subject"]["age_bins"])
+    for age, bin_ in ((0, 0), (2, 0), (3, 1), (9, 1), (10, 2), (29, 3), (30, 4), (49, 5), (50, 6), (69, 7), (80, 8)):
+        p = np.zeros(81)
+        p[age] = 1.0
+        assert int(np.argmax(fairface_bins(p, upper))) == bin_, age
+    assert fairface_bins(np.full(81, 1 / 81), upper).sum() == pytest.approx(1.0)

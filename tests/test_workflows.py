@@ -142,8 +142,9 @@ def test_ui_file_holds_the_api_graph(name, object_info):
             assert (str(link[1]), link[2], str(link[3])) == (src, slot, nid)
             assert object_info[api[src]["class_type"]]["output"][slot] == link[5]
         values = [v for v in spec["inputs"].values() if not isinstance(v, list)]
+        extras = ("KSampler", "FaceChainTrainFaceLoRA", "FaceChainLoadTemplatePhoto")  # seed control, upload button
         widgets = [w for w in node["widgets_values"] if w not in ("fixed", "randomize", "image")] \
-            if spec["class_type"] in ("KSampler", "FaceChainTrainFaceLoRA", "LoadImage") else node["widgets_values"]
+            if spec["class_type"] in extras else node["widgets_values"]
         unlinked_widget_values = [w for w in widgets]
         for v in values:
             assert v in unlinked_widget_values, (nid, v)

@@ -12,6 +12,7 @@ from typing import Iterable, Mapping
 import torch
 
 from ..errors import FaceChainError
+from ..user_paths import shown
 
 _NAME_OK = re.compile(r"^[\w\-. ]+$", re.UNICODE)
 
@@ -33,10 +34,49 @@ def lora_file(folder: str | os.PathLike, name: str) -> Path:
     return target
 
 
-def check_free(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise FaceChainError(f"A LoRA named '{path.name}' already exists in {path.parent}. Choose another name, "
+def check_free(path: Path, overwrite: bool, reusable: bool = False) -> None:
+    """Refuse to replace an existing LoRA unless asked; ``reusable``: unless it is one of ours, which the
+    caller may find was trained from the same inputs (then it is reused, not replaced)."""
+    if path.exists() and not overwrite and not (reusable and trained_from(path)):
+        raise FaceChainError(f"A LoRA named '{path.name}' already exists in {shown(path.parent)}. Choose another name, "
                              f"or turn 'overwrite' on to replace it.")
+
+
+TEMP_TAG = "facechain-partial"  # in every temporary file name, with the writer's process id
+
+
+def _temp_name(path: Path) -> str:
+    return f".{path.stem}.{TEMP_TAG}-{os.getpid()}-"
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete temporary files that a killed save left behind (their writer process no longer runs)."""
+    removed = []
+    for tmp in Path(folder).glob(f".*.{TEMP_TAG}-*.tmp"):
+        match = re.search(rf"\.{TEMP_TAG}-(\d+)-", tmp.name)
+        if match and not _process_alive(int(match.group(1))):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _host_file_mode(path: str) -> None:
+    """mkstemp makes 0600 files; give the LoRA the mode any file the host writes gets (0666 less umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def save_lora(path: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str], overwrite: bool) -> Path:
@@ -45,11 +85,13 @@ def save_lora(path: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[s
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(path.parent)
     check_free(path, overwrite)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_name(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         save_file(dict(state), tmp, metadata={k: str(v) for k, v in metadata.items()})
+        _host_file_mode(tmp)
         if overwrite:
             os.replace(tmp, path)
         else:
@@ -66,6 +108,33 @@ def save_lora(path: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[s
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+INPUTS_KEY = "facechain_inputs_sha256"  # metadata: what the LoRA was trained from (photos, captions, settings, base)
+
+
+def inputs_fingerprint(images: torch.Tensor, captions: Iterable[str], settings: Mapping, base_hash: str) -> str:
+    """A sha256 of everything a training run depends on: the photos as 8-bit pixels, the captions, the
+    settings and the base model's fingerprint. Equal fingerprints train the same LoRA."""
+    import json
+
+    h = hashlib.sha256()
+    pixels = (images.detach().float().cpu().clamp(0, 1) * 255 + 0.5).to(torch.uint8).contiguous()
+    h.update(str(tuple(pixels.shape)).encode())
+    h.update(pixels.numpy().tobytes())
+    h.update(json.dumps([list(captions), dict(settings), base_hash], sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def trained_from(path: str | os.PathLike) -> str | None:
+    """The inputs fingerprint stored in a saved LoRA, or None (no file, another tool's file, unreadable)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get(INPUTS_KEY)
+    except Exception:  # noqa: BLE001 - a foreign or broken file is simply not ours to reuse
+        return None
 
 
 def weights_fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]], prefix_strip: str = "") -> str:
