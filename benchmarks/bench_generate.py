@@ -54,6 +54,9 @@ def parse_args():
     ap.add_argument("--template", choices=["crop", "photo"], default="crop",
                     help="template face as the workflows feed it (Template Face's 512 crop) or a whole photo")
     ap.add_argument("--skip-sampling", action="store_true", help="time FaceFusion + RTSRank only")
+    ap.add_argument("--references", type=int, default=0,
+                    help="also connect this many aligned crops of the template's person as the likeness reference "
+                         "of both nodes, as the train+generate workflow connects the training crops (0: template only)")
     return ap.parse_args()
 
 
@@ -151,16 +154,31 @@ def portraits(faces: Path, n: int, size: int, align, images, template_kind: str 
     return batch, template
 
 
-def time_fuse_rank(faces: Path, n: int, size: int, repeats: int, template_kind: str = "crop") -> dict:
+def training_crops(faces: Path, k: int, align, images):
+    """k aligned 512 crops of obama (the template's person), repeated as needed: the training crops."""
+    import numpy as np
+    import torch
+
+    photos = sorted((faces / "obama").glob("*.jpg"))
+    crops = [align.align_photo(images.load_photo(p), p.name, align.AlignSettings(size=512))[0].image
+             for p in (photos * (k // len(photos) + 1))[:k]]
+    return torch.from_numpy(np.stack(crops).astype(np.float32) / 255.0)
+
+
+def time_fuse_rank(faces: Path, n: int, size: int, repeats: int, template_kind: str = "crop",
+                   references: int = 0) -> dict:
     FaceFusion, RTSRank, align, images = import_pack_nodes()
     batch, template = portraits(faces, n, size, align, images, template_kind)
+    refs = [training_crops(faces, references, align, images)] if references else None
     fusion, rank = FaceFusion(), RTSRank()
+    remembered = importlib.import_module("facechain_pack.facechain_core.photo_embeddings")._cache
 
     def once():
+        remembered.clear()  # each prompt embeds the references once (FaceFusion), RTSRank finds them remembered
         t0 = time.perf_counter()
-        fused = fusion.fuse([batch], [template], [1.0], ["embedded"])["result"]
+        fused = fusion.fuse([batch], [template], [1.0], ["embedded"], reference=refs)["result"]
         t1 = time.perf_counter()
-        ranked = rank.rank(fused[0], [template], [4], ["embedded"], [0.12], [0.85], ["return unranked"],
+        ranked = rank.rank(fused[0], refs or [template], [4], ["embedded"], [0.12], [0.85], ["return unranked"],
                            detections=[fused[3]])["result"]
         t2 = time.perf_counter()
         return t1 - t0, t2 - t1, fused[2], ranked[2]
@@ -198,7 +216,8 @@ def main() -> None:
     boot_comfy(args.comfy, args.cpu)
     import torch
 
-    fuse_rank = time_fuse_rank(args.faces, args.images, args.portrait_size, args.repeats, args.template)
+    fuse_rank = time_fuse_rank(args.faces, args.images, args.portrait_size, args.repeats, args.template,
+                               args.references)
     if args.skip_sampling:
         print(json.dumps(fuse_rank), flush=True)
         return
@@ -213,7 +232,7 @@ def main() -> None:
     result = {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.cpu else "cpu",
         "cpu_cores": os.cpu_count(), "images": args.images, "size": args.size, "steps": args.steps,
-        "portrait_size": args.portrait_size, "template": args.template,
+        "portrait_size": args.portrait_size, "template": args.template, "references": args.references,
         **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in {**sampling, **fuse_rank}.items()},
         "fusion_plus_rank_s": round(added, 4),
         "added_to_sampling": round(added / sampling["sampling_s"], 4),

@@ -1,21 +1,19 @@
-"""FaceFusion: put the template face into each generated portrait, only inside a soft face mask.
+"""FaceFusion: put the template face into each generated portrait, inside the inner face only.
 
 Embedded backend (offline, classical):
-1. Detect the face (5 keypoints) in the template and in the target image.
-2. Landmark-driven warp: from the five keypoints, derive a denser set of landmarks: the keypoints
-   themselves plus a face oval and an outer ring placed by each face's own affine fit to the canonical
-   112x112 face. A Delaunay mesh over the target's points maps every triangle of the template onto
-   the target by its own affine transform, so eyes, nose tip and mouth corners land exactly on the
-   target's while the oval follows the target's face shape and pose.
-3. Soft mask: the face oval (brows to chin, cheek to cheek), shrunk a little and feathered; the mask
-   is exactly zero outside the oval, so no pixel outside it changes.
-4. Colour and lighting: the warped face takes the target's colour statistics (mean and spread per Lab
-   channel inside the mask), then its broad shading (a heavily blurred difference of lightness).
-5. Seamless blending: Poisson cloning of the corrected face into the target, then alpha blending with
-   the feathered mask times ``strength``.
+1. Dense landmarks: MediaPipe's 468-point face mesh (``face_mesh``) on the template and on each target.
+2. Guards (``fusion_geometry``): head pose, mouth and eyes of the two faces, and the warp's triangles
+   (flipped, degenerate, scaled far from the face's mean). A failed check fuses less (a lower strength, or
+   the eyes and brows only) or leaves the image unfused; the report says which and why.
+3. Warp: the template is warped triangle by triangle onto the target's mesh, so the target keeps its
+   outline, jaw and pose; only the inner face (brows, eyes, nose, mouth, cheeks) is blended.
+4. Blend (``fusion_blend``): colour and light matched region by region, the eyes kept as sharp as the
+   target's, the mask's edge feathered inside the inner face.
+5. After-check: the mesh is found again on the fused image; if a landmark outside the inner face moved
+   more than a small tolerance, the image is fused less, or left unfused.
 
-Learned backend (``face_fusion``): FaceChain's face-fusion model through ModelScope; its output is
-blended with the same mask and strength, so the "outside the mask is unchanged" rule holds for both.
+Learned backend (``face_fusion``): FaceChain's face-fusion model through ModelScope; its output goes
+through the same region mask, strength and after-check, so "outside the mask is unchanged" holds for both.
 """
 
 from __future__ import annotations
@@ -26,31 +24,22 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from . import fusion_blend as fb
+from . import fusion_geometry as fg
 from . import model_store
 from .detect import Face
 from .errors import FaceChainError
-from .face_regions import MEAN_FACE_5
+from .face_mesh import face_mesh, fill_contours, topology
 from .images import as_rgb_uint8
-from .progress import ProgressFn, no_progress
 from .model_cache import cached, learned_files
+from .photo_embeddings import image_crc, photo_embedding
+from .progress import ProgressFn, no_progress
+from .recognition import cosine, embed_face
 from .threads import detect_faces_per_thread, parallel_map
 
 BACKENDS = ("embedded", "face_fusion")
-
-
-def _ellipse(cx: float, cy: float, ax: float, ay: float, n: int) -> np.ndarray:
-    t = np.linspace(0, 2 * np.pi, n, endpoint=False) - np.pi / 2
-    return np.stack([cx + ax * np.cos(t), cy + ay * np.sin(t)], axis=1)
-
-
-# Canonical landmarks in the 112x112 face template's coordinates (eyes at y~52, mouth at y~92).
-# The oval runs from just above the brows to the chin and between the cheeks: the part of the face
-# that carries identity, without hair or ears, whose colour varies by style.
-FACE_OVAL = _ellipse(56.0, 68.0, 35.0, 45.0, 20)
-# An outer ring keeps the mesh's triangles near the oval well shaped; nothing outside the oval is blended.
-OUTER_RING = _ellipse(56.0, 68.0, 62.0, 74.0, 16)
-CANONICAL = np.vstack([MEAN_FACE_5, FACE_OVAL, OUTER_RING]).astype(np.float64)
-N_KEY, N_OVAL = 5, len(FACE_OVAL)
+LEVEL_WORDS = {"full": "fused (inner face)", "reduced": "fused at reduced strength (inner face)",
+               "eyes_brows": "fused less (eyes and brows only)", "skip": "left unfused"}
 
 
 @dataclass
@@ -59,8 +48,6 @@ class FusionSettings:
     backend: str = "embedded"
     detector: str = "embedded"
     colour_match: bool = True
-    mask_shrink: float = 0.04  # of the face size: the oval's edge pulled in before feathering
-    feather: float = 0.10  # of the face size: width of the soft edge
     workers: int = 0  # 0: choose from the CPU count
 
     def check(self) -> None:
@@ -78,6 +65,9 @@ class FusedImage:
     fused: bool
     roi: tuple[int, int, int, int] | None = None  # x0, y0, x1, y1: the only part that can differ
     faces: list[Face] = field(default_factory=list)  # the faces found in the input image, largest first
+    level: str = "none"  # full, reduced, eyes_brows, skip; none: nothing to fuse (no face, strength 0)
+    reasons: list[str] = field(default_factory=list)  # why the fusion was reduced or skipped
+    embedding: np.ndarray | None = None  # the embedded recogniser's (SFace) vector of the returned face, if taken
 
 
 @dataclass
@@ -85,187 +75,28 @@ class FusionResult:
     images: list[FusedImage] = field(default_factory=list)
 
     def detections(self) -> list[list[dict]]:
-        """The faces found in each input image (for RTSRank). The fused face keeps the target's
-        keypoints, since the warp puts the template's keypoints exactly there."""
-        return [[f.to_dict() for f in img.faces] for img in self.images]
+        """The faces found in each input image (for RTSRank). The fused face keeps the target's keypoints
+        (the warp puts the template's features on the target's); the face that was fused also says how
+        (``fusion``: level, ``fusion_note``: why it was reduced or skipped), so RTSRank can name it."""
+        out = []
+        for img in self.images:
+            faces = [f.to_dict() for f in img.faces]
+            if faces and img.level not in ("none", "full"):
+                faces[0]["fusion"] = img.level
+                faces[0]["fusion_note"] = "; ".join(img.reasons)
+            if faces and img.embedding is not None:
+                # the embedded recogniser's vector of the returned face, and which pixels it belongs to:
+                # RTSRank takes it instead of embedding the same face again when the image is unchanged
+                faces[0]["embedding"] = [round(float(v), 6) for v in img.embedding]
+                faces[0]["image_crc"] = image_crc(img.image)
+            out.append(faces)
+        return out
 
     def report_text(self) -> str:
         n = sum(f.fused for f in self.images)
         lines = [f"FaceFusion: fused the template face into {n} of {len(self.images)} images"]
         lines += [f"- image {i + 1}: {f.note}" for i, f in enumerate(self.images)]
         return "\n".join(lines)
-
-
-def dense_landmarks(face: Face) -> np.ndarray:
-    """The five keypoints plus the oval and outer ring placed by the face's affine fit (N x 2)."""
-    kps = face.keypoints.astype(np.float64)
-    m, _ = cv2.estimateAffine2D(MEAN_FACE_5.astype(np.float64), kps, method=cv2.LMEDS)
-    if m is None:
-        m, _ = cv2.estimateAffinePartial2D(MEAN_FACE_5.astype(np.float64), kps, method=cv2.LMEDS)
-    if m is None:
-        raise FaceChainError("A face's keypoints are degenerate; it cannot be warped.")
-    # A full affine fit can shear wildly when the 5 points are nearly collinear (a profile); keep it
-    # close to a similarity by limiting its anisotropy.
-    u, s, vt = np.linalg.svd(m[:, :2])
-    s = np.clip(s, s.max() / 1.6, None)
-    m[:, :2] = u @ np.diag(s) @ vt
-    rest = np.hstack([CANONICAL[N_KEY:], np.ones((len(CANONICAL) - N_KEY, 1))]) @ m.T
-    return np.vstack([kps, rest])
-
-
-def _triangles(points: np.ndarray, rect: tuple[int, int, int, int]) -> np.ndarray:
-    """Delaunay triangles of ``points`` as index triples."""
-    x, y, w, h = rect
-    div = cv2.Subdiv2D((x, y, w, h))
-    for p in points:
-        div.insert((float(p[0]), float(p[1])))
-    tris = []
-    for t in div.getTriangleList().reshape(-1, 3, 2):
-        idx = []
-        for v in t:
-            d = np.linalg.norm(points - v, axis=1)
-            j = int(np.argmin(d))
-            if d[j] > 1e-3:
-                break
-            idx.append(j)
-        if len(idx) == 3 and len(set(idx)) == 3:
-            tris.append(idx)
-    return np.array(tris, dtype=np.int32)
-
-
-def _signed_areas(points: np.ndarray, tris: np.ndarray) -> np.ndarray:
-    a, b, c = points[tris[:, 0]], points[tris[:, 1]], points[tris[:, 2]]
-    return (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])
-
-
-# Every face's landmarks come from the same canonical layout, so one mesh serves them all; a face whose
-# keypoints fold a triangle over (an extreme pose) gets its own Delaunay mesh instead.
-CANONICAL_TRIANGLES = _triangles(CANONICAL, (-100, -100, 320, 320))
-_CANONICAL_SIGNS = np.sign(_signed_areas(CANONICAL, CANONICAL_TRIANGLES))
-
-
-def mesh_for(points: np.ndarray, pad: float) -> np.ndarray:
-    if np.all(np.sign(_signed_areas(points, CANONICAL_TRIANGLES)) == _CANONICAL_SIGNS):
-        return CANONICAL_TRIANGLES
-    lo = points.min(axis=0) - pad
-    hi = points.max(axis=0) + pad
-    return _triangles(points, (int(lo[0]), int(lo[1]), int(hi[0] - lo[0]) + 1, int(hi[1] - lo[1]) + 1))
-
-
-def warp_face(src: np.ndarray, src_pts: np.ndarray, dst_shape: tuple[int, int], dst_pts: np.ndarray,
-              roi: tuple[int, int, int, int]) -> np.ndarray:
-    """Piecewise-affine warp of ``src`` so that ``src_pts`` land on ``dst_pts``, computed inside ``roi``
-    (x0, y0, x1, y1) of an image of ``dst_shape``; returns the ROI-sized warped patch."""
-    x0, y0, x1, y1 = roi
-    w, h = x1 - x0, y1 - y0
-    local = dst_pts - [x0, y0]
-    tris = mesh_for(local, 4 * max(w, h))
-    if len(tris) == 0:
-        raise FaceChainError("The face mesh could not be built (degenerate landmarks).")
-    label = np.full((h, w), -1, np.int32)
-    corners = np.round(local[tris]).astype(np.int32)
-    for k in range(len(tris)):
-        cv2.fillConvexPoly(label, corners[k], k)
-    # Every triangle's affine map from the target to the template, solved at once: [x y 1] M^T = src.
-    dst_h = np.concatenate([local[tris], np.ones((len(tris), 3, 1))], axis=2)  # (T, 3, 3)
-    with np.errstate(all="ignore"):
-        maps = np.linalg.solve(dst_h + np.eye(3) * 1e-9, src_pts[tris]).transpose(0, 2, 1)  # (T, 2, 3)
-    maps = np.nan_to_num(maps)
-    inside = label >= 0
-    yy, xx = np.nonzero(inside)
-    m = maps[label[inside]]
-    map_x = np.full((h, w), -1.0, np.float32)
-    map_y = np.full((h, w), -1.0, np.float32)
-    map_x[inside] = m[:, 0, 0] * xx + m[:, 0, 1] * yy + m[:, 0, 2]
-    map_y[inside] = m[:, 1, 0] * xx + m[:, 1, 1] * yy + m[:, 1, 2]
-    return cv2.remap(src, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-
-
-def face_mask(oval: np.ndarray, shape: tuple[int, int], face_size: float, shrink: float, feather: float) -> np.ndarray:
-    """Feathered oval mask, float32 0..1, exactly 0 outside the oval polygon."""
-    h, w = shape
-    hard = np.zeros((h, w), np.uint8)
-    cv2.fillPoly(hard, [np.round(oval).astype(np.int32)], 255)
-    r = max(1, int(round(shrink * face_size)))
-    core = cv2.erode(hard, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
-    f = max(1, int(round(feather * face_size)))
-    # Blur the shrunk core, then clip by the hard oval: the soft edge stays inside the oval.
-    soft = cv2.GaussianBlur(core.astype(np.float32) / 255.0, (0, 0), f / 2.0)
-    soft[hard == 0] = 0.0
-    # Below one 8-bit step a pixel would not visibly change; zero it so "mask 0" means "untouched" even
-    # after the mask is saved as an 8-bit image.
-    soft[soft < 1.0 / 255.0] = 0.0
-    return np.clip(soft, 0.0, 1.0)
-
-
-def _wide_blur(img: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian blur of a float image with a wide kernel, done at reduced size (it keeps only low
-    frequencies, so the result is the same to the eye at a small fraction of the cost)."""
-    k = max(1, int(sigma // 3))
-    if k == 1:
-        return cv2.GaussianBlur(img, (0, 0), sigma)
-    h, w = img.shape[:2]
-    small = cv2.resize(img, (max(1, w // k), max(1, h // k)), interpolation=cv2.INTER_AREA)
-    small = cv2.GaussianBlur(small, (0, 0), sigma / k)
-    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
-
-
-def match_colour(src: np.ndarray, dst: np.ndarray, weight: np.ndarray, face_size: float) -> np.ndarray:
-    """``src`` (RGB uint8) recoloured to ``dst``'s Lab statistics where ``weight`` > 0.5, then given
-    ``dst``'s broad shading; returns RGB uint8. (8-bit Lab: L 0-255, a and b offset by 128.)"""
-    sel = weight > 0.5
-    if sel.sum() < 16:
-        return src
-    s = cv2.cvtColor(src, cv2.COLOR_RGB2LAB).astype(np.float32)
-    d = cv2.cvtColor(dst, cv2.COLOR_RGB2LAB).astype(np.float32)
-    s_sel, d_sel = s[sel], d[sel]
-    sm, ss = s_sel.mean(axis=0), s_sel.std(axis=0)
-    dm, ds = d_sel.mean(axis=0), d_sel.std(axis=0)
-    k = np.clip(ds / np.maximum(ss, 0.25), 0.0, 2.5)
-    out = (s - sm) * k + dm
-    # Broad lighting (a light from one side, a shadowed cheek) comes from the target; the blur is wide
-    # enough that eyes, nose and mouth keep the template's own shading.
-    sigma = max(1.0, 0.12 * face_size)
-    wblur = _wide_blur(weight, sigma) + 1e-4
-    ld = _wide_blur(d[..., 0] * weight, sigma) / wblur
-    lo = _wide_blur(out[..., 0] * weight, sigma) / wblur
-    out[..., 0] += ld - lo
-    lab = np.clip(out + 0.5, 0, 255).astype(np.uint8)
-    return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
-
-
-def poisson_blend(src: np.ndarray, dst: np.ndarray, mask: np.ndarray, reduce: int = 2) -> np.ndarray:
-    """Seamless (Poisson) cloning of ``src`` into ``dst`` inside ``mask`` (same-size RGB patches).
-
-    Poisson cloning equals the source plus a smooth membrane that carries the target's colours in from
-    the mask's edge. OpenCV solves it at 1/``reduce`` of the size (a quarter of the pixels for 2) and
-    the membrane, being smooth, is enlarged back and added to the full-size source."""
-    h, w = mask.shape[:2]
-    k = reduce if min(h, w) >= 48 * reduce else 1
-    if k > 1:
-        size = (max(1, w // k), max(1, h // k))
-        s_small = cv2.resize(src, size, interpolation=cv2.INTER_AREA)
-        d_small = cv2.resize(dst, size, interpolation=cv2.INTER_AREA)
-        m_small = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
-    else:
-        s_small, d_small, m_small = src, dst, mask
-    pad = 8
-    s = cv2.copyMakeBorder(s_small, pad, pad, pad, pad, cv2.BORDER_REFLECT)
-    d = cv2.copyMakeBorder(d_small, pad, pad, pad, pad, cv2.BORDER_REFLECT)
-    m = cv2.copyMakeBorder(m_small, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
-    ys, xs = np.nonzero(m)
-    if len(xs) == 0:
-        return dst
-    centre = (int((xs.min() + xs.max() + 1) // 2), int((ys.min() + ys.max() + 1) // 2))
-    try:  # OpenCV's solver needs the mask clear of the border: hence the padding
-        cloned = cv2.seamlessClone(s, d, m, centre, cv2.NORMAL_CLONE)[pad:-pad, pad:-pad]
-    except cv2.error:
-        return src  # a mask OpenCV cannot solve on: the colour-matched face alone
-    if k == 1:
-        return cloned
-    membrane = cloned.astype(np.float32) - s_small.astype(np.float32)
-    membrane = cv2.resize(membrane, (w, h), interpolation=cv2.INTER_LINEAR)
-    return np.clip(src.astype(np.float32) + membrane + 0.5, 0, 255).astype(np.uint8)
 
 
 class LearnedFusion:
@@ -297,7 +128,104 @@ def learned_fusion() -> LearnedFusion:
 class Template:
     image: np.ndarray
     face: Face
-    landmarks: np.ndarray
+    shape: fg.FaceShape
+    triangles: np.ndarray  # Delaunay over the template's mesh points
+    embedding: np.ndarray  # the recogniser's (SFace) view of the person: fusion must get closer to it
+    likeness_to: str = "template"  # what ``embedding`` is, for the report
+
+    @classmethod
+    def of(cls, rgb: np.ndarray, face: Face) -> "Template":
+        mesh = face_mesh(rgb, face.keypoints)
+        shape = fg.FaceShape.of(mesh.points, mesh.presence)
+        if shape.presence < fg.settings_data()["guards"]["min_presence"]:
+            raise FaceChainError(f"The face mesh is unsure of the template's face (presence {shape.presence:.2f}). "
+                                 f"Connect a clear, frontal photo of the person's face as the template.")
+        return cls(rgb, face, shape, fg.triangulate(shape.points), embed_face(rgb, face))
+
+
+def _roi(points: np.ndarray, iod: float, shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    h, w = shape
+    margin = int(0.3 * iod) + 4
+    lo, hi = points.min(axis=0), points.max(axis=0)
+    return (int(max(0, np.floor(lo[0]) - margin)), int(max(0, np.floor(lo[1]) - margin)),
+            int(min(w, np.ceil(hi[0]) + margin)), int(min(h, np.ceil(hi[1]) + margin)))
+
+
+def judge(tpl: Template, tgt: fg.FaceShape) -> fg.Verdict:
+    """Every guard before blending: pose and expression, then the warp's triangles in the region to blend."""
+    verdict = fg.compare_faces(tpl.shape, tgt)
+    scale = fg.settings_data()["inner_face"]["inner_scale"]
+    outside = np.zeros(len(tgt.points), bool)
+    outside[tgt.outside_inner(scale)] = True
+    fg.check_warp(tpl.shape, tgt, tpl.triangles, ~outside, verdict, "eyes_brows")
+    if verdict.level == "eyes_brows":
+        eyes = np.zeros(len(tgt.points), bool)
+        for name in ("right_eye", "left_eye", "right_brow", "left_brow"):
+            eyes[topology()["contours"][name]] = True
+        fg.check_warp(tpl.shape, tgt, tpl.triangles, eyes, verdict, "skip")
+    return verdict
+
+
+def _blend(rgb: np.ndarray, warped: np.ndarray, tgt: fg.FaceShape, roi, region: str, strength: float,
+           s: FusionSettings) -> tuple[np.ndarray, np.ndarray]:
+    """The fused image and its mask (strength included) for one region."""
+    d = fg.settings_data()
+    x0, y0, x1, y1 = roi
+    patch = rgb[y0:y1, x0:x1]
+    local = tgt.points - [x0, y0]
+    inner_poly = tgt.inner_polygon(d["inner_face"]["inner_scale"]) - [x0, y0]
+    alpha = fb.region_mask(patch.shape[:2], local, inner_poly, region, tgt.iod, d["inner_face"])
+    face = warped
+    if s.colour_match:
+        support = np.zeros(patch.shape[:2], np.uint8)
+        cv2.fillPoly(support, [np.round(inner_poly).astype(np.int32)], 255)
+        # skin against skin: the template's brows would carry their darkness into the skin around them
+        grow = max(1, int(round(2 * d["blend"]["feature_grow"] * tgt.iod)))
+        features = fill_contours(patch.shape[:2], local, ["right_brow", "left_brow"], grow=grow)
+        face = fb.match_colour(face, patch, (support > 0) & (features == 0), d["blend"]["colour_sigma"] * tgt.iod)
+        face = fb.match_brows(face, patch, local, tgt.iod, d["blend"]["feature_grow"])
+        face = fb.match_lips(face, patch, local, tgt.iod)
+    face = fb.match_detail(face, patch, fb.eye_boxes(local), d["blend"]["detail_min_ratio"],
+                           d["blend"]["detail_max_ratio"], d["blend"]["detail_max_gain"])
+    a = alpha * strength
+    a[a < 1.0 / 255.0] = 0.0  # a zero in the saved mask means an untouched pixel
+    blended = fb.two_band_blend(patch, face, a, strength, max(1.0, d["blend"]["detail_sigma"] * tgt.iod))
+    # The mix can still be softer than the image around the eyes (two eyes never align to the pixel): lift
+    # the fused pixels' detail to the target's there, fading out over the mask's edge.
+    sharp = fb.match_detail(blended, patch, fb.eye_boxes(local), d["blend"]["detail_min_ratio"], np.inf,
+                            d["blend"]["detail_max_gain"])
+    lift = np.clip(a / 0.25, 0.0, 1.0)[..., None]
+    blended = np.clip(blended + (sharp.astype(np.float32) - blended) * lift + 0.5, 0, 255).astype(np.uint8)
+    out = rgb.copy()
+    out[y0:y1, x0:x1] = blended
+    full = np.zeros(rgb.shape[:2], np.float32)
+    full[y0:y1, x0:x1] = a
+    return out, full
+
+
+def _next_level(level: str) -> str:
+    """The level below ``level`` after a failed after-check ('reduced' is a strength, not a region)."""
+    nxt = fg.LEVELS[fg.LEVELS.index(level) + 1]
+    return "eyes_brows" if nxt == "reduced" else nxt
+
+
+def _after_check(original: np.ndarray, out: np.ndarray, face: Face, tgt: fg.FaceShape, tpl: Template,
+                 before: float) -> tuple[str, float, np.ndarray | None]:
+    """'' when the fused face keeps its eyes' sharpness, is more like the person than before and keeps its
+    outline, else why not; and the fused face's likeness and vector. Cheapest check first."""
+    d = fg.settings_data()
+    boxes = fb.eye_boxes(tgt.points)
+    sharp = fb.sharpness(out, boxes) / max(1e-6, fb.sharpness(original, boxes))
+    if sharp < d["guards"]["min_eye_sharpness"]:
+        return f"the eyes came out softer ({sharp:.2f} of their sharpness)", before, None
+    vec = embed_face(out, face)
+    after = cosine(vec, tpl.embedding)
+    if after < before + d["guards"]["min_likeness_gain"]:
+        return f"fusing did not raise the likeness to the {tpl.likeness_to} ({before:.2f} -> {after:.2f})", after, vec
+    shift = fg.outline_shift(tgt, face_mesh(out, face.keypoints).points, d["inner_face"]["inner_scale"])
+    if shift > d["guards"]["outline_tolerance"]:
+        return f"the outline moved {shift:.2f} IOD when fused", before, None
+    return "", after, vec
 
 
 def fuse_one(rgb: np.ndarray, faces: list[Face], tpl: Template, s: FusionSettings) -> FusedImage:
@@ -309,46 +237,56 @@ def fuse_one(rgb: np.ndarray, faces: list[Face], tpl: Template, s: FusionSetting
     if not faces:
         return FusedImage(rgb, zero, "no face found, left unchanged", False, faces=faces)
     face = faces[0]  # the largest: the portrait's subject
-    pts = dense_landmarks(face)
-    oval = pts[N_KEY:N_KEY + N_OVAL]
-    # Work inside the oval's bounding box (plus the feather and a margin), not the whole image.
-    size = face.size
-    margin = int(0.25 * size) + 4
-    x0 = int(max(0, np.floor(oval[:, 0].min()) - margin))
-    y0 = int(max(0, np.floor(oval[:, 1].min()) - margin))
-    x1 = int(min(w, np.ceil(oval[:, 0].max()) + margin))
-    y1 = int(min(h, np.ceil(oval[:, 1].max()) + margin))
-    if x1 - x0 < 8 or y1 - y0 < 8:
-        return FusedImage(rgb, zero, "face too small to fuse, left unchanged", False, faces=faces)
-    roi = (x0, y0, x1, y1)
-    patch = rgb[y0:y1, x0:x1]
-    local_oval = oval - [x0, y0]
-    alpha = face_mask(local_oval, patch.shape[:2], size, s.mask_shrink, s.feather)
-    if alpha.max() <= 0.0:
-        return FusedImage(rgb, zero, "face mask empty (face at the image edge), left unchanged", False, faces=faces)
-    if s.backend == "face_fusion":
-        swapped = learned_fusion().fuse(rgb, tpl.image)[y0:y1, x0:x1]
-        blended = swapped
-    else:
-        warped = warp_face(tpl.image, tpl.landmarks, (h, w), pts, roi)
-        if s.colour_match:
-            warped = match_colour(warped, patch, alpha, size)
-        hard = (alpha > 0.02).astype(np.uint8) * 255
-        blended = poisson_blend(warped, patch, hard)
-    a = alpha * s.strength
-    a[a < 1.0 / 255.0] = 0.0  # see face_mask: a zero in the saved mask means an untouched pixel
-    out = rgb.copy()
-    out[y0:y1, x0:x1] = np.clip(patch * (1.0 - a[..., None]) + blended * a[..., None] + 0.5, 0, 255).astype(np.uint8)
-    full = zero.copy()
-    full[y0:y1, x0:x1] = a
-    note = (f"fused (face {size:.0f} px, {len(faces)} face{'s' if len(faces) > 1 else ''} "
-            f"seen{', the largest used' if len(faces) > 1 else ''})")
-    return FusedImage(out, full, note, True, roi, faces)
+    mesh = face_mesh(rgb, face.keypoints)
+    tgt = fg.FaceShape.of(mesh.points, mesh.presence)
+    verdict = judge(tpl, tgt)
+    roi = _roi(tgt.points, tgt.iod, (h, w))
+    if roi[2] - roi[0] < 16 or roi[3] - roi[1] < 16 or tgt.iod < 6:
+        verdict.lower("skip", f"face too small to fuse ({tgt.iod:.0f} px between the eyes)")
+    extra = f" ({len(faces)} faces seen, the largest used)" if len(faces) > 1 else ""
+    warped, before, original_vec = None, None, None
+    while verdict.level != "skip":
+        if warped is None:
+            original_vec = embed_face(rgb, face)
+            before = cosine(original_vec, tpl.embedding)
+            if before >= fg.settings_data()["guards"]["same_face_likeness"]:
+                verdict.lower("skip", f"already as like the {tpl.likeness_to} as a fusion could make it "
+                                      f"(likeness {before:.2f})")
+                break
+            if s.backend == "face_fusion":
+                warped = learned_fusion().fuse(rgb, tpl.image)[roi[1]:roi[3], roi[0]:roi[2]]
+            else:
+                warped = fg.warp_patch(tpl.image, tpl.shape.points, tgt.points, tpl.triangles, roi)
+        strength = s.strength * (fg.settings_data()["guards"]["reduced_strength"] if verdict.reduced else 1.0)
+        out, mask = _blend(rgb, warped, tgt, roi, verdict.region, strength, s)
+        why_not, after, vec = _after_check(rgb, out, face, tgt, tpl, before)
+        if not why_not:
+            level = "reduced" if verdict.reduced and verdict.level == "full" else verdict.level
+            note = LEVEL_WORDS[level] + (" at reduced strength" if verdict.reduced and level == "eyes_brows" else "")
+            note += f", likeness to the {tpl.likeness_to} {before:.2f} -> {after:.2f}"
+            note += f": {'; '.join(verdict.reasons)}" if verdict.reasons else ""
+            return FusedImage(out, mask, note + extra, True, roi, faces, level, list(verdict.reasons), vec)
+        verdict.lower(_next_level(verdict.level), f"{why_not} ({verdict.region.replace('_', ' and ')} region)")
+    note = f"left unfused: {'; '.join(verdict.reasons)}"
+    return FusedImage(rgb, zero, note + extra, False, None, faces, "skip", list(verdict.reasons),
+                      original_vec)
+
+
+def reference_embedding(images: list[np.ndarray], detector: str, workers: int) -> np.ndarray | None:
+    """The normalised mean recogniser embedding of the person's photos (None when none shows a face)."""
+    embs = [e for e in parallel_map(lambda rgb: photo_embedding(rgb, detector), images, workers) if e is not None]
+    if not embs:
+        return None
+    mean = np.mean([e / np.linalg.norm(e) for e in embs], axis=0)
+    return mean / np.linalg.norm(mean)
 
 
 def fuse_images(images: list[np.ndarray], template: np.ndarray, settings: FusionSettings | None = None,
-                progress: ProgressFn | None = None) -> FusionResult:
-    """Fuse the template's face into every image; images without a face come back unchanged."""
+                progress: ProgressFn | None = None, references: list[np.ndarray] | None = None) -> FusionResult:
+    """Fuse the template's face into every image; images without a face come back unchanged.
+
+    ``references``: the person's photos (the aligned training crops); fusion is kept only where it brings
+    the face closer to their mean embedding. Without them, closer to the template's."""
     s = settings or FusionSettings()
     s.check()
     progress = progress or no_progress
@@ -365,7 +303,14 @@ def fuse_images(images: list[np.ndarray], template: np.ndarray, settings: Fusion
     if not found[0]:
         raise FaceChainError("FaceFusion found no face in the template image. Connect a clear photo of the "
                              "person's face (the template face from the training photos).")
-    tpl = Template(template_rgb, found[0][0], dense_landmarks(found[0][0]))
+    tpl = Template.of(template_rgb, found[0][0])
+    if references and any(found[1:]):  # no face to fuse: no need to look at the person's photos
+        refs = [as_rgb_uint8(im, f"reference {i + 1}") for i, im in enumerate(references)]
+        mean = reference_embedding(refs, s.detector, s.workers)
+        if mean is None:
+            raise FaceChainError("FaceFusion found no face in the reference photos. Connect the aligned training "
+                                 "crops (FaceAlign's images), or leave the reference input empty.")
+        tpl.embedding, tpl.likeness_to = mean, f"person's {len(refs)} photo{'s' if len(refs) > 1 else ''}"
     result = FusionResult()
     jobs = list(zip(rgbs, found[1:]))
     for i, fused in enumerate(parallel_map(lambda job: fuse_one(job[0], job[1], tpl, s), jobs, s.workers), start=1):

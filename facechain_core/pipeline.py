@@ -227,18 +227,28 @@ def _pipeline(run: Run, photos: Path, checkpoint: Path, style: str, spec: dict, 
     m["generate"] = {"positive": plan.positive, "negative": plan.negative, "loras": lora_lines,
                      "size": [int(lat["width"]), int(lat["height"])], "count": len(images), "steps": int(ks["steps"]),
                      "cfg": float(ks["cfg"]), "sampler": f"{ks['sampler_name']}/{ks['scheduler']}"}
-    ranked = _fuse_and_rank(run, images, ts.template, spec)
+    ranked = _fuse_and_rank(run, images, ts.template, rank_references(ts), spec)
     save_png_atomic(ts.template, run.out / "template.png")
     m["portraits"] = []
-    for n, (i, score) in enumerate(ranked, start=1):
+    for n, (i, score, alike) in enumerate(ranked, start=1):
         name = f"portrait_{n:02d}.png"
         save_png_atomic(ranked.images[i], run.out / name)
-        m["portraits"].append({"file": name, "rank": n, "image": i, "score": round(score, 4)})
+        m["portraits"].append({"file": name, "rank": n, "image": i, "score": round(score, 4),
+                               "likeness_percent": round(alike, 1)})
     m["licences"] = licence_line(spec)
     scores = [p["score"] for p in m["portraits"]] if ranked.by_identity else []
     # cosine similarity to the template face (SFace by default); null when no portrait showed a face to compare
     m["likeness"] = {"best": max(scores, default=None), "mean": round(float(np.mean(scores)), 4) if scores else None,
                      "ranked": bool(ranked.by_identity)}
+
+
+def rank_references(ts: TrainingSet) -> list:
+    """What the workflow wires into RTSRank's reference: Template Face's kept crops (output 0, their mean
+    embedding) or its template face (output 3)."""
+    prompt = json.loads(WORKFLOW.read_text(encoding="utf-8"))
+    link = next(n["inputs"]["reference"] for n in prompt.values() if n["class_type"] == "FaceChainRTSRank")
+    return list(ts.crops) if prompt[link[0]]["class_type"] == "FaceChainTemplateFace" and link[1] == 0 \
+        else [ts.template]
 
 
 def licence_line(spec: dict) -> str:
@@ -258,27 +268,32 @@ def _weights(spec: dict) -> tuple[float, float]:
 
 
 class _Ranked(list):
-    """[(image index, score)] best first, with the fused images and whether identity decided the order."""
+    """[(image index, score, likeness %)] best first, with the fused images and whether identity decided it."""
     images: list
     by_identity: bool
 
 
-def _fuse_and_rank(run: Run, images: list, template: np.ndarray, spec: dict) -> _Ranked:
+def _fuse_and_rank(run: Run, images: list, template: np.ndarray, references: list, spec: dict) -> _Ranked:
+    from . import licences
     from .fusion import FusionSettings, fuse_images
     from .rank import RankSettings, order_or_unranked, rank_images
 
     ff, rr = spec["FaceChainFaceFusion"], spec["FaceChainRTSRank"]
     with run.stage("fuse"):
-        fused = fuse_images(images, template, FusionSettings(strength=float(ff["strength"]), backend=ff["backend"]))
+        fused = fuse_images(images, template, FusionSettings(strength=float(ff["strength"]), backend=ff["backend"]),
+                            references=references)  # the workflow feeds both the kept crops (Template Face 0)
     with run.stage("rank"):
         settings = RankSettings(top_n=int(rr["top_n"]), backend=rr["backend"],
                                 min_face_fraction=float(rr["min_face_fraction"]),
                                 max_face_fraction=float(rr["max_face_fraction"]))
+        if "accept_likeness" in rr:
+            settings.accept_likeness = float(rr["accept_likeness"])
         fused_images = [f.image for f in fused.images]
-        result = rank_images(fused_images, [template], settings, [f"image {i + 1}" for i in range(len(images))],
+        result = rank_images(fused_images, references, settings, [f"image {i + 1}" for i in range(len(images))],
                              detections=fused.detections())
-        order, scores, report = order_or_unranked(result, len(images), settings.top_n, rr["if_none_kept"])
+        order, scores, likeness, report = order_or_unranked(result, len(images), settings.top_n,
+                                                            rr["if_none_kept"], licences.line(rank=rr["backend"]))
     run.manifest["reports"].update(fusion=fused.report_text(), rank=report)
-    ranked = _Ranked(zip(order, scores))
+    ranked = _Ranked(zip(order, scores, likeness))
     ranked.images, ranked.by_identity = fused_images, bool(result.order)
     return ranked

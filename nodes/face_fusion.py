@@ -13,10 +13,11 @@ from .sockets import DETECTIONS, batches_of, images_to_numpy
 
 
 class FaceFusion:
-    DESCRIPTION = ("Fuses the template face into each image: aligns it by facial landmarks, matches the "
-                   "image's colour and lighting, and blends it in seamlessly inside a soft face mask. Pixels "
-                   "outside the mask are not changed; images with no face pass through unchanged (the report "
-                   "says which).")
+    DESCRIPTION = ("Fuses the template face into each image: warps it triangle by triangle onto the image's "
+                   "468-point face mesh, matches colour and light region by region and blends the inner face "
+                   "(brows, eyes, nose, mouth, cheeks); the outline, jaw and pose stay the image's. Guards check "
+                   "pose, expression and the warp first and fuse less (eyes and brows, lower strength) or not at "
+                   "all when they fail; the report says which and why. Pixels outside the mask are not changed.")
     CATEGORY = CATEGORY
     INPUT_IS_LIST = True
     RETURN_TYPES = ("IMAGE", "MASK", "STRING", DETECTIONS)
@@ -24,7 +25,7 @@ class FaceFusion:
     OUTPUT_IS_LIST = (True, True, False, False)
     OUTPUT_TOOLTIPS = ("The images with the template face fused in (same sizes and order as the input).",
                        "Where and how strongly each image took the template face (0 = unchanged).",
-                       "Which images were fused and which passed through, and why.",
+                       "Which images were fused, fused less or passed through, and why.",
                        "The faces found in each image; RTSRank uses them instead of searching the images again "
                        "(the fused face keeps the image's own keypoints).")
     FUNCTION = "fuse"
@@ -39,9 +40,13 @@ class FaceFusion:
             "backend": (list(BACKENDS), {"default": "embedded", "tooltip": "embedded: landmark warp, colour match "
                                          "and seamless blending, offline. face_fusion: FaceChain's face-fusion "
                                          "model, fetched into models/facechain by install.py."}),
+        }, "optional": {
+            "reference": ("IMAGE", {"tooltip": "The person's photos (the aligned training crops). A fusion is kept "
+                                    "only where it makes the face more like their mean; without them, more like "
+                                    "the template."}),
         }}
 
-    def fuse(self, images, template, strength, backend):
+    def fuse(self, images, template, strength, backend, reference=None):
         batches = batches_of(images)
         if not batches:
             raise FaceChainError("FaceFusion got no images. Connect the decoded images (VAE Decode).")
@@ -50,7 +55,8 @@ class FaceFusion:
             raise FaceChainError("FaceFusion got no template image. Connect the template face photo.")
         flat = images_to_numpy(batches)
         settings = FusionSettings(strength=float(first(strength)), backend=first(backend))
-        result = fuse_images(flat, templates[0], settings, progress(len(flat)))
+        refs = images_to_numpy(batches_of(reference)) if reference else None
+        result = fuse_images(flat, templates[0], settings, progress(len(flat)), refs)
         out_images, out_masks, k = [], [], 0
         for batch in batches:
             out = batch[..., :3].detach().cpu().float().clone()  # the input's own values, kept exactly...

@@ -19,12 +19,18 @@ class RTSRank:
                    "aligned training crops), with their scores.")
     CATEGORY = CATEGORY
     INPUT_IS_LIST = True
-    RETURN_TYPES = ("IMAGE", "FLOAT", "STRING")
-    RETURN_NAMES = ("images", "scores", "report")
-    OUTPUT_IS_LIST = (True, True, False)
-    OUTPUT_TOOLTIPS = ("The best images, most similar first (a list: sizes may differ).",
+    RETURN_TYPES = ("IMAGE", "FLOAT", "STRING", "FLOAT", "IMAGE", "STRING")
+    RETURN_NAMES = ("images", "scores", "report", "likeness", "rejected", "rejected_reasons")
+    OUTPUT_IS_LIST = (True, True, False, True, True, True)
+    OUTPUT_TOOLTIPS = ("The accepted images, most alike first, at most top_n (a list: sizes may differ).",
                        "The cosine similarity of each returned image to the reference.",
-                       "Every image's score, or why it was dropped.")
+                       "Every image's likeness and rank, or why it was rejected; images FaceFusion fused less or "
+                       "left unfused are named.",
+                       "The likeness of each returned image in percent: 100 = as alike as two of the person's own "
+                       "photos (leave-one-out over the reference photos).",
+                       "The images not accepted (no single plausible face, or below the accept threshold), "
+                       "most alike first.",
+                       "Why each rejected image was rejected, in the same order.")
     FUNCTION = "rank"
 
     @classmethod
@@ -47,6 +53,9 @@ class RTSRank:
             "if_none_kept": (list(IF_NONE), {"default": IF_NONE[0], "tooltip": "When no image shows one plausible "
                                              "face: return the first top_n images unranked (score 0), or stop."}),
         }, "optional": {
+            "accept_likeness": ("FLOAT", {"default": d["accept_likeness"], "min": 0.0, "max": 200.0, "step": 1.0,
+                                          "tooltip": "Accept an image only at this likeness (percent of the person's "
+                                                     "own photo-to-photo similarity) or above."}),
             "names": ("STRING", {"forceInput": True, "tooltip": "Names of the images for the report (the names "
                                  "output of Load Face Photos)."}),
             "detections": (DETECTIONS, {"tooltip": "FaceFusion's detections of these images: the faces are not "
@@ -54,7 +63,7 @@ class RTSRank:
         }}
 
     def rank(self, images, reference, top_n, backend, min_face_fraction, max_face_fraction, if_none_kept,
-             names=None, detections=None):
+             names=None, detections=None, accept_likeness=None):
         batches = batches_of(images)
         arrays = images_to_numpy(batches)
         singles = [b[i:i + 1, ..., :3] for b in batches for i in range(b.shape[0])]  # the input's own floats
@@ -64,12 +73,18 @@ class RTSRank:
         settings = RankSettings(top_n=int(first(top_n)), backend=first(backend),
                                 min_face_fraction=float(first(min_face_fraction)),
                                 max_face_fraction=float(first(max_face_fraction)))
+        if accept_likeness:
+            settings.accept_likeness = float(first(accept_likeness))
         result = rank_images(arrays, refs, settings, [str(n) for n in names or []], progress(len(arrays)),
                              first(detections) if detections else None)
-        order, scores, report = order_or_unranked(result, len(arrays), settings.top_n, first(if_none_kept),
-                                                  licences.line(rank=settings.backend))
+        order, scores, likeness, report = order_or_unranked(result, len(arrays), settings.top_n,
+                                                            first(if_none_kept), licences.line(rank=settings.backend))
         out = [singles[i] for i in order]
-        return {"ui": {"text": [report]}, "result": (out, scores, report)}
+        by_index = {c.index: c for c in result.candidates}
+        rejected = [i for i in result.rejected if i not in order]
+        reasons = [f"{by_index[i].name}: {by_index[i].why_dropped}" for i in rejected]
+        return {"ui": {"text": [report]}, "result": (out, scores, report, likeness,
+                                                     [singles[i] for i in rejected], reasons)}
 
 
 NODE_CLASS_MAPPINGS = {"FaceChainRTSRank": RTSRank}

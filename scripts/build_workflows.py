@@ -49,11 +49,15 @@ def sampling(first: int, model, clip, vae, x: int, y: int, style_inputs: dict, b
     return nodes, [str(d), 0]
 
 
-def fuse_rank_save(first: int, images, template, x: int, y: int):
+def fuse_rank_save(first: int, images, template, x: int, y: int, photos=None):
+    """FaceFusion -> RTSRank -> save; ``photos``: the person's training crops, when the graph has them (the
+    likeness reference of both; else the template alone)."""
     f, r, s, t = range(first, first + 4)
+    extra = {"reference": photos} if photos else {}
     return [
-        node(f, "FaceChainFaceFusion", [x, y], images=images, template=template, strength=1.0, backend="embedded"),
-        node(r, "FaceChainRTSRank", [x + 340, y], images=[str(f), 0], reference=template, top_n=4,
+        node(f, "FaceChainFaceFusion", [x, y], images=images, template=template, strength=1.0, backend="embedded",
+             **extra),
+        node(r, "FaceChainRTSRank", [x + 340, y], images=[str(f), 0], reference=photos or template, top_n=4,
              backend="embedded", min_face_fraction=0.12, max_face_fraction=0.85, if_none_kept="return unranked",
              detections=[str(f), 3]),
         node(s, "SaveImage", [x + 700, y], "Ranked portraits", images=[str(r), 0],
@@ -116,7 +120,7 @@ def workflows() -> dict[str, list[dict]]:
     tg_sampling, tg_decoded = sampling(11, ["1", 0], ["1", 1], ["1", 2], 0, 1150, dict(
         **style, face_lora="none", trigger="", subject="", shared_tags="", captions=["7", 2], face_lora_path=["8", 2]))
     train_generate = [*train_nodes(with_outputs=False), *tg_sampling,
-                      *fuse_rank_save(17, tg_decoded, ["7", 3], 1480, 1150),
+                      *fuse_rank_save(17, tg_decoded, ["7", 3], 1480, 1150, photos=["7", 0]),
                       node(27, "PreviewImage", [1100, 1450], "Generated (before fusion)", images=tg_decoded)]
     return {"facechain_train": train_nodes(), "facechain_generate": generate,
             "facechain_train_generate": train_generate}

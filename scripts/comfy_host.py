@@ -181,6 +181,9 @@ class ComfyClient:
         except urllib.error.HTTPError as e:
             info = json.loads(e.read() or b"{}")
             raise PromptError(f"prompt refused: {json.dumps(info)[:2000]}", info) from None
+        if answer.get("node_errors"):  # the host runs the valid outputs and drops the rest: refuse it whole
+            self.post("/queue", {"delete": [answer["prompt_id"]]})
+            raise PromptError(f"prompt refused: {json.dumps(answer)[:2000]}", answer)
         return answer["prompt_id"]
 
     def wait(self, prompt_id: str, timeout: float = 600) -> dict:

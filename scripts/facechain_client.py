@@ -45,9 +45,19 @@ class Server:
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
-                return json.loads(r.read() or b"null")
+                answer = json.loads(r.read() or b"null")
         except urllib.error.HTTPError as e:
             raise SystemExit(f"the server refused the prompt: {describe_refusal(e.read())}") from None
+        if path == "/prompt" and isinstance(answer, dict) and answer.get("node_errors"):
+            # ComfyUI queues a prompt when some outputs are valid (the preview nodes) and drops the broken ones:
+            # take it off the queue and say what was wrong, as for a refused prompt.
+            reason = describe_refusal(json.dumps(answer).encode())
+            try:
+                self.post("/queue", {"delete": [answer.get("prompt_id")]})
+            except (SystemExit, OSError):
+                pass  # already running or gone: the reason below is what matters
+            raise SystemExit(f"the server refused the prompt: {reason}")
+        return answer
 
     def upload(self, path: Path, subfolder: str, name: str | None = None) -> str:
         """POST /upload/image into input/<subfolder>; returns the name the server stored."""
@@ -199,9 +209,13 @@ class Progress:
         self.say(f"[{node_id}] {self.title(node_id)}: {text}")
 
 
+def queue(server: Server, prompt: dict) -> str:
+    """Queue the prompt (``Server.post`` refuses it whole when the host found errors in some nodes)."""
+    return server.post("/prompt", {"prompt": prompt, "client_id": server.client_id})["prompt_id"]
+
+
 def wait_with_websocket(server: Server, prompt: dict, progress: Progress, ws) -> str:
-    answer = server.post("/prompt", {"prompt": prompt, "client_id": server.client_id})
-    prompt_id = answer["prompt_id"]
+    prompt_id = queue(server, prompt)
     print(f"queued prompt {prompt_id}", flush=True)
     while True:
         raw = ws.recv()
@@ -224,8 +238,7 @@ def wait_with_websocket(server: Server, prompt: dict, progress: Progress, ws) ->
 
 
 def wait_polling(server: Server, prompt: dict) -> str:
-    answer = server.post("/prompt", {"prompt": prompt, "client_id": server.client_id})
-    prompt_id = answer["prompt_id"]
+    prompt_id = queue(server, prompt)
     print(f"queued prompt {prompt_id} (install websocket-client for live progress; polling)", flush=True)
     while True:
         hist = server.get(f"/history/{prompt_id}")

@@ -1,0 +1,202 @@
+"""The pixels of FaceFusion: which part of the face is blended, its colour and light, its detail.
+
+All functions work on the region of interest around the target face (``local`` points are in its
+pixels). Colour and light are matched region by region (a mask-weighted low-pass of the target minus
+the warped template, added back), so a cheek in shadow stays in shadow and no patch of another colour
+appears; the eyes keep at least the target's sharpness; the mask's edge is feathered inside the inner face.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from . import face_mesh as fm
+
+
+def _feathered(hard: np.ndarray, width: float) -> np.ndarray:
+    """0..1 mask that is 1 deep inside ``hard`` (0/255) and falls to 0 at its edge over ``width`` pixels."""
+    r = max(1, int(round(width / 2)))
+    core = cv2.erode(hard, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
+    soft = cv2.GaussianBlur(core.astype(np.float32) / 255.0, (0, 0), max(0.5, width / 4))
+    soft[hard == 0] = 0.0
+    soft[soft < 1.0 / 255.0] = 0.0
+    return np.clip(soft, 0.0, 1.0)
+
+
+def region_mask(shape: tuple[int, int], local: np.ndarray, inner_poly: np.ndarray, level: str, iod: float,
+                d: dict) -> np.ndarray:
+    """The feathered blend mask of one level: the inner face, or the eyes and brows only."""
+    hard = np.zeros(shape, np.uint8)
+    if level == "eyes_brows":
+        grow = d["eyes_brows_grow"] * iod
+        for eye, brow in (("right_eye", "right_brow"), ("left_eye", "left_brow")):
+            pts = np.vstack([fm.contour(local, eye), fm.contour(local, brow)]).astype(np.float64)
+            hull = cv2.convexHull(pts.astype(np.float32)).reshape(-1, 2)
+            c = hull.mean(axis=0)
+            grown = c + (hull - c) * (1 + grow / max(1.0, np.linalg.norm(hull - c, axis=1).mean()))
+            cv2.fillPoly(hard, [np.round(grown).astype(np.int32)], 255)
+        # keep the grown eye zones inside the inner face
+        inner = np.zeros(shape, np.uint8)
+        cv2.fillPoly(inner, [np.round(inner_poly).astype(np.int32)], 255)
+        hard = cv2.bitwise_and(hard, inner)
+    else:
+        cv2.fillPoly(hard, [np.round(inner_poly).astype(np.int32)], 255)
+    return _feathered(hard, d["feather"] * iod)
+
+
+def _lowpass(img: np.ndarray, weight: np.ndarray, sigma: float) -> np.ndarray:
+    """Mask-weighted Gaussian low-pass: the local mean of ``img`` over the pixels where ``weight`` > 0."""
+    k = max(1, int(sigma // 4))
+    h, w = weight.shape
+    small = (max(1, w // k), max(1, h // k))
+    ws = cv2.resize(weight, small, interpolation=cv2.INTER_AREA)
+    xs = cv2.resize(img * weight[..., None], small, interpolation=cv2.INTER_AREA)
+    num = cv2.GaussianBlur(xs, (0, 0), sigma / k)
+    den = cv2.GaussianBlur(ws, (0, 0), sigma / k)[..., None] + 1e-6
+    return cv2.resize(num / den, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def match_colour(warped: np.ndarray, target: np.ndarray, support: np.ndarray, sigma: float) -> np.ndarray:
+    """``warped`` (RGB uint8) given the target's colour and light region by region: in Lab, the
+    target's local mean replaces the template's local mean; detail finer than ``sigma`` stays the template's."""
+    w = cv2.cvtColor(warped.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+    t = cv2.cvtColor(target.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+    weight = support.astype(np.float32)
+    out = w + _lowpass(t, weight, sigma) - _lowpass(w, weight, sigma)
+    out[..., 0] = np.clip(out[..., 0], 0, 100)
+    rgb = cv2.cvtColor(out, cv2.COLOR_LAB2RGB)
+    return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def _box(pts: np.ndarray, pad: int, shape) -> tuple[slice, slice] | None:
+    h, w = shape[:2]
+    lo = np.maximum(np.floor(pts.min(axis=0)) - pad, 0).astype(int)
+    hi = np.minimum(np.ceil(pts.max(axis=0)) + pad, [w, h]).astype(int)
+    return None if np.any(hi - lo < 4) else (slice(lo[1], hi[1]), slice(lo[0], hi[0]))
+
+
+def match_brows(face: np.ndarray, target: np.ndarray, local: np.ndarray, iod: float, grow: float) -> np.ndarray:
+    """The template's brow hairs take the colour of the target's brow hairs; the skin between the hairs keeps
+    the colour the region match gave it. Each pixel counts as hair by how much darker it is than the skin
+    around the brow, so dark brows on a fair redhead turn auburn without a pale fringe."""
+    out = face.copy()
+    g = max(1, int(round(grow * iod)))
+    for name in ("right_brow", "left_brow"):
+        pts = fm.contour(local, name)
+        box = _box(pts, 4 * g, face.shape)
+        if box is None:
+            continue
+        shape = (box[0].stop - box[0].start, box[1].stop - box[1].start)
+        off = np.array([box[1].start, box[0].start])
+        brow = fm.fill_contours(shape, local - off, [name], grow=g) > 0
+        ring = (fm.fill_contours(shape, local - off, [name], grow=3 * g) > 0) & ~brow
+        if brow.sum() < 12 or ring.sum() < 12:
+            continue
+        fl = cv2.cvtColor(out[box].astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+        tl = cv2.cvtColor(target[box].astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+
+        def hair_weight(lab):
+            skin = np.median(lab[ring][:, 0])
+            dark = np.percentile(lab[brow][:, 0], 15)
+            return np.clip((skin - lab[..., 0]) / max(4.0, skin - dark), 0.0, 1.0)
+
+        wf, wt = hair_weight(fl) * brow, hair_weight(tl) * brow
+        if wf.sum() < 4 or wt.sum() < 4:
+            continue
+        hair_f = (fl * wf[..., None]).sum(axis=(0, 1)) / wf.sum()
+        hair_t = (tl * wt[..., None]).sum(axis=(0, 1)) / wt.sum()
+        soft = cv2.GaussianBlur(brow.astype(np.float32), (0, 0), max(1.0, g / 2))
+        shifted = fl + (hair_t - hair_f) * (hair_weight(fl) * soft)[..., None]
+        shifted[..., 0] = np.clip(shifted[..., 0], 0, 100)
+        out[box] = np.clip(cv2.cvtColor(shifted, cv2.COLOR_LAB2RGB) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return out
+
+
+def match_lips(face: np.ndarray, target: np.ndarray, local: np.ndarray, iod: float) -> np.ndarray:
+    """The template's lips take the target's lip colour (Lab mean inside the lip contour; lipstick stays the
+    image's), faded out over a few pixels at the lips' edge."""
+    box = _box(fm.contour(local, "lips_outer"), 4, face.shape)
+    if box is None:
+        return face
+    shape = (box[0].stop - box[0].start, box[1].stop - box[1].start)
+    lips = fm.fill_contours(shape, local - [box[1].start, box[0].start], ["lips_outer"]) > 0
+    if lips.sum() < 12:
+        return face
+    fl = cv2.cvtColor(face[box].astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+    tl = cv2.cvtColor(target[box].astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+    soft = cv2.GaussianBlur(lips.astype(np.float32), (0, 0), max(1.0, 0.02 * iod)) * lips
+    shifted = fl + (tl[lips].mean(axis=0) - fl[lips].mean(axis=0)) * soft[..., None]
+    shifted[..., 0] = np.clip(shifted[..., 0], 0, 100)
+    out = face.copy()
+    out[box] = np.clip(cv2.cvtColor(shifted, cv2.COLOR_LAB2RGB) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return out
+
+
+def eye_boxes(points: np.ndarray, pad: float = 0.15) -> list[tuple[int, int, int, int]]:
+    """x0, y0, x1, y1 around each eye's contour, padded by ``pad`` inter-ocular distances."""
+    r, le = fm.contour(points, "right_eye"), fm.contour(points, "left_eye")
+    iod = float(np.linalg.norm(le.mean(axis=0) - r.mean(axis=0)))
+    boxes = []
+    for eye in (r, le):
+        lo, hi = eye.min(axis=0) - pad * iod, eye.max(axis=0) + pad * iod
+        boxes.append((int(np.floor(lo[0])), int(np.floor(lo[1])), int(np.ceil(hi[0])), int(np.ceil(hi[1]))))
+    return boxes
+
+
+def sharpness(rgb: np.ndarray, boxes: list[tuple[int, int, int, int]]) -> float:
+    """Mean Laplacian variance of the grey image inside the boxes (clipped to the image)."""
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    h, w = grey.shape
+    vals = []
+    for x0, y0, x1, y1 in boxes:
+        x0, y0, x1, y1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
+        if x1 - x0 >= 3 and y1 - y0 >= 3:
+            vals.append(float(cv2.Laplacian(grey[y0:y1, x0:x1], cv2.CV_64F).var()))
+    return float(np.mean(vals)) if vals else 0.0
+
+
+def match_detail(warped: np.ndarray, target: np.ndarray, boxes, min_ratio: float, max_ratio: float,
+                 max_gain: float) -> np.ndarray:
+    """Sharpen ``warped`` (unsharp mask) until its eye boxes carry at least ``min_ratio`` of the target's
+    detail (a template face enlarged by the warp would look soft beside the image), or soften it to at most
+    ``max_ratio`` (a crisp face pasted into a soft photo looks cut out)."""
+    ref = sharpness(target, boxes)
+    have = sharpness(warped, boxes)
+    f = warped.astype(np.float32)
+    if have > max_ratio * ref > 0:
+        for sigma in (0.5, 0.7, 0.9, 1.1, 1.4, 1.8):
+            soft = np.clip(cv2.GaussianBlur(f, (0, 0), sigma) + 0.5, 0, 255).astype(np.uint8)
+            if sharpness(soft, boxes) <= max_ratio * ref:
+                break
+        return soft
+    want = min_ratio * ref
+    if have <= 0 or have >= want:
+        return warped
+    high = f - cv2.GaussianBlur(f, (0, 0), 1.0)
+    lo, hi = 0.0, max_gain
+    for _ in range(8):  # bisect the gain: the Laplacian variance grows monotonically with it
+        g = (lo + hi) / 2
+        if sharpness(np.clip(f + g * high + 0.5, 0, 255).astype(np.uint8), boxes) < want:
+            lo = g
+        else:
+            hi = g
+    return np.clip(f + hi * high + 0.5, 0, 255).astype(np.uint8)
+
+
+def two_band_blend(target: np.ndarray, face: np.ndarray, alpha: np.ndarray, strength: float,
+                   sigma: float) -> np.ndarray:
+    """Blend without ghosting: the broad shapes (finer than ``sigma`` left out) are mixed by ``alpha``; the
+    fine detail (lashes, pores, hair of the brows) comes from one image only, the template's where the mask
+    shape is mostly in, so two sets of lashes or pores are never averaged into a soft double image. At low
+    strength (below 0.25) the detail stays the target's, above 0.75 it is the template's, in between mixed."""
+    t = target.astype(np.float32)
+    f = face.astype(np.float32)
+    lo_t, lo_f = cv2.GaussianBlur(t, (0, 0), sigma), cv2.GaussianBlur(f, (0, 0), sigma)
+    a = alpha[..., None]
+    shape = alpha / max(float(alpha.max()), 1e-6)
+    a_hi = np.clip((shape - 0.35) / 0.3, 0.0, 1.0)
+    a_hi = (a_hi * a_hi * (3 - 2 * a_hi)) * float(np.clip((strength - 0.25) / 0.5, 0.0, 1.0))
+    a_hi = a_hi[..., None] * (alpha[..., None] > 0)
+    out = lo_t * (1 - a) + lo_f * a + (t - lo_t) * (1 - a_hi) + (f - lo_f) * a_hi
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)

@@ -1,0 +1,218 @@
+"""The geometry of FaceFusion: the 468-point mesh of two faces, the warp between them, and the guards.
+
+The template face is warped onto the target triangle by triangle (a Delaunay mesh over the template's
+468 points), so every feature of the template lands on the target's own feature: the target keeps its
+outline, jaw and pose. Before any pixel is blended the two meshes are compared (head pose, mouth and
+eyes, the warp's triangles); what fails decides how much is fused (``data/fusion.json``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from . import face_mesh as fm
+from .data_files import load
+LEVELS = ("full", "reduced", "eyes_brows", "skip")  # from the most fused to the least
+
+
+def settings_data() -> dict:
+    """``data/fusion.json``: the inner face, the blend and the guards' thresholds."""
+    return load("fusion.json")
+
+
+def _idx(name: str) -> int:
+    return fm.topology()["points"][name]
+
+
+@dataclass
+class FaceShape:
+    """One face's mesh and the measures the guards compare, lengths in inter-ocular distances (IOD)."""
+
+    points: np.ndarray  # (468, 2)
+    presence: float
+    iod: float
+    yaw: float  # nose tip across the face, -0.5..0.5 of the cheek-to-cheek width (0: facing the camera)
+    pitch: float  # nose tip down from the eye line, as a share of the eye-to-mouth distance
+    mouth_open: float  # inner lips apart, IOD
+    mouth_width: float  # corner to corner, IOD
+    eye_open: float  # mean eyelid gap over eye width
+
+    @classmethod
+    def of(cls, points: np.ndarray, presence: float = 1.0) -> "FaceShape":
+        p = np.asarray(points, np.float64)
+        r_eye = fm.contour(p, "right_eye").mean(axis=0)
+        l_eye = fm.contour(p, "left_eye").mean(axis=0)
+        iod = float(np.linalg.norm(l_eye - r_eye)) or 1.0
+        right = (l_eye - r_eye) / iod
+        down = np.array([-right[1], right[0]])
+        eyes = (r_eye + l_eye) / 2
+        mouth = (p[_idx("mouth_right")] + p[_idx("mouth_left")]) / 2
+        if np.dot(mouth - eyes, down) < 0:
+            down = -down
+        nose = p[_idx("nose_tip")]
+        cheeks = p[_idx("right_cheek")], p[_idx("left_cheek")]
+        width = abs(float(np.dot(cheeks[1] - cheeks[0], right))) or 1.0
+        yaw = float(np.dot(nose - (cheeks[0] + cheeks[1]) / 2, right)) / width
+        pitch = float(np.dot(nose - eyes, down)) / (abs(float(np.dot(mouth - eyes, down))) or 1.0)
+        mouth_open = float(np.linalg.norm(p[13] - p[14])) / iod
+        mouth_width = float(np.linalg.norm(p[_idx("mouth_right")] - p[_idx("mouth_left")])) / iod
+        eye_open = (np.linalg.norm(p[159] - p[145]) / (np.linalg.norm(p[33] - p[133]) or 1.0)
+                    + np.linalg.norm(p[386] - p[374]) / (np.linalg.norm(p[263] - p[362]) or 1.0)) / 2
+        return cls(p, presence, iod, yaw, pitch, mouth_open, mouth_width, float(eye_open))
+
+    @property
+    def centre(self) -> np.ndarray:
+        """Midway between the eye centres and the mouth centre: the point the inner face shrinks toward."""
+        p = self.points
+        eyes = (fm.contour(p, "right_eye").mean(axis=0) + fm.contour(p, "left_eye").mean(axis=0)) / 2
+        mouth = (p[_idx("mouth_right")] + p[_idx("mouth_left")]) / 2
+        return (eyes + mouth) / 2
+
+    def inner_polygon(self, scale: float) -> np.ndarray:
+        """The face oval pulled toward the face's centre: brows, eyes, nose, mouth, cheeks."""
+        oval = fm.contour(self.points, "face_oval").astype(np.float64)
+        c = self.centre
+        return c + (oval - c) * scale
+
+    def outside_inner(self, scale: float) -> np.ndarray:
+        """Indices of the mesh points outside the inner face (outline, jaw, forehead, temples)."""
+        poly = self.inner_polygon(scale).astype(np.float32)
+        return np.array([i for i, q in enumerate(self.points)
+                         if cv2.pointPolygonTest(poly, (float(q[0]), float(q[1])), False) < 0], np.int32)
+
+
+@dataclass
+class Verdict:
+    """How much of the template a target can take, and why (empty reasons: all checks passed)."""
+
+    level: str = "full"
+    reasons: list[str] = field(default_factory=list)
+    reduced: bool = False  # blend with a lower strength (combines with any region)
+
+    def lower(self, level: str, reason: str) -> None:
+        self.reasons.append(reason)
+        if level == "reduced":
+            self.reduced = True
+        if LEVELS.index(level) > LEVELS.index(self.level):
+            self.level = level
+
+    @property
+    def region(self) -> str:
+        """'inner' (brows, eyes, nose, mouth, cheeks), 'eyes_brows' or 'none'."""
+        return {"skip": "none", "eyes_brows": "eyes_brows"}.get(self.level, "inner")
+
+
+def compare_faces(tpl: FaceShape, tgt: FaceShape) -> Verdict:
+    """Pose and expression guards: the template's face against the target's."""
+    g = settings_data()["guards"]
+    v = Verdict()
+    for shape, who in ((tpl, "template"), (tgt, "target")):
+        if shape.presence < g["min_presence"]:
+            v.lower("skip", f"the {who}'s face mesh is unsure (presence {shape.presence:.2f})")
+    dyaw, dpitch = abs(tpl.yaw - tgt.yaw), abs(tpl.pitch - tgt.pitch)
+    if dyaw > g["yaw_skip"]:
+        v.lower("skip", f"head turned too differently (yaw apart {dyaw:.2f})")
+    elif dyaw > g["yaw_reduce"]:
+        v.lower("reduced", f"head turned differently (yaw apart {dyaw:.2f})")
+    if dpitch > g["pitch_skip"]:
+        v.lower("skip", f"head tilted too differently (pitch apart {dpitch:.2f})")
+    elif dpitch > g["pitch_reduce"]:
+        v.lower("reduced", f"head tilted differently (pitch apart {dpitch:.2f})")
+    dmouth = abs(tpl.mouth_open - tgt.mouth_open)
+    wratio = max(tpl.mouth_width, tgt.mouth_width) / max(1e-6, min(tpl.mouth_width, tgt.mouth_width))
+    if dmouth > g["mouth_open_diff"]:
+        v.lower("eyes_brows", f"mouth {'open' if tgt.mouth_open > tpl.mouth_open else 'closed'} in the image, "
+                              f"not in the template (gap apart {dmouth:.2f} IOD)")
+    elif wratio > g["mouth_width_ratio"]:
+        v.lower("eyes_brows", f"smile differs (mouth widths {wratio:.2f}x apart)")
+    deye = abs(tpl.eye_open - tgt.eye_open)
+    if deye > g["eye_open_diff"]:
+        v.lower("reduced", f"eyes open differently (eyelid gap apart {deye:.2f})")
+    return v
+
+
+def triangulate(points: np.ndarray) -> np.ndarray:
+    """Delaunay triangles (index triples) over ``points``."""
+    lo = np.floor(points.min(axis=0)) - 2
+    hi = np.ceil(points.max(axis=0)) + 2
+    div = cv2.Subdiv2D((int(lo[0]), int(lo[1]), int(hi[0] - lo[0]) + 1, int(hi[1] - lo[1]) + 1))
+    index = {}
+    for i, q in enumerate(points):
+        index.setdefault((float(np.float32(q[0])), float(np.float32(q[1]))), i)  # Subdiv2D keeps float32 points
+        div.insert((float(q[0]), float(q[1])))
+    tris = []
+    for t in div.getTriangleList().reshape(-1, 3, 2):
+        idx = [index.get((float(np.float32(v[0])), float(np.float32(v[1])))) for v in t]
+        if None not in idx and len(set(idx)) == 3:  # corners at the outer bounding vertices are left out
+            tris.append(idx)
+    return np.array(tris, np.int32).reshape(-1, 3)
+
+
+def signed_areas(points: np.ndarray, tris: np.ndarray) -> np.ndarray:
+    a, b, c = points[tris[:, 0]], points[tris[:, 1]], points[tris[:, 2]]
+    return (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])
+
+
+def check_warp(tpl: FaceShape, tgt: FaceShape, tris: np.ndarray, region: np.ndarray, verdict: Verdict,
+               level_if_bad: str) -> None:
+    """Flipped, degenerate or oddly scaled triangles among those whose three corners lie in ``region``
+    (a boolean per mesh point): the warp would tear or smear there."""
+    sel = tris[region[tris].all(axis=1)]
+    if len(sel) == 0:
+        return
+    g = settings_data()["guards"]
+    a_src = signed_areas(tpl.points, sel) / tpl.iod ** 2
+    a_dst = signed_areas(tgt.points, sel) / tgt.iod ** 2
+    tiny = 1e-5
+    flipped = int(np.sum((np.sign(a_src) != np.sign(a_dst)) & (np.abs(a_dst) > tiny) & (np.abs(a_src) > tiny)))
+    degenerate = int(np.sum((np.abs(a_dst) <= tiny) != (np.abs(a_src) <= tiny)))
+    ok = (np.abs(a_src) > tiny) & (np.abs(a_dst) > tiny)
+    scale = np.sqrt(np.abs(a_dst[ok]) / np.abs(a_src[ok]))
+    odd = 0
+    if len(scale):
+        rel = scale / np.median(scale)
+        odd = int(np.sum((rel > g["scale_tolerance"]) | (rel < 1 / g["scale_tolerance"])))
+    bad = flipped + degenerate + odd
+    if bad > g["scale_outlier_fraction"] * len(sel):
+        verdict.lower(level_if_bad, f"the warp would fold or stretch {bad} of {len(sel)} triangles "
+                                    f"({flipped} flipped, {degenerate} degenerate, {odd} scaled far from the mean)")
+
+
+def warp_patch(src: np.ndarray, src_pts: np.ndarray, dst_pts: np.ndarray, tris: np.ndarray,
+               roi: tuple[int, int, int, int]) -> np.ndarray:
+    """Piecewise-affine warp of ``src`` so that ``src_pts`` land on ``dst_pts``; returns the ``roi``
+    (x0, y0, x1, y1) patch of the target frame. Pixels no triangle covers take the whole face's similarity
+    fit (they lie outside the mesh, where no blend reaches)."""
+    x0, y0, x1, y1 = roi
+    w, h = x1 - x0, y1 - y0
+    local = dst_pts.astype(np.float64) - [x0, y0]
+    label = np.full((h, w), -1, np.int32)
+    corners = np.round(local[tris]).astype(np.int32)
+    for k in range(len(tris)):
+        cv2.fillConvexPoly(label, corners[k], k)
+    # Every triangle's affine map from the target to the template, solved at once: [x y 1] M^T = src.
+    dst_h = np.concatenate([local[tris], np.ones((len(tris), 3, 1))], axis=2)
+    with np.errstate(all="ignore"):
+        maps = np.linalg.solve(dst_h + np.eye(3) * 1e-9, src_pts[tris].astype(np.float64)).transpose(0, 2, 1)
+    maps = np.nan_to_num(maps)
+    whole, _ = cv2.estimateAffinePartial2D(local, src_pts.astype(np.float64))
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    map_x = whole[0, 0] * xx + whole[0, 1] * yy + whole[0, 2]
+    map_y = whole[1, 0] * xx + whole[1, 1] * yy + whole[1, 2]
+    inside = label >= 0
+    m = maps[label[inside]]
+    map_x[inside] = m[:, 0, 0] * xx[inside] + m[:, 0, 1] * yy[inside] + m[:, 0, 2]
+    map_y[inside] = m[:, 1, 0] * xx[inside] + m[:, 1, 1] * yy[inside] + m[:, 1, 2]
+    return cv2.remap(src, map_x.astype(np.float32), map_y.astype(np.float32), cv2.INTER_CUBIC,
+                     borderMode=cv2.BORDER_REPLICATE)
+
+
+def outline_shift(before: FaceShape, after_points: np.ndarray, scale: float) -> float:
+    """The largest move of a mesh point outside the inner face, in IOD."""
+    idx = before.outside_inner(scale)
+    if len(idx) == 0:
+        return 0.0
+    return float(np.max(np.linalg.norm(after_points[idx] - before.points[idx], axis=1)) / before.iod)

@@ -1,0 +1,45 @@
+"""The recogniser's vector of a photo's largest face, remembered by the photo's pixels.
+
+FaceFusion and RTSRank both take the person's training crops as their likeness reference in the bundled
+train+generate graph; the second one finds them here instead of detecting and embedding them again.
+"""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from collections import OrderedDict
+
+import numpy as np
+
+from .recognition import embed_face
+from .threads import detect_faces_per_thread
+
+_MAX = 256  # photos remembered (a few hundred 128-512 floats: well under a megabyte)
+_cache: OrderedDict = OrderedDict()
+_lock = threading.Lock()
+
+
+def image_crc(rgb: np.ndarray) -> int:
+    """CRC-32 of an image's uint8 pixels and shape: ties a stored vector to the exact image it was taken on."""
+    return zlib.crc32(np.ascontiguousarray(rgb, np.uint8).tobytes(), zlib.crc32(str(rgb.shape).encode()))
+
+
+def photo_embedding(rgb: np.ndarray, detector: str = "embedded", backend: str = "embedded") -> np.ndarray | None:
+    """The embedding of the largest face in ``rgb`` (None without a face), computed once per photo. Only the
+    embedded recogniser's vectors are remembered: a learned model's file can be replaced between runs."""
+    if backend != "embedded":
+        faces = detect_faces_per_thread(rgb, detector)
+        return embed_face(rgb, faces[0], backend) if faces else None
+    key = (image_crc(rgb), detector, backend)
+    with _lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+    faces = detect_faces_per_thread(rgb, detector)
+    vec = embed_face(rgb, faces[0], backend) if faces else None
+    with _lock:
+        _cache[key] = vec
+        while len(_cache) > _MAX:
+            _cache.popitem(last=False)
+    return vec
