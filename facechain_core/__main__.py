@@ -7,6 +7,11 @@ they are, centre-cropped square and resized). FILE is an SD1.5 single-file check
 model configs ship with the pack, nothing is downloaded. The LoRA is written with kohya key names (ComfyUI's
 LoraLoader, A1111 and Forge load it), to a temporary name first; an existing file is kept unless
 ``--overwrite``. Ctrl-C stops within one step and writes nothing.
+
+    python -m facechain_core portraits --photos DIR --checkpoint FILE --style NAME --out DIR
+    python -m facechain_core batch --people DIR --scheduler local|ADDRESS --checkpoint FILE --out DIR
+
+run the whole pipeline for one person, or for many on Dask (facechain_core/pipeline.py, batch.py).
 """
 
 from __future__ import annotations
@@ -58,11 +63,8 @@ def console_progress(every_s: float = 2.0):
 
 
 def train_command(args) -> int:
-    import torch
-
-    from .lora_format import kohya_metadata
-    from .train import TrainSettings, check_free, resolve_captions, save_lora, train_lora, weights_fingerprint
-    from .train import diffusers_backbone as db
+    from . import standalone
+    from .train import TrainSettings, check_free, resolve_captions
 
     out = Path(args.out)
     if out.suffix != ".safetensors":
@@ -72,34 +74,16 @@ def train_command(args) -> int:
     print(report)
     lines = Path(args.captions).read_text(encoding="utf-8") if args.captions else ""
     captions, trigger = resolve_captions(len(images), None, lines, args.trigger)
-
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda":
-        dtype = torch.bfloat16 if args.precision in ("auto", "bf16") and torch.cuda.is_bf16_supported() \
-            else torch.float16
-        if args.precision == "fp32":
-            dtype = torch.float32
-    else:
-        dtype = torch.float32
+    device, dtype = standalone.choose_device(args.device, args.precision)
     print(f"loading {args.checkpoint} ({device}, {str(dtype).replace('torch.', '')})", flush=True)
-    unet, vae, text, original_unet = db.load_checkpoint(args.checkpoint, device=device, dtype=dtype)
-    base_hash = weights_fingerprint(original_unet.items())
-    del original_unet
-    backbone = db.make_backbone(unet, vae, text, device)
+    models = standalone.load_models(args.checkpoint, device, dtype)
     settings = TrainSettings().with_(rank=args.rank, learning_rate=args.lr, samples=args.samples,
                                      batch_size=args.batch_size, flip=not args.no_flip, seed=args.seed,
                                      train_text_encoder=args.train_text_encoder, precision=args.precision,
                                      gradient_checkpointing=args.gradient_checkpointing or None,
                                      compile=args.compile or None).validate()
-    pixels = torch.from_numpy(images.astype(np.float32) / 255.0)
-    result = train_lora(backbone, pixels, captions, settings, console_progress())
-    meta = kohya_metadata("sd15", settings.rank, settings.lora_alpha, result.steps, result.samples, trigger,
-                          captions, base_hash, train_text_encoder=settings.train_text_encoder,
-                          extra={"ss_output_name": out.stem, "facechain_batch_size": settings.batch_size,
-                                 "facechain_learning_rate": settings.learning_rate, "facechain_seed": settings.seed,
-                                 "facechain_precision": result.precision,
-                                 "facechain_images": ",".join(names)})
-    save_lora(out, result.lora, meta, args.overwrite)
+    result = standalone.train_and_save(models, images, captions, trigger, settings, out, names, args.overwrite,
+                                       console_progress())
     print(f"LoRA saved: {out}\ntrigger: {trigger}\n{result.summary()}")
     return 0
 
@@ -131,14 +115,19 @@ def main(argv=None) -> int:
     t.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA)")
     t.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     t.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    from .pipeline_cli import add_batch_parser, add_portraits_parser
+
+    add_portraits_parser(sub)
+    add_batch_parser(sub)
     args = ap.parse_args(argv)
     try:
-        return train_command(args)
+        return args.run(args) if hasattr(args, "run") else train_command(args)
     except FaceChainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ncancelled: nothing written", file=sys.stderr)
+        done = ": nothing written" if args.command == "train" else "; the manifests say where each person stopped"
+        print(f"\ncancelled{done}", file=sys.stderr)
         return 130
 
 

@@ -239,3 +239,29 @@ def rank_images(images: list[np.ndarray], references: list[np.ndarray], settings
     kept = sorted((c for c in candidates if c.accepted), key=lambda c: (-c.score, c.index))[:s.top_n]
     return RankResult([c.index for c in kept], [c.score for c in kept], candidates, len(refs), full, source,
                       s.accept_likeness)
+
+
+IF_NONE_KEPT = ("return unranked", "stop with an error")
+
+
+def order_or_unranked(result: RankResult, n_images: int, top_n: int, if_none_kept: str = IF_NONE_KEPT[0],
+                      note: str = "") -> tuple[list[int], list[float], list[float], str]:
+    """(order, scores, likeness, report with ``note`` after the ranking), for RTSRank and the standalone
+    pipeline. When no image was accepted: an error, or (``if_none_kept`` "return unranked") the most alike
+    images below the accept threshold, else the first ``top_n`` unranked (score 0)."""
+    report = result.report_text() + ("\n" + note if note else "")
+    order, scores, likeness = list(result.order), list(result.scores), list(result.likeness)
+    if not order:
+        if if_none_kept != IF_NONE_KEPT[0]:
+            raise FaceChainError("RTSRank kept no image:\n" + report + "\nGenerate more images, widen the "
+                                 "face size band or lower the accept threshold.")
+        scored = sorted((c for c in result.candidates if c.score is not None), key=lambda c: -c.score)
+        if scored:
+            order = [c.index for c in scored[:top_n]]
+            scores, likeness = [c.score for c in scored[:top_n]], [c.likeness for c in scored]
+            report += "\nNo image reached the accept threshold: returned the most alike ones anyway."
+        else:
+            order = list(range(min(top_n, n_images)))
+            scores, likeness = [0.0] * len(order), [0.0] * len(order)
+            report += "\nNo image showed exactly one plausible face: returned the first ones unranked (score 0)."
+    return order, [float(s) for s in scores], [float(v) for v in likeness[:len(order)]], report

@@ -99,6 +99,40 @@ class Catalogue:
         return join_prompt([style.negative, extra, self.common.get("negative", "")])
 
 
+@dataclass(frozen=True)
+class StylePlan:
+    """What a style asks of one generation: the prompts and the weights of the face and style LoRAs."""
+    style: Style
+    positive: str
+    negative: str
+    face_weight: float
+    style_weight: float  # 0 for prompt-only styles
+    trigger: str
+    subject: str
+    shared_tags: str
+
+
+def plan_style(cat: Catalogue, style: str, captions: dict | None = None, face_weight: float = -1.0,
+               style_weight: float = -1.0, trigger: str = "", subject: str = "", shared_tags: str = "",
+               extra_prompt: str = "") -> StylePlan:
+    """ApplyStyleLoRA's choices, also used by the standalone pipeline: trigger, subject and shared tags typed
+    in or from AutoTag's captions; a weight of -1 takes the style's own pairing."""
+    chosen = cat.get(style)
+    caps = captions if isinstance(captions, dict) else {}
+    trigger = trigger.strip() or str(caps.get("trigger", "")).strip()
+    subject = subject.strip() or str(caps.get("subject", "")).strip()
+    tags = shared_tags.strip()
+    if not tags:
+        t = caps.get("shared_tags", [])
+        tags = ", ".join(str(x) for x in t) if isinstance(t, (list, tuple)) else str(t)
+    fw = chosen.face_lora_weight if face_weight < 0 else float(face_weight)
+    sw = 0.0
+    if chosen.style_lora is not None:
+        sw = chosen.style_lora.weight if style_weight < 0 else float(style_weight)
+    return StylePlan(chosen, cat.positive_prompt(chosen, [trigger, subject, tags], extra_prompt),
+                     cat.negative_prompt(chosen), fw, sw, trigger, subject, tags)
+
+
 def _norm(s: str) -> str:
     return re.sub(r"[\s_\-]+", " ", str(s)).strip().lower()
 

@@ -116,14 +116,9 @@ class ApplyStyleLoRA:
     def apply(self, model, clip, style, face_lora, face_weight, style_weight, trigger, subject, shared_tags,
               extra_prompt, captions=None, face_lora_path=None):
         cat = styles.catalogue()
-        chosen = cat.get(style)
-        caps = captions if isinstance(captions, dict) else {}
-        trigger = trigger.strip() or str(caps.get("trigger", "")).strip()
-        subject = subject.strip() or str(caps.get("subject", "")).strip()
-        tags = shared_tags.strip()
-        if not tags:
-            t = caps.get("shared_tags", [])
-            tags = ", ".join(str(x) for x in t) if isinstance(t, (list, tuple)) else str(t)
+        plan = styles.plan_style(cat, style, captions, face_weight, style_weight, trigger, subject, shared_tags,
+                                 extra_prompt)
+        chosen, fw, sw = plan.style, plan.face_weight, plan.style_weight
 
         lines = [f"Style: {chosen.name}" + (" (prompt only)" if chosen.prompt_only else "")]
         face_path = None
@@ -131,13 +126,10 @@ class ApplyStyleLoRA:
             face_path = resolve_lora(str(face_lora_path), "face LoRA")
         elif face_lora and face_lora != NONE:
             face_path = resolve_lora(face_lora, "face LoRA")
-        fw = chosen.face_lora_weight if face_weight < 0 else float(face_weight)
         # The style LoRA is looked up before anything is patched, so a missing file fails fast.
-        style_path, sw = None, 0.0
-        if chosen.style_lora is not None:
-            sw = chosen.style_lora.weight if style_weight < 0 else float(style_weight)
-            if sw != 0.0:
-                style_path = styles.find_style_lora(chosen, folder_paths.get_folder_paths("loras"))
+        style_path = None
+        if chosen.style_lora is not None and sw != 0.0:
+            style_path = styles.find_style_lora(chosen, folder_paths.get_folder_paths("loras"))
         if face_path is not None and fw != 0.0:
             model, clip = comfy.sd.load_lora_for_models(model, clip, self._lora(face_path), fw, fw)
             lines.append(f"Face LoRA: {face_path.name} at {fw:g}")
@@ -147,8 +139,7 @@ class ApplyStyleLoRA:
             model, clip = comfy.sd.load_lora_for_models(model, clip, self._lora(style_path), sw, sw)
             lines.append(f"Style LoRA: {chosen.style_lora.file} at {sw:g}")
 
-        positive = cat.positive_prompt(chosen, [trigger, subject, tags], extra_prompt)
-        negative = cat.negative_prompt(chosen)
+        positive, negative = plan.positive, plan.negative
         lines += [f"Positive: {positive}", f"Negative: {negative}"]
         preview = numpy_to_images([styles.preview_image(chosen)])
         return {"ui": {"text": ["\n".join(lines)]}, "result": (model, clip, positive, negative, preview)}

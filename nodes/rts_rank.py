@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from ..facechain_core import licences
 from ..facechain_core.errors import FaceChainError
-from ..facechain_core.rank import RankSettings, filter_defaults, rank_images
+from ..facechain_core.rank import IF_NONE_KEPT, RankSettings, filter_defaults, order_or_unranked, rank_images
 from ..facechain_core.recognition import BACKENDS
 from .common import CATEGORY, first, progress
 from .sockets import DETECTIONS, batches_of, images_to_numpy
 
-IF_NONE = ("return unranked", "stop with an error")
+IF_NONE = IF_NONE_KEPT
 
 
 class RTSRank:
@@ -77,27 +77,13 @@ class RTSRank:
             settings.accept_likeness = float(first(accept_likeness))
         result = rank_images(arrays, refs, settings, [str(n) for n in names or []], progress(len(arrays)),
                              first(detections) if detections else None)
-        report = result.report_text() + "\n" + licences.line(rank=settings.backend)
-        order, scores, likeness = result.order, result.scores, result.likeness
-        if not order:
-            if first(if_none_kept) != IF_NONE[0]:
-                raise FaceChainError("RTSRank kept no image:\n" + report + "\nGenerate more images, widen the "
-                                     "face size band or lower the accept threshold.")
-            scored = sorted((c for c in result.candidates if c.score is not None), key=lambda c: -c.score)
-            if scored:
-                order = [c.index for c in scored[:settings.top_n]]
-                scores, likeness = [c.score for c in scored[:settings.top_n]], [c.likeness for c in scored]
-                report += "\nNo image reached the accept threshold: returned the most alike ones anyway."
-            else:
-                order = list(range(min(settings.top_n, len(arrays))))
-                scores, likeness = [0.0] * len(order), [0.0] * len(order)
-                report += "\nNo image showed exactly one plausible face: returned the first ones unranked (score 0)."
+        order, scores, likeness, report = order_or_unranked(result, len(arrays), settings.top_n,
+                                                            first(if_none_kept), licences.line(rank=settings.backend))
         out = [singles[i] for i in order]
         by_index = {c.index: c for c in result.candidates}
         rejected = [i for i in result.rejected if i not in order]
         reasons = [f"{by_index[i].name}: {by_index[i].why_dropped}" for i in rejected]
-        return {"ui": {"text": [report]}, "result": (out, [float(s) for s in scores], report,
-                                                     [float(v) for v in likeness[:len(order)]],
+        return {"ui": {"text": [report]}, "result": (out, scores, report, likeness,
                                                      [singles[i] for i in rejected], reasons)}
 
 
