@@ -150,6 +150,37 @@ def faces_from_dicts(items, name: str) -> list[Face]:
     return sorted(faces, key=lambda f: f.area, reverse=True)
 
 
+def _check_inputs(images: list, references: list, detections: list | None) -> None:
+    if not images:
+        raise FaceChainError("RTSRank got no images to rank.")
+    if not references:
+        raise FaceChainError("RTSRank got no reference image: connect the template face or the training crops.")
+    if detections is not None and len(detections) != len(images):
+        raise FaceChainError(f"RTSRank got face data for {len(detections)} images but {len(images)} images; "
+                             f"connect the detections of the FaceFusion that made these images.")
+
+
+def first_detection(detections: list[list[dict]] | None, i: int) -> dict:
+    """The first face record FaceFusion passed along for image ``i`` ({} when none)."""
+    items = detections[i] if detections is not None else []
+    return items[0] if items and isinstance(items[0], dict) else {}
+
+
+def given_embedding(face: dict, rgb: np.ndarray) -> np.ndarray | None:
+    """FaceFusion's SFace vector of this face, when it was taken on exactly these pixels."""
+    if "embedding" not in face or face.get("image_crc") != image_crc(rgb):
+        return None
+    vec = np.asarray(face["embedding"], np.float32)
+    return vec if vec.ndim == 1 and np.all(np.isfinite(vec)) and np.linalg.norm(vec) > 0 else None
+
+
+def fusion_note(face: dict) -> str:
+    """FaceFusion's word on an image, when it fused less than the whole inner face or not at all."""
+    if "fusion" not in face:
+        return ""
+    return f"{face['fusion'].replace('_', ' and ')}: {face.get('fusion_note', '')}".rstrip(": ")
+
+
 def rank_images(images: list[np.ndarray], references: list[np.ndarray], settings: RankSettings | None = None,
                 names: list[str] | None = None, progress: ProgressFn | None = None,
                 detections: list[list[dict]] | None = None) -> RankResult:
@@ -160,13 +191,7 @@ def rank_images(images: list[np.ndarray], references: list[np.ndarray], settings
     s = settings or RankSettings()
     s.check()
     progress = progress or no_progress
-    if not images:
-        raise FaceChainError("RTSRank got no images to rank.")
-    if not references:
-        raise FaceChainError("RTSRank got no reference image: connect the template face or the training crops.")
-    if detections is not None and len(detections) != len(images):
-        raise FaceChainError(f"RTSRank got face data for {len(detections)} images but {len(images)} images; "
-                             f"connect the detections of the FaceFusion that made these images.")
+    _check_inputs(images, references, detections)
     names = names if names and len(names) == len(images) else [f"image {i + 1}" for i in range(len(images))]
     get_recogniser(s.backend)  # load (or fail on a missing model) before any work
     progress(0, len(images), None)
@@ -189,27 +214,10 @@ def rank_images(images: list[np.ndarray], references: list[np.ndarray], settings
             c.why_dropped = why
             return c
         c.face = faces[0]
-        c.embedding = given_embedding(i, rgb) if s.backend == "embedded" else None
+        c.embedding = given_embedding(first_detection(detections, i), rgb) if s.backend == "embedded" else None
         if c.embedding is None:
             c.embedding = embed_face(rgb, faces[0], s.backend)
         return c
-
-    def given_embedding(i: int, rgb: np.ndarray) -> np.ndarray | None:
-        """FaceFusion's SFace vector of this face, when it was taken on exactly these pixels."""
-        items = detections[i] if detections is not None else []
-        d = items[0] if items and isinstance(items[0], dict) else {}
-        if "embedding" not in d or d.get("image_crc") != image_crc(rgb):
-            return None
-        vec = np.asarray(d["embedding"], np.float32)
-        return vec if vec.ndim == 1 and np.all(np.isfinite(vec)) and np.linalg.norm(vec) > 0 else None
-
-    def fusion_note(i: int) -> str:
-        """FaceFusion's word on this image, when it fused less than the whole inner face or not at all."""
-        items = detections[i] if detections is not None else []
-        first_face = items[0] if items and isinstance(items[0], dict) else {}
-        if "fusion" not in first_face:
-            return ""
-        return f"{first_face['fusion'].replace('_', ' and ')}: {first_face.get('fusion_note', '')}".rstrip(": ")
 
     # The references and the images are embedded side by side on the same threads.
     jobs = [("ref", i) for i in range(len(references))] + [("img", i) for i in range(len(images))]
@@ -229,7 +237,7 @@ def rank_images(images: list[np.ndarray], references: list[np.ndarray], settings
     ref = ref / np.linalg.norm(ref)
     full, source = self_similarity(refs, s.backend)
     for c in candidates:
-        c.fusion_note = fusion_note(c.index)
+        c.fusion_note = fusion_note(first_detection(detections, c.index))
         if c.embedding is not None:
             c.score = float(np.dot(ref, c.embedding / np.linalg.norm(c.embedding)))
             c.likeness = max(0.0, 100.0 * c.score / full)

@@ -82,11 +82,14 @@ def parse_losses(text: str) -> list[float]:
 
 
 def portrait_scores(rank_report: str, count: int) -> list[str]:
-    """A label per returned portrait (they come most similar first) from RTS Rank's report."""
-    found = {int(r): float(s) for s, r in re.findall(r"similarity (-?[0-9.]+), rank (\d+)$", rank_report, re.M)}
+    """A label per returned portrait (they come most alike first) from RTS Rank's report: rank, likeness in
+    percent of the person's own photo-to-photo similarity, and the raw similarity."""
+    found = {int(r): (p, float(s)) for p, s, r in
+             re.findall(r"likeness (\d+)%, similarity (-?[0-9.]+), rank (\d+)$", rank_report, re.M)}
     if not found:
         return ["unranked: no face of plausible size found"] * count
-    return [f"rank {i + 1}, likeness {found[i + 1]:.3f}" if i + 1 in found else "unranked" for i in range(count)]
+    return [f"rank {i + 1}, likeness {found[i + 1][0]}% (similarity {found[i + 1][1]:.3f})" if i + 1 in found
+            else "unranked" for i in range(count)]
 
 
 def collect(prompt: dict, entry: dict, fetch: Callable[[dict], bytes], photos: list[Path],

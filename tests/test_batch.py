@@ -20,6 +20,8 @@ from safetensors import safe_open
 
 from conftest import ARTIFACTS, COMFY_DIR, FACES, REPO, tiny_checkpoint
 
+pytestmark = pytest.mark.host  # slow layer: Dask clusters and whole pipelines, though no server
+
 SMALL = ["--size", "64", "--samples", "8", "--batch-size", "4", "--images", "2", "--image-size", "64",
          "--steps", "3", "--top", "2"]
 TOKENIZER = str(COMFY_DIR / "comfy" / "sd1_tokenizer")  # CLIP's tokenizer files, from the test ComfyUI

@@ -69,5 +69,7 @@ def test_portrait_labels_come_from_the_ranking_report():
     settings = RankSettings(top_n=3, min_face_fraction=0.02)
     result = rank_images(images, [load_photo(FACES / "obama" / "obama1.jpg")], settings, ["obama2", "obama3", "biden1"])
     labels = run_report.portrait_scores(result.report_text(), len(result.order))
-    assert labels == [f"rank {i + 1}, likeness {s:.3f}" for i, s in enumerate(result.scores)]
-    assert len(labels) == 3 and result.scores[0] > result.scores[-1]
+    assert labels == [f"rank {i + 1}, likeness {p:.0f}% (similarity {s:.3f})"
+                      for i, (p, s) in enumerate(zip(result.likeness, result.scores))]
+    # biden is rejected below the accept threshold: only the two obama photos come back, most alike first
+    assert len(labels) == 2 and result.scores[0] > result.scores[-1]

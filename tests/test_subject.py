@@ -100,6 +100,7 @@ def test_rotated_copies_come_out_upright_and_level(client, comfy_base):
     contact_sheet("subject_rotated.png", tiles)
 
 
+@pytest.mark.host  # slow layer: heavy, though no server
 def test_no_quarter_turn_of_any_shared_photo_is_kept_sideways():
     """Library level, every single-face photo of ../shared/faces at all four quarter turns."""
     for rel in sorted(p.relative_to(FACES).as_posix() for p in FACES.glob("*/*") if p.suffix in (".jpg", ".png")):

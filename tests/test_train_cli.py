@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from safetensors import safe_open
 
 from conftest import COMFY_DIR, FACES, REPO, TINY_CKPT
@@ -55,6 +56,7 @@ def test_cli_trains_on_tiny_checkpoint_and_host_loads_the_file(client, comfy_ser
     assert np.abs(with_lora - base).max() > 1e-3
 
 
+@pytest.mark.host  # slow layer: heavy, though no server
 def test_cli_refuses_to_overwrite_and_bad_checkpoint(tmp_path):
     out = tmp_path / "x.safetensors"
     out.write_bytes(b"keep")

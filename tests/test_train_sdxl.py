@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 
+import pytest
 import torch
 
 from conftest import load_pack
@@ -54,6 +55,7 @@ def tiny_sdxl():
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 
 
+@pytest.mark.host  # slow layer: heavy, though no server
 def test_sdxl_trains_and_comfyui_maps_every_key():
     node = load_backbone_module()
     from facechain_core.train import TrainSettings, train_lora
