@@ -11,6 +11,7 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -193,3 +194,27 @@ def test_install_offline_says_one_line_per_failed_model_goes_on_and_leaves_nothi
     left = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert left == [], left
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").rglob("*"))
+
+
+def test_a_link_in_a_photo_folder_to_a_photo_outside_input_is_skipped_and_named(client, comfy_base, tmp_path):
+    outside = tmp_path / "elsewhere.jpg"
+    outside.write_bytes((FACES / "biden" / "biden1.jpg").read_bytes())
+    folder = comfy_base / "input" / "robust_links"
+    folder.mkdir()
+    for name in ("obama1.jpg", "obama2.jpg"):
+        (folder / name).write_bytes((FACES / "obama" / name).read_bytes())
+    (folder / "linked.jpg").symlink_to(outside)
+    entry = client.run({"1": {"class_type": "FaceChainLoadPhotos", "inputs": {"folder": "robust_links",
+                                                                            "max_photos": 20}},
+                        "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 2]}}})
+    report = "\n".join(entry["outputs"]["1"]["text"])
+    assert "- linked.jpg: skipped, a link to a file outside ComfyUI's input directory" in report, report
+    assert "2 photos" in report and str(tmp_path) not in report
+
+
+def test_the_client_uploads_plain_file_names_only():
+    from facechain_client import upload_name
+
+    assert upload_name(1, Path("/photos/obama1.jpg")) == "obama1.jpg"
+    for odd in ("..", ".hidden.jpg", "x" * 200 + ".jpg", "pic;rm -rf.jpg", "caf\u00e9\u202e.jpg"):
+        assert upload_name(3, Path("/photos") / odd) == f"photo_03{Path(odd).suffix.lower()}", odd
