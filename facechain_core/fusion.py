@@ -145,18 +145,10 @@ class Template:
         return cls(rgb, face, shape, fg.triangulate(shape.points), vec)
 
 
-@dataclass
-class Target:
-    """What fusing needs of one image's face before the template is known (found side by side with the
-    template's): the face's mesh measures and the recogniser's vector of the face as it is."""
-
-    shape: fg.FaceShape
-    embedding: np.ndarray
-
-    @classmethod
-    def of(cls, rgb: np.ndarray, face: Face) -> "Target":
-        mesh = face_mesh(rgb, face.keypoints)
-        return cls(fg.FaceShape.of(mesh.points, mesh.presence), embed_face(rgb, face))
+def target_shape(rgb: np.ndarray, face: Face) -> fg.FaceShape:
+    """The mesh measures of an image's face (taken side by side with the template's)."""
+    mesh = face_mesh(rgb, face.keypoints)
+    return fg.FaceShape.of(mesh.points, mesh.presence)
 
 
 def _roi(points: np.ndarray, iod: float, shape: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -245,9 +237,9 @@ def _after_check(original: np.ndarray, out: np.ndarray, face: Face, tgt: fg.Face
 
 
 def fuse_one(rgb: np.ndarray, faces: list[Face], tpl: Template, s: FusionSettings,
-             target: Target | None = None) -> FusedImage:
-    """Fuse the template into ``rgb`` (RGB uint8), whose faces were already found (and ``target``, the
-    largest face's mesh and vector, when already taken)."""
+             tgt: fg.FaceShape | None = None) -> FusedImage:
+    """Fuse the template into ``rgb`` (RGB uint8), whose faces were already found (and ``tgt``, the
+    largest face's mesh measures, when already taken)."""
     h, w = rgb.shape[:2]
     zero = np.zeros((h, w), np.float32)
     if s.strength == 0.0:
@@ -255,16 +247,16 @@ def fuse_one(rgb: np.ndarray, faces: list[Face], tpl: Template, s: FusionSetting
     if not faces:
         return FusedImage(rgb, zero, "no face found, left unchanged", False, faces=faces)
     face = faces[0]  # the largest: the portrait's subject
-    target = target or Target.of(rgb, face)
-    tgt, original_vec = target.shape, target.embedding
+    tgt = tgt or target_shape(rgb, face)
     verdict = judge(tpl, tgt)
     roi = _roi(tgt.points, tgt.iod, (h, w))
     if roi[2] - roi[0] < 16 or roi[3] - roi[1] < 16 or tgt.iod < 6:
         verdict.lower("skip", f"face too small to fuse ({tgt.iod:.0f} px between the eyes)")
     extra = f" ({len(faces)} faces seen, the largest used)" if len(faces) > 1 else ""
-    warped, before = None, None
+    warped, before, original_vec = None, None, None
     while verdict.level != "skip":
         if warped is None:
+            original_vec = embed_face(rgb, face)
             before = cosine(original_vec, tpl.embedding)
             if before >= fg.settings_data()["guards"]["same_face_likeness"]:
                 verdict.lower("skip", f"already as like the {tpl.likeness_to} as a fusion could make it "
@@ -300,14 +292,16 @@ def mean_embedding(embs: list[np.ndarray | None]) -> np.ndarray | None:
 
 def _look(kind: str, rgb: np.ndarray, s: FusionSettings):
     """One job of the first pass, all side by side: the template's face, mesh and vector; an image's faces
-    and its largest face's mesh and vector; a reference photo's vector (remembered for RTSRank)."""
+    and its largest face's mesh; a reference photo's vector (remembered for RTSRank). An image's vector
+    waits for the second pass (not every image needs it): the first pass stays short, the template's
+    job the longest."""
     if kind == "ref":
         return photo_embedding(rgb, s.detector)
     faces = detect_faces_per_thread(rgb, s.detector)
     if kind == "tpl":
         # remembered by the template's pixels: RTSRank, given the template as its reference, finds it
         return faces and Template.of(rgb, faces[0], photo_embedding(rgb, s.detector, faces=faces))
-    return faces, (Target.of(rgb, faces[0]) if faces and s.strength > 0.0 else None)
+    return faces, (target_shape(rgb, faces[0]) if faces and s.strength > 0.0 else None)
 
 
 def fuse_images(images: list[np.ndarray], template: np.ndarray, settings: FusionSettings | None = None,
