@@ -23,7 +23,8 @@ _lock = threading.Lock()
 
 def image_crc(rgb: np.ndarray) -> int:
     """CRC-32 of an image's uint8 pixels and shape: ties a stored vector to the exact image it was taken on."""
-    return zlib.crc32(np.ascontiguousarray(rgb, np.uint8).tobytes(), zlib.crc32(str(rgb.shape).encode()))
+    # the array itself is the buffer: no copy of its bytes
+    return zlib.crc32(np.ascontiguousarray(rgb, np.uint8), zlib.crc32(str(rgb.shape).encode()))
 
 
 def photo_embedding(rgb: np.ndarray, detector: str = "embedded", backend: str = "embedded",
