@@ -39,6 +39,7 @@ class FaceShape:
     mouth_open: float  # inner lips apart, IOD
     mouth_width: float  # corner to corner, IOD
     eye_open: float  # mean eyelid gap over eye width
+    _outside: dict = field(default_factory=dict, repr=False, compare=False)  # outside_inner's, by scale
 
     @classmethod
     def of(cls, points: np.ndarray, presence: float = 1.0) -> "FaceShape":
@@ -78,10 +79,14 @@ class FaceShape:
         return c + (oval - c) * scale
 
     def outside_inner(self, scale: float) -> np.ndarray:
-        """Indices of the mesh points outside the inner face (outline, jaw, forehead, temples)."""
-        poly = self.inner_polygon(scale).astype(np.float32)
-        return np.array([i for i, q in enumerate(self.points)
-                         if cv2.pointPolygonTest(poly, (float(q[0]), float(q[1])), False) < 0], np.int32)
+        """Indices of the mesh points outside the inner face (outline, jaw, forehead, temples); found once per
+        face and scale (the guards ask before the blend, the after-check after it)."""
+        if scale not in self._outside:
+            poly = self.inner_polygon(scale).astype(np.float32)
+            self._outside[scale] = np.array([i for i, q in enumerate(self.points)
+                                             if cv2.pointPolygonTest(poly, (float(q[0]), float(q[1])), False) < 0],
+                                            np.int32)
+        return self._outside[scale].copy()
 
 
 @dataclass
