@@ -24,7 +24,7 @@ from . import model_store
 from .data_files import load
 from .errors import FaceChainError, ModelMissingError
 from .face_regions import FaceFrame
-from .model_cache import cached
+from .model_cache import files_stamp
 
 N_POINTS = 468
 
@@ -82,7 +82,8 @@ def read_tflite(path: Path):
 
 
 class FaceMeshNet:
-    """face_landmark.tflite through OpenCV, one forward at a time (an OpenCV net is not re-entrant)."""
+    """face_landmark.tflite through OpenCV, one forward at a time (an OpenCV net is not re-entrant); each
+    thread holds its own (``mesh_net``)."""
 
     def __init__(self, path: Path):
         self._net = read_tflite(path)
@@ -109,10 +110,18 @@ class FaceMeshNet:
         return marks.reshape(N_POINTS, 3), float(1.0 / (1.0 + np.exp(-float(score.ravel()[0]))))
 
 
+_local = threading.local()
+
+
 def mesh_net() -> FaceMeshNet:
-    """The shared net, loaded again when its file changes."""
+    """This thread's own net, loaded again when its file changes. One net per thread: a shared one would
+    queue every thread of a pool on its lock (the mesh runs two to four times per fused image)."""
     path = model_store.embedded_path("face_mesh")
-    return cached(("embedded", "face_mesh"), lambda: FaceMeshNet(path), [path])
+    stamp = files_stamp([path])
+    held = getattr(_local, "mesh", None)
+    if held is None or held[0] != stamp:
+        held = _local.mesh = (stamp, FaceMeshNet(path))
+    return held[1]
 
 
 def _crop_transform(centre: np.ndarray, side: float, angle: float, size: int) -> np.ndarray:

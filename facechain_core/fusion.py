@@ -134,13 +134,21 @@ class Template:
     likeness_to: str = "template"  # what ``embedding`` is, for the report
 
     @classmethod
-    def of(cls, rgb: np.ndarray, face: Face) -> "Template":
+    def of(cls, rgb: np.ndarray, face: Face, embedding: np.ndarray | None = None) -> "Template":
+        """``embedding``: the recogniser's vector of ``face``, when already taken."""
         mesh = face_mesh(rgb, face.keypoints)
         shape = fg.FaceShape.of(mesh.points, mesh.presence)
         if shape.presence < fg.settings_data()["guards"]["min_presence"]:
             raise FaceChainError(f"The face mesh is unsure of the template's face (presence {shape.presence:.2f}). "
                                  f"Connect a clear, frontal photo of the person's face as the template.")
-        return cls(rgb, face, shape, fg.triangulate(shape.points), embed_face(rgb, face))
+        vec = embed_face(rgb, face) if embedding is None else embedding
+        return cls(rgb, face, shape, fg.triangulate(shape.points), vec)
+
+
+def target_shape(rgb: np.ndarray, face: Face) -> fg.FaceShape:
+    """The mesh measures of an image's face (taken side by side with the template's)."""
+    mesh = face_mesh(rgb, face.keypoints)
+    return fg.FaceShape.of(mesh.points, mesh.presence)
 
 
 def _roi(points: np.ndarray, iod: float, shape: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -228,8 +236,10 @@ def _after_check(original: np.ndarray, out: np.ndarray, face: Face, tgt: fg.Face
     return "", after, vec
 
 
-def fuse_one(rgb: np.ndarray, faces: list[Face], tpl: Template, s: FusionSettings) -> FusedImage:
-    """Fuse the template into ``rgb`` (RGB uint8), whose faces were already found."""
+def fuse_one(rgb: np.ndarray, faces: list[Face], tpl: Template, s: FusionSettings,
+             tgt: fg.FaceShape | None = None) -> FusedImage:
+    """Fuse the template into ``rgb`` (RGB uint8), whose faces were already found (and ``tgt``, the
+    largest face's mesh measures, when already taken)."""
     h, w = rgb.shape[:2]
     zero = np.zeros((h, w), np.float32)
     if s.strength == 0.0:
@@ -237,8 +247,7 @@ def fuse_one(rgb: np.ndarray, faces: list[Face], tpl: Template, s: FusionSetting
     if not faces:
         return FusedImage(rgb, zero, "no face found, left unchanged", False, faces=faces)
     face = faces[0]  # the largest: the portrait's subject
-    mesh = face_mesh(rgb, face.keypoints)
-    tgt = fg.FaceShape.of(mesh.points, mesh.presence)
+    tgt = tgt or target_shape(rgb, face)
     verdict = judge(tpl, tgt)
     roi = _roi(tgt.points, tgt.iod, (h, w))
     if roi[2] - roi[0] < 16 or roi[3] - roi[1] < 16 or tgt.iod < 6:
@@ -272,13 +281,27 @@ def fuse_one(rgb: np.ndarray, faces: list[Face], tpl: Template, s: FusionSetting
                       original_vec)
 
 
-def reference_embedding(images: list[np.ndarray], detector: str, workers: int) -> np.ndarray | None:
-    """The normalised mean recogniser embedding of the person's photos (None when none shows a face)."""
-    embs = [e for e in parallel_map(lambda rgb: photo_embedding(rgb, detector), images, workers) if e is not None]
+def mean_embedding(embs: list[np.ndarray | None]) -> np.ndarray | None:
+    """The normalised mean of the recogniser embeddings of the person's photos (None when none shows a face)."""
+    embs = [e for e in embs if e is not None]
     if not embs:
         return None
     mean = np.mean([e / np.linalg.norm(e) for e in embs], axis=0)
     return mean / np.linalg.norm(mean)
+
+
+def _look(kind: str, rgb: np.ndarray, s: FusionSettings):
+    """One job of the first pass, all side by side: the template's face, mesh and vector; an image's faces
+    and its largest face's mesh; a reference photo's vector (remembered for RTSRank). An image's vector
+    waits for the second pass (not every image needs it): the first pass stays short, the template's
+    job the longest."""
+    if kind == "ref":
+        return photo_embedding(rgb, s.detector)
+    faces = detect_faces_per_thread(rgb, s.detector)
+    if kind == "tpl":
+        # remembered by the template's pixels: RTSRank, given the template as its reference, finds it
+        return faces and Template.of(rgb, faces[0], photo_embedding(rgb, s.detector, faces=faces))
+    return faces, (target_shape(rgb, faces[0]) if faces and s.strength > 0.0 else None)
 
 
 def fuse_images(images: list[np.ndarray], template: np.ndarray, settings: FusionSettings | None = None,
@@ -296,24 +319,25 @@ def fuse_images(images: list[np.ndarray], template: np.ndarray, settings: Fusion
         learned_fusion()  # load, or say which file is missing, before any work
     rgbs = [as_rgb_uint8(im, f"image {i + 1}") for i, im in enumerate(images)]
     template_rgb = as_rgb_uint8(template, "template")
+    refs = [as_rgb_uint8(im, f"reference {i + 1}") for i, im in enumerate(references or [])]
     progress(0, len(rgbs), None)
-    # 1. find the faces of the template and of every image side by side, 2. fuse side by side
-    found = list(parallel_map(lambda im: detect_faces_per_thread(im, s.detector), [template_rgb] + rgbs,
-                              s.workers))
-    if not found[0]:
+    # 1. the template, every image and every reference photo looked at side by side, 2. fuse side by side
+    jobs = [("tpl", template_rgb)] + [("img", im) for im in rgbs] + [("ref", im) for im in refs]
+    looked = list(parallel_map(lambda job: _look(job[0], job[1], s), jobs, s.workers))
+    tpl, found, ref_embs = looked[0], looked[1:1 + len(rgbs)], looked[1 + len(rgbs):]
+    if not tpl:
         raise FaceChainError("FaceFusion found no face in the template image. Connect a clear photo of the "
                              "person's face (the template face from the training photos).")
-    tpl = Template.of(template_rgb, found[0][0])
-    if references and any(found[1:]):  # no face to fuse: no need to look at the person's photos
-        refs = [as_rgb_uint8(im, f"reference {i + 1}") for i, im in enumerate(references)]
-        mean = reference_embedding(refs, s.detector, s.workers)
+    if refs and any(faces for faces, _ in found):  # no face to fuse: no need for the person's photos
+        mean = mean_embedding(ref_embs)
         if mean is None:
             raise FaceChainError("FaceFusion found no face in the reference photos. Connect the aligned training "
                                  "crops (FaceAlign's images), or leave the reference input empty.")
         tpl.embedding, tpl.likeness_to = mean, f"person's {len(refs)} photo{'s' if len(refs) > 1 else ''}"
     result = FusionResult()
-    jobs = list(zip(rgbs, found[1:]))
-    for i, fused in enumerate(parallel_map(lambda job: fuse_one(job[0], job[1], tpl, s), jobs, s.workers), start=1):
+    jobs = list(zip(rgbs, found))
+    fused_all = parallel_map(lambda job: fuse_one(job[0], job[1][0], tpl, s, job[1][1]), jobs, s.workers)
+    for i, fused in enumerate(fused_all, start=1):
         result.images.append(fused)
         progress(i, len(rgbs), None)
     return result

@@ -39,6 +39,7 @@ class FaceShape:
     mouth_open: float  # inner lips apart, IOD
     mouth_width: float  # corner to corner, IOD
     eye_open: float  # mean eyelid gap over eye width
+    _outside: dict = field(default_factory=dict, repr=False, compare=False)  # outside_inner's, by scale
 
     @classmethod
     def of(cls, points: np.ndarray, presence: float = 1.0) -> "FaceShape":
@@ -78,10 +79,14 @@ class FaceShape:
         return c + (oval - c) * scale
 
     def outside_inner(self, scale: float) -> np.ndarray:
-        """Indices of the mesh points outside the inner face (outline, jaw, forehead, temples)."""
-        poly = self.inner_polygon(scale).astype(np.float32)
-        return np.array([i for i, q in enumerate(self.points)
-                         if cv2.pointPolygonTest(poly, (float(q[0]), float(q[1])), False) < 0], np.int32)
+        """Indices of the mesh points outside the inner face (outline, jaw, forehead, temples); found once per
+        face and scale (the guards ask before the blend, the after-check after it)."""
+        if scale not in self._outside:
+            poly = self.inner_polygon(scale).astype(np.float32)
+            self._outside[scale] = np.array([i for i, q in enumerate(self.points)
+                                             if cv2.pointPolygonTest(poly, (float(q[0]), float(q[1])), False) < 0],
+                                            np.int32)
+        return self._outside[scale].copy()
 
 
 @dataclass
@@ -197,15 +202,12 @@ def warp_patch(src: np.ndarray, src_pts: np.ndarray, dst_pts: np.ndarray, tris: 
     dst_h = np.concatenate([local[tris], np.ones((len(tris), 3, 1))], axis=2)
     with np.errstate(all="ignore"):
         maps = np.linalg.solve(dst_h + np.eye(3) * 1e-9, src_pts[tris].astype(np.float64)).transpose(0, 2, 1)
-    maps = np.nan_to_num(maps)
     whole, _ = cv2.estimateAffinePartial2D(local, src_pts.astype(np.float64))
+    # the whole face's fit last: label -1 (no triangle) picks it, so every pixel takes its map in one gather
+    m = np.concatenate([np.nan_to_num(maps), whole[None]])[label]
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-    map_x = whole[0, 0] * xx + whole[0, 1] * yy + whole[0, 2]
-    map_y = whole[1, 0] * xx + whole[1, 1] * yy + whole[1, 2]
-    inside = label >= 0
-    m = maps[label[inside]]
-    map_x[inside] = m[:, 0, 0] * xx[inside] + m[:, 0, 1] * yy[inside] + m[:, 0, 2]
-    map_y[inside] = m[:, 1, 0] * xx[inside] + m[:, 1, 1] * yy[inside] + m[:, 1, 2]
+    map_x = m[..., 0, 0] * xx + m[..., 0, 1] * yy + m[..., 0, 2]
+    map_y = m[..., 1, 0] * xx + m[..., 1, 1] * yy + m[..., 1, 2]
     return cv2.remap(src, map_x.astype(np.float32), map_y.astype(np.float32), cv2.INTER_CUBIC,
                      borderMode=cv2.BORDER_REPLICATE)
 

@@ -12,6 +12,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from .detect import Face
 from .recognition import embed_face
 from .threads import detect_faces_per_thread
 
@@ -22,21 +23,24 @@ _lock = threading.Lock()
 
 def image_crc(rgb: np.ndarray) -> int:
     """CRC-32 of an image's uint8 pixels and shape: ties a stored vector to the exact image it was taken on."""
-    return zlib.crc32(np.ascontiguousarray(rgb, np.uint8).tobytes(), zlib.crc32(str(rgb.shape).encode()))
+    # the array itself is the buffer: no copy of its bytes
+    return zlib.crc32(np.ascontiguousarray(rgb, np.uint8), zlib.crc32(str(rgb.shape).encode()))
 
 
-def photo_embedding(rgb: np.ndarray, detector: str = "embedded", backend: str = "embedded") -> np.ndarray | None:
+def photo_embedding(rgb: np.ndarray, detector: str = "embedded", backend: str = "embedded",
+                    faces: list[Face] | None = None) -> np.ndarray | None:
     """The embedding of the largest face in ``rgb`` (None without a face), computed once per photo. Only the
-    embedded recogniser's vectors are remembered: a learned model's file can be replaced between runs."""
+    embedded recogniser's vectors are remembered: a learned model's file can be replaced between runs.
+    ``faces``: the faces ``detector`` found in ``rgb`` (by ``detect_faces_per_thread``), when already found."""
     if backend != "embedded":
-        faces = detect_faces_per_thread(rgb, detector)
+        faces = detect_faces_per_thread(rgb, detector) if faces is None else faces
         return embed_face(rgb, faces[0], backend) if faces else None
     key = (image_crc(rgb), detector, backend)
     with _lock:
         if key in _cache:
             _cache.move_to_end(key)
             return _cache[key]
-    faces = detect_faces_per_thread(rgb, detector)
+    faces = detect_faces_per_thread(rgb, detector) if faces is None else faces
     vec = embed_face(rgb, faces[0], backend) if faces else None
     with _lock:
         _cache[key] = vec
