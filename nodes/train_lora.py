@@ -63,7 +63,8 @@ class TrainFaceLoRA:
                                     "samples seen: the amount of work (FaceChain: 200 epochs x 10 photos = 2000). "
                                     "Steps = samples / batch size."}),
                 "batch_size": ("INT", {"default": d["batch_size"], "min": 1, "max": 64, "tooltip": "Samples per "
-                                       "step. Larger is faster on a GPU; lower it if memory runs out."}),
+                                       "step. Larger is faster on a GPU. With memory 'auto' the trainer chooses it "
+                                       "from the GPU's free memory; 'as set' uses this value."}),
                 "flip": ("BOOLEAN", {"default": d["flip"], "tooltip": "Randomly mirror images (FaceChain does)."}),
                 "seed": ("INT", {"default": d["seed"], "min": 0, "max": 0xFFFFFFFF, "tooltip": "Seed of the "
                                  "LoRA initialisation, image order, flips, noise and timesteps."}),
@@ -77,7 +78,8 @@ class TrainFaceLoRA:
                                                  "the GPU supports it; always fp32 on the CPU."}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": d["gradient_checkpointing"], "tooltip":
                                                        "Recompute activations in backward: less memory, ~30% slower. "
-                                                       "For small GPUs."}),
+                                                       "For small GPUs; memory 'auto' turns it on when needed "
+                                                       "(and keeps it on when set)."}),
                 "compile": ("BOOLEAN", {"default": d["compile"], "tooltip": "torch.compile the UNet (CUDA only): "
                                         "faster steps after a one-off compile, whose cost the report shows."}),
             },
