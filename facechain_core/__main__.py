@@ -83,7 +83,7 @@ def train_command(args) -> int:
                                      gradient_checkpointing=args.gradient_checkpointing or None,
                                      compile=args.compile or None).validate()
     result = standalone.train_and_save(models, images, captions, trigger, settings, out, names, args.overwrite,
-                                       console_progress())
+                                       console_progress(), "as set" if args.memory == "as-set" else "auto")
     print(f"LoRA saved: {out}\ntrigger: {trigger}\n{result.summary()}")
     return 0
 
@@ -113,6 +113,9 @@ def main(argv=None) -> int:
     t.add_argument("--precision", default=d["precision"], choices=["auto", "bf16", "fp16", "fp32"])
     t.add_argument("--gradient-checkpointing", action="store_true")
     t.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA)")
+    t.add_argument("--memory", default="auto", choices=["auto", "as-set"],
+                   help="auto: pick the batch size and recomputation that fit the GPU's free memory (an error "
+                        "before any work if nothing fits); as-set: --batch-size as given, a warning if it may not fit")
     t.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     t.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     from .pipeline_cli import add_batch_parser, add_portraits_parser

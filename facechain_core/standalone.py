@@ -69,17 +69,19 @@ def _load_models(path: Path, device: torch.device, dtype: torch.dtype) -> Models
 
 
 def train_and_save(models: Models, images: np.ndarray, captions: Sequence[str], trigger: str, settings,
-                   out: Path, names: Sequence[str], overwrite: bool, progress: ProgressFn | None = None):
+                   out: Path, names: Sequence[str], overwrite: bool, progress: ProgressFn | None = None,
+                   memory: str = "as set"):
     """Train a face LoRA on ``images`` ([N,H,W,3] uint8) and write it with kohya keys and metadata."""
     from .train import save_lora, train_lora
     from .train import diffusers_backbone as db
 
     backbone = db.make_backbone(models.unet, models.vae, models.text_encoder, models.device)
     pixels = torch.from_numpy(np.asarray(images).astype(np.float32) / 255.0)
-    result = train_lora(backbone, pixels, list(captions), settings, progress)
+    result = train_lora(backbone, pixels, list(captions), settings, progress, memory)
     meta = kohya_metadata("sd15", settings.rank, settings.lora_alpha, result.steps, result.samples, trigger,
                           captions, models.base_hash, train_text_encoder=settings.train_text_encoder,
-                          extra={"ss_output_name": Path(out).stem, "facechain_batch_size": settings.batch_size,
+                          extra={"ss_output_name": Path(out).stem,
+                                 "facechain_batch_size": result.samples // result.steps,
                                  "facechain_learning_rate": settings.learning_rate, "facechain_seed": settings.seed,
                                  "facechain_precision": result.precision, "facechain_images": ",".join(names),
                                  **licences.metadata(licences.models_for(train="lora"))})

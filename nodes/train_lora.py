@@ -15,6 +15,7 @@ from ..facechain_core.errors import FaceChainError
 from ..facechain_core.lora_format import kohya_metadata
 from ..facechain_core.train import (TrainSettings, check_free, defaults, lora_file, require_images,
                                      resolve_captions, save_lora, train_lora, weights_fingerprint)
+from ..facechain_core.train.memory import MEMORY_MODES
 from ..facechain_core.train.save import INPUTS_KEY, inputs_fingerprint, trained_from
 from ..facechain_core.train.settings import PRECISIONS
 from .comfy_backbone import apply_lora_file, comfy_backbone
@@ -62,7 +63,8 @@ class TrainFaceLoRA:
                                     "samples seen: the amount of work (FaceChain: 200 epochs x 10 photos = 2000). "
                                     "Steps = samples / batch size."}),
                 "batch_size": ("INT", {"default": d["batch_size"], "min": 1, "max": 64, "tooltip": "Samples per "
-                                       "step. Larger is faster on a GPU; lower it if memory runs out."}),
+                                       "step. Larger is faster on a GPU. With memory 'auto' the trainer chooses it "
+                                       "from the GPU's free memory; 'as set' uses this value."}),
                 "flip": ("BOOLEAN", {"default": d["flip"], "tooltip": "Randomly mirror images (FaceChain does)."}),
                 "seed": ("INT", {"default": d["seed"], "min": 0, "max": 0xFFFFFFFF, "tooltip": "Seed of the "
                                  "LoRA initialisation, image order, flips, noise and timesteps."}),
@@ -76,7 +78,8 @@ class TrainFaceLoRA:
                                                  "the GPU supports it; always fp32 on the CPU."}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": d["gradient_checkpointing"], "tooltip":
                                                        "Recompute activations in backward: less memory, ~30% slower. "
-                                                       "For small GPUs."}),
+                                                       "For small GPUs; memory 'auto' turns it on when needed "
+                                                       "(and keeps it on when set)."}),
                 "compile": ("BOOLEAN", {"default": d["compile"], "tooltip": "torch.compile the UNet (CUDA only): "
                                         "faster steps after a one-off compile, whose cost the report shows."}),
             },
@@ -85,6 +88,10 @@ class TrainFaceLoRA:
                 "caption_text": ("STRING", {"multiline": True, "default": "", "tooltip": "Used when no AutoTag "
                                             "captions are connected: one caption per line, in image order, or one "
                                             "line for all. Empty: the trigger alone."}),
+                "memory": (list(MEMORY_MODES), {"default": MEMORY_MODES[0], "tooltip": "auto: before training, "
+                           "read the GPU's free memory and pick the fastest batch size and recomputation that "
+                           "fit (an error before any work if nothing fits). as set: use batch_size and "
+                           "gradient_checkpointing as given; the report warns if they may not fit."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -102,7 +109,7 @@ class TrainFaceLoRA:
 
     def train(self, model, clip, vae, images, name, trigger, rank, learning_rate, samples, batch_size, flip, seed,
               train_text_encoder, overwrite, precision, gradient_checkpointing, compile, captions=None,
-              caption_text="", unique_id=None):
+              caption_text="", memory=MEMORY_MODES[0], unique_id=None):
         path = lora_file(lora_folder(), name)
         check_free(path, overwrite, reusable=True)  # before any work: no wasted minutes
         caption_list, token = resolve_captions(require_images(images), captions, caption_text, trigger)
@@ -120,10 +127,11 @@ class TrainFaceLoRA:
         check_free(path, overwrite)
         with torch.inference_mode(False):
             result = train_lora(backbone, images, caption_list, settings,
-                                progress_with_text(settings.steps, unique_id))
+                                progress_with_text(settings.steps, unique_id), memory, host_free_bytes(backbone))
         meta = kohya_metadata(backbone.arch, settings.rank, settings.lora_alpha, result.steps, result.samples,
                               token, caption_list, base_hash, train_text_encoder=settings.train_text_encoder,
-                              extra={"ss_output_name": path.stem, "facechain_batch_size": settings.batch_size,
+                              extra={"ss_output_name": path.stem,
+                                     "facechain_batch_size": result.samples // result.steps,
                                      "facechain_learning_rate": settings.learning_rate,
                                      "facechain_seed": settings.seed, "facechain_precision": result.precision,
                                      INPUTS_KEY: fingerprint, **licences.metadata(licences.models_for(train="lora"))})
@@ -136,6 +144,18 @@ class TrainFaceLoRA:
         rel = os.path.relpath(path, folder_paths.get_folder_paths("loras")[0]).replace(os.sep, "/")
         report = f"LoRA saved: {rel}\ntrigger: {token}\n{summary}\n{licences.line(train='lora')}"
         return {"ui": {"text": [report]}, "result": (model_lora, clip_lora, rel, report)}
+
+
+def host_free_bytes(backbone):
+    """ComfyUI's reading of free memory on the training device, after unloading the models it can unload
+    (other checkpoints) towards what the fastest plan needs, as ComfyUI itself does before sampling."""
+    import comfy.model_management as mm
+
+    def free(needed: int) -> int:
+        mm.free_memory(needed, backbone.device)
+        return int(mm.get_free_memory(backbone.device))
+
+    return free
 
 
 def lora_folder() -> Path:

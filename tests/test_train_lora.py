@@ -92,6 +92,8 @@ def test_train_node_listed_with_sockets(object_info):
     info = object_info[TRAIN]
     assert info["output"] == ["MODEL", "CLIP", "STRING", "STRING"]
     assert info["input"]["optional"]["captions"][0] == "FACECHAIN_CAPTIONS"
+    memory = info["input"]["optional"]["memory"]  # optional and last: old workflows keep working
+    assert memory[0] == ["auto (fit the card)", "as set"] and memory[1]["default"] == "auto (fit the card)"
     required = info["input"]["required"]
     for k in ("model", "clip", "vae", "images", "name", "rank", "learning_rate", "samples", "batch_size", "flip",
               "seed", "train_text_encoder", "overwrite", "precision", "gradient_checkpointing", "compile"):
@@ -107,6 +109,7 @@ def test_graph_trains_saves_kohya_lora_and_lora_loader_matches(client, comfy_bas
     entry = client.run(train_graph("obama_test"))
     report = entry["outputs"]["4"]["text"][0]
     assert "facechain/obama_test.safetensors" in report
+    assert "no GPU: no memory sizing" in report  # the memory input left at auto: sizing skipped on the CPU
     path = lora_dir(comfy_base) / "obama_test.safetensors"
     assert path.is_file()
     assert leftovers(comfy_base) == []

@@ -22,6 +22,7 @@ from ..lora_format import kohya_state_dict
 from ..progress import ProgressFn, no_progress
 from .captions import require_images
 from .lora_layers import borrowed_weights, gradient_checkpointing, lora_adapters, lora_weights
+from .memory import size_to_card
 from .settings import TrainSettings
 
 Cond = dict  # {"context": [B, 77, C], "y": [B, D] (SDXL only)}
@@ -411,14 +412,21 @@ class LoRATrainer:
 
 
 def train_lora(backbone: Backbone, images: torch.Tensor, captions: Sequence[str], settings: TrainSettings,
-               progress: ProgressFn | None = None) -> TrainResult:
+               progress: ProgressFn | None = None, memory: str = "as set",
+               free_bytes: Callable[[int], int] | None = None) -> TrainResult:
     """Train a face LoRA; returns the kohya state dict (nothing is written here).
 
     ``images``: [N, H, W, 3] floats 0..1 (ComfyUI's IMAGE layout). ``captions``: one per image.
     ``progress(done, total, info)`` is called at least once per step and may raise to cancel; on any
-    exception the host's modules are restored and no result exists.
+    exception the host's modules are restored and no result exists. ``memory``: "auto (fit the card)" picks
+    the batch size and recomputation from the free GPU memory before any work (an error if nothing fits),
+    "as set" keeps the settings and only warns; ``free_bytes(needed)`` is the host's reading of free memory.
     """
     settings.validate()
     captions = list(captions)
     _check_images(images, captions, backbone)
-    return LoRATrainer(backbone, settings, progress).run(images, captions)
+    settings, sizing = size_to_card(settings, backbone.arch, (images.shape[1], images.shape[2]), backbone.device,
+                                    memory, backbone.unet, free_bytes)
+    trainer = LoRATrainer(backbone, settings, progress)
+    trainer.notes.append(sizing)
+    return trainer.run(images, captions)
