@@ -93,6 +93,8 @@ class ComfyServer:
         for sub in ("models/checkpoints", "models/loras", "input", "output", "custom_nodes", "user"):
             (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
         link = self.base_dir / "custom_nodes" / PACK_NAME
+        if link.is_symlink() and Path(os.readlink(link)) != REPO:
+            link.unlink()  # a base folder reused from another checkout: serve this one
         if not link.exists():
             link.symlink_to(REPO, target_is_directory=True)
 
