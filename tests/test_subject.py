@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 from conftest import ARTIFACTS, FACES, png_arrays
+from test_face_align import align_prompt as face_align_prompt
 from PIL import Image
 
 from facechain_core.align import align_photos, mirrored_tilt, turn_upright
@@ -21,14 +22,10 @@ ROTATED = {"obama/obama1.jpg": 90, "rose_leslie/rose1.jpg": 180, "katy_perry/img
 
 
 def align_prompt(folder: str, prefix: str, size: int = 512) -> dict:
-    return {
-        "1": {"class_type": "FaceChainLoadPhotos", "inputs": {"folder": folder, "max_photos": 20}},
-        "2": {"class_type": "FaceChainFaceAlign", "inputs": {
-            "photos": ["1", 0], "names": ["1", 1], "size": size, "face_fraction": 0.40,
-            "face_centre": 0.42, "detector": "embedded"}},
-        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}},
-        "4": {"class_type": "PreviewAny", "inputs": {"source": ["2", 1]}},
-    }
+    """test_face_align's graph, plus the faces data shown (PreviewAny)."""
+    prompt = face_align_prompt(folder, size, prefix)
+    prompt["4"] = {"class_type": "PreviewAny", "inputs": {"source": ["2", 1]}}
+    return prompt
 
 
 def run_align(client, folder: str, prefix: str, size: int = 512) -> tuple[list[np.ndarray], list[dict], str]:
