@@ -81,6 +81,15 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def input_folder_of(comfy_base: Path, name: str, files: list[str]) -> str:
+    """input/<name> holding copies of the shared photos ``files`` (``person/file.jpg``); returns ``name``."""
+    folder = comfy_base / "input" / name
+    folder.mkdir(exist_ok=True)
+    for rel in files:
+        shutil.copy(FACES / rel, folder / rel.split("/")[-1])
+    return name
+
+
 @pytest.fixture(scope="session")
 def comfy_base(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("comfy")

@@ -9,13 +9,12 @@ same measures or left unfused with a reason. Contact sheets of every image go to
 from __future__ import annotations
 
 import re
-import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ARTIFACTS, FACES, expect_node_error, png_arrays
+from conftest import ARTIFACTS, FACES, expect_node_error, png_arrays, input_folder_of
 from facechain_core.images import load_photo
 from facechain_core.recognition import cosine
 from fusion_measures import embedding, likeness, naturalness, sheet_row, write_sheet
@@ -52,22 +51,14 @@ def fusion_prompt(targets: str, template: str, strength: float = 1.0, backend: s
     return p
 
 
-def make_folder(comfy_base, name: str, files: list[str]) -> str:
-    folder = comfy_base / "input" / name
-    folder.mkdir(exist_ok=True)
-    for rel in files:
-        shutil.copy(FACES / rel, folder / rel.split("/")[-1])
-    return name
-
-
 def report_lines(entry: dict) -> list[str]:
     return "\n".join(entry["outputs"]["3"]["text"]).splitlines()
 
 
 @pytest.fixture(scope="module")
 def folders(comfy_base) -> dict[str, str]:
-    made = {"fuse_template": make_folder(comfy_base, "fuse_template", ["obama/obama1.jpg"]),
-            "fuse_cross": make_folder(comfy_base, "fuse_cross", CROSS)}
+    made = {"fuse_template": input_folder_of(comfy_base, "fuse_template", ["obama/obama1.jpg"]),
+            "fuse_cross": input_folder_of(comfy_base, "fuse_cross", CROSS)}
     folder = comfy_base / "input" / "fuse_noface"  # images without a face: a flat card and a gradient
     folder.mkdir(exist_ok=True)
     Image.fromarray(np.full((96, 128, 3), 90, np.uint8)).save(folder / "card.png")
@@ -85,12 +76,12 @@ def check_unchanged_outside_mask(rel: str, original: np.ndarray, out: np.ndarray
 def test_same_person_fusion_keeps_likeness_and_looks_natural(client, comfy_base):
     rows, fused_count, lines = [], 0, []
     for person, (template, targets) in SAME_PERSON.items():
-        tpl_folder = make_folder(comfy_base, f"same_{person}_tpl", [template])
+        tpl_folder = input_folder_of(comfy_base, f"same_{person}_tpl", [template])
         photos = [template] + targets + EXTRA_PHOTOS.get(person, [])
         for rel in targets:
             stem = rel.split("/")[-1].split(".")[0]
-            target = make_folder(comfy_base, f"same_{person}_{stem}", [rel])
-            reference = make_folder(comfy_base, f"same_{person}_{stem}_ref", [p for p in photos if p != rel])
+            target = input_folder_of(comfy_base, f"same_{person}_{stem}", [rel])
+            reference = input_folder_of(comfy_base, f"same_{person}_{stem}_ref", [p for p in photos if p != rel])
             entry = client.run(fusion_prompt(target, tpl_folder, prefix=f"same_{stem}", reference=reference))
             (out,) = png_arrays(client.output_images(entry, "4"))
             (mask,) = [m[..., 0] for m in png_arrays(client.output_images(entry, "6"))]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FACES, expect_node_error, png_arrays
+from conftest import FACES, expect_node_error, png_arrays, input_folder_of
 from facechain_core import model_store
 from facechain_core.images import load_photo
 
@@ -17,14 +17,6 @@ OBAMA = ["obama/obama2.jpg", "obama/obama3.jpg", "obama/obama4_240p.jpg",
          "hard/partial_face.jpg", "hard/rgba_32bit.png", "hard/tiny_face.jpg"]
 OTHERS = ["biden/biden1.jpg", "biden/biden2.jpg", "rose_leslie/rose1.jpg", "rose_leslie/rose2.jpg"]
 TWO_PEOPLE = "hard/two_people.jpg"
-
-
-def folder_of(comfy_base, name: str, files: list[str]) -> str:
-    folder = comfy_base / "input" / name
-    folder.mkdir(exist_ok=True)
-    for rel in files:
-        shutil.copy(FACES / rel, folder / rel.split("/")[-1])
-    return name
 
 
 def rank_prompt(images: str, reference: str, top_n: int = 20, backend: str = "embedded", align_reference=False,
@@ -66,7 +58,7 @@ def identify(saved: np.ndarray, photos: dict[str, np.ndarray]) -> str:
 @pytest.fixture(scope="module")
 def mixed(comfy_base) -> tuple[str, dict[str, np.ndarray]]:
     files = OBAMA + OTHERS + [TWO_PEOPLE]
-    name = folder_of(comfy_base, "rank_mixed", files)
+    name = input_folder_of(comfy_base, "rank_mixed", files)
     return name, {f.split("/")[-1]: load_photo(FACES / f) for f in files}
 
 
@@ -74,9 +66,10 @@ def mixed(comfy_base) -> tuple[str, dict[str, np.ndarray]]:
 def test_every_obama_photo_ranks_above_every_other_person(client, comfy_base, mixed, align_reference):
     images, photos = mixed
     if align_reference:  # the mean of all the training faces (aligned crops) as the reference
-        reference = folder_of(comfy_base, "rank_ref_all", ["obama/obama1.jpg", "obama/obama2.jpg", "obama/obama3.jpg"])
+        reference = input_folder_of(comfy_base, "rank_ref_all",
+                                    ["obama/obama1.jpg", "obama/obama2.jpg", "obama/obama3.jpg"])
     else:
-        reference = folder_of(comfy_base, "rank_ref_obama1", ["obama/obama1.jpg"])
+        reference = input_folder_of(comfy_base, "rank_ref_obama1", ["obama/obama1.jpg"])
     entry = client.run(rank_prompt(images, reference, align_reference=align_reference, prefix="ranked_mix"))
     report = "\n".join(entry["outputs"]["3"]["text"])
     order = ranked_names(report)
@@ -105,7 +98,7 @@ def test_top_n_and_implausible_face_sizes(client, comfy_base):
     Image.fromarray(np.full((256, 256, 3), 128, np.uint8)).save(folder / "no_face.png")
     shutil.copy(FACES / "obama" / "obama3.jpg", folder / "near.jpg")
     shutil.copy(FACES / "obama" / "obama4_240p.jpg", folder / "low_res.jpg")
-    reference = folder_of(comfy_base, "rank_ref_obama1", ["obama/obama1.jpg"])
+    reference = input_folder_of(comfy_base, "rank_ref_obama1", ["obama/obama1.jpg"])
     entry = client.run(rank_prompt("rank_sizes", reference, top_n=1, prefix="ranked_sizes"))
     report = "\n".join(entry["outputs"]["3"]["text"])
     assert "far_away.png: dropped, face too small" in report
@@ -121,7 +114,7 @@ def test_nothing_kept_returns_unranked_or_stops_as_asked(client, comfy_base):
     rng = np.random.default_rng(3)
     for i in range(3):
         Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(folder / f"noise{i}.png")
-    reference = folder_of(comfy_base, "rank_ref_obama1", ["obama/obama1.jpg"])
+    reference = input_folder_of(comfy_base, "rank_ref_obama1", ["obama/obama1.jpg"])
     entry = client.run(rank_prompt("rank_noise", reference, top_n=2, prefix="ranked_noise"))
     assert len(client.output_images(entry, "4")) == 2
     assert "returned the first ones unranked" in "\n".join(entry["outputs"]["3"]["text"])
@@ -156,7 +149,7 @@ def write_tiny_arcface(path):
 
 def test_learned_recognisers_missing_then_tiny_arcface_runs(client, comfy_base, mixed):
     images, _ = mixed
-    reference = folder_of(comfy_base, "rank_ref_obama1", ["obama/obama1.jpg"])
+    reference = input_folder_of(comfy_base, "rank_ref_obama1", ["obama/obama1.jpg"])
     target = comfy_base / "models" / "facechain" / model_store.catalogue()["learned"]["arcface"]["path"]
     assert not target.exists()
     expect_node_error(client, rank_prompt(images, reference, backend="arcface"),
@@ -202,7 +195,7 @@ def test_a_disfigured_face_ranks_below_natural_ones_and_is_rejected(client, comf
     for rel in natural:
         shutil.copy(FACES / rel, folder / rel.split("/")[-1])
         Image.fromarray(disfigured(load_photo(FACES / rel))).save(folder / f"torn_{rel.split('/')[-1][:-4]}.png")
-    reference = folder_of(comfy_base, "rank_ref_training", ["obama/obama1.jpg", "obama/obama4_240p.jpg"])
+    reference = input_folder_of(comfy_base, "rank_ref_training", ["obama/obama1.jpg", "obama/obama4_240p.jpg"])
     prompt = rank_prompt("rank_disfigured", reference, top_n=4, align_reference=True, prefix="ranked_torn")
     prompt["6"] = {"class_type": "PreviewAny", "inputs": {"source": ["3", 3]}}
     prompt["7"] = {"class_type": "SaveImage", "inputs": {"images": ["3", 4], "filename_prefix": "rejected_torn"}}
