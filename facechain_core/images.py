@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import FaceChainError
+from .files import write_atomic
 
 PHOTO_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 # Above this a photo is refused before decoding: 40 MP is more than any phone camera delivers and a
@@ -146,8 +147,4 @@ def as_rgb_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
 
 
 def save_png_atomic(image: np.ndarray, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 import time
 import traceback
 from contextlib import contextmanager
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FaceChainError
+from .files import write_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOW = REPO / "workflows" / "api" / "facechain_train_generate_api.json"
@@ -146,12 +146,7 @@ class Run:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for whoever reads the folder
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8"))
 
 
 def read_manifest(folder: Path) -> dict | None:

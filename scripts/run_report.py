@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import html
 import io
-import os
 import re
 import sys
 import textwrap
@@ -21,6 +20,7 @@ from typing import Callable
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from facechain_core.files import write_atomic  # noqa: E402
 from facechain_core.train.trainer import LOSS_CURVE  # noqa: E402  (the training report's loss-curve line)
 
 # (stage, heading, the class types an output node's images come through, nearest first)
@@ -158,12 +158,6 @@ def _png(data: bytes) -> Image.Image:
     return im.convert("RGB")
 
 
-def _save_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write(run: RunReport, out_dir: Path) -> tuple[Path, Path]:
     """``out_dir/report.html`` (pictures in ``out_dir/report_images``) and the contact sheet ``report.png``."""
     img_dir = out_dir / "report_images"
@@ -172,15 +166,15 @@ def write(run: RunReport, out_dir: Path) -> tuple[Path, Path]:
     for stage, blobs in run.images.items():
         for i, blob in enumerate(blobs):
             name = f"{stage}_{i + 1:02d}.png"
-            _save_atomic(img_dir / name, lambda p, b=blob: _png(b).save(p, format="PNG"))
+            write_atomic(img_dir / name, lambda p, b=blob: _png(b).save(p, format="PNG"))
             files.setdefault(stage, []).append(name)
     plot = loss_plot(run.losses)
-    _save_atomic(img_dir / "loss.png", lambda p: plot.save(p, format="PNG"))
+    write_atomic(img_dir / "loss.png", lambda p: plot.save(p, format="PNG"))
     html_path, png_path = out_dir / "report.html", out_dir / "report.png"
     page = render_html(run, files)
-    _save_atomic(html_path, lambda p: p.write_text(page, encoding="utf-8"))
+    write_atomic(html_path, lambda p: p.write_text(page, encoding="utf-8"))
     sheet = contact_sheet(run, plot)
-    _save_atomic(png_path, lambda p: sheet.save(p, format="PNG"))
+    write_atomic(png_path, lambda p: sheet.save(p, format="PNG"))
     return html_path, png_path
 
 
