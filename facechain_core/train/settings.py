@@ -9,6 +9,7 @@ from .. import data_files
 from ..errors import FaceChainError
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+ATTENTION_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
 
 
 def defaults() -> dict:
@@ -43,6 +44,9 @@ class TrainSettings:
     # recomputed (0: none); 4096 = the 64x64 latents of a 512 px image
     high_res_checkpoint_tokens: int = _default("high_res_checkpoint_tokens")
     compile_mode: str = _default("compile_mode")  # torch.compile mode; "reduce-overhead" adds CUDA graphs
+    channels_last: bool = _default("channels_last")  # convolutions in NHWC layout (conv weights copied for the run)
+    attention_backend: str = _default("attention_backend")  # SDPA kernel: auto, flash, efficient, cudnn, math
+    compile_cache: bool = _default("compile_cache")  # keep torch.compile's results on disk between runs
     weight_decay: float = _default("weight_decay")
     adam_betas: tuple = _default("adam_betas")
     adam_eps: float = _default("adam_eps")
@@ -81,6 +85,9 @@ class TrainSettings:
             problems.append(f"precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
         if self.lr_batch_scaling not in ("sqrt", "linear", "none"):
             problems.append(f"lr_batch_scaling must be sqrt, linear or none (got {self.lr_batch_scaling!r})")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            problems.append(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)} "
+                            f"(got {self.attention_backend!r})")
         if self.lr_schedule not in ("cosine", "constant"):
             problems.append(f"lr_schedule must be cosine or constant (got {self.lr_schedule!r})")
         if problems:

@@ -20,6 +20,7 @@ import torch
 from ..errors import FaceChainError
 from ..lora_format import kohya_state_dict
 from ..progress import ProgressFn, no_progress
+from . import speed
 from .captions import require_images
 from .lora_layers import borrowed_weights, gradient_checkpointing, lora_adapters, lora_weights
 from .memory import size_to_card
@@ -194,6 +195,7 @@ class LoRATrainer:
         self.gen = torch.Generator(device=self.device).manual_seed(int(settings.seed))
         self.scaler = None
         self.graph = None
+        self.nhwc = False
 
     # 1. latents of every image (and its mirror), once
     def cache_latents(self, images: torch.Tensor) -> None:
@@ -245,6 +247,16 @@ class LoRATrainer:
             te_params += stack.enter_context(lora_adapters(te, s.text_encoder_targets, s.rank, s.lora_alpha,
                                                            s.seed + 1 + k, cast_inputs))
         return unet_params, te_params
+
+    def enter_speed_switches(self, stack: ExitStack) -> None:
+        """Attention kernel, NHWC convolutions and the on-disk compile cache, as the settings ask (CUDA only)."""
+        s = self.settings
+        if not self.on_cuda:
+            return
+        stack.enter_context(speed.attention_backend(s.attention_backend))
+        self.nhwc = stack.enter_context(speed.channels_last(self.backbone.unet, s.channels_last)) > 0
+        if s.compile:
+            stack.enter_context(speed.compile_cache(s.compile_cache))
 
     # 3. the optimizer, its schedule and loss scaling; the compiled forward
     def build_optimizer(self, unet_params: list, te_params: list) -> None:
@@ -299,6 +311,8 @@ class LoRATrainer:
             if self.cached_cond is None:
                 cond = {k: v.to(self.device) for k, v in self.backbone.encode_text(cond["captions"]).items()}
             x_t = inp["x_t"]
+            if self.nhwc:
+                x_t = x_t.contiguous(memory_format=torch.channels_last)
             if compute_dtype is not None and not self.use_autocast:
                 x_t = x_t.to(compute_dtype)
                 cond = {k: v.to(compute_dtype) for k, v in cond.items()}
@@ -310,7 +324,8 @@ class LoRATrainer:
     def capture_graph(self) -> None:
         """On CUDA with cached text: record the step as a CUDA graph (falls back to eager steps)."""
         s = self.settings
-        if not (s.cuda_graphs and self.on_cuda and self.cached_cond is not None and not s.compile):
+        own_graphs = s.compile and s.compile_mode == "reduce-overhead"  # torch.compile records its own
+        if not (s.cuda_graphs and self.on_cuda and self.cached_cond is not None and not own_graphs):
             return
         try:
             self.graph, self.static_in, self.static_loss, capture_s = _capture(
@@ -402,6 +417,7 @@ class LoRATrainer:
             self.alphas = backbone.alphas_cumprod.to(device=self.device, dtype=torch.float32)
             order_gen = torch.Generator().manual_seed(int(settings.seed))
             with ExitStack() as stack:
+                self.enter_speed_switches(stack)
                 self.build_optimizer(*self.enter_adapters(stack, text_encoders))
                 self.sample_order(order_gen)
                 self.capture_graph()

@@ -1,0 +1,75 @@
+"""Speed switches of a training run, each a context manager undone when the run ends.
+
+* ``attention_backend``: which scaled-dot-product-attention kernel the UNet's attention uses.
+* ``channels_last``: the UNet's convolution weights in NHWC layout for the run (a copy of the conv
+  weights; the host's own tensors are put back afterwards).
+* ``compile_cache``: torch.compile's compiled kernels and graphs kept on disk, so the compile is paid
+  once per machine rather than once per run.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+
+def attention_backend(name: str):
+    """``auto`` leaves PyTorch's own choice; otherwise only that SDPA backend is allowed."""
+    if name == "auto":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name]
+    return sdpa_kernel([backend])
+
+
+@contextmanager
+def channels_last(root: torch.nn.Module, enabled: bool) -> Iterator[int]:
+    """Swap every 4-D weight of a Conv2d under ``root`` for an NHWC copy; yields how many were swapped."""
+    saved = []
+    try:
+        if enabled:
+            for module in root.modules():
+                if isinstance(module, torch.nn.Conv2d) and module.weight is not None and module.weight.ndim == 4:
+                    w = module.weight
+                    saved.append((module, w))
+                    nhwc = w.detach().contiguous(memory_format=torch.channels_last)
+                    module._parameters["weight"] = torch.nn.Parameter(nhwc, requires_grad=w.requires_grad)
+        yield len(saved)
+    finally:
+        for module, w in reversed(saved):
+            module._parameters["weight"] = w
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "comfyui-facechain" / "torch-compile"
+
+
+@contextmanager
+def compile_cache(enabled: bool, folder: Path | None = None) -> Iterator[Path | None]:
+    """Point Inductor's caches (compiled kernels, FX graphs, autograd graphs) at a folder that outlives the
+    process, unless the user already chose one with TORCHINDUCTOR_CACHE_DIR."""
+    if not enabled or "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        yield Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) if "TORCHINDUCTOR_CACHE_DIR" in os.environ else None
+        return
+    folder = Path(folder or default_cache_dir())
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    try:
+        import torch._functorch.config as functorch_config
+        import torch._inductor.config as inductor_config
+
+        inductor_config.fx_graph_cache = True
+        functorch_config.enable_autograd_cache = True
+    except (ImportError, AttributeError):
+        pass
+    try:
+        yield folder
+    finally:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
