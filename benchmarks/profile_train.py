@@ -64,7 +64,7 @@ def profile(backbone, images, settings: TrainSettings, wait: int, active: int) -
     by_kind, by_name = defaultdict(float), defaultdict(float)
     for e in prof.key_averages():
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if e.device_type == torch.autograd.DeviceType.CUDA and t:
+        if e.device_type == torch.autograd.DeviceType.CUDA and t and not e.key.startswith("ProfilerStep"):
             by_kind[kind_of(e.key)] += t / 1000 / active
             by_name[e.key] += t / 1000 / active
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:25]

@@ -148,3 +148,28 @@ def test_clip_tokenizer_comes_from_installed_files_or_a_clear_error(monkeypatch)
         assert ids[0] == 49406 and ids[-1] == 49407 and len(ids) == 7  # start, 5 words, end
     finally:
         db.tokenizer.cache_clear()
+
+
+def test_channels_last_swaps_conv_weights_for_the_run_and_gives_the_originals_back():
+    from facechain_core.train.speed import channels_last
+
+    with torch.inference_mode():  # as ComfyUI loads its models
+        net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3), torch.nn.Linear(3, 3), torch.nn.Conv2d(8, 4, 1))
+    originals = [m.weight for m in net]
+    x = torch.randn(2, 4, 9, 9)
+    with torch.no_grad():
+        expected = net[2](net[0](x))
+    with channels_last(net, True) as swapped:
+        assert swapped == 2
+        assert net[0].weight.is_contiguous(memory_format=torch.channels_last)
+        assert net[1].weight is originals[1]
+        got = net[2](net[0](x.contiguous(memory_format=torch.channels_last)))
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert [m.weight for m in net] == originals
+    with channels_last(net, False) as swapped:
+        assert swapped == 0
+
+
+def test_unknown_attention_backend_is_a_clear_error():
+    with pytest.raises(FaceChainError, match="attention_backend must be one of"):
+        TrainSettings().with_(attention_backend="fast").validate()

@@ -38,8 +38,9 @@ def channels_last(root: torch.nn.Module, enabled: bool) -> Iterator[int]:
                 if isinstance(module, torch.nn.Conv2d) and module.weight is not None and module.weight.ndim == 4:
                     w = module.weight
                     saved.append((module, w))
-                    nhwc = w.detach().contiguous(memory_format=torch.channels_last)
-                    module._parameters["weight"] = torch.nn.Parameter(nhwc, requires_grad=w.requires_grad)
+                    with torch.inference_mode(False):  # the host may have loaded inference tensors
+                        nhwc = w.detach().clone(memory_format=torch.channels_last)
+                    module._parameters["weight"] = torch.nn.Parameter(nhwc, requires_grad=False)
         yield len(saved)
     finally:
         for module, w in reversed(saved):
