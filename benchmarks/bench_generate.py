@@ -112,20 +112,25 @@ def time_sampling(ckpt: Path, n: int, size: int, steps: int, repeats: int) -> di
             "vae_decode_s": statistics.median(decodes)}
 
 
+def pack_module(name: str):
+    """A module of the pack (``nodes.face_fusion``), imported as the host imports the pack (a package, so the
+    nodes' relative imports work), but without the pack's nodes/__init__ (which would load every node's
+    dependencies). ComfyUI must be importable first."""
+    if "facechain_pack" not in sys.modules:
+        pkg = types.ModuleType("facechain_pack")
+        pkg.__path__ = [str(REPO)]
+        sys.modules["facechain_pack"] = pkg
+        sub = types.ModuleType("facechain_pack.nodes")
+        sub.__path__ = [str(REPO / "nodes")]
+        sys.modules["facechain_pack.nodes"] = sub
+    return importlib.import_module(f"facechain_pack.{name}")
+
+
 def import_pack_nodes():
-    """The pack's FaceFusion and RTSRank node modules, imported as the host imports the pack, but without
-    the pack's nodes/__init__ (which would also load the training nodes' dependencies)."""
-    pkg = types.ModuleType("facechain_pack")
-    pkg.__path__ = [str(REPO)]
-    sys.modules["facechain_pack"] = pkg
-    sub = types.ModuleType("facechain_pack.nodes")
-    sub.__path__ = [str(REPO / "nodes")]
-    sys.modules["facechain_pack.nodes"] = sub
-    fusion = importlib.import_module("facechain_pack.nodes.face_fusion")
-    rank = importlib.import_module("facechain_pack.nodes.rts_rank")
-    align = importlib.import_module("facechain_pack.facechain_core.align")
-    images = importlib.import_module("facechain_pack.facechain_core.images")
-    return fusion.FaceFusion, rank.RTSRank, align, images
+    """The pack's FaceFusion and RTSRank node classes, and the library's align and images modules."""
+    fusion = pack_module("nodes.face_fusion")
+    rank = pack_module("nodes.rts_rank")
+    return fusion.FaceFusion, rank.RTSRank, pack_module("facechain_core.align"), pack_module("facechain_core.images")
 
 
 def portraits(faces: Path, n: int, size: int, align, images, template_kind: str = "crop"):
