@@ -20,8 +20,9 @@ Usage: python benchmarks/bench_train.py [--configs NAME,...] [--comfyui .cache/C
 Prints the command line, ms per training sample, samples/s, peak GPU memory and the speed-up over the reference.
 SDXL on the GPU machine: ``python3 benchmarks/bench_train.py --configs sdxl_node_defaults,sdxl_as_set
 --reference-steps 0 --comfyui ComfyUI --json sdxl.json`` (peft carried as a wheel, ComfyUI's source as a
-tarball). CPU check of the same code at a tiny SDXL-like UNet and 64 px: ``--cpu-smoke --configs
-sdxl_node_defaults --reference-steps 0 --comfyui .cache/ComfyUI``.
+tarball; diffusers, av and torchsde are not needed: checked here with them blocked from import). CPU check of
+the same code at a tiny SDXL-like UNet and 64 px: ``--cpu-smoke --configs sdxl_node_defaults --reference-steps 0
+--comfyui .cache/ComfyUI``.
 """
 
 from __future__ import annotations
