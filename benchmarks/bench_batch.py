@@ -11,7 +11,7 @@ Prints people/min for each and the ratio, and writes everything (per-person stag
 
 The model: a full-size SD1.5-shaped checkpoint with random weights (speed does not depend on the weights),
 built once into ``--checkpoint`` (default ``.bench/random_sd15.safetensors``) by the project's builder,
-``scripts/tiny_checkpoint.save_random_checkpoint`` with bench_generate's full SD1.5 UNet, in a child process
+``scripts/tiny_checkpoint.save_random_checkpoint`` with its full SD1.5 UNet (SD15_UNET), in a child process
 on the CPU (it needs ComfyUI's source: ``--comfy DIR``, which also gives CLIP's tokenizer files).
 
 Sizes (flags) are cut from the workflow's recipe so that both runs take well under 8 minutes on H200s:
@@ -102,13 +102,11 @@ def build_checkpoint_here(out: Path, comfy: Path) -> None:
     """In a child process: ComfyUI's modules on the CPU, the full SD1.5 UNet shape, random weights."""
     sys.path.insert(0, str(comfy))
     sys.path.insert(0, str(REPO / "scripts"))
-    sys.path.insert(0, str(REPO / "benchmarks"))
     sys.argv = [sys.argv[0], "--cpu"]
     import comfy.options
 
     comfy.options.enable_args_parsing()
-    from bench_generate import SD15_UNET
-    from tiny_checkpoint import save_random_checkpoint
+    from tiny_checkpoint import SD15_UNET, save_random_checkpoint
 
     save_random_checkpoint(out, SD15_UNET)
 

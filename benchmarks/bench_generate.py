@@ -30,12 +30,9 @@ import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SD15_UNET = dict(  # ComfyUI's SD1.5 UNet (comfy/model_detection.py), as UNetModel keywords
-    image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[2, 2, 2, 2],
-    channel_mult=[1, 2, 4, 4], num_heads=8, num_head_channels=-1, use_spatial_transformer=True,
-    transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    transformer_depth_middle=1, context_dim=768, use_linear_in_transformer=False, legacy=False,
-)
+sys.path.insert(0, str(REPO / "scripts"))
+from tiny_checkpoint import SD15_UNET, save_random_checkpoint  # noqa: E402  (the one home of the full UNet shape)
+
 PORTRAITS = ["obama/obama1.jpg", "obama/obama2.jpg", "obama/obama3.jpg", "biden/biden1.jpg", "biden/biden2.jpg",
              "rose_leslie/rose1.jpg", "rose_leslie/rose2.jpg", "obama/obama4_240p.jpg"]
 
@@ -73,9 +70,6 @@ def boot_comfy(comfy: Path, cpu: bool):
 
 def build_random_sd15(out: Path) -> Path:
     """A full-size SD1.5-shaped checkpoint with random weights, fp16 (scripts/tiny_checkpoint.py, full UNet)."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    from tiny_checkpoint import save_random_checkpoint
-
     return save_random_checkpoint(out, SD15_UNET)
 
 
@@ -118,20 +112,25 @@ def time_sampling(ckpt: Path, n: int, size: int, steps: int, repeats: int) -> di
             "vae_decode_s": statistics.median(decodes)}
 
 
+def pack_module(name: str):
+    """A module of the pack (``nodes.face_fusion``), imported as the host imports the pack (a package, so the
+    nodes' relative imports work), but without the pack's nodes/__init__ (which would load every node's
+    dependencies). ComfyUI must be importable first."""
+    if "facechain_pack" not in sys.modules:
+        pkg = types.ModuleType("facechain_pack")
+        pkg.__path__ = [str(REPO)]
+        sys.modules["facechain_pack"] = pkg
+        sub = types.ModuleType("facechain_pack.nodes")
+        sub.__path__ = [str(REPO / "nodes")]
+        sys.modules["facechain_pack.nodes"] = sub
+    return importlib.import_module(f"facechain_pack.{name}")
+
+
 def import_pack_nodes():
-    """The pack's FaceFusion and RTSRank node modules, imported as the host imports the pack, but without
-    the pack's nodes/__init__ (which would also load the training nodes' dependencies)."""
-    pkg = types.ModuleType("facechain_pack")
-    pkg.__path__ = [str(REPO)]
-    sys.modules["facechain_pack"] = pkg
-    sub = types.ModuleType("facechain_pack.nodes")
-    sub.__path__ = [str(REPO / "nodes")]
-    sys.modules["facechain_pack.nodes"] = sub
-    fusion = importlib.import_module("facechain_pack.nodes.face_fusion")
-    rank = importlib.import_module("facechain_pack.nodes.rts_rank")
-    align = importlib.import_module("facechain_pack.facechain_core.align")
-    images = importlib.import_module("facechain_pack.facechain_core.images")
-    return fusion.FaceFusion, rank.RTSRank, align, images
+    """The pack's FaceFusion and RTSRank node classes, and the library's align and images modules."""
+    fusion = pack_module("nodes.face_fusion")
+    rank = pack_module("nodes.rts_rank")
+    return fusion.FaceFusion, rank.RTSRank, pack_module("facechain_core.align"), pack_module("facechain_core.images")
 
 
 def portraits(faces: Path, n: int, size: int, align, images, template_kind: str = "crop"):

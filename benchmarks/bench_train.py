@@ -9,9 +9,20 @@ in one process on one GPU so the numbers compare:
   in several configurations (batch size, precision mode, gradient checkpointing, torch.compile), and on
   ComfyUI's own UNet class when ComfyUI is importable (``--comfyui DIR``), as the node trains it.
 * defaults: a full run at the shipped defaults (2000 samples), the "2000 samples in under 30 s" check.
+* sdxl_*: SDXL at 1024x1024 (128x128 latents) through the node's own path: ComfyUI's SDXL model class (UNet
+  2.6 B parameters), its SDXL CLIP (L + G) and VAE classes with random fp16 weights, handed to the node's
+  ``comfy_backbone`` as CheckpointLoaderSimple hands them over, trained at the trainer's defaults;
+  ``sdxl_node_defaults`` also sizes memory to the card as the node does by default (memory "auto"),
+  ``sdxl_as_set`` keeps batch 4 without recomputation. They need ``--comfyui``; no reference loop is run for
+  them (``--reference-steps 0`` skips the SD1.5 one, and with it the diffusers import).
 
 Usage: python benchmarks/bench_train.py [--configs NAME,...] [--comfyui .cache/ComfyUI] [--json OUT.json]
-Prints ms per training sample, samples/s, peak GPU memory and the speed-up over the reference.
+Prints the command line, ms per training sample, samples/s, peak GPU memory and the speed-up over the reference.
+SDXL on the GPU machine: ``python3 benchmarks/bench_train.py --configs sdxl_node_defaults,sdxl_as_set
+--reference-steps 0 --comfyui ComfyUI --json sdxl.json`` (peft carried as a wheel, ComfyUI's source as a
+tarball; diffusers, av and torchsde are not needed: checked here with them blocked from import). CPU check of
+the same code at a tiny SDXL-like UNet and 64 px: ``--cpu-smoke --configs sdxl_node_defaults --reference-steps 0
+--comfyui .cache/ComfyUI``.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import gc
 import json
 import math
 import os
+import shlex
 import sys
 import time
 import traceback
@@ -28,9 +40,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
 
+from facechain_core.files import write_atomic  # noqa: E402
 from facechain_core.train import Backbone, TrainSettings, train_lora  # noqa: E402
 from facechain_core.train import diffusers_backbone as db  # noqa: E402
 from facechain_core.train.lora_layers import lora_adapters  # noqa: E402
@@ -41,6 +56,19 @@ SMOKE_UNET = dict(block_out_channels=[320], layers_per_block=1, down_block_types
                   up_block_types=["CrossAttnUpBlock2D"])
 CAPTIONS = ["fcsks, a handsome man, short hair, smiling", "fcsks, a handsome man, black hair",
             "fcsks, a handsome man, suit, smile", "fcsks, a handsome man"]
+
+# ComfyUI's SDXL base UNet (comfy/model_detection.py's SDXL values), as UNetModel keywords
+SDXL_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2],
+                 channel_mult=[1, 2, 4], transformer_depth=[0, 0, 2, 2, 10, 10],
+                 transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], transformer_depth_middle=10,
+                 context_dim=2048, adm_in_channels=2816, num_classes="sequential", use_linear_in_transformer=True,
+                 num_head_channels=64, use_spatial_transformer=True, legacy=False, use_temporal_attention=False,
+                 use_temporal_resblock=False)
+# --cpu-smoke: the same class at a tiny depth (as tests/test_train_sdxl.py builds it)
+SMOKE_SDXL_UNET = {**SDXL_UNET, "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [0, 1],
+                   "transformer_depth_output": [0, 0, 1, 1], "transformer_depth_middle": 1}
+SDXL_SIZE = 1024
+AUTO = "auto (fit the card)"  # the node's default memory mode (facechain_core.train.memory.MEMORY_MODES[0])
 
 # name: (backbone, settings changes)
 TF = ["BasicTransformerBlock"]  # checkpoint the transformer blocks only (their activations are the big ones)
@@ -93,6 +121,9 @@ CONFIGS = {
     "full_b16_ckpt": ("diffusers", dict(batch_size=16, gradient_checkpointing=True, samples=2000)),
     "full_b8_ckpt_tf": ("diffusers", dict(batch_size=8, gradient_checkpointing=True, checkpoint_blocks=TF,
                                           samples=2000)),
+    # SDXL at 1024x1024 on ComfyUI's classes through the node's comfy_backbone ("memory" is train_lora's argument)
+    "sdxl_node_defaults": ("comfy_sdxl_fp16", dict(memory=AUTO)),
+    "sdxl_as_set": ("comfy_sdxl_fp16", dict()),
 }
 
 
@@ -107,15 +138,16 @@ def synthetic_faces(n: int, size: int, seed: int = 0) -> torch.Tensor:
 
 
 def init_random_(module: torch.nn.Module, seed: int = 0) -> None:
-    """Small random weights everywhere (ComfyUI's layers skip initialisation)."""
-    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    """Small random weights everywhere (ComfyUI's layers skip initialisation), on whatever device each is."""
+    gens = {}
     with torch.no_grad():
         for name, p in module.named_parameters():
             if name.endswith("bias"):
                 p.zero_()
-            elif p.ndim == 1:
+            elif p.ndim <= 1:
                 p.fill_(1.0)
             else:
+                g = gens.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
                 fan_in = p[0].numel()
                 p.copy_(torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32) / math.sqrt(fan_in))
 
@@ -203,22 +235,58 @@ class Backbones:
             cfg = {**db.config("sd15_unet"), **SMOKE_UNET} if DEVICE == "cpu" else None
             unet, vae, te = db.build_modules(cfg, device=DEVICE, dtype=dtype)
             return {"backbone": db.make_backbone(unet, vae, te, DEVICE), "unet": unet, "vae": vae, "text": te}
+        if kind.startswith("comfy_sdxl"):
+            return self._comfy_sdxl(torch.float32 if DEVICE == "cpu" else dtype)
         return self._comfy(dtype)
 
-    def _comfy(self, dtype) -> dict:
-        """ComfyUI's SD1.5 UNet class, built under inference mode as the host loads it; trained as the node does."""
+    def _import_comfy(self) -> None:
+        """ComfyUI's modules in this process, its arguments parsed for the device first."""
         if not self.comfyui:
             raise RuntimeError("no --comfyui folder given")
-        sys.path.insert(0, self.comfyui)
+        if self.comfyui not in sys.path:
+            sys.path.insert(0, self.comfyui)
         argv, sys.argv = sys.argv, [sys.argv[0]] + (["--cpu"] if DEVICE == "cpu" else [])
         try:
             import comfy.options
 
             comfy.options.enable_args_parsing()
-            import comfy.ops
-            from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+            import comfy.model_management  # noqa: F401  (sets up the device)
         finally:
             sys.argv = argv
+
+    def _comfy_sdxl(self, dtype) -> dict:
+        """ComfyUI's SDXL model, CLIP (L + G) and VAE classes with random weights, as CheckpointLoaderSimple
+        hands them to TrainFaceLoRA, and the node's own comfy_backbone on them."""
+        self._import_comfy()
+        import comfy.model_patcher
+        import comfy.sd
+        import comfy.supported_models
+        from bench_generate import pack_module
+        from comfy.ldm.models.autoencoder import AutoencoderKL
+        from tiny_checkpoint import VAE_DDCONFIG
+
+        model_config = comfy.supported_models.SDXL(dict(SDXL_UNET if DEVICE == "cuda" else SMOKE_SDXL_UNET,
+                                                        dtype=dtype))
+        device = torch.device(DEVICE)
+        with torch.inference_mode():
+            model = model_config.get_model({}, "", device=device)
+            init_random_(model.diffusion_model)
+        patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
+        clip = comfy.sd.CLIP(model_config.clip_target(), embedding_directory=None)
+        init_random_(clip.cond_stage_model)
+        vae_module = AutoencoderKL(ddconfig=VAE_DDCONFIG, embed_dim=4)
+        init_random_(vae_module)
+        vae = comfy.sd.VAE(sd=vae_module.state_dict())
+        size = SDXL_SIZE if DEVICE == "cuda" else 64
+        backbone = pack_module("nodes.comfy_backbone").comfy_backbone(patcher, clip, vae, (size, size))
+        return {"backbone": backbone, "unet": model.diffusion_model, "vae": vae, "text": clip, "size": size}
+
+    def _comfy(self, dtype) -> dict:
+        """ComfyUI's SD1.5 UNet class, built under inference mode as the host loads it; trained as the node does."""
+        self._import_comfy()
+        import comfy.ops
+        from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
         cfg = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2] * 4,
                    channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
                    transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=1,
@@ -249,14 +317,17 @@ class Backbones:
         return {"backbone": backbone, "unet": unet, "vae": vae, "text": te}
 
 
-def run_ours(backbone, images, settings: TrainSettings) -> dict:
+def run_ours(backbone, images, settings: TrainSettings, memory: str = "as set") -> dict:
     reset_memory()
     captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(images.shape[0])]
-    r = train_lora(backbone, images, captions, settings)
+    r = train_lora(backbone, images, captions, settings, memory=memory)
     steady = r.timings.get("steady_step_s", r.timings["train_s"] / r.steps)
-    out = {"steps": r.steps, "samples": r.samples, "precision": r.precision,
-           "ms_per_sample": 1000 * steady / settings.batch_size,
-           "samples_per_s": settings.batch_size / steady, "train_s": r.timings["train_s"],
+    batch = r.samples // r.steps  # memory "auto" may choose another batch size than the settings'
+    out = {"arch": backbone.arch, "unet": type(backbone.unet).__name__, "steps": r.steps, "samples": r.samples,
+           "precision": r.precision, "batch": batch, "memory": memory,
+           "sizing": next((n for n in r.notes if n.startswith(("memory", "no GPU"))), ""),
+           "ms_per_sample": 1000 * steady / batch,
+           "samples_per_s": batch / steady, "train_s": r.timings["train_s"],
            "cache_s": r.timings["cache_s"], "peak_gib": r.timings.get("peak_gib", float("nan")),
            "loss_first": r.losses[0], "loss_last": sum(r.losses[-5:]) / len(r.losses[-5:])}
     if "compile_s" in r.timings:
@@ -284,87 +355,120 @@ def lr_check(backbones, images, samples: int) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--size", type=int, default=512, help="image side (SD1.5 configurations; sdxl_*: 1024)")
     ap.add_argument("--images", type=int, default=10)
     ap.add_argument("--steps", type=int, default=30, help="timed steps per configuration (after the first)")
-    ap.add_argument("--reference-steps", type=int, default=20)
+    ap.add_argument("--reference-steps", type=int, default=20, help="0: no reference loop (and no diffusers)")
     ap.add_argument("--configs", default="b8_fp16,b1,b4,b8,b16,b8_autocast,b8_ckpt,b16_ckpt,defaults",
                     help=f"comma-separated, run in this order: defaults (full run at the shipped defaults), "
                          f"{', '.join(CONFIGS)}")
-    ap.add_argument("--comfyui", default=None, help="a ComfyUI folder, for the comfy_* configurations")
+    ap.add_argument("--comfyui", default=None, help="a ComfyUI folder, for the comfy_* and sdxl_* configurations")
     ap.add_argument("--lr-check", type=int, default=0, help="samples for the equal-work batch/lr check (0: off)")
     ap.add_argument("--time-budget", type=float, default=420, help="skip what would start after this many s")
     ap.add_argument("--json", default=None)
     ap.add_argument("--cpu-smoke", action="store_true", help="check the script on the CPU (tiny UNet, tiny sizes)")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def versions(with_diffusers: bool) -> dict:
+    import transformers
+
+    env = {"gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
+           "transformers": transformers.__version__}
+    for name in ("diffusers", "peft") if with_diffusers else ("peft",):
+        env[name] = __import__(name).__version__
+    return env
+
+
+def plan(name: str, args) -> tuple[str, TrainSettings, str]:
+    """(backbone kind, settings, memory mode) of a configuration."""
+    if name == "defaults":  # the shipped defaults, full length: the "2000 samples in < 30 s" check
+        return "diffusers", TrainSettings().with_(samples=24 if args.cpu_smoke else None), "as set"
+    kind, changes = CONFIGS[name]
+    changes = dict(changes)
+    memory = changes.pop("memory", "as set")
+    batch = changes.get("batch_size", TrainSettings().batch_size)
+    steps = args.steps + 1 + (10 if changes.get("compile") else 0)
+    settings = TrainSettings().with_(**{"samples": batch * steps, **changes})
+    if args.cpu_smoke:
+        settings = settings.with_(samples=batch * steps)
+    return kind, settings, memory
+
+
+def run_config(name: str, args, backbones: Backbones, images: dict, ref: dict | None) -> dict:
+    """One configuration, run and printed; an error is its result."""
+    kind, settings, memory = plan(name, args)
+    try:
+        built = backbones.get(kind)
+        size = built.get("size", args.size)
+        if size not in images:
+            images[size] = synthetic_faces(args.images, size)
+        r = run_ours(built["backbone"], images[size], settings, memory)
+        r["size"] = size
+    except torch.OutOfMemoryError:
+        r = {"error": "out of memory"}
+        backbones.cache.clear()
+    except Exception as e:  # a configuration that cannot run here is reported, not fatal
+        traceback.print_exc()
+        r = {"error": f"{type(e).__name__}: {e}"[:300]}
+    if "ms_per_sample" not in r:
+        print(f"{name:26s} {r['error']}", flush=True)
+        return r
+    extra = f", compile {r['compile_s']:.0f} s" if "compile_s" in r else ""
+    if name == "defaults" or name.startswith(("full_", "sdxl_")) or "defaults" in name:
+        extra += f", {r['samples']} samples in {r['train_s']:.1f} s training (+{r['cache_s']:.1f} s caching)"
+    if kind.startswith("comfy_sdxl"):
+        extra += f", {r['size']}x{r['size']}, batch {r['batch']}, {r['sizing'] or 'memory as set'}"
+    elif ref is not None:  # the reference is SD1.5: a speed-up only against the same model
+        r["speedup"] = ref["ms_per_sample"] / r["ms_per_sample"]
+        extra = f"  x{r['speedup']:.1f} vs reference" + extra
+    print(f"{name:26s} {r['ms_per_sample']:7.2f} ms/sample {r['samples_per_s']:7.1f} samples/s "
+          f"peak {r['peak_gib']:6.2f} GiB  [{r['precision']}]{extra}", flush=True)
+    return r
+
+
+def main() -> None:
+    args = parse_args()
+    print(f"command: {shlex.join(sys.orig_argv)}", flush=True)
     start = time.time()
     global DEVICE
     if args.cpu_smoke:
         DEVICE = "cpu"
-        args.size, args.steps, args.reference_steps, args.images = 64, 2, 2, 3
+        args.size, args.steps, args.images = 64, 2, 3
+        args.reference_steps = min(args.reference_steps, 2)
     else:
         assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU (or --cpu-smoke)"
-    import diffusers
-    import peft
-    import transformers
-    env = {"gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
-           "diffusers": diffusers.__version__,
-           "peft": peft.__version__, "transformers": transformers.__version__}
+    env = versions(with_diffusers=args.reference_steps > 0 or "defaults" in args.configs.split(","))
     print(json.dumps(env), flush=True)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
-    images = synthetic_faces(args.images, args.size)
-    results = {"env": env, "size": args.size, "images": args.images, "configs": {}}
+    images = {args.size: synthetic_faces(args.images, args.size)}
+    results = {"command": shlex.join(sys.orig_argv), "env": env, "size": args.size, "images": args.images,
+               "configs": {}}
     backbones = Backbones(args.comfyui)
 
-    # the reference, on fp16 modules as FaceChain's script casts them
-    m = backbones.get("diffusers_fp16")
-    ref = reference_loop(m["unet"], m["vae"], m["text"], images, args.reference_steps)
-    results["reference"] = ref
-    print(f"reference (batch 1, fp16 autocast, VAE+TE every step): {ref['ms_per_sample']:.1f} ms/sample, "
-          f"{ref['samples_per_s']:.1f} samples/s, peak {ref['peak_gib']:.2f} GiB", flush=True)
+    ref = None
+    if args.reference_steps > 0:  # the reference, on fp16 modules as FaceChain's script casts them
+        m = backbones.get("diffusers_fp16")
+        ref = reference_loop(m["unet"], m["vae"], m["text"], images[args.size], args.reference_steps)
+        results["reference"] = ref
+        print(f"reference (batch 1, fp16 autocast, VAE+TE every step): {ref['ms_per_sample']:.1f} ms/sample, "
+              f"{ref['samples_per_s']:.1f} samples/s, peak {ref['peak_gib']:.2f} GiB", flush=True)
 
     for name in [c for c in args.configs.split(",") if c]:
         if time.time() - start > args.time_budget:
             print(f"{name}: skipped (time budget)", flush=True)
             continue
-        if name == "defaults":  # the shipped defaults, full length: the "2000 samples in < 30 s" check
-            kind, settings = "diffusers", TrainSettings().with_(samples=24 if args.cpu_smoke else None)
-        else:
-            kind, changes = CONFIGS[name]
-            batch = changes.get("batch_size", TrainSettings().batch_size)
-            steps = args.steps + 1 + (10 if changes.get("compile") else 0)
-            settings = TrainSettings().with_(**{"samples": batch * steps, **changes})
-            if args.cpu_smoke:
-                settings = settings.with_(samples=batch * steps)
-        try:
-            r = run_ours(backbones.get(kind)["backbone"], images, settings)
-        except torch.OutOfMemoryError:
-            r = {"error": "out of memory"}
-            backbones.cache.clear()
-        except Exception as e:  # a configuration that cannot run here is reported, not fatal
-            traceback.print_exc()
-            r = {"error": f"{type(e).__name__}: {e}"[:300]}
-        if "ms_per_sample" in r:
-            r["speedup"] = ref["ms_per_sample"] / r["ms_per_sample"]
-            extra = f", compile {r['compile_s']:.0f} s" if "compile_s" in r else ""
-            if name == "defaults" or name.startswith("full_") or "defaults" in name:
-                extra += f", {r['samples']} samples in {r['train_s']:.1f} s training (+{r['cache_s']:.1f} s caching)"
-            print(f"{name:26s} {r['ms_per_sample']:7.2f} ms/sample {r['samples_per_s']:7.1f} samples/s "
-                  f"peak {r['peak_gib']:6.2f} GiB  x{r['speedup']:.1f} vs reference  [{r['precision']}]{extra}",
-                  flush=True)
-        else:
-            print(f"{name:26s} {r['error']}", flush=True)
-        results["configs"][name] = r
+        results["configs"][name] = run_config(name, args, backbones, images, ref)
 
     if args.lr_check and time.time() - start < args.time_budget:
-        results["lr_check"] = lr_check(backbones, images, args.lr_check)
+        results["lr_check"] = lr_check(backbones, images[args.size], args.lr_check)
     print(f"total {time.time() - start:.0f} s", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        write_atomic(args.json, lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
 
 
 if __name__ == "__main__":

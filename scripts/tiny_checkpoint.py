@@ -7,11 +7,17 @@ fixed configs, so they keep their full standard shapes. The modules are ComfyUI'
 gives the exact key names of an original-format SD1.5 file. Every weight is initialised (uninitialised
 VAE weights give NaN images).
 
-Usage (with ComfyUI's folder importable): ``python scripts/tiny_checkpoint.py OUT.safetensors``
+``--full`` builds the full SD1.5 UNet shape instead (860 M parameters, ~2.1 GB as fp16), for benchmarks on a
+GPU machine that has no real checkpoint: speed does not depend on the weights. It is built on the CPU, on the
+machine that uses it (not carried).
+
+Usage: ``python scripts/tiny_checkpoint.py [--full] [--comfy COMFYUI_DIR] [OUT.safetensors]`` (without
+``--comfy``, ComfyUI 0.3.75 is unpacked into the cache as the tests do).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -22,6 +28,13 @@ TINY_UNET = dict(
     image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[1],
     channel_mult=[1], num_heads=8, num_head_channels=-1,
     use_spatial_transformer=True, transformer_depth=[1], transformer_depth_output=[1, 1],
+    transformer_depth_middle=1, context_dim=768, use_linear_in_transformer=False, legacy=False,
+)
+# The full SD1.5 UNet (comfy/model_detection.py's SD15 values), as UNetModel keywords: the benchmarks' model.
+SD15_UNET = dict(
+    image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[2, 2, 2, 2],
+    channel_mult=[1, 2, 4, 4], num_heads=8, num_head_channels=-1, use_spatial_transformer=True,
+    transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
     transformer_depth_middle=1, context_dim=768, use_linear_in_transformer=False, legacy=False,
 )
 VAE_DDCONFIG = dict(
@@ -80,20 +93,34 @@ def save_random_checkpoint(out: Path, unet_config: dict) -> Path:
     return out
 
 
-def build(out: Path, comfy_dir: Path) -> Path:
-    """The tiny checkpoint, from a fresh process (parses ComfyUI's arguments for the CPU)."""
+def build(out: Path, comfy_dir: Path, full: bool = False) -> Path:
+    """The tiny (or with ``full`` the full-size) checkpoint, from a fresh process (parses ComfyUI's arguments
+    for the CPU)."""
     sys.path.insert(0, str(comfy_dir))
     sys.argv = [sys.argv[0], "--cpu"]
     import comfy.options
 
     comfy.options.enable_args_parsing()
-    return save_random_checkpoint(out, TINY_UNET)
+    return save_random_checkpoint(out, SD15_UNET if full else TINY_UNET)
+
+
+def main() -> None:
+    here = Path(__file__).resolve().parent
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", nargs="?", type=Path, help="where to write it (default: .cache/tiny_sd15.safetensors, "
+                    "or .cache/random_sd15.safetensors with --full)")
+    ap.add_argument("--full", action="store_true", help="the full SD1.5 UNet shape instead of the tiny one")
+    ap.add_argument("--comfy", type=Path, help="ComfyUI's source folder (default: unpack 0.3.75 into the cache)")
+    args = ap.parse_args()
+    if args.comfy is None:
+        sys.path.insert(0, str(here))
+        from comfy_host import COMFY_DIR, install_comfyui
+
+        args.comfy = install_comfyui(COMFY_DIR)
+    name = "random_sd15.safetensors" if args.full else "tiny_sd15.safetensors"
+    target = args.out or here.parent / ".cache" / name
+    print(build(target.resolve(), args.comfy.resolve(), args.full))
 
 
 if __name__ == "__main__":
-    here = Path(__file__).resolve().parent
-    sys.path.insert(0, str(here))
-    from comfy_host import COMFY_DIR, install_comfyui
-
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else here.parent / ".cache" / "tiny_sd15.safetensors"
-    print(build(target, install_comfyui(COMFY_DIR)))
+    main()

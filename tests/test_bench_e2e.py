@@ -1,0 +1,78 @@
+"""benchmarks/bench_e2e.py, run as the lead runs it on the GPU but on the CPU with the tiny checkpoint and tiny
+sizes: a real ComfyUI host, the bundled train+generate graph through /prompt, a cold and a warm run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from conftest import ARTIFACTS, FACES, REPO, tiny_checkpoint
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import bench_e2e  # noqa: E402
+
+from facechain_core.train import TrainResult  # noqa: E402
+
+
+def test_train_split_reads_the_trainers_own_report():
+    """The benchmark splits TrainFaceLoRA's time with the numbers the trainer prints: a change of that line
+    must show here, not as caching silently counted as training."""
+    summary = TrainResult(lora={}, steps=2, samples=8, losses=[1.0, 0.9],
+                          timings={"cache_s": 1.54, "train_s": 22.8}).summary()
+    assert bench_e2e.train_split(f"LoRA saved: facechain/x.safetensors\n{summary}") == (1.5, 22.8)
+    assert bench_e2e.train_split("reused the saved file: it was trained from these photos") is None
+
+
+@pytest.mark.host  # starts a real ComfyUI server (in a child process)
+def test_bench_e2e_tiny_cpu_cold_and_warm(tmp_path):
+    tiny_checkpoint()
+    out = tmp_path / "e2e.json"
+    cmd = [sys.executable, "benchmarks/bench_e2e.py", "--tiny", "--cpu", "--warm", "--json", str(out),
+           "--work", str(tmp_path / "base")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert f"command: {' '.join(cmd)}" in proc.stdout  # the exact command line, first
+    result = json.loads(out.read_text())
+    assert result["command"] == " ".join(cmd) and result["device"] == "cpu"
+    cold, warm = result["runs"]
+    for run in (cold, warm):
+        phases = run["phases"]
+        assert set(phases) == set(bench_e2e.PHASE_ORDER) | {"total"}
+        for key in ("preprocessing", "caching", "training", "sampling", "fusion+ranking"):
+            assert phases[key] > 0, (run["label"], key, phases)
+        assert abs(sum(v for k, v in phases.items() if k != "total") - phases["total"]) < 0.02
+        assert 0 <= phases["other"] < 0.1 * phases["total"]  # the nodes account for the time
+        assert phases["total"] <= run["client_wall_s"]
+        assert run["train_samples"] == 8 and "8 samples" in run["train_report"]
+        assert {n["class_type"] for n in run["nodes"]} >= {"FaceChainFaceAlign", "FaceChainTrainFaceLoRA",
+                                                           "KSampler", "FaceChainFaceFusion", "FaceChainRTSRank"}
+        assert len(run["portraits"]) == 2
+        for path in run["portraits"]:
+            with Image.open(path) as im:
+                assert im.size == (64, 64)
+    # cold: the checkpoint is loaded by its node; warm: served from the host's cache, every other step runs again
+    loader = next(k for k, v in json.loads(bench_e2e.WORKFLOW.read_text()).items()
+                  if v["class_type"] == "CheckpointLoaderSimple")
+    assert cold["phases"]["model loading"] > 0 and loader not in cold["cached_nodes"]
+    assert warm["phases"]["model loading"] == 0 and loader in warm["cached_nodes"]
+    check_photos(result["photos"], tmp_path / "base" / "input" / "katy_perry")
+    ARTIFACTS.mkdir(exist_ok=True)
+    shutil.copy(cold["contact_sheet"], ARTIFACTS / "bench_e2e_tiny_cold.png")
+
+
+def check_photos(photos: list[dict], folder) -> None:
+    """10 photos: katy_perry's 8 and two mirrored copies, each the mirror image of its source."""
+    assert len(photos) == 10 and sum(p["mirrored"] for p in photos) == 2
+    for p in photos:
+        mine = np.asarray(Image.open(folder / p["file"]).convert("RGB"), dtype=np.float32)
+        with Image.open(FACES / p["from"]) as im:
+            source = ImageOps.exif_transpose(im).convert("RGB")
+        expected = np.asarray(ImageOps.mirror(source) if p["mirrored"] else source, dtype=np.float32)
+        assert mine.shape == expected.shape
+        assert np.abs(mine - expected).mean() < 3  # JPEG re-encoding only
