@@ -173,3 +173,22 @@ def test_channels_last_swaps_conv_weights_for_the_run_and_gives_the_originals_ba
 def test_unknown_attention_backend_is_a_clear_error():
     with pytest.raises(FaceChainError, match="attention_backend must be one of"):
         TrainSettings().with_(attention_backend="fast").validate()
+
+
+def test_lora_factors_cast_to_half_activations_keep_float32_weights_and_grads():
+    from facechain_core.train.lora_layers import lora_adapters
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 16)).to(torch.bfloat16)
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    with lora_adapters(net, ["0"], 4, 4, 0, cast_inputs=True, cast_weights=True) as params:
+        for p in params:
+            torch.nn.init.normal_(p, std=0.1)  # lora_B starts at zero: make the product visible
+        out = net(x)
+        assert out.dtype == torch.bfloat16
+        out.float().square().mean().backward()
+        assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
+                   and p.grad.abs().sum() > 0 for p in params)
+        with lora_adapters(torch.nn.Sequential(torch.nn.Linear(16, 16)), ["0"], 4, 4, 0) as plain:
+            assert len(plain) == 2
+    assert type(net[0]) is torch.nn.Linear  # the wrapper is gone again

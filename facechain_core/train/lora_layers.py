@@ -71,10 +71,23 @@ def _fresh_targets(root: torch.nn.Module, targets: Iterable[str]) -> list[str]:
             if any(name == t or name.endswith("." + t) for t in targets)]
 
 
+class _CastWeightLinear(torch.nn.Linear):
+    """A LoRA factor that keeps its float32 weight but multiplies in the activations' dtype: the weight is
+    cast on the way in (a few thousand values) instead of the activations on the way out (millions), and
+    its gradient still reaches the float32 weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)
+
+
 @contextmanager
 def lora_adapters(root: torch.nn.Module, targets: Iterable[str], rank: int, alpha: float, seed: int,
-                  cast_inputs: bool = True) -> Iterator[list[torch.nn.Parameter]]:
-    """Add LoRA adapters to the ``targets`` of ``root``; yields the trainable parameters (float32)."""
+                  cast_inputs: bool = True, cast_weights: bool = False) -> Iterator[list[torch.nn.Parameter]]:
+    """Add LoRA adapters to the ``targets`` of ``root``; yields the trainable parameters (float32).
+
+    ``cast_inputs``: peft casts the activations to float32 for the LoRA product. ``cast_weights``: instead,
+    the LoRA factors are cast to the activations' dtype (half-precision activations stay half)."""
     from peft import LoraConfig, inject_adapter_in_model
 
     names = _fresh_targets(root, targets)
@@ -93,12 +106,14 @@ def lora_adapters(root: torch.nn.Module, targets: Iterable[str], rank: int, alph
         for _, m in _lora_modules(root):
             for sub in (m.lora_A[ADAPTER], m.lora_B[ADAPTER]):
                 sub.float()
+                if cast_weights and type(sub) is torch.nn.Linear:
+                    sub.__class__ = _CastWeightLinear
                 for p in sub.parameters():
                     p.requires_grad_(True)
                     params.append(p)
             # Under autocast the matmuls pick their own precision; casting activations to float32 first
             # would only add memory traffic.
-            m.cast_input_dtype_enabled = cast_inputs
+            m.cast_input_dtype_enabled = cast_inputs and not cast_weights
         yield params
     finally:
         remove_lora(root)

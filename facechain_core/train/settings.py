@@ -46,6 +46,7 @@ class TrainSettings:
     compile_mode: str = _default("compile_mode")  # torch.compile mode; "reduce-overhead" adds CUDA graphs
     channels_last: bool = _default("channels_last")  # convolutions in NHWC layout (conv weights copied for the run)
     attention_backend: str = _default("attention_backend")  # SDPA kernel: auto, flash, efficient, cudnn, math
+    lora_compute: str = _default("lora_compute")  # half-precision runs: LoRA product in "fp32" or "activations" dtype
     compile_cache: bool = _default("compile_cache")  # keep torch.compile's results on disk between runs
     weight_decay: float = _default("weight_decay")
     adam_betas: tuple = _default("adam_betas")
@@ -88,6 +89,8 @@ class TrainSettings:
         if self.attention_backend not in ATTENTION_BACKENDS:
             problems.append(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)} "
                             f"(got {self.attention_backend!r})")
+        if self.lora_compute not in ("fp32", "activations"):
+            problems.append(f"lora_compute must be fp32 or activations (got {self.lora_compute!r})")
         if self.lr_schedule not in ("cosine", "constant"):
             problems.append(f"lr_schedule must be cosine or constant (got {self.lr_schedule!r})")
         if problems:
