@@ -71,7 +71,7 @@ def test_auto_sets_batch_and_recomputation():
     s, line = size_to_card(TrainSettings(), "sd15", (512, 512), CUDA, AUTO, torch.nn.Linear(2, 2), free(7))
     assert (s.batch_size, s.gradient_checkpointing, s.high_res_checkpoint_tokens) == (8, True, 0)
     assert line == "memory: 7.0 GiB available: batch 8, full recomputation (gradient checkpointing), ~5.8 GiB peak"
-    s, _ = size_to_card(TrainSettings(), "sd15", (512, 512), CUDA, AUTO, torch.nn.Linear(2, 2), free(13))
+    s, _ = size_to_card(TrainSettings(), "sd15", (512, 512), CUDA, AUTO, torch.nn.Linear(2, 2), free(11))
     assert (s.batch_size, s.gradient_checkpointing) == (4, False)
     with pytest.raises(FaceChainError, match="Not enough GPU memory"):
         size_to_card(TrainSettings(), "sd15", (512, 512), CUDA, AUTO, torch.nn.Linear(2, 2), free(1.5))
