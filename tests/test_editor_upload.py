@@ -279,6 +279,7 @@ def test_upload_button_puts_photos_in_a_new_folder_and_the_workflow_runs_from_th
     page.wait_for("[...document.querySelectorAll('.p-toast-message')].some(e => e.innerText.includes('Uploaded'))",
                   timeout=30)
     assert f"Uploaded 4 of 4 photos to input/{folder}" in toasts(page)
+    time.sleep(1.0)  # the toast slides in
     page.screenshot(ARTIFACTS / "editor_upload_1_uploaded.png")
 
     landed = comfy_base / "input" / folder

@@ -20,7 +20,9 @@ export function folderProblem(name) {
   if (parts.some((p) => p === "" || p === ".")) {
     return `'${name}' has an empty part ('//', '/.' or a '/' at the end); type it as people/anna.`;
   }
-  if (parts.some((p) => p.startsWith("."))) return `'${name}' has a part starting with '.'; hidden folders are not listed.`;
+  if (parts.some((p) => p.startsWith("."))) {
+    return `'${name}' has a part starting with '.'; hidden folders are not listed.`;
+  }
   if (parts.some((p) => new TextEncoder().encode(p).length > 200)) return "A part of the folder name is too long.";
   return null;
 }
@@ -51,7 +53,9 @@ async function uploadOne(file, folder) {
   body.append("type", "input");
   body.append("overwrite", "false"); // a different photo of the same name is kept as 'name (1).jpg'
   const res = await api.fetchApi("/upload/image", { method: "POST", body });
-  if (res.status !== 200) throw new Error(`${file.name}: the server refused the upload (${res.status} ${res.statusText})`);
+  if (res.status !== 200) {
+    throw new Error(`${file.name}: the server refused the upload (${res.status} ${res.statusText})`);
+  }
   return await res.json();
 }
 
