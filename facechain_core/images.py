@@ -101,6 +101,32 @@ def list_photos(folder: str | os.PathLike) -> list[Path]:
     return scan_folder(folder)[0]
 
 
+def _is_photo_file(path: str) -> bool:
+    name = os.path.basename(path)
+    return (Path(name).suffix.lower() in PHOTO_EXTENSIONS and not name.startswith(".")
+            and os.path.isfile(path) and not os.path.islink(path))
+
+
+def photo_folders(root: str | os.PathLike, max_depth: int = 6, max_folders: int = 5000) -> list[str]:
+    """The folders under ``root`` (relative posix names such as ``people/obama``) that hold at least one
+    photo directly, in name order. Links are not followed and hidden folders are skipped, so every name
+    listed is a real folder inside ``root``; the walk stops after ``max_folders`` folders or ``max_depth``
+    levels, so a huge input directory costs a bounded time when the editor asks for the list."""
+    root = Path(root)
+    found, seen = [], 0
+    for here, dirs, files in os.walk(root, followlinks=False):
+        rel = Path(here).relative_to(root)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not os.path.islink(os.path.join(here, d)))
+        if len(rel.parts) >= max_depth:
+            dirs[:] = []
+        seen += 1
+        if rel.parts and any(_is_photo_file(os.path.join(here, f)) for f in files):
+            found.append(rel.as_posix())
+        if seen >= max_folders:
+            break
+    return sorted(found)
+
+
 def scan_folder(folder: str | os.PathLike, within: str | os.PathLike | None = None,
                 place: str = "the photo folder") -> tuple[list[Path], list[tuple[str, str]]]:
     """The photo files of a folder in name order, and (name, why) for every other file in it. With

@@ -47,6 +47,17 @@ def check_name(name: str, what: str = "name") -> str:
     return name
 
 
+def relative_name(name: str, what: str = "name", place: str = "") -> str:
+    """``name`` stripped, if it is a plain relative path: no '..' part, not absolute, no drive letter. Stricter
+    than ``within`` on purpose: '../input/x' or an absolute path that happens to land inside ``place`` is
+    refused too, the same rule the editor's upload button applies before anything is sent."""
+    name = check_name(name, what)
+    if name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name) or ".." in re.split(r"[\\/]", name):
+        raise FaceChainError(f"The {what} '{name}' points outside {place or 'its folder'}: '..' parts and absolute "
+                             f"paths are not taken. Type a name inside it, such as people/anna.")
+    return name
+
+
 def within(base: str | os.PathLike, name: str, what: str = "name", place: str = "") -> Path:
     """``base/name`` resolved, links followed; an error if it leaves ``base`` (``..``, absolute, a link)."""
     name = check_name(name, what)

@@ -7,8 +7,16 @@ import torch
 
 from ..facechain_core import user_paths
 from ..facechain_core.errors import FaceChainError
-from ..facechain_core.images import list_photos, read_photo, scan_folder
+from ..facechain_core.images import list_photos, photo_folders, read_photo, scan_folder
 from .common import CATEGORY, input_subfolder, progress
+
+
+def photo_folder(name: str):
+    """The photo folder inside input/; a name with '..' or an absolute path is refused even where it would land
+    inside input/, as the editor's upload button refuses it."""
+    if (name or "").strip():
+        user_paths.relative_name(name, "folder", "ComfyUI's input directory")
+    return input_subfolder(name)
 
 
 class LoadFacePhotos:
@@ -28,23 +36,34 @@ class LoadFacePhotos:
 
     @classmethod
     def INPUT_TYPES(cls):
+        # Read again whenever the editor refreshes its lists (the R key, or after an upload), like LoadImage's.
+        folders = photo_folders(folder_paths.get_input_directory())
         return {"required": {
-            "folder": ("STRING", {"default": "facechain", "tooltip": "Folder inside ComfyUI's input directory "
-                                  "that holds 3-20 photos of one person (JPEG, PNG, WebP, TIFF, BMP, GIF)."}),
+            "folder": (folders, {"tooltip": "Folder inside ComfyUI's input directory that holds 3-20 photos of "
+                                 "one person (JPEG, PNG, WebP, TIFF, BMP, GIF). The list shows every folder there "
+                                 "with photos; 'upload photos' below sends photos from this computer into a new "
+                                 "or the selected folder. API clients may pass any folder name."}),
             "max_photos": ("INT", {"default": 20, "min": 1, "max": 200, "tooltip": "Use at most this many "
                                    "photos (in name order)."}),
         }}
 
     @classmethod
+    def VALIDATE_INPUTS(cls, folder):
+        # Taking 'folder' here makes the host skip its own "value not in list" check: an API prompt may name a
+        # folder its client has just uploaded, or one made after the list was read. The name is checked when
+        # the node runs (input_subfolder), where a bad one gives the pack's own message.
+        return True
+
+    @classmethod
     def IS_CHANGED(cls, folder, max_photos):
         try:
-            files = list_photos(input_subfolder(folder))
+            files = list_photos(photo_folder(folder))
         except FaceChainError:
             return float("nan")
         return "|".join(f"{p.name}:{p.stat().st_mtime_ns}:{p.stat().st_size}" for p in files)
 
     def load(self, folder, max_photos):
-        files, skipped = scan_folder(input_subfolder(folder), folder_paths.get_input_directory(),
+        files, skipped = scan_folder(photo_folder(folder), folder_paths.get_input_directory(),
                                      "ComfyUI's input directory")
         skipped += [(p.name, f"beyond max_photos ({max_photos})") for p in files[max_photos:]]
         files = files[:max_photos]

@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/build_workflows.py
 
-writes workflows/facechain_{train,generate,train_generate}.json and their API versions in workflows/api/.
+writes workflows/facechain_{preprocess,train,generate,train_generate}.json and their API versions in workflows/api/.
 
 Each workflow is described once below (nodes, links, widget values, place on the canvas). The API file
 (for /prompt) is that description as is; the UI file (for the editor) is laid out the way the editor
@@ -91,6 +91,27 @@ def train_nodes(with_outputs: bool = True):
     return nodes + stage_previews(y + 420)
 
 
+def preprocess_nodes():
+    """Load photos -> FaceAlign -> HumanParse -> SkinRetouch -> AutoTag -> TemplateFace, the training set saved."""
+    y = 200
+    return [
+        node(1, "FaceChainLoadPhotos", [0, y], folder="facechain", max_photos=20),
+        node(2, "FaceChainFaceAlign", [340, y], photos=["1", 0], names=["1", 1], size=512, face_fraction=0.4,
+             face_centre=0.42, detector="embedded"),
+        node(3, "FaceChainHumanParse", [680, y], images=["2", 0], faces=["2", 1], backend="embedded",
+             long_hair="keep"),
+        node(4, "FaceChainSkinRetouch", [1000, y], images=["3", 0], faces=["2", 1], strength=0.6, backend="embedded"),
+        node(5, "FaceChainAutoTag", [1320, y], images=["4", 0], faces=["2", 1], trigger="fcsks", subject="a person",
+             subject_from="auto", tagger="auto", threshold=0.35),
+        node(6, "FaceChainTemplateFace", [1660, y], images=["4", 0], faces=["2", 1], scorer="embedded",
+             min_quality=0.3, captions=["5", 0]),
+        node(7, "SaveImage", [2000, 0], "Training set", images=["6", 0], filename_prefix="facechain/training_set"),
+        node(8, "PreviewImage", [2000, 420], "Template face", images=["6", 3]),
+        node(9, "PreviewAny", [2340, 0], "Captions of the training set", source=["6", 2]),
+        node(10, "PreviewAny", [2340, 420], "Face quality report", source=["6", 5]),
+    ]
+
+
 def stage_previews(y: int):
     """What each preprocessing step made, shown under it in the editor; the run report reads them from /history."""
     return [
@@ -122,8 +143,8 @@ def workflows() -> dict[str, list[dict]]:
     train_generate = [*train_nodes(with_outputs=False), *tg_sampling,
                       *fuse_rank_save(17, tg_decoded, ["7", 3], 1480, 1150, photos=["7", 0]),
                       node(27, "PreviewImage", [1100, 1450], "Generated (before fusion)", images=tg_decoded)]
-    return {"facechain_train": train_nodes(), "facechain_generate": generate,
-            "facechain_train_generate": train_generate}
+    return {"facechain_preprocess": preprocess_nodes(), "facechain_train": train_nodes(),
+            "facechain_generate": generate, "facechain_train_generate": train_generate}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from comfy_host import free_port
 from conftest import ARTIFACTS, REPO
 
 WORKFLOWS = REPO / "workflows"
-EDITOR_WORKFLOWS = ["facechain_generate", "facechain_train", "facechain_train_generate"]
+EDITOR_WORKFLOWS = ["facechain_preprocess", "facechain_generate", "facechain_train", "facechain_train_generate"]
 
 
 def find_chromium() -> str | None:
