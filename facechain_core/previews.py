@@ -197,4 +197,5 @@ def ranked_pictures(images: Sequence[np.ndarray], order: Sequence[int], likeness
     for rank, (i, pct, ok) in enumerate(zip(order, likeness, accepted), start=1):
         verdict = "accept" if ok else "reject"
         shown.append(kept_thumbnail(images[i], f"#{rank} {pct:.0f}% {verdict}", "kept" if ok else "skipped"))
-    return shown + [marked_thumbnail(images[i], "rejected", why) for i, why in rejected]
+    room = max(0, int(look()["max_tiles"]) - len(shown))  # many generated images: the first rejected ones only
+    return shown + [marked_thumbnail(images[i], "rejected", why) for i, why in rejected[:room]]

@@ -13,6 +13,7 @@ from pathlib import Path
 import comfy.model_management
 import comfy.utils
 import folder_paths
+from PIL import Image
 
 from ..facechain_core import model_store, previews, user_paths
 from ..facechain_core.errors import FaceChainError
@@ -115,7 +116,5 @@ class TrainingProgress:
         if not losses or (len(losses) < steps and now - self.last_curve < self.every):
             return
         self.last_curve = now
-        from PIL import Image
-
         picture = Image.fromarray(previews.loss_curve(losses, steps))
         self.bar.update_absolute(self.bar.current, self.bar.total, ("PNG", picture, None))
