@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 ProgressFn = Callable[[int, int, Optional[str]], None]
+LossesFn = Callable[[list, int], None]  # (the training losses read so far, the run's number of steps)
 
 
 def no_progress(done: int, total: int, info: str | None = None) -> None:

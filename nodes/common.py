@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from pathlib import Path
 
 import comfy.model_management
 import comfy.utils
 import folder_paths
+from PIL import Image
 
-from ..facechain_core import model_store, user_paths
+from ..facechain_core import model_store, previews, user_paths
 from ..facechain_core.errors import FaceChainError
 
 CATEGORY = "FaceChain"
@@ -59,18 +61,6 @@ def _text_under_node(node_id):
     return send
 
 
-def progress_with_text(total: int, node_id: str | None):
-    """``progress`` that also shows the step's text (e.g. the loss) under the node."""
-    bar, show = progress(total), _text_under_node(node_id)
-
-    def update(done: int, n: int, info: str | None = None) -> None:
-        bar(done, n, info)
-        if info:
-            show(info)
-
-    return update
-
-
 def input_subfolder(name: str) -> Path:
     """A folder under ComfyUI's input directory; the name can never point outside it."""
     if not (name or "").strip():
@@ -86,3 +76,45 @@ def input_subfolder(name: str) -> Path:
 def first(value):
     """Widgets of an INPUT_IS_LIST node arrive as one-element lists."""
     return value[0] if isinstance(value, list) else value
+
+
+def show_pictures(pictures, node: str) -> list[dict]:
+    """Small RGB pictures written as PNGs into ComfyUI's temp folder (as PreviewImage does: unique names,
+    written under a temporary name and renamed); the list goes into a node's ``{"ui": {"images": ...}}`` so
+    the editor shows them in the node itself. The temp folder is emptied when ComfyUI starts."""
+    folder = Path(folder_paths.get_temp_directory())
+    run = uuid.uuid4().hex[:12]
+    shown = []
+    for i, picture in enumerate(pictures):
+        name = f"facechain_{node}_{run}_{i:03d}.png"
+        previews.write_png(folder / name, picture)
+        shown.append({"filename": name, "subfolder": "", "type": "temp"})
+    return shown
+
+
+class TrainingProgress:
+    """TrainFaceLoRA's progress: the bar with Cancel, the step's text under the node, and the loss curve so
+    far as the bar's preview picture (redrawn at most every ``curve_every_s``), so the curve grows in the node
+    beside the bar while it trains."""
+
+    def __init__(self, total: int, node_id: str | None):
+        self.bar = comfy.utils.ProgressBar(max(int(total), 1))
+        self.show_text = _text_under_node(node_id)
+        self.every = float(previews.look()["curve_every_s"])
+        self.last_curve = 0.0
+
+    def __call__(self, done: int, n: int, info: str | None = None) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        self.bar.update_absolute(int(done), int(n))
+        if info:
+            self.show_text(info)
+
+    def losses(self, losses: list[float], steps: int) -> None:
+        """Called after each training step with the losses read so far; sends the curve now and then, and
+        always once all ``steps`` losses are in (the picture the node keeps showing after the run)."""
+        now = time.monotonic()
+        if not losses or (len(losses) < steps and now - self.last_curve < self.every):
+            return
+        self.last_curve = now
+        picture = Image.fromarray(previews.loss_curve(losses, steps))
+        self.bar.update_absolute(self.bar.current, self.bar.total, ("PNG", picture, None))

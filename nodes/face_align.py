@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from ..facechain_core import licences
+from ..facechain_core import licences, previews
 from ..facechain_core.align import AlignSettings, align_photos
 from ..facechain_core.detect import BACKENDS
 from ..facechain_core.errors import FaceChainError
 from ..facechain_core.face_mesh import add_meshes
-from .common import CATEGORY, first, progress
+from .common import CATEGORY, first, progress, show_pictures
 from .sockets import FACES, images_to_numpy, numpy_to_images
 
 
@@ -60,10 +60,13 @@ class FaceAlign:
             names = [f"photo {i + 1}" for i in range(len(arrays))]
         settings = AlignSettings(size=first(size), face_fraction=first(face_fraction),
                                  centre_from_top=first(face_centre), backend=first(detector))
-        result = align_photos(list(zip(names, arrays)), settings, progress(len(arrays)))
+        photos = list(zip(names, arrays))
+        result = align_photos(photos, settings, progress(len(arrays)))
         report = result.report_text() + "\n" + licences.line(align=first(detector))
         crops = [a.image for a in result.aligned]
-        return {"ui": {"text": [report]},
+        shown = show_pictures(previews.aligned_pictures([(a.name, a.image) for a in result.aligned], photos,
+                                                        result.skipped), "align")
+        return {"ui": {"text": [report], "images": shown},
                 "result": (numpy_to_images(crops), add_meshes(crops, [a.to_dict() for a in result.aligned]),
                            report)}
 

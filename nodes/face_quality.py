@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from ..facechain_core import licences
+from ..facechain_core import licences, previews
 from ..facechain_core.errors import FaceChainError
 from ..facechain_core.face_regions import faces_for_images
 from ..facechain_core.quality import SCORERS, assess_faces
 from ..facechain_core.tags import CaptionSet
 from ._learned import models_state
-from .common import CATEGORY, progress
+from .common import CATEGORY, progress, show_pictures
 from .sockets import CAPTIONS, FACES, images_to_numpy
 
 
@@ -64,7 +64,9 @@ class TemplateFace:
         keep = torch.tensor(result.kept, dtype=torch.long)
         kept_caps = caps.subset(result.kept).to_dict() if caps is not None else None
         best = result.template
-        return {"ui": {"text": [report]},
+        shown = show_pictures(previews.quality_pictures(arrays, [q.score for q in result.scores],
+                                                        dict(result.dropped), best), "quality")
+        return {"ui": {"text": [report], "images": shown},
                 "result": (images.index_select(0, keep), [faces[i] for i in result.kept], kept_caps,
                            images[best:best + 1], [faces[best]], report)}
 

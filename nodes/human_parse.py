@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from ..facechain_core import licences
+from ..facechain_core import licences, previews
 from ..facechain_core.face_regions import faces_for_images
 from ..facechain_core.head_parse import LONG_HAIR
 from ..facechain_core.parse import BACKENDS, parse_crops
 from ._learned import models_state
-from .common import CATEGORY, progress
+from .common import CATEGORY, progress, show_pictures
 from .sockets import FACES, images_to_numpy, numpy_to_images, numpy_to_masks
 
 
@@ -48,7 +48,8 @@ class HumanParse:
         names = [f.get("name") or f"crop {i + 1}" for i, f in enumerate(faces)]
         parts = parse_crops(arrays, [f["keypoints"] for f in faces], backend, names, progress(len(arrays)),
                             [f.get("mesh") for f in faces], long_hair)
-        return {"ui": {"text": [licences.line(parse=backend)]}, "result": (
+        shown = show_pictures([previews.thumbnail(p.image) for p in parts], "parse")
+        return {"ui": {"text": [licences.line(parse=backend)], "images": shown}, "result": (
             numpy_to_images([p.image for p in parts]), numpy_to_masks([p.head for p in parts]),
             numpy_to_masks([p.face for p in parts]), numpy_to_masks([p.hair for p in parts]))}
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from ..facechain_core import licences
+from ..facechain_core import licences, previews
 from ..facechain_core.errors import FaceChainError
 from ..facechain_core.rank import IF_NONE_KEPT, RankSettings, filter_defaults, order_or_unranked, rank_images
 from ..facechain_core.recognition import BACKENDS
-from .common import CATEGORY, first, progress
+from .common import CATEGORY, first, progress, show_pictures
 from .sockets import DETECTIONS, batches_of, images_to_numpy
 
 IF_NONE = IF_NONE_KEPT
@@ -83,7 +83,10 @@ class RTSRank:
         by_index = {c.index: c for c in result.candidates}
         rejected = [i for i in result.rejected if i not in order]
         reasons = [f"{by_index[i].name}: {by_index[i].why_dropped}" for i in rejected]
-        return {"ui": {"text": [report]}, "result": (out, scores, report, likeness,
+        accepted = [i in by_index and by_index[i].accepted for i in order]
+        shown = show_pictures(previews.ranked_pictures(arrays, order, likeness, accepted,
+                                                       [(i, by_index[i].why_dropped) for i in rejected]), "rank")
+        return {"ui": {"text": [report], "images": shown}, "result": (out, scores, report, likeness,
                                                      [singles[i] for i in rejected], reasons)}
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..facechain_core import licences
+from ..facechain_core import licences, previews
 from ..facechain_core.errors import FaceChainError
 from ..facechain_core.face_regions import faces_for_images
 from ..facechain_core.retouch import BACKENDS, retouch_crops
 from ._learned import models_state
-from .common import CATEGORY, progress
+from .common import CATEGORY, progress, show_pictures
 from .sockets import FACES, images_to_numpy, masks_to_numpy, numpy_to_images, numpy_to_masks
 
 
@@ -70,7 +70,8 @@ class SkinRetouch:
         names = [f.get("name") or f"crop {i + 1}" for i, f in enumerate(faces)]
         out = retouch_crops(arrays, [f["keypoints"] for f in faces], strength, backend, limits, names,
                             progress(len(arrays)), [f.get("mesh") for f in faces])
-        return {"ui": {"text": [licences.line(retouch=backend)]},
+        shown = show_pictures([previews.thumbnail(o[0]) for o in out], "retouch")
+        return {"ui": {"text": [licences.line(retouch=backend)], "images": shown},
                 "result": (numpy_to_images([o[0] for o in out]), numpy_to_masks([o[1] for o in out]))}
 
 

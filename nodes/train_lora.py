@@ -10,7 +10,7 @@ import torch
 
 import folder_paths
 
-from ..facechain_core import licences
+from ..facechain_core import licences, previews
 from ..facechain_core.errors import FaceChainError
 from ..facechain_core.lora_format import kohya_metadata
 from ..facechain_core.train import (TrainSettings, check_free, defaults, lora_file, require_images,
@@ -19,7 +19,7 @@ from ..facechain_core.train.memory import MEMORY_MODES
 from ..facechain_core.train.save import INPUTS_KEY, inputs_fingerprint, trained_from
 from ..facechain_core.train.settings import PRECISIONS
 from .comfy_backbone import apply_lora_file, comfy_backbone
-from .common import CATEGORY, progress_with_text
+from .common import CATEGORY, TrainingProgress, show_pictures
 from .sockets import CAPTIONS
 
 
@@ -125,9 +125,10 @@ class TrainFaceLoRA:
                        "base model (delete it, or change an input, to train again)")
             return self._output(model, clip, path, token, summary)
         check_free(path, overwrite)
+        progress = TrainingProgress(settings.steps, unique_id)
         with torch.inference_mode(False):
-            result = train_lora(backbone, images, caption_list, settings,
-                                progress_with_text(settings.steps, unique_id), memory, host_free_bytes(backbone))
+            result = train_lora(backbone, images, caption_list, settings, progress, memory,
+                                host_free_bytes(backbone), on_losses=progress.losses)
         meta = kohya_metadata(backbone.arch, settings.rank, settings.lora_alpha, result.steps, result.samples,
                               token, caption_list, base_hash, train_text_encoder=settings.train_text_encoder,
                               extra={"ss_output_name": path.stem,
@@ -136,14 +137,16 @@ class TrainFaceLoRA:
                                      "facechain_seed": settings.seed, "facechain_precision": result.precision,
                                      INPUTS_KEY: fingerprint, **licences.metadata(licences.models_for(train="lora"))})
         save_lora(path, result.lora, meta, overwrite)
-        return self._output(model, clip, path, token, result.summary())
+        curve = show_pictures([previews.loss_curve(result.losses, result.steps)], "loss")
+        return self._output(model, clip, path, token, result.summary(), curve)
 
     @staticmethod
-    def _output(model, clip, path, token, summary):
+    def _output(model, clip, path, token, summary, curve=()):
         model_lora, clip_lora = apply_lora_file(model, clip, path)
         rel = os.path.relpath(path, folder_paths.get_folder_paths("loras")[0]).replace(os.sep, "/")
         report = f"LoRA saved: {rel}\ntrigger: {token}\n{summary}\n{licences.line(train='lora')}"
-        return {"ui": {"text": [report]}, "result": (model_lora, clip_lora, rel, report)}
+        ui = {"text": [report], "images": list(curve)} if curve else {"text": [report]}
+        return {"ui": ui, "result": (model_lora, clip_lora, rel, report)}
 
 
 def host_free_bytes(backbone):

@@ -110,7 +110,8 @@ def main() -> int:
         for node_id, out in entry["outputs"].items():
             for text in out.get("text", []):
                 print(f"[{prompt[node_id]['class_type']}]\n{text}")
-            for img in out.get("images", []):
+            in_node = prompt[node_id]["class_type"].startswith("FaceChain")  # the editor's in-node thumbnails
+            for img in [] if in_node else out.get("images", []):
                 data = client.view(img["filename"], img.get("subfolder", ""), img.get("type", "output"))
                 target = args.out / f"{node_id}_{img['filename'].replace('/', '_')}"
                 tmp = target.with_name("." + target.name + ".tmp")

@@ -47,10 +47,19 @@ def import_comfy_in_process():
 
 def load_pack(name: str = "comfyui_facechain", root: Path = REPO):
     """This pack imported in the test process as ComfyUI would import it from custom_nodes (a package named
-    after its folder; ComfyUI's own top-level ``nodes`` module stays untouched), ComfyUI on the CPU."""
+    after its folder; ComfyUI's own top-level ``nodes`` module stays untouched), ComfyUI on the CPU. The nodes'
+    thumbnails go to a temp folder of this process, not into the shared ComfyUI's ``temp/``."""
+    import atexit
     import importlib.util
+    import tempfile
 
     import_comfy_in_process()
+    import folder_paths
+
+    if Path(folder_paths.get_temp_directory()).resolve().is_relative_to(COMFY_DIR.resolve()):
+        temp = tempfile.mkdtemp(prefix="facechain-node-temp-")
+        atexit.register(shutil.rmtree, temp, True)
+        folder_paths.set_temp_directory(temp)
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, root / "__init__.py",
                                                       submodule_search_locations=[str(root)])

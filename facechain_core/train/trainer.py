@@ -19,7 +19,7 @@ import torch
 
 from ..errors import FaceChainError
 from ..lora_format import kohya_state_dict
-from ..progress import ProgressFn, no_progress
+from ..progress import LossesFn, ProgressFn, no_progress
 from . import speed
 from .captions import require_images
 from .lora_layers import borrowed_weights, gradient_checkpointing, lora_adapters, lora_weights
@@ -180,8 +180,10 @@ class LoRATrainer:
     """One training run in named steps: cache latents, cache text, build the optimizer, one step (eager or
     CUDA graph), the loop, save. ``train_lora`` runs them in that order."""
 
-    def __init__(self, backbone: Backbone, settings: TrainSettings, progress: ProgressFn | None = None):
+    def __init__(self, backbone: Backbone, settings: TrainSettings, progress: ProgressFn | None = None,
+                 on_losses: LossesFn | None = None):
         self.backbone, self.settings, self.progress = backbone, settings, progress or no_progress
+        self.on_losses = on_losses  # e.g. a node drawing the loss curve while it trains
         self.device = backbone.device
         self.on_cuda = self.device.type == "cuda"
         self.weight_dtype = next(backbone.unet.parameters()).dtype
@@ -380,7 +382,11 @@ class LoRATrainer:
             pending = loss
             info = f"step {step + 1}/{steps} loss {losses[-1]:.4f}" if losses else f"step {step + 1}/{steps}"
             self.progress(self.n * self.views + step + 1, self.total, info)
+            if self.on_losses is not None:
+                self.on_losses(losses, steps)
         losses.append(pending.item())
+        if self.on_losses is not None:
+            self.on_losses(losses, steps)
         if self.on_cuda:
             torch.cuda.synchronize(self.device)
         t_end = time.perf_counter()
@@ -431,7 +437,7 @@ class LoRATrainer:
 
 def train_lora(backbone: Backbone, images: torch.Tensor, captions: Sequence[str], settings: TrainSettings,
                progress: ProgressFn | None = None, memory: str = "as set",
-               free_bytes: Callable[[int], int] | None = None) -> TrainResult:
+               free_bytes: Callable[[int], int] | None = None, on_losses: LossesFn | None = None) -> TrainResult:
     """Train a face LoRA; returns the kohya state dict (nothing is written here).
 
     ``images``: [N, H, W, 3] floats 0..1 (ComfyUI's IMAGE layout). ``captions``: one per image.
@@ -439,12 +445,14 @@ def train_lora(backbone: Backbone, images: torch.Tensor, captions: Sequence[str]
     exception the host's modules are restored and no result exists. ``memory``: "auto (fit the card)" picks
     the batch size and recomputation from the free GPU memory before any work (an error if nothing fits),
     "as set" keeps the settings and only warns; ``free_bytes(needed)`` is the host's reading of free memory.
+    ``on_losses(losses, steps)`` is called after each step with the losses read so far (one step late) and once
+    more after the loop with all of them, e.g. to draw the loss curve while training runs.
     """
     settings.validate()
     captions = list(captions)
     _check_images(images, captions, backbone)
     settings, sizing = size_to_card(settings, backbone.arch, (images.shape[1], images.shape[2]), backbone.device,
                                     memory, backbone.unet, free_bytes)
-    trainer = LoRATrainer(backbone, settings, progress)
+    trainer = LoRATrainer(backbone, settings, progress, on_losses)
     trainer.notes.append(sizing)
     return trainer.run(images, captions)
