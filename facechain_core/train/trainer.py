@@ -84,6 +84,9 @@ class TrainResult:
         ]
         if self.losses:
             lines.append(f"{LOSS_CURVE} " + " ".join(f"{v:.4f}" for v in self.loss_curve()))
+        if "setup_s" in t:
+            capture = f" (of which CUDA-graph capture {t['capture_s']:.1f} s)" if "capture_s" in t else ""
+            lines.append(f"set-up (adapters, optimizer) {t['setup_s']:.1f} s{capture}")
         if "compile_s" in t:
             lines.append(f"compile (first step) {t['compile_s']:.1f} s")
         if "peak_gib" in t:
@@ -429,6 +432,7 @@ class LoRATrainer:
                 self.build_optimizer(*self.enter_adapters(stack, text_encoders))
                 self.sample_order(order_gen)
                 self.capture_graph()
+                self.timings["setup_s"] = time.perf_counter() - t0 - self.timings["cache_s"]
                 self.loop()
                 layers = (lora_weights(backbone.unet), [lora_weights(te) for te in text_encoders])
                 self.graph = self.static_in = self.static_loss = None
