@@ -3,6 +3,8 @@
 * ``attention_backend``: which scaled-dot-product-attention kernel the UNet's attention uses.
 * ``channels_last``: the UNet's convolution weights in NHWC layout for the run (a copy of the conv
   weights; the host's own tensors are put back afterwards).
+* ``cudnn_benchmark``: cuDNN tries its convolution algorithms once per shape and keeps the fastest (ComfyUI
+  leaves this off unless started with ``--fast autotune``); the host's setting is put back afterwards.
 * ``compile_cache``: torch.compile's compiled kernels and graphs kept on disk, so the compile is paid
   once per machine rather than once per run.
 """
@@ -45,6 +47,16 @@ def channels_last(root: torch.nn.Module, enabled: bool) -> Iterator[int]:
     finally:
         for module, w in reversed(saved):
             module._parameters["weight"] = w
+
+
+@contextmanager
+def cudnn_benchmark(enabled: bool) -> Iterator[None]:
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = bool(enabled) or before
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def default_cache_dir() -> Path:

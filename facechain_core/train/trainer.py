@@ -261,6 +261,7 @@ class LoRATrainer:
         if not self.on_cuda:
             return
         stack.enter_context(speed.attention_backend(s.attention_backend))
+        stack.enter_context(speed.cudnn_benchmark(s.cudnn_benchmark))
         self.nhwc = stack.enter_context(speed.channels_last(self.backbone.unet, s.channels_last)) > 0
         if s.compile:
             stack.enter_context(speed.compile_cache(s.compile_cache))
