@@ -47,8 +47,8 @@ class TrainSettings:
     channels_last: bool = _default("channels_last")  # convolutions in NHWC layout (conv weights copied for the run)
     attention_backend: str = _default("attention_backend")  # SDPA kernel: auto, flash, efficient, cudnn, math
     lora_compute: str = _default("lora_compute")  # half-precision runs: LoRA product in "fp32" or "activations" dtype
-    compile_cache: bool = _default("compile_cache")
-    cudnn_benchmark: bool = _default("cudnn_benchmark")  # let cuDNN time its convolution algorithms per shape  # keep torch.compile's results on disk between runs
+    compile_cache: bool = _default("compile_cache")  # keep torch.compile's results on disk between runs
+    cudnn_benchmark: bool = _default("cudnn_benchmark")  # let cuDNN time its convolution algorithms per shape
     weight_decay: float = _default("weight_decay")
     adam_betas: tuple = _default("adam_betas")
     adam_eps: float = _default("adam_eps")
