@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from comfy_host import device_args
 from conftest import ARTIFACTS, FACES, REPO, tiny_checkpoint
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -29,6 +30,13 @@ def test_train_split_reads_the_trainers_own_report():
     assert bench_e2e.train_split("reused the saved file: it was trained from these photos") is None
 
 
+def test_host_device_flags():
+    assert device_args("cpu") == ["--cpu"] and device_args("cuda") == []
+    assert device_args("cuda:1") == ["--cuda-device", "1"]
+    with pytest.raises(ValueError, match="cpu, cuda or cuda:N"):
+        device_args("gpu")
+
+
 @pytest.mark.host  # starts a real ComfyUI server (in a child process)
 def test_bench_e2e_tiny_cpu_cold_and_warm(tmp_path):
     tiny_checkpoint()
@@ -40,6 +48,8 @@ def test_bench_e2e_tiny_cpu_cold_and_warm(tmp_path):
     assert f"command: {' '.join(cmd)}" in proc.stdout  # the exact command line, first
     result = json.loads(out.read_text())
     assert result["command"] == " ".join(cmd) and result["device"] == "cpu"
+    assert result["settings"] == {"person": "katy_perry", "photos": 10, "images": 2, "size": 64, "steps": 3,
+                                  "samples": 8, "align_size": 64}
     cold, warm = result["runs"]
     for run in (cold, warm):
         phases = run["phases"]
@@ -49,7 +59,7 @@ def test_bench_e2e_tiny_cpu_cold_and_warm(tmp_path):
         assert abs(sum(v for k, v in phases.items() if k != "total") - phases["total"]) < 0.02
         assert 0 <= phases["other"] < 0.1 * phases["total"]  # the nodes account for the time
         assert phases["total"] <= run["client_wall_s"]
-        assert run["train_samples"] == 8 and "8 samples" in run["train_report"]
+        assert run["train_samples"] == 8 and "8 samples" in run["train_report"] and run["align_size"] == 64
         assert {n["class_type"] for n in run["nodes"]} >= {"FaceChainFaceAlign", "FaceChainTrainFaceLoRA",
                                                            "KSampler", "FaceChainFaceFusion", "FaceChainRTSRank"}
         assert len(run["portraits"]) == 2
