@@ -16,12 +16,12 @@ its first photos up to ``--photos`` (10). A mirrored photo is a new view for the
 trainer also flips at random), so the preprocessing cost is fair; the output says which ones are mirrored.
 
 Times come from the websocket: the local arrival time of each ``executing`` message starts a node, the next
-one (or ``execution_success``) ends it. Nodes are summed into phases by class (PHASES); nodes that only show or
-save a result join the phase of the node they show. TrainFaceLoRA's own report splits its time into caching and
-training; the rest of that node is "training set-up and save". "model loading" is the checkpoint node (file to
-memory); ComfyUI moves weights to the GPU in the first node that needs them, so that part is counted there: the
-VAE, the text encoder and the UNet in caching (the trainer's caching ends by loading the UNet in full), the LoRA
-patching of the UNet in sampling.
+one (or ``execution_success``) ends it. Nodes are summed into phases by class (PHASES); the nodes that only show
+or save a result (the graph's previews: PNG encoding) are a phase of their own. TrainFaceLoRA's own report splits
+its time into caching and training; the rest of that node is "training set-up and save". "model loading" is the
+checkpoint node (file to memory); ComfyUI moves weights to the GPU in the first node that needs them, so that
+part is counted there: the VAE, the text encoder and the UNet in caching (the trainer's caching ends by loading
+the UNet in full), the LoRA patching of the UNet in sampling.
 ``--warm`` runs the graph a second time on a copy of the photos under another folder name (a new person for the
 warm server: the checkpoint node is served from the host's cache, everything else runs again).
 Prints a table and writes JSON (``--json``) and each run's report page and contact sheet next to it.
@@ -85,8 +85,10 @@ PHASES = {  # class type -> phase (what a user waits for); the train node is spl
     "KSampler": "sampling", "VAEDecode": "sampling",
     "FaceChainFaceFusion": "fusion+ranking", "FaceChainRTSRank": "fusion+ranking",
 }
+SHOWING = "previews and saving"  # the graph's PreviewImage/PreviewAny/SaveImage nodes: PNG encoding, not pipeline
+DISPLAY_CLASSES = ("PreviewImage", "PreviewAny", "SaveImage", "MaskToImage")
 PHASE_ORDER = ["model loading", "preprocessing", "caching", "training", "training set-up and save", "sampling",
-               "fusion+ranking", "other"]
+               "fusion+ranking", SHOWING, "other"]
 RANDOM_WEIGHTS_NOTE = ("random weights draw no faces: FaceFusion and RTS Rank find none in the samples, so their time "
                        "here is a lower bound (benchmarks/bench_generate.py times them on real face crops)")
 GOAL_S = 30.0  # issue 14: photos to portraits in under 30 s on one H200
@@ -251,12 +253,15 @@ def node_times(events: list[tuple[float, str, dict]]) -> tuple[dict[str, float],
     return times, end - start, cached
 
 
-def phase_of(prompt: dict, node_id: str) -> str:
-    """A node's phase by its class; one that only shows or saves a result takes the phase of what it shows."""
+def phase_of(prompt: dict, node_id: str, shown: bool = False) -> str:
+    """A node's phase by its class. A node that only shows or saves a result is in "previews and saving", or
+    with ``shown`` gives the phase of the node whose result it shows."""
     for _ in range(4):
         node = prompt[node_id]
         if node["class_type"] in PHASES:
             return PHASES[node["class_type"]]
+        if node["class_type"] in DISPLAY_CLASSES and not shown:
+            return SHOWING
         links = [v for v in node["inputs"].values() if isinstance(v, list) and len(v) == 2]
         if not links:
             break
@@ -310,6 +315,7 @@ def run_once(label: str, args, client: ComfyClient, timeline: Timeline, base: Pa
                              title=f"bench_e2e {label} run: {len(photos)} photos of {args.person}")
     page, sheet = run_report.write(run, args.json.parent / f"{args.json.stem}_{label}")
     nodes = [{"id": nid, "class_type": prompt[nid]["class_type"], "phase": phase_of(prompt, nid),
+              "shows": phase_of(prompt, nid, shown=True),
               "seconds": round(s, 3)} for nid, s in sorted(times.items(), key=lambda kv: -kv[1])]
     inputs = {v["class_type"]: v["inputs"] for v in prompt.values()}
     return {"label": label, "prompt_id": prompt_id, "phases": phases(prompt, times, total, train_report),

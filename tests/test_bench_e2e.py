@@ -56,7 +56,7 @@ def test_bench_e2e_tiny_cpu_cold_and_warm(tmp_path):
     for run in (cold, warm):
         phases = run["phases"]
         assert set(phases) == set(bench_e2e.PHASE_ORDER) | {"total"}
-        for key in ("preprocessing", "caching", "training", "sampling", "fusion+ranking"):
+        for key in ("preprocessing", "caching", "training", "sampling", "fusion+ranking", bench_e2e.SHOWING):
             assert phases[key] > 0, (run["label"], key, phases)
         assert abs(sum(v for k, v in phases.items() if k != "total") - phases["total"]) < 0.02
         assert 0 <= phases["other"] < 0.1 * phases["total"]  # the nodes account for the time
@@ -64,6 +64,9 @@ def test_bench_e2e_tiny_cpu_cold_and_warm(tmp_path):
         assert run["train_samples"] == 8 and "8 samples" in run["train_report"] and run["align_size"] == 64
         assert {n["class_type"] for n in run["nodes"]} >= {"FaceChainFaceAlign", "FaceChainTrainFaceLoRA",
                                                            "KSampler", "FaceChainFaceFusion", "FaceChainRTSRank"}
+        shown = {(n["class_type"], n["shows"]) for n in run["nodes"] if n["phase"] == bench_e2e.SHOWING}
+        assert {("PreviewImage", "preprocessing"), ("PreviewImage", "sampling"),
+                ("SaveImage", "fusion+ranking")} <= shown  # every preview belongs to a step
         assert len(run["portraits"]) == 2
         for path in run["portraits"]:
             with Image.open(path) as im:
