@@ -66,7 +66,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 import run_report  # noqa: E402
-from comfy_host import CACHE, ComfyClient, ComfyServer  # noqa: E402
+from comfy_host import CACHE, ComfyClient, ComfyServer, PromptError  # noqa: E402
 
 from facechain_core import data_files  # noqa: E402
 from facechain_core.files import write_atomic  # noqa: E402
@@ -388,19 +388,29 @@ def main(argv=None) -> dict:
         print(f"host up in {started:.1f} s (log: {server.log_path})", flush=True)
         client = ComfyClient(server.url)
         timeline = Timeline(server.url, client.client_id)
-        runs = []
+        runs, error = [], None
         for label in labels:
-            runs.append(run_once(label, args, client, timeline, base, ckpt, photos[label], folders[label]))
+            try:
+                runs.append(run_once(label, args, client, timeline, base, ckpt, photos[label], folders[label]))
+            except (PromptError, TimeoutError, RuntimeError) as e:  # what the host said, and no further runs
+                error = f"{label} run failed: {e}"
+                print(f"{error}\n--- host log (last lines) ---\n{server.log_tail(40)}", flush=True)
+                break
             print(f"{label} run: {runs[-1]['phases']['total']:.1f} s", flush=True)
     result = {"command": command, "device": device_name(args.cpu), "cpu_cores": os.cpu_count(), "work": str(base),
               "checkpoint": ckpt, "tiny": args.tiny, "host_args": args.host_arg, "notes": notes,
               "photos": photos["cold"],
               "settings": {**{k: getattr(args, k) for k in ("person", "photos", "images", "size", "steps")},
-                           "samples": runs[0]["train_samples"], "align_size": runs[0]["align_size"]},
-              "server_start_s": round(started, 3), "checkpoint_build_s": round(built, 3), "runs": runs}
-    print_table(result)
+                           **({"samples": runs[0]["train_samples"], "align_size": runs[0]["align_size"]}
+                              if runs else {})},
+              "server_start_s": round(started, 3), "checkpoint_build_s": round(built, 3), "runs": runs,
+              **({"error": error} if error else {})}
+    if runs:
+        print_table(result)
     write_atomic(args.json, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
     print(f"wrote {args.json}", flush=True)
+    if error:
+        sys.exit(1)
     return result
 
 

@@ -91,3 +91,18 @@ def check_photos(photos: list[dict], folder) -> None:
         expected = np.asarray(ImageOps.mirror(source) if p["mirrored"] else source, dtype=np.float32)
         assert mine.shape == expected.shape
         assert np.abs(mine - expected).mean() < 3  # JPEG re-encoding only
+
+
+@pytest.mark.host  # starts a real ComfyUI server (in a child process)
+def test_bench_e2e_says_what_the_host_refused(tmp_path):
+    """A prompt the host refuses ends the benchmark with its message, the host's log and the JSON of what ran."""
+    tiny_checkpoint()
+    out = tmp_path / "e2e.json"
+    cmd = [sys.executable, "benchmarks/bench_e2e.py", "--tiny", "--cpu", "--warm", "--samples", "0", "--photos", "3",
+           "--json", str(out), "--work", str(tmp_path / "base")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "cold run failed: prompt refused" in proc.stdout and "samples" in proc.stdout
+    assert "--- host log (last lines) ---" in proc.stdout and "warm run" not in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["runs"] == [] and result["error"].startswith("cold run failed: prompt refused")
