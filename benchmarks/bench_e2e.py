@@ -147,7 +147,7 @@ def prepare_checkpoint(args, base: Path) -> tuple[str, float]:
         cmd = [sys.executable, str(REPO / "scripts" / "tiny_checkpoint.py"), "--comfy", str(args.comfy),
                *([] if args.tiny else ["--full"]), str(source)]
         print(f"building the checkpoint: {shlex.join(cmd)}", flush=True)
-        subprocess.run(cmd, check=True)
+        subprocess.run(cmd, check=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))  # built on the CPU
     built = time.perf_counter() - t
     target = folder / source.name
     if not target.exists():
