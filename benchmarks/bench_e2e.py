@@ -170,12 +170,13 @@ def prepare_photos(faces: Path, person: str, count: int, folder: Path) -> list[d
     for i in range(count):
         src = own[i % len(own)]
         if i < len(own):
-            shutil.copy(src, folder / src.name)
+            write_atomic(folder / src.name, lambda tmp, src=src: shutil.copyfile(src, tmp))
             listed.append({"file": src.name, "from": f"{person}/{src.name}", "mirrored": False})
             continue
         name = f"{src.stem}_mirrored{'' if i < 2 * len(own) else i}.jpg"
         with Image.open(src) as im:
-            ImageOps.mirror(ImageOps.exif_transpose(im).convert("RGB")).save(folder / name, quality=95)
+            mirrored = ImageOps.mirror(ImageOps.exif_transpose(im).convert("RGB"))
+        write_atomic(folder / name, lambda tmp: mirrored.save(tmp, quality=95))
         listed.append({"file": name, "from": f"{person}/{src.name}", "mirrored": True})
     return listed
 
@@ -310,7 +311,10 @@ def run_once(label: str, args, client: ComfyClient, timeline: Timeline, base: Pa
     saved = [img for nid, out in entry["outputs"].items() if prompt[nid]["class_type"] == "SaveImage"
              for img in out.get("images", [])]
     portraits = [str(base / "output" / img.get("subfolder", "") / img["filename"]) for img in saved]
-    fetch = lambda img: client.view(img["filename"], img.get("subfolder", ""), img.get("type", "output"))  # noqa: E731
+
+    def fetch(img: dict) -> bytes:
+        return client.view(img["filename"], img.get("subfolder", ""), img.get("type", "output"))
+
     run = run_report.collect(prompt, entry, fetch, [base / "input" / folder / p["file"] for p in photos],
                              title=f"bench_e2e {label} run: {len(photos)} photos of {args.person}")
     page, sheet = run_report.write(run, args.json.parent / f"{args.json.stem}_{label}")
