@@ -11,7 +11,7 @@ Prints people/min for each and the ratio, and writes everything (per-person stag
 
 The model: a full-size SD1.5-shaped checkpoint with random weights (speed does not depend on the weights),
 built once into ``--checkpoint`` (default ``.bench/random_sd15.safetensors``) by the project's builder,
-``scripts/tiny_checkpoint.save_random_checkpoint`` with its full SD1.5 UNet (SD15_UNET), in a child process
+``scripts/tiny_checkpoint.py --full`` (its full SD1.5 UNet, SD15_UNET), in a child process
 on the CPU (it needs ComfyUI's source: ``--comfy DIR``, which also gives CLIP's tokenizer files).
 
 Sizes (flags) are cut from the workflow's recipe so that both runs take well under 8 minutes on H200s:
@@ -87,7 +87,6 @@ def parse_args():
     ap.add_argument("--json", type=Path, default=Path("bench_batch.json"))
     ap.add_argument("--cpu", action="store_true", help="smoke test without a GPU: CPU workers instead of GPUs "
                     "(use with --checkpoint .cache/tiny_sd15.safetensors and small sizes)")
-    ap.add_argument("--build-checkpoint", type=Path, help=argparse.SUPPRESS)  # the child process's job
     return ap.parse_args()
 
 
@@ -98,25 +97,12 @@ def check_imports() -> None:
                          f"wheels to carry)")
 
 
-def build_checkpoint_here(out: Path, comfy: Path) -> None:
-    """In a child process: ComfyUI's modules on the CPU, the full SD1.5 UNet shape, random weights."""
-    sys.path.insert(0, str(comfy))
-    sys.path.insert(0, str(REPO / "scripts"))
-    sys.argv = [sys.argv[0], "--cpu"]
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
-    from tiny_checkpoint import SD15_UNET, save_random_checkpoint
-
-    save_random_checkpoint(out, SD15_UNET)
-
-
 def ensure_checkpoint(path: Path, comfy: Path) -> float:
     if path.is_file():
         return 0.0
-    t = time.perf_counter()
-    subprocess.run([sys.executable, __file__, "--build-checkpoint", str(path), "--comfy", str(comfy)], check=True,
-                   env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    t = time.perf_counter()  # the project's builder, in a child process on the CPU
+    subprocess.run([sys.executable, str(REPO / "scripts" / "tiny_checkpoint.py"), "--full", "--comfy", str(comfy),
+                    str(path)], check=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     return time.perf_counter() - t
 
 
@@ -175,8 +161,6 @@ def one_run(gpus: int, people: Path, args, overrides: dict, work: Path) -> dict:
 
 def main() -> None:
     args = parse_args()
-    if args.build_checkpoint:
-        return build_checkpoint_here(args.build_checkpoint, args.comfy)
     check_imports()
     os.environ.setdefault("FACECHAIN_CLIP_TOKENIZER", str(args.comfy / "comfy" / "sd1_tokenizer"))
     import torch

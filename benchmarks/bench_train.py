@@ -424,7 +424,10 @@ def run_config(name: str, args, backbones: Backbones, images: dict, ref: dict | 
     if name == "defaults" or name.startswith(("full_", "sdxl_")) or "defaults" in name:
         extra += f", {r['samples']} samples in {r['train_s']:.1f} s training (+{r['cache_s']:.1f} s caching)"
     if kind.startswith("comfy_sdxl"):
-        extra += f", {r['size']}x{r['size']}, batch {r['batch']}, {r['sizing'] or 'memory as set'}"
+        full = TrainSettings().samples  # the shipped length, at the measured steady speed
+        r["default_samples_s"] = full * r["ms_per_sample"] / 1000
+        extra += (f", {r['size']}x{r['size']}, batch {r['batch']}, {r['sizing'] or 'memory as set'}; "
+                  f"{full} samples would take {r['default_samples_s']:.0f} s")
     elif ref is not None:  # the reference is SD1.5: a speed-up only against the same model
         r["speedup"] = ref["ms_per_sample"] / r["ms_per_sample"]
         extra = f"  x{r['speedup']:.1f} vs reference" + extra

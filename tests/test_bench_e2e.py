@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from comfy_host import device_args
 from conftest import ARTIFACTS, FACES, REPO, tiny_checkpoint
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -29,29 +30,43 @@ def test_train_split_reads_the_trainers_own_report():
     assert bench_e2e.train_split("reused the saved file: it was trained from these photos") is None
 
 
+def test_host_device_flags():
+    assert device_args("cpu") == ["--cpu"] and device_args("cuda") == []
+    assert device_args("cuda:1") == ["--cuda-device", "1"]
+    with pytest.raises(ValueError, match="cpu, cuda or cuda:N"):
+        device_args("gpu")
+
+
 @pytest.mark.host  # starts a real ComfyUI server (in a child process)
 def test_bench_e2e_tiny_cpu_cold_and_warm(tmp_path):
     tiny_checkpoint()
     out = tmp_path / "e2e.json"
     cmd = [sys.executable, "benchmarks/bench_e2e.py", "--tiny", "--cpu", "--warm", "--json", str(out),
-           "--work", str(tmp_path / "base")]
+           "--work", str(tmp_path / "base"), "--host-arg=--disable-cuda-malloc"]  # the GPU comparison's flag
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert f"command: {' '.join(cmd)}" in proc.stdout  # the exact command line, first
+    assert proc.stdout.startswith(f"command: {' '.join(cmd)}\n")  # the exact command line, first
+    assert "cold: TrainFaceLoRA said: LoRA saved: facechain/katy_perry.safetensors" in proc.stdout
     result = json.loads(out.read_text())
     assert result["command"] == " ".join(cmd) and result["device"] == "cpu"
+    assert result["host_args"] == ["--disable-cuda-malloc"]
+    assert result["settings"] == {"person": "katy_perry", "photos": 10, "images": 2, "size": 64, "steps": 3,
+                                  "samples": 8, "align_size": 64}
     cold, warm = result["runs"]
     for run in (cold, warm):
         phases = run["phases"]
         assert set(phases) == set(bench_e2e.PHASE_ORDER) | {"total"}
-        for key in ("preprocessing", "caching", "training", "sampling", "fusion+ranking"):
+        for key in ("preprocessing", "caching", "training", "sampling", "fusion+ranking", bench_e2e.SHOWING):
             assert phases[key] > 0, (run["label"], key, phases)
         assert abs(sum(v for k, v in phases.items() if k != "total") - phases["total"]) < 0.02
         assert 0 <= phases["other"] < 0.1 * phases["total"]  # the nodes account for the time
         assert phases["total"] <= run["client_wall_s"]
-        assert run["train_samples"] == 8 and "8 samples" in run["train_report"]
+        assert run["train_samples"] == 8 and "8 samples" in run["train_report"] and run["align_size"] == 64
         assert {n["class_type"] for n in run["nodes"]} >= {"FaceChainFaceAlign", "FaceChainTrainFaceLoRA",
                                                            "KSampler", "FaceChainFaceFusion", "FaceChainRTSRank"}
+        shown = {(n["class_type"], n["shows"]) for n in run["nodes"] if n["phase"] == bench_e2e.SHOWING}
+        assert {("PreviewImage", "preprocessing"), ("PreviewImage", "sampling"),
+                ("SaveImage", "fusion+ranking")} <= shown  # every preview belongs to a step
         assert len(run["portraits"]) == 2
         for path in run["portraits"]:
             with Image.open(path) as im:
@@ -76,3 +91,18 @@ def check_photos(photos: list[dict], folder) -> None:
         expected = np.asarray(ImageOps.mirror(source) if p["mirrored"] else source, dtype=np.float32)
         assert mine.shape == expected.shape
         assert np.abs(mine - expected).mean() < 3  # JPEG re-encoding only
+
+
+@pytest.mark.host  # starts a real ComfyUI server (in a child process)
+def test_bench_e2e_says_what_the_host_refused(tmp_path):
+    """A prompt the host refuses ends the benchmark with its message, the host's log and the JSON of what ran."""
+    tiny_checkpoint()
+    out = tmp_path / "e2e.json"
+    cmd = [sys.executable, "benchmarks/bench_e2e.py", "--tiny", "--cpu", "--warm", "--samples", "0", "--photos", "3",
+           "--json", str(out), "--work", str(tmp_path / "base")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "cold run failed: prompt refused" in proc.stdout and "samples" in proc.stdout
+    assert "--- host log (last lines) ---" in proc.stdout and "warm run" not in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["runs"] == [] and result["error"].startswith("cold run failed: prompt refused")

@@ -28,5 +28,6 @@ def test_sdxl_configs_build_and_train_on_the_cpu(tmp_path):
         assert "error" not in r, r
         assert (r["arch"], r["unet"], r["memory"], r["size"]) == ("sdxl", "UNetModel", memory, 64)
         assert r["batch"] == 4 and r["samples"] == 12 and r["ms_per_sample"] > 0 and r["cache_s"] > 0
+        assert r["default_samples_s"] == pytest.approx(2000 * r["ms_per_sample"] / 1000)
         assert r["loss_first"] == r["loss_first"] and r["loss_last"] == r["loss_last"]  # not NaN
         assert name in proc.stdout and "ms/sample" in proc.stdout
