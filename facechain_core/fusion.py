@@ -184,17 +184,16 @@ def judge(tpl: Template, tgt: fg.FaceShape) -> fg.Verdict:
     return verdict
 
 
-def _blend(rgb: np.ndarray, warped: np.ndarray, tgt: fg.FaceShape, roi, region: str, strength: float,
-           s: FusionSettings) -> tuple[np.ndarray, np.ndarray]:
-    """The fused image and its mask (strength included) for one region."""
+def prepared_face(rgb: np.ndarray, warped: np.ndarray, tgt: fg.FaceShape, roi, s: FusionSettings) -> np.ndarray:
+    """The warped template given the target's colour, light and eye detail (the same for every region and
+    strength tried, so it is made once per image)."""
     d = fg.settings_data()
     x0, y0, x1, y1 = roi
     patch = rgb[y0:y1, x0:x1]
     local = tgt.points - [x0, y0]
-    inner_poly = tgt.inner_polygon(d["inner_face"]["inner_scale"]) - [x0, y0]
-    alpha = fb.region_mask(patch.shape[:2], local, inner_poly, region, tgt.iod, d["inner_face"])
     face = warped
     if s.colour_match:
+        inner_poly = tgt.inner_polygon(d["inner_face"]["inner_scale"]) - [x0, y0]
         support = np.zeros(patch.shape[:2], np.uint8)
         cv2.fillPoly(support, [np.round(inner_poly).astype(np.int32)], 255)
         # skin against skin: the template's brows and eyes would carry their darkness into the skin around them
@@ -206,8 +205,21 @@ def _blend(rgb: np.ndarray, warped: np.ndarray, tgt: fg.FaceShape, roi, region: 
         face = fb.match_lids(face, patch, local, tgt.iod, d["blend"]["lid_grow"])
         face = fb.match_brows(face, patch, local, tgt.iod, d["blend"]["feature_grow"])
         face = fb.match_lips(face, patch, local, tgt.iod)
-    face = fb.match_detail(face, patch, fb.eye_boxes(local), d["blend"]["detail_min_ratio"],
+    return fb.match_detail(face, patch, fb.eye_boxes(local), d["blend"]["detail_min_ratio"],
                            d["blend"]["detail_max_ratio"], d["blend"]["detail_max_gain"])
+
+
+def _blend(rgb: np.ndarray, warped: np.ndarray, tgt: fg.FaceShape, roi, region: str, strength: float,
+           s: FusionSettings, face: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The fused image and its mask (strength included) for one region; ``face``: ``prepared_face``'s, when
+    already made."""
+    d = fg.settings_data()
+    x0, y0, x1, y1 = roi
+    patch = rgb[y0:y1, x0:x1]
+    local = tgt.points - [x0, y0]
+    inner_poly = tgt.inner_polygon(d["inner_face"]["inner_scale"]) - [x0, y0]
+    alpha = fb.region_mask(patch.shape[:2], local, inner_poly, region, tgt.iod, d["inner_face"])
+    face = prepared_face(rgb, warped, tgt, roi, s) if face is None else face
     a = alpha * strength
     a[a < 1.0 / 255.0] = 0.0  # a zero in the saved mask means an untouched pixel
     blended = fb.two_band_blend(patch, face, a, strength, max(1.0, d["blend"]["detail_sigma"] * tgt.iod))
@@ -236,7 +248,7 @@ def rungs(verdict: fg.Verdict) -> list[tuple[str, float]]:
         here = fg.REGIONS.index(region)
         return here > floor or (here == floor and (k < 1.0 or not verdict.reduced))
 
-    return [(region, k) for region, k in ladder if allowed(region, k)]
+    return [(region, k) for region, k in ladder if allowed(region, k)][:fg.settings_data()["max_tries"]]
 
 
 def _level_of(region: str, strength: float) -> tuple[str, str]:
@@ -250,9 +262,10 @@ def _face_again(rgb: np.ndarray, face: Face, detector: str) -> Face:
     """The face found afresh on the fused image, near where it was (its keypoints follow the fused eyes, as a
     recogniser or RTSRank searching the image would see them); the old face when none is found there."""
     h, w = rgb.shape[:2]
-    m = 0.6 * face.size
+    m = 0.3 * face.size
     x0, y0 = int(max(0, face.box[0] - m)), int(max(0, face.box[1] - m))
     x1, y1 = int(min(w, face.box[0] + face.box[2] + m)), int(min(h, face.box[1] + face.box[3] + m))
+    # searched at the size RTSRank searches a whole image at (smaller, its keypoints and likeness drift)
     found = detect_faces_per_thread(np.ascontiguousarray(rgb[y0:y1, x0:x1]), detector)
     if not found:
         return face
@@ -261,15 +274,17 @@ def _face_again(rgb: np.ndarray, face: Face, detector: str) -> Face:
 
 
 def _after_check(original: np.ndarray, out: np.ndarray, face: Face, tgt: fg.FaceShape, tpl: Template,
-                 before: float, detector: str = "embedded") -> tuple[str, float, np.ndarray | None]:
+                 before: float, detector: str = "embedded",
+                 eyes_moved: bool = True) -> tuple[str, float, np.ndarray | None]:
     """'' when the fused face keeps its eyes' sharpness, is more like the person than before and keeps its
-    outline, else why not; and the fused face's likeness and vector. Cheapest check first."""
+    outline, else why not; and the fused face's likeness and vector. Cheapest check first. The face is found
+    again on the result when its eyes were fused (``eyes_moved``): the recogniser aligns on the eyes."""
     d = fg.settings_data()
     boxes = fb.eye_boxes(tgt.points)
     sharp = fb.sharpness(out, boxes) / max(1e-6, fb.sharpness(original, boxes))
     if sharp < d["guards"]["min_eye_sharpness"]:
         return f"the eyes came out softer ({sharp:.2f} of their sharpness)", before, None
-    vec = embed_face(out, _face_again(out, face, detector))
+    vec = embed_face(out, _face_again(out, face, detector) if eyes_moved else face)
     after = tpl.likeness(vec)
     gain = d["guards"]["min_likeness_gain" if tpl.likeness_to == "template" else "min_likeness_gain_photos"]
     if after < before + gain:
@@ -298,7 +313,7 @@ def fuse_one(rgb: np.ndarray, faces: list[Face], tpl: Template, s: FusionSetting
     if roi[2] - roi[0] < 16 or roi[3] - roi[1] < 16 or tgt.iod < 6:
         verdict.lower("skip", f"face too small to fuse ({tgt.iod:.0f} px between the eyes)")
     extra = f" ({len(faces)} faces seen, the largest used)" if len(faces) > 1 else ""
-    warped, before, original_vec = None, None, None
+    warped, face_made, before, original_vec = None, None, None, None
     for region, k in (rungs(verdict) if verdict.level != "skip" else []):
         if warped is None:
             original_vec = embed_face(rgb, face)
@@ -311,8 +326,9 @@ def fuse_one(rgb: np.ndarray, faces: list[Face], tpl: Template, s: FusionSetting
                 warped = learned_fusion().fuse(rgb, tpl.image)[roi[1]:roi[3], roi[0]:roi[2]]
             else:
                 warped = fg.warp_patch(tpl.image, tpl.shape.points, tgt.points, tpl.triangles, roi)
-        out, mask = _blend(rgb, warped, tgt, roi, region, s.strength * k, s)
-        why_not, after, vec = _after_check(rgb, out, face, tgt, tpl, before, s.detector)
+            face_made = prepared_face(rgb, warped, tgt, roi, s)
+        out, mask = _blend(rgb, warped, tgt, roi, region, s.strength * k, s, face_made)
+        why_not, after, vec = _after_check(rgb, out, face, tgt, tpl, before, s.detector, region != "brows")
         if not why_not:
             level, note = _level_of(region, k)
             note += f", likeness to the {tpl.likeness_to} {before:.2f} -> {after:.2f}"

@@ -80,9 +80,13 @@ def _box(pts: np.ndarray, pad: int, shape) -> tuple[slice, slice] | None:
 
 def _skin_field(lab: np.ndarray, weight: np.ndarray, sigma: float) -> np.ndarray:
     """The skin's own colour at every pixel: a low-pass over the pixels ``weight`` calls skin."""
-    w = weight.astype(np.float32)
-    num = cv2.GaussianBlur(lab * w[..., None], (0, 0), sigma)
-    return num / (cv2.GaussianBlur(w, (0, 0), sigma)[..., None] + 1e-6)
+    return _lowpass(lab, weight.astype(np.float32), sigma)
+
+
+def _distance_from(shape: tuple[int, int], points: np.ndarray, names: list[str]) -> np.ndarray:
+    """Pixels from the named contours (0 inside them): every grown copy of them is one threshold of it."""
+    inside = fm.fill_contours(shape, points, names)
+    return cv2.distanceTransform(255 - inside, cv2.DIST_L2, 3)
 
 
 def match_brows(face: np.ndarray, target: np.ndarray, local: np.ndarray, iod: float, grow: float) -> np.ndarray:
@@ -96,22 +100,23 @@ def match_brows(face: np.ndarray, target: np.ndarray, local: np.ndarray, iod: fl
     The eyes are left out; the change fades out over the zone's edge."""
     out = face.copy()
     g = max(1, int(round(grow * iod)))
-    lashes = fm.fill_contours(face.shape, local, ["right_eye", "left_eye"], grow=g)
     for name in ("right_brow", "left_brow"):
         box = _box(fm.contour(local, name), 4 * g, face.shape)
         if box is None:
             continue
         shape = (box[0].stop - box[0].start, box[1].stop - box[1].start)
         pts = local - [box[1].start, box[0].start]
-        brow = fm.fill_contours(shape, pts, [name], grow=g) > 0
-        zone = (fm.fill_contours(shape, pts, [name], grow=3 * g) > 0) & (lashes[box] == 0)
+        away = _distance_from(shape, pts, [name])
+        lashes = _distance_from(shape, pts, ["right_eye", "left_eye"]) <= g
+        brow = away <= g
+        zone = (away <= 3 * g) & ~lashes
         if brow.sum() < 12 or (zone & ~brow).sum() < 12:
             continue
         fl = cv2.cvtColor(out[box].astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
         tl = cv2.cvtColor(target[box].astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
         skin_f, skin_t = (_skin_field(lab, zone & ~brow, 1.5 * g) for lab in (fl, tl))
         dark_f, dark_t = skin_f[..., 0] - fl[..., 0], skin_t[..., 0] - tl[..., 0]
-        core = fm.fill_contours(shape, pts, [name]) > 0
+        core = away == 0
         mean_f = float(np.clip(dark_f[core], 0, None).mean())
         mean_t = float(np.clip(dark_t[core], 0, None).mean())
         if mean_f < 1.0:
@@ -130,7 +135,7 @@ def match_brows(face: np.ndarray, target: np.ndarray, local: np.ndarray, iod: fl
         step = np.clip((dark_f * density - dark_t) / 4.0, 0.0, 1.0)
         drawn = (step * step * (3 - 2 * step))[..., None]
         redrawn = tl + (hair - tl) * drawn
-        grown = (fm.fill_contours(shape, pts, [name], grow=2 * g) > 0) & zone
+        grown = (away <= 2 * g) & zone
         fade = cv2.GaussianBlur(grown.astype(np.float32), (0, 0), max(1.0, g / 2)) * grown
         mixed = fl + (redrawn - fl) * fade[..., None]
         mixed[..., 0] = np.clip(mixed[..., 0], 0, 100)
@@ -140,8 +145,9 @@ def match_brows(face: np.ndarray, target: np.ndarray, local: np.ndarray, iod: fl
 
 def match_lids(face: np.ndarray, target: np.ndarray, local: np.ndarray, iod: float, grow: float) -> np.ndarray:
     """The skin around each eye (lids, crease, lash line) given the target's colour and contrast: in Lab, the
-    template's mean and spread there replaced by the target's (a grey-brown crease on a pink lid would look
-    like make-up). The eye itself is left as it is; the change fades out over the band's edges."""
+    template's mean and spread of lightness there replaced by the target's, the hue the target's own (a
+    grey-brown crease on a pink lid would look like make-up). The eye itself is left as it is; the change fades
+    out over the band's edges."""
     out = face.copy()
     g = max(1, int(round(grow * iod)))
     for name in ("right_eye", "left_eye"):
@@ -150,7 +156,8 @@ def match_lids(face: np.ndarray, target: np.ndarray, local: np.ndarray, iod: flo
             continue
         shape = (box[0].stop - box[0].start, box[1].stop - box[1].start)
         pts = local - [box[1].start, box[0].start]
-        band = (fm.fill_contours(shape, pts, [name], grow=g) > 0) & ~(fm.fill_contours(shape, pts, [name]) > 0)
+        away = _distance_from(shape, pts, [name])
+        band = (away <= g) & (away > 0)
         if band.sum() < 12:
             continue
         fl = cv2.cvtColor(out[box].astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
@@ -158,6 +165,9 @@ def match_lids(face: np.ndarray, target: np.ndarray, local: np.ndarray, iod: flo
         mean_f, mean_t = fl[band].mean(axis=0), tl[band].mean(axis=0)
         spread = np.clip(tl[band].std(axis=0) / np.maximum(fl[band].std(axis=0), 1e-3), 0.5, 1.5)
         moved = (fl - mean_f) * spread + mean_t
+        # hue from the target's own lids (a crease of another skin tone turns grey or blue on a pink lid);
+        # the template's shading stays in the lightness
+        moved[..., 1:] = _skin_field(tl, band, max(1.0, g / 2))[..., 1:] + 0.3 * (fl[..., 1:] - mean_f[1:])
         fade = cv2.GaussianBlur(band.astype(np.float32), (0, 0), max(1.0, g / 3))
         mixed = fl + (moved - fl) * fade[..., None]
         mixed[..., 0] = np.clip(mixed[..., 0], 0, 100)
