@@ -39,7 +39,8 @@ from .threads import detect_faces_per_thread, parallel_map
 
 BACKENDS = ("embedded", "face_fusion")
 LEVEL_WORDS = {"full": "fused (inner face)", "reduced": "fused at reduced strength (inner face)",
-               "eyes_brows": "fused less (eyes and brows only)", "skip": "left unfused"}
+               "eyes_brows": "fused less (eyes and brows only)", "brows": "fused less (brows only)",
+               "skip": "left unfused"}
 
 
 @dataclass
@@ -131,7 +132,14 @@ class Template:
     shape: fg.FaceShape
     triangles: np.ndarray  # Delaunay over the template's mesh points
     embedding: np.ndarray  # the recogniser's (SFace) view of the person: fusion must get closer to it
+    face_embedding: np.ndarray  # the recogniser's vector of the template face itself
     likeness_to: str = "template"  # what ``embedding`` is, for the report
+    photos: list[np.ndarray] = field(default_factory=list)  # the person's photos' vectors, when given
+
+    def likeness(self, vec: np.ndarray) -> float:
+        """The recogniser's similarity of ``vec`` to the person: the mean over the person's photos (each photo
+        counts, as a person comparing would), else to the template face."""
+        return float(np.mean([cosine(vec, e) for e in self.photos])) if self.photos else cosine(vec, self.embedding)
 
     @classmethod
     def of(cls, rgb: np.ndarray, face: Face, embedding: np.ndarray | None = None) -> "Template":
@@ -142,7 +150,7 @@ class Template:
             raise FaceChainError(f"The face mesh is unsure of the template's face (presence {shape.presence:.2f}). "
                                  f"Connect a clear, frontal photo of the person's face as the template.")
         vec = embed_face(rgb, face) if embedding is None else embedding
-        return cls(rgb, face, shape, fg.triangulate(shape.points), vec)
+        return cls(rgb, face, shape, fg.triangulate(shape.points), vec, vec)
 
 
 def target_shape(rgb: np.ndarray, face: Face) -> fg.FaceShape:
@@ -166,35 +174,52 @@ def judge(tpl: Template, tgt: fg.FaceShape) -> fg.Verdict:
     outside = np.zeros(len(tgt.points), bool)
     outside[tgt.outside_inner(scale)] = True
     fg.check_warp(tpl.shape, tgt, tpl.triangles, ~outside, verdict, "eyes_brows")
-    if verdict.level == "eyes_brows":
-        eyes = np.zeros(len(tgt.points), bool)
-        for name in ("right_eye", "left_eye", "right_brow", "left_brow"):
-            eyes[topology()["contours"][name]] = True
-        fg.check_warp(tpl.shape, tgt, tpl.triangles, eyes, verdict, "skip")
+    for level, names, level_if_bad in (("eyes_brows", ("right_eye", "left_eye", "right_brow", "left_brow"), "brows"),
+                                       ("brows", ("right_brow", "left_brow"), "skip")):
+        if verdict.level == level:
+            region = np.zeros(len(tgt.points), bool)
+            for name in names:
+                region[topology()["contours"][name]] = True
+            fg.check_warp(tpl.shape, tgt, tpl.triangles, region, verdict, level_if_bad)
     return verdict
 
 
+def prepared_face(rgb: np.ndarray, warped: np.ndarray, tgt: fg.FaceShape, roi, s: FusionSettings) -> np.ndarray:
+    """The warped template given the target's colour, light and eye detail (the same for every region and
+    strength tried, so it is made once per image)."""
+    d = fg.settings_data()
+    x0, y0, x1, y1 = roi
+    patch = rgb[y0:y1, x0:x1]
+    local = tgt.points - [x0, y0]
+    face = warped
+    if s.colour_match:
+        inner_poly = tgt.inner_polygon(d["inner_face"]["inner_scale"]) - [x0, y0]
+        support = np.zeros(patch.shape[:2], np.uint8)
+        cv2.fillPoly(support, [np.round(inner_poly).astype(np.int32)], 255)
+        # skin against skin: the template's brows and eyes would carry their darkness into the skin around them
+        # (the lids are skin: left in, they take the target's colour, not a guess from the cheeks and forehead)
+        grow = max(1, int(round(d["blend"]["feature_grow"] * tgt.iod)))
+        features = fill_contours(patch.shape[:2], local, ["right_brow", "left_brow"], grow=grow) | \
+            fill_contours(patch.shape[:2], local, ["right_eye", "left_eye"], grow=max(1, grow // 4))
+        face = fb.match_colour(face, patch, (support > 0) & (features == 0), d["blend"]["colour_sigma"] * tgt.iod)
+        face = fb.match_lids(face, patch, local, tgt.iod, d["blend"]["lid_grow"])
+        face = fb.match_brows(face, patch, local, tgt.iod, d["blend"]["feature_grow"])
+        face = fb.match_lips(face, patch, local, tgt.iod)
+    return fb.match_detail(face, patch, fb.eye_boxes(local), d["blend"]["detail_min_ratio"],
+                           d["blend"]["detail_max_ratio"], d["blend"]["detail_max_gain"])
+
+
 def _blend(rgb: np.ndarray, warped: np.ndarray, tgt: fg.FaceShape, roi, region: str, strength: float,
-           s: FusionSettings) -> tuple[np.ndarray, np.ndarray]:
-    """The fused image and its mask (strength included) for one region."""
+           s: FusionSettings, face: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The fused image and its mask (strength included) for one region; ``face``: ``prepared_face``'s, when
+    already made."""
     d = fg.settings_data()
     x0, y0, x1, y1 = roi
     patch = rgb[y0:y1, x0:x1]
     local = tgt.points - [x0, y0]
     inner_poly = tgt.inner_polygon(d["inner_face"]["inner_scale"]) - [x0, y0]
     alpha = fb.region_mask(patch.shape[:2], local, inner_poly, region, tgt.iod, d["inner_face"])
-    face = warped
-    if s.colour_match:
-        support = np.zeros(patch.shape[:2], np.uint8)
-        cv2.fillPoly(support, [np.round(inner_poly).astype(np.int32)], 255)
-        # skin against skin: the template's brows would carry their darkness into the skin around them
-        grow = max(1, int(round(2 * d["blend"]["feature_grow"] * tgt.iod)))
-        features = fill_contours(patch.shape[:2], local, ["right_brow", "left_brow"], grow=grow)
-        face = fb.match_colour(face, patch, (support > 0) & (features == 0), d["blend"]["colour_sigma"] * tgt.iod)
-        face = fb.match_brows(face, patch, local, tgt.iod, d["blend"]["feature_grow"])
-        face = fb.match_lips(face, patch, local, tgt.iod)
-    face = fb.match_detail(face, patch, fb.eye_boxes(local), d["blend"]["detail_min_ratio"],
-                           d["blend"]["detail_max_ratio"], d["blend"]["detail_max_gain"])
+    face = prepared_face(rgb, warped, tgt, roi, s) if face is None else face
     a = alpha * strength
     a[a < 1.0 / 255.0] = 0.0  # a zero in the saved mask means an untouched pixel
     blended = fb.two_band_blend(patch, face, a, strength, max(1.0, d["blend"]["detail_sigma"] * tgt.iod))
@@ -211,25 +236,60 @@ def _blend(rgb: np.ndarray, warped: np.ndarray, tgt: fg.FaceShape, roi, region: 
     return out, full
 
 
-def _next_level(level: str) -> str:
-    """The level below ``level`` after a failed after-check ('reduced' is a strength, not a region)."""
-    nxt = fg.LEVELS[fg.LEVELS.index(level) + 1]
-    return "eyes_brows" if nxt == "reduced" else nxt
+def rungs(verdict: fg.Verdict) -> list[tuple[str, float]]:
+    """The (region, strength) tries left for ``verdict``, most fused first: the guards pick the first rung
+    (its region, and a strength below 1 when reduced); each failed after-check moves one rung down."""
+    ladder = [(region, float(k)) for region, k in fg.settings_data()["ladder"]]
+    if verdict.region == "none":
+        return []
+    floor = fg.REGIONS.index(verdict.region)
+
+    def allowed(region: str, k: float) -> bool:
+        here = fg.REGIONS.index(region)
+        return here > floor or (here == floor and (k < 1.0 or not verdict.reduced))
+
+    return [(region, k) for region, k in ladder if allowed(region, k)][:fg.settings_data()["max_tries"]]
+
+
+def _level_of(region: str, strength: float) -> tuple[str, str]:
+    """The level a rung reports, and its words."""
+    level = {"inner": "full" if strength >= 1.0 else "reduced"}.get(region, region)
+    words = LEVEL_WORDS[level] + (f" at strength {strength:g}" if strength < 1.0 and level != "reduced" else "")
+    return level, words
+
+
+def _face_again(rgb: np.ndarray, face: Face, detector: str) -> Face:
+    """The face found afresh on the fused image, near where it was (its keypoints follow the fused eyes, as a
+    recogniser or RTSRank searching the image would see them); the old face when none is found there."""
+    h, w = rgb.shape[:2]
+    m = 0.3 * face.size
+    x0, y0 = int(max(0, face.box[0] - m)), int(max(0, face.box[1] - m))
+    x1, y1 = int(min(w, face.box[0] + face.box[2] + m)), int(min(h, face.box[1] + face.box[3] + m))
+    # searched at the size RTSRank searches a whole image at (smaller, its keypoints and likeness drift)
+    found = detect_faces_per_thread(np.ascontiguousarray(rgb[y0:y1, x0:x1]), detector)
+    if not found:
+        return face
+    near = min(found, key=lambda f: float(np.linalg.norm(f.centre + [x0, y0] - face.centre)))
+    return near.transformed(np.array([[1.0, 0.0, x0], [0.0, 1.0, y0]]))
 
 
 def _after_check(original: np.ndarray, out: np.ndarray, face: Face, tgt: fg.FaceShape, tpl: Template,
-                 before: float) -> tuple[str, float, np.ndarray | None]:
+                 before: float, detector: str = "embedded",
+                 eyes_moved: bool = True) -> tuple[str, float, np.ndarray | None]:
     """'' when the fused face keeps its eyes' sharpness, is more like the person than before and keeps its
-    outline, else why not; and the fused face's likeness and vector. Cheapest check first."""
+    outline, else why not; and the fused face's likeness and vector. Cheapest check first. The face is found
+    again on the result when its eyes were fused (``eyes_moved``): the recogniser aligns on the eyes."""
     d = fg.settings_data()
     boxes = fb.eye_boxes(tgt.points)
     sharp = fb.sharpness(out, boxes) / max(1e-6, fb.sharpness(original, boxes))
     if sharp < d["guards"]["min_eye_sharpness"]:
         return f"the eyes came out softer ({sharp:.2f} of their sharpness)", before, None
-    vec = embed_face(out, face)
-    after = cosine(vec, tpl.embedding)
-    if after < before + d["guards"]["min_likeness_gain"]:
-        return f"fusing did not raise the likeness to the {tpl.likeness_to} ({before:.2f} -> {after:.2f})", after, vec
+    vec = embed_face(out, _face_again(out, face, detector) if eyes_moved else face)
+    after = tpl.likeness(vec)
+    gain = d["guards"]["min_likeness_gain" if tpl.likeness_to == "template" else "min_likeness_gain_photos"]
+    if after < before + gain:
+        verb = "raise" if gain > 0 else "keep"
+        return f"fusing did not {verb} the likeness to the {tpl.likeness_to} ({before:.2f} -> {after:.2f})", after, vec
     shift = fg.outline_shift(tgt, face_mesh(out, face.keypoints).points, d["inner_face"]["inner_scale"])
     if shift > d["guards"]["outline_tolerance"]:
         return f"the outline moved {shift:.2f} IOD when fused", before, None
@@ -253,29 +313,28 @@ def fuse_one(rgb: np.ndarray, faces: list[Face], tpl: Template, s: FusionSetting
     if roi[2] - roi[0] < 16 or roi[3] - roi[1] < 16 or tgt.iod < 6:
         verdict.lower("skip", f"face too small to fuse ({tgt.iod:.0f} px between the eyes)")
     extra = f" ({len(faces)} faces seen, the largest used)" if len(faces) > 1 else ""
-    warped, before, original_vec = None, None, None
-    while verdict.level != "skip":
+    warped, face_made, before, original_vec = None, None, None, None
+    for region, k in (rungs(verdict) if verdict.level != "skip" else []):
         if warped is None:
             original_vec = embed_face(rgb, face)
-            before = cosine(original_vec, tpl.embedding)
-            if before >= fg.settings_data()["guards"]["same_face_likeness"]:
-                verdict.lower("skip", f"already as like the {tpl.likeness_to} as a fusion could make it "
-                                      f"(likeness {before:.2f})")
+            before = tpl.likeness(original_vec)
+            if cosine(original_vec, tpl.face_embedding) >= fg.settings_data()["guards"]["same_face_likeness"]:
+                verdict.lower("skip", f"already the template's face (likeness to it "
+                                      f"{cosine(original_vec, tpl.face_embedding):.2f})")
                 break
             if s.backend == "face_fusion":
                 warped = learned_fusion().fuse(rgb, tpl.image)[roi[1]:roi[3], roi[0]:roi[2]]
             else:
                 warped = fg.warp_patch(tpl.image, tpl.shape.points, tgt.points, tpl.triangles, roi)
-        strength = s.strength * (fg.settings_data()["guards"]["reduced_strength"] if verdict.reduced else 1.0)
-        out, mask = _blend(rgb, warped, tgt, roi, verdict.region, strength, s)
-        why_not, after, vec = _after_check(rgb, out, face, tgt, tpl, before)
+            face_made = prepared_face(rgb, warped, tgt, roi, s)
+        out, mask = _blend(rgb, warped, tgt, roi, region, s.strength * k, s, face_made)
+        why_not, after, vec = _after_check(rgb, out, face, tgt, tpl, before, s.detector, region != "brows")
         if not why_not:
-            level = "reduced" if verdict.reduced and verdict.level == "full" else verdict.level
-            note = LEVEL_WORDS[level] + (" at reduced strength" if verdict.reduced and level == "eyes_brows" else "")
+            level, note = _level_of(region, k)
             note += f", likeness to the {tpl.likeness_to} {before:.2f} -> {after:.2f}"
             note += f": {'; '.join(verdict.reasons)}" if verdict.reasons else ""
             return FusedImage(out, mask, note + extra, True, roi, faces, level, list(verdict.reasons), vec)
-        verdict.lower(_next_level(verdict.level), f"{why_not} ({verdict.region.replace('_', ' and ')} region)")
+        verdict.reasons.append(f"{why_not} ({region.replace('_', ' and ')} region at strength {k:g})")
     note = f"left unfused: {'; '.join(verdict.reasons)}"
     return FusedImage(rgb, zero, note + extra, False, None, faces, "skip", list(verdict.reasons),
                       original_vec)
@@ -329,11 +388,17 @@ def fuse_images(images: list[np.ndarray], template: np.ndarray, settings: Fusion
         raise FaceChainError("FaceFusion found no face in the template image. Connect a clear photo of the "
                              "person's face (the template face from the training photos).")
     if refs and any(faces for faces, _ in found):  # no face to fuse: no need for the person's photos
-        mean = mean_embedding(ref_embs)
-        if mean is None:
+        embs = [e for e in ref_embs if e is not None]
+        if not embs:
             raise FaceChainError("FaceFusion found no face in the reference photos. Connect the aligned training "
                                  "crops (FaceAlign's images), or leave the reference input empty.")
-        tpl.embedding, tpl.likeness_to = mean, f"person's {len(refs)} photo{'s' if len(refs) > 1 else ''}"
+        # the template's own photo among them is left out: fusing it in always looks more like itself
+        same = fg.settings_data()["guards"]["same_face_likeness"]
+        others = [e for e in embs if cosine(e, tpl.face_embedding) < same]
+        if others:
+            word = "other " if len(others) < len(embs) else ""
+            tpl.embedding, tpl.photos = mean_embedding(others), others
+            tpl.likeness_to = f"person's {len(others)} {word}photo{'s' if len(others) > 1 else ''}"
     result = FusionResult()
     jobs = list(zip(rgbs, found))
     fused_all = parallel_map(lambda job: fuse_one(job[0], job[1][0], tpl, s, job[1][1]), jobs, s.workers)

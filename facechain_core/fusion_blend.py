@@ -28,10 +28,12 @@ def region_mask(shape: tuple[int, int], local: np.ndarray, inner_poly: np.ndarra
                 d: dict) -> np.ndarray:
     """The feathered blend mask of one level: the inner face, or the eyes and brows only."""
     hard = np.zeros(shape, np.uint8)
-    if level == "eyes_brows":
+    if level in ("eyes_brows", "brows"):
         grow = d["eyes_brows_grow"] * iod
         for eye, brow in (("right_eye", "right_brow"), ("left_eye", "left_brow")):
-            pts = np.vstack([fm.contour(local, eye), fm.contour(local, brow)]).astype(np.float64)
+            pts = fm.contour(local, brow)
+            if level == "eyes_brows":
+                pts = np.vstack([fm.contour(local, eye), pts])
             hull = cv2.convexHull(pts.astype(np.float32)).reshape(-1, 2)
             c = hull.mean(axis=0)
             grown = c + (hull - c) * (1 + grow / max(1.0, np.linalg.norm(hull - c, axis=1).mean()))
@@ -76,40 +78,100 @@ def _box(pts: np.ndarray, pad: int, shape) -> tuple[slice, slice] | None:
     return None if np.any(hi - lo < 4) else (slice(lo[1], hi[1]), slice(lo[0], hi[0]))
 
 
+def _skin_field(lab: np.ndarray, weight: np.ndarray, sigma: float) -> np.ndarray:
+    """The skin's own colour at every pixel: a low-pass over the pixels ``weight`` calls skin."""
+    return _lowpass(lab, weight.astype(np.float32), sigma)
+
+
+def _distance_from(shape: tuple[int, int], points: np.ndarray, names: list[str]) -> np.ndarray:
+    """Pixels from the named contours (0 inside them): every grown copy of them is one threshold of it."""
+    inside = fm.fill_contours(shape, points, names)
+    return cv2.distanceTransform(255 - inside, cv2.DIST_L2, 3)
+
+
 def match_brows(face: np.ndarray, target: np.ndarray, local: np.ndarray, iod: float, grow: float) -> np.ndarray:
-    """The template's brow hairs take the colour of the target's brow hairs; the skin between the hairs keeps
-    the colour the region match gave it. Each pixel counts as hair by how much darker it is than the skin
-    around the brow, so dark brows on a fair redhead turn auburn without a pale fringe."""
+    """The template's brows redrawn on the target's skin, in the target's brow colour and no denser.
+
+    Around each brow both faces are split into a skin field (a low-pass of the skin beside the brow, bridged
+    across it) and each pixel's darkness below it. The result is the target's skin field, darkened by the
+    template's darkness (the brow's shape and hairs) scaled to the target's brow density, its colour moving
+    toward the target's hair colour as it darkens. What is lighter than the template's skin (its brow ridge
+    and the pale or grey band beside its brows) is kept at ``lighter_kept`` only, so it leaves no fringe.
+    The eyes are left out; the change fades out over the zone's edge."""
     out = face.copy()
     g = max(1, int(round(grow * iod)))
     for name in ("right_brow", "left_brow"):
-        pts = fm.contour(local, name)
-        box = _box(pts, 4 * g, face.shape)
+        box = _box(fm.contour(local, name), 4 * g, face.shape)
         if box is None:
             continue
         shape = (box[0].stop - box[0].start, box[1].stop - box[1].start)
-        off = np.array([box[1].start, box[0].start])
-        brow = fm.fill_contours(shape, local - off, [name], grow=g) > 0
-        ring = (fm.fill_contours(shape, local - off, [name], grow=3 * g) > 0) & ~brow
-        if brow.sum() < 12 or ring.sum() < 12:
+        pts = local - [box[1].start, box[0].start]
+        away = _distance_from(shape, pts, [name])
+        lashes = _distance_from(shape, pts, ["right_eye", "left_eye"]) <= g
+        brow = away <= g
+        zone = (away <= 3 * g) & ~lashes
+        if brow.sum() < 12 or (zone & ~brow).sum() < 12:
             continue
         fl = cv2.cvtColor(out[box].astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
         tl = cv2.cvtColor(target[box].astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
-
-        def hair_weight(lab):
-            skin = np.median(lab[ring][:, 0])
-            dark = np.percentile(lab[brow][:, 0], 15)
-            return np.clip((skin - lab[..., 0]) / max(4.0, skin - dark), 0.0, 1.0)
-
-        wf, wt = hair_weight(fl) * brow, hair_weight(tl) * brow
-        if wf.sum() < 4 or wt.sum() < 4:
+        skin_f, skin_t = (_skin_field(lab, zone & ~brow, 1.5 * g) for lab in (fl, tl))
+        dark_f, dark_t = skin_f[..., 0] - fl[..., 0], skin_t[..., 0] - tl[..., 0]
+        core = away == 0
+        mean_f = float(np.clip(dark_f[core], 0, None).mean())
+        mean_t = float(np.clip(dark_t[core], 0, None).mean())
+        if mean_f < 1.0:
             continue
-        hair_f = (fl * wf[..., None]).sum(axis=(0, 1)) / wf.sum()
-        hair_t = (tl * wt[..., None]).sum(axis=(0, 1)) / wt.sum()
-        soft = cv2.GaussianBlur(brow.astype(np.float32), (0, 0), max(1.0, g / 2))
-        shifted = fl + (hair_t - hair_f) * (hair_weight(fl) * soft)[..., None]
-        shifted[..., 0] = np.clip(shifted[..., 0], 0, 100)
-        out[box] = np.clip(cv2.cvtColor(shifted, cv2.COLOR_LAB2RGB) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        density = min(1.0, mean_t / mean_f)  # light or sparse brows (grey, blonde) stay light and sparse
+        hair_w = np.clip(dark_t, 0, None) * core
+        hair_t = (tl * hair_w[..., None]).sum(axis=(0, 1)) / max(1e-6, float(hair_w.sum()))
+        full = max(1.0, float(np.percentile(dark_f[core], 85)))
+        hairiness = np.clip(dark_f / full, 0.0, 1.0)[..., None]  # 0: the template's skin, 1: its brow hair
+        hair = skin_t.copy()
+        hair[..., 0] -= dark_f * density
+        hair[..., 1:] += hairiness * density * (hair_t[1:] - skin_t[..., 1:])
+        # Where the template's hair (at the target's density) is darker than the target's pixel it is drawn;
+        # elsewhere the target stays as it is: its skin, texture and its own hairs where they reach further
+        # (no brow is thinned into a pale edge).
+        step = np.clip((dark_f * density - dark_t) / 4.0, 0.0, 1.0)
+        drawn = (step * step * (3 - 2 * step))[..., None]
+        redrawn = tl + (hair - tl) * drawn
+        grown = (away <= 2 * g) & zone
+        fade = cv2.GaussianBlur(grown.astype(np.float32), (0, 0), max(1.0, g / 2)) * grown
+        mixed = fl + (redrawn - fl) * fade[..., None]
+        mixed[..., 0] = np.clip(mixed[..., 0], 0, 100)
+        out[box] = np.clip(cv2.cvtColor(mixed, cv2.COLOR_LAB2RGB) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return out
+
+
+def match_lids(face: np.ndarray, target: np.ndarray, local: np.ndarray, iod: float, grow: float) -> np.ndarray:
+    """The skin around each eye (lids, crease, lash line) given the target's colour and contrast: in Lab, the
+    template's mean and spread of lightness there replaced by the target's, the hue the target's own (a
+    grey-brown crease on a pink lid would look like make-up). The eye itself is left as it is; the change fades
+    out over the band's edges."""
+    out = face.copy()
+    g = max(1, int(round(grow * iod)))
+    for name in ("right_eye", "left_eye"):
+        box = _box(fm.contour(local, name), 3 * g, face.shape)
+        if box is None:
+            continue
+        shape = (box[0].stop - box[0].start, box[1].stop - box[1].start)
+        pts = local - [box[1].start, box[0].start]
+        away = _distance_from(shape, pts, [name])
+        band = (away <= g) & (away > 0)
+        if band.sum() < 12:
+            continue
+        fl = cv2.cvtColor(out[box].astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+        tl = cv2.cvtColor(target[box].astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+        mean_f, mean_t = fl[band].mean(axis=0), tl[band].mean(axis=0)
+        spread = np.clip(tl[band].std(axis=0) / np.maximum(fl[band].std(axis=0), 1e-3), 0.5, 1.5)
+        moved = (fl - mean_f) * spread + mean_t
+        # hue from the target's own lids (a crease of another skin tone turns grey or blue on a pink lid);
+        # the template's shading stays in the lightness
+        moved[..., 1:] = _skin_field(tl, band, max(1.0, g / 2))[..., 1:] + 0.3 * (fl[..., 1:] - mean_f[1:])
+        fade = cv2.GaussianBlur(band.astype(np.float32), (0, 0), max(1.0, g / 3))
+        mixed = fl + (moved - fl) * fade[..., None]
+        mixed[..., 0] = np.clip(mixed[..., 0], 0, 100)
+        out[box] = np.clip(cv2.cvtColor(mixed, cv2.COLOR_LAB2RGB) * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return out
 
 

@@ -15,7 +15,8 @@ import numpy as np
 
 from . import face_mesh as fm
 from .data_files import load
-LEVELS = ("full", "reduced", "eyes_brows", "skip")  # from the most fused to the least
+LEVELS = ("full", "reduced", "eyes_brows", "brows", "skip")  # from the most fused to the least
+REGIONS = ("inner", "eyes_brows", "brows")  # what each level blends ('reduced' is a strength, not a region)
 
 
 def settings_data() -> dict:
@@ -106,8 +107,8 @@ class Verdict:
 
     @property
     def region(self) -> str:
-        """'inner' (brows, eyes, nose, mouth, cheeks), 'eyes_brows' or 'none'."""
-        return {"skip": "none", "eyes_brows": "eyes_brows"}.get(self.level, "inner")
+        """'inner' (brows, eyes, nose, mouth, cheeks), 'eyes_brows', 'brows' or 'none'."""
+        return {"skip": "none", "eyes_brows": "eyes_brows", "brows": "brows"}.get(self.level, "inner")
 
 
 def compare_faces(tpl: FaceShape, tgt: FaceShape) -> Verdict:

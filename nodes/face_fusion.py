@@ -16,8 +16,9 @@ class FaceFusion:
     DESCRIPTION = ("Fuses the template face into each image: warps it triangle by triangle onto the image's "
                    "468-point face mesh, matches colour and light region by region and blends the inner face "
                    "(brows, eyes, nose, mouth, cheeks); the outline, jaw and pose stay the image's. Guards check "
-                   "pose, expression and the warp first and fuse less (eyes and brows, lower strength) or not at "
-                   "all when they fail; the report says which and why. Pixels outside the mask are not changed.")
+                   "pose, expression and the warp first and fuse less (lower strength, eyes and brows, brows) or "
+                   "not at all when they fail; the report says which and why. Pixels outside the mask are not "
+                   "changed.")
     CATEGORY = CATEGORY
     INPUT_IS_LIST = True
     RETURN_TYPES = ("IMAGE", "MASK", "STRING", DETECTIONS)

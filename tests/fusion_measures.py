@@ -45,14 +45,72 @@ def laplacian_variance(rgb: np.ndarray, boxes) -> float:
                           for x0, y0, x1, y1 in boxes]))
 
 
+FRINGE_MAX = 3.0  # L* - C* units: a band above the brows paler than the forehead, beyond the original's
+DARKENING_MAX = 8.0  # L*: brows this much darker against the forehead than before look drawn on
+
+
+def _lab(rgb: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(rgb.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+
+
+def _strip(shape, edge: np.ndarray, up: np.ndarray, near: float, far: float) -> np.ndarray:
+    """Boolean mask of the strip between ``edge`` moved ``near`` and ``far`` pixels along ``up``."""
+    poly = np.vstack([edge + up * near, (edge + up * far)[::-1]])
+    mask = np.zeros(shape[:2], np.uint8)
+    cv2.fillPoly(mask, [np.round(poly).astype(np.int32)], 1)
+    return mask > 0
+
+
+def _paleness(lab: np.ndarray) -> np.ndarray:
+    """Lightness minus chroma (L*, C*): skin turns pale by getting lighter or greyer."""
+    return lab[..., 0] - np.hypot(lab[..., 1], lab[..., 2])
+
+
+def brow_measures(before: np.ndarray, after: np.ndarray, points: np.ndarray) -> tuple[float, float]:
+    """What makes fused brows look made-up, measured against the original (the mesh ``points`` of ``before``):
+
+    - fringe: a pale band along a brow's upper edge. Paleness (L* minus C*: lighter or greyer skin) changes
+      (after - before) in thin strips stepping up from each of the brow's 4 upper-edge segments (0 to 0.16
+      IOD, 0.03 IOD each), set against the change on the forehead above them (0.28-0.38 IOD); the palest
+      strip's excess over both brows. Darker strips are the fused brow itself (the second measure).
+    - darkening: how much darker than the forehead skin the brows became (L*: forehead median minus the
+      brow contour's mean, after minus before); the larger of the two brows."""
+    shape = FaceShape.of(points)
+    right = (fm.contour(points, "left_eye").mean(axis=0) - fm.contour(points, "right_eye").mean(axis=0))
+    right /= np.linalg.norm(right)
+    up = np.array([right[1], -right[0]])
+    if np.dot(fm.point(points, "nose_tip") - shape.centre, up) > 0:
+        up = -up
+    lab0, lab1 = _lab(before), _lab(after)
+    pale = _paleness(lab1) - _paleness(lab0)
+    fringes, darker = [0.0], [0.0]
+    for name in ("right_brow", "left_brow"):
+        upper = fm.contour(points, name)[:5].astype(np.float64)  # the brow's upper edge, outer to inner
+        forehead = _strip(before.shape, upper, up, 0.28 * shape.iod, 0.38 * shape.iod)
+        brow = fm.fill_contours(before.shape, points, [name]) > 0
+        if forehead.sum() < 8 or brow.sum() < 8:
+            continue
+        for seg in range(4):
+            for k in np.arange(0.0, 0.16, 0.03):
+                strip = _strip(before.shape, upper[seg:seg + 2], up, k * shape.iod, (k + 0.03) * shape.iod)
+                if strip.sum() >= 4:
+                    fringes.append(float(pale[strip].mean() - pale[forehead].mean()))
+        l0, l1 = lab0[..., 0], lab1[..., 0]
+        darker.append(float((np.median(l1[forehead]) - l1[brow].mean()) - (np.median(l0[forehead]) - l0[brow].mean())))
+    return max(fringes), max(darker)
+
+
 @dataclass
 class Naturalness:
     faces_found: int
     eye_sharpness: float  # after / before
     outline_shift: float  # largest move of a mesh point outside the inner face, in inter-ocular distances
     boxes: list
+    brow_fringe: float = 0.0  # see brow_measures
+    brow_darkening: float = 0.0
 
-    def problems(self, sharp_min: float = 0.8, shift_max: float = 0.1) -> list[str]:
+    def problems(self, sharp_min: float = 0.8, shift_max: float = 0.1, fringe_max: float = FRINGE_MAX,
+                 darkening_max: float = DARKENING_MAX) -> list[str]:
         out = []
         if self.faces_found != 1:
             out.append(f"{self.faces_found} faces found on the result")
@@ -60,6 +118,11 @@ class Naturalness:
             out.append(f"eye sharpness after/before {self.eye_sharpness:.2f} < {sharp_min}")
         if self.outline_shift > shift_max:
             out.append(f"outline moved {self.outline_shift:.3f} IOD > {shift_max}")
+        if self.brow_fringe > fringe_max:
+            out.append(f"a pale band above the brows ({self.brow_fringe:+.1f} L*-C* against the forehead) "
+                       f"> {fringe_max}")
+        if self.brow_darkening > darkening_max:
+            out.append(f"brows {self.brow_darkening:.1f} L* darker against the skin than before > {darkening_max}")
         return out
 
 
@@ -74,7 +137,8 @@ def naturalness(before: np.ndarray, after: np.ndarray) -> Naturalness:
     shift = float(np.max(np.linalg.norm(m1[idx] - m0[idx], axis=1)) / shape0.iod)
     boxes = eye_boxes(m0)
     sharp = laplacian_variance(after, boxes) / max(1e-6, laplacian_variance(before, boxes))
-    return Naturalness(len(found), sharp, shift, boxes)
+    fringe, darkening = brow_measures(before, after, m0)
+    return Naturalness(len(found), sharp, shift, boxes, fringe, darkening)
 
 
 def _fit(img: np.ndarray, size: int) -> Image.Image:

@@ -94,7 +94,8 @@ def test_same_person_fusion_keeps_likeness_and_looks_natural(client, comfy_base)
             before, after = likeness(original, others), likeness(out, others)
             nat = naturalness(original, out)
             lines.append(f"{rel}: likeness to the other photos {before:.3f} -> {after:.3f}, eyes x"
-                         f"{nat.eye_sharpness:.2f}, outline {nat.outline_shift:.3f} IOD | {note}")
+                         f"{nat.eye_sharpness:.2f}, outline {nat.outline_shift:.3f} IOD, brow fringe "
+                         f"{nat.brow_fringe:+.1f}, brows darker {nat.brow_darkening:+.1f} | {note}")
             rows.append(sheet_row(rel, load_photo(FACES / template), original, out,
                                   f"likeness {before:.3f}->{after:.3f} | {note}"))
             if "left unfused" in note:
@@ -106,8 +107,9 @@ def test_same_person_fusion_keeps_likeness_and_looks_natural(client, comfy_base)
             assert not nat.problems(), f"{rel}: {nat.problems()}\n{note}"
     write_sheet(rows, ARTIFACTS / "fusion_same_person.png")
     print("\n".join(lines))
-    # the real case is not a no-op: most same-person photos that pose alike do take the template
-    assert fused_count >= 4, "\n".join(lines)
+    # the real case is not a no-op: where the whole inner face cannot be fused safely, less of it is (a lower
+    # strength, the eyes and brows, the brows): most same-person photos take the template
+    assert fused_count >= 7, "\n".join(lines)
 
 
 def test_cross_person_outputs_are_natural_or_left_unfused_with_a_reason(client, folders):
@@ -126,6 +128,8 @@ def test_cross_person_outputs_are_natural_or_left_unfused_with_a_reason(client, 
             assert np.array_equal(out, original) and re.search(r"left unfused: \S", note), note
             continue
         nat = naturalness(original, out)
+        print(f"{rel}: eyes x{nat.eye_sharpness:.2f}, outline {nat.outline_shift:.3f} IOD, brow fringe "
+              f"{nat.brow_fringe:+.1f}, brows darker {nat.brow_darkening:+.1f} | {note}")
         assert not nat.problems(), f"{rel}: {nat.problems()}\n{note}"
         # the face is the template's more than before: fusion did something
         t = embedding(template)

@@ -11,8 +11,8 @@ import pytest
 
 from conftest import FACES
 from facechain_core import face_mesh as fm
-from facechain_core.fusion import Template, fuse_one, judge, FusionSettings
-from facechain_core.fusion_geometry import FaceShape, compare_faces, settings_data
+from facechain_core.fusion import Template, fuse_one, judge, rungs, FusionSettings
+from facechain_core.fusion_geometry import FaceShape, Verdict, compare_faces, settings_data
 from facechain_core.images import load_photo
 from facechain_core.threads import detect_faces_per_thread
 
@@ -63,3 +63,19 @@ def test_a_folded_warp_is_caught_and_the_image_comes_back_unchanged(obama):
     # through fuse_one the template is its own target: already the person's face, nothing to add
     fused = fuse_one(rgb, [face], tpl, FusionSettings())
     assert not fused.fused and np.array_equal(fused.image, rgb) and "left unfused" in fused.note
+
+
+def test_the_ladder_starts_where_the_guards_allow_and_goes_down_to_the_brows():
+    d = settings_data()
+    ladder = [(region, float(k)) for region, k in d["ladder"]]
+    assert rungs(Verdict()) == ladder[:d["max_tries"]] and ladder[0] == ("inner", 1.0)
+    reduced = Verdict()
+    reduced.lower("reduced", "head turned")
+    assert rungs(reduced)[0][0] == "inner" and rungs(reduced)[0][1] < 1.0
+    mouth = Verdict()
+    mouth.lower("eyes_brows", "mouth open")
+    assert rungs(mouth)[0] == ("eyes_brows", 1.0) and rungs(mouth)[-1][0] == "brows"
+    assert {region for region, _ in rungs(mouth)} == {"eyes_brows", "brows"}
+    skip = Verdict()
+    skip.lower("skip", "head turned too far")
+    assert rungs(skip) == []
