@@ -296,16 +296,41 @@ def _after_check(original: np.ndarray, out: np.ndarray, face: Face, tgt: fg.Face
     return "", after, vec
 
 
-def fuse_one(rgb: np.ndarray, faces: list[Face], tpl: Template, s: FusionSettings,
-             tgt: fg.FaceShape | None = None) -> FusedImage:
-    """Fuse the template into ``rgb`` (RGB uint8), whose faces were already found (and ``tgt``, the
-    largest face's mesh measures, when already taken)."""
+@dataclass
+class _Fusing:
+    """One image on its way through the ladder: what every try shares (made once), and the tries' verdicts."""
+
+    rgb: np.ndarray
+    faces: list
+    tgt: fg.FaceShape
+    verdict: fg.Verdict
+    roi: tuple
+    extra: str
+    ladder: list
+    original_vec: np.ndarray | None = None
+    before: float = 0.0
+    warped: np.ndarray | None = None
+    face_made: np.ndarray | None = None
+    tries: dict = field(default_factory=dict)  # ladder index -> (why_not, out, mask, after, vec)
+
+
+def _unfused(rgb: np.ndarray, faces: list, note: str, vec: np.ndarray | None = None,
+             reasons: list | None = None) -> FusedImage:
+    zero = np.zeros(rgb.shape[:2], np.float32)
+    if reasons is None:
+        return FusedImage(rgb, zero, note, False, faces=faces)
+    return FusedImage(rgb, zero, note, False, None, faces, "skip", reasons, vec)
+
+
+def start_fusing(rgb: np.ndarray, faces: list[Face], tpl: Template, s: FusionSettings,
+                 tgt: fg.FaceShape | None = None, original_vec: np.ndarray | None = None) -> "_Fusing | FusedImage":
+    """The guards' verdict, the warped template and its colour work, shared by every try of the ladder; or
+    the image as it is, when there is nothing to try."""
     h, w = rgb.shape[:2]
-    zero = np.zeros((h, w), np.float32)
     if s.strength == 0.0:
-        return FusedImage(rgb, zero, "strength 0, left unchanged", False, faces=faces)
+        return _unfused(rgb, faces, "strength 0, left unchanged")
     if not faces:
-        return FusedImage(rgb, zero, "no face found, left unchanged", False, faces=faces)
+        return _unfused(rgb, faces, "no face found, left unchanged")
     face = faces[0]  # the largest: the portrait's subject
     tgt = tgt or target_shape(rgb, face)
     verdict = judge(tpl, tgt)
@@ -313,31 +338,64 @@ def fuse_one(rgb: np.ndarray, faces: list[Face], tpl: Template, s: FusionSetting
     if roi[2] - roi[0] < 16 or roi[3] - roi[1] < 16 or tgt.iod < 6:
         verdict.lower("skip", f"face too small to fuse ({tgt.iod:.0f} px between the eyes)")
     extra = f" ({len(faces)} faces seen, the largest used)" if len(faces) > 1 else ""
-    warped, face_made, before, original_vec = None, None, None, None
-    for region, k in (rungs(verdict) if verdict.level != "skip" else []):
-        if warped is None:
-            original_vec = embed_face(rgb, face)
-            before = tpl.likeness(original_vec)
-            if cosine(original_vec, tpl.face_embedding) >= fg.settings_data()["guards"]["same_face_likeness"]:
-                verdict.lower("skip", f"already the template's face (likeness to it "
-                                      f"{cosine(original_vec, tpl.face_embedding):.2f})")
-                break
-            if s.backend == "face_fusion":
-                warped = learned_fusion().fuse(rgb, tpl.image)[roi[1]:roi[3], roi[0]:roi[2]]
-            else:
-                warped = fg.warp_patch(tpl.image, tpl.shape.points, tgt.points, tpl.triangles, roi)
-            face_made = prepared_face(rgb, warped, tgt, roi, s)
-        out, mask = _blend(rgb, warped, tgt, roi, region, s.strength * k, s, face_made)
-        why_not, after, vec = _after_check(rgb, out, face, tgt, tpl, before, s.detector, region != "brows")
+    job = _Fusing(rgb, faces, tgt, verdict, roi, extra, rungs(verdict) if verdict.level != "skip" else [])
+    if job.ladder:
+        job.original_vec = original_vec if original_vec is not None else embed_face(rgb, face)
+        job.before = tpl.likeness(job.original_vec)
+        same = cosine(job.original_vec, tpl.face_embedding)
+        if same >= fg.settings_data()["guards"]["same_face_likeness"]:
+            verdict.lower("skip", f"already the template's face (likeness to it {same:.2f})")
+            job.ladder = []
+    if not job.ladder:
+        return _unfused(rgb, faces, f"left unfused: {'; '.join(verdict.reasons)}" + extra, job.original_vec,
+                        list(verdict.reasons))
+    if s.backend == "face_fusion":
+        job.warped = learned_fusion().fuse(rgb, tpl.image)[roi[1]:roi[3], roi[0]:roi[2]]
+    else:
+        job.warped = fg.warp_patch(tpl.image, tpl.shape.points, tgt.points, tpl.triangles, roi)
+    job.face_made = prepared_face(rgb, job.warped, tgt, roi, s)
+    return job
+
+
+def try_rung(job: _Fusing, i: int, tpl: Template, s: FusionSettings) -> None:
+    """Blend at the ladder's ``i``-th (region, strength) and check the result; kept in ``job.tries``. Tries of
+    one image do not depend on each other, so they can run side by side."""
+    region, k = job.ladder[i]
+    out, mask = _blend(job.rgb, job.warped, job.tgt, job.roi, region, s.strength * k, s, job.face_made)
+    why_not, after, vec = _after_check(job.rgb, out, job.faces[0], job.tgt, tpl, job.before, s.detector,
+                                       region != "brows")
+    job.tries[i] = (why_not, out, mask, after, vec)
+
+
+def finish_fusing(job: _Fusing, tpl: Template) -> FusedImage:
+    """The first try of the ladder that passed its after-check (the tries before it give their reasons)."""
+    for i, (region, k) in enumerate(job.ladder):
+        if i not in job.tries:
+            break
+        why_not, out, mask, after, vec = job.tries[i]
         if not why_not:
             level, note = _level_of(region, k)
-            note += f", likeness to the {tpl.likeness_to} {before:.2f} -> {after:.2f}"
-            note += f": {'; '.join(verdict.reasons)}" if verdict.reasons else ""
-            return FusedImage(out, mask, note + extra, True, roi, faces, level, list(verdict.reasons), vec)
-        verdict.reasons.append(f"{why_not} ({region.replace('_', ' and ')} region at strength {k:g})")
-    note = f"left unfused: {'; '.join(verdict.reasons)}"
-    return FusedImage(rgb, zero, note + extra, False, None, faces, "skip", list(verdict.reasons),
-                      original_vec)
+            note += f", likeness to the {tpl.likeness_to} {job.before:.2f} -> {after:.2f}"
+            note += f": {'; '.join(job.verdict.reasons)}" if job.verdict.reasons else ""
+            return FusedImage(out, mask, note + job.extra, True, job.roi, job.faces, level,
+                              list(job.verdict.reasons), vec)
+        job.verdict.reasons.append(f"{why_not} ({region.replace('_', ' and ')} region at strength {k:g})")
+    note = f"left unfused: {'; '.join(job.verdict.reasons)}"
+    return _unfused(job.rgb, job.faces, note + job.extra, job.original_vec, list(job.verdict.reasons))
+
+
+def fuse_one(rgb: np.ndarray, faces: list[Face], tpl: Template, s: FusionSettings,
+             tgt: fg.FaceShape | None = None) -> FusedImage:
+    """Fuse the template into ``rgb`` (RGB uint8), whose faces were already found (and ``tgt``, the
+    largest face's mesh measures, when already taken): the ladder's tries one after the other."""
+    job = start_fusing(rgb, faces, tpl, s, tgt)
+    if isinstance(job, FusedImage):
+        return job
+    for i in range(len(job.ladder)):
+        try_rung(job, i, tpl, s)
+        if not job.tries[i][0]:
+            break
+    return finish_fusing(job, tpl)
 
 
 def mean_embedding(embs: list[np.ndarray | None]) -> np.ndarray | None:
@@ -351,16 +409,18 @@ def mean_embedding(embs: list[np.ndarray | None]) -> np.ndarray | None:
 
 def _look(kind: str, rgb: np.ndarray, s: FusionSettings):
     """One job of the first pass, all side by side: the template's face, mesh and vector; an image's faces
-    and its largest face's mesh; a reference photo's vector (remembered for RTSRank). An image's vector
-    waits for the second pass (not every image needs it): the first pass stays short, the template's
-    job the longest."""
+    its largest face's mesh and vector; a reference photo's vector (remembered for RTSRank)."""
     if kind == "ref":
         return photo_embedding(rgb, s.detector)
     faces = detect_faces_per_thread(rgb, s.detector)
     if kind == "tpl":
         # remembered by the template's pixels: RTSRank, given the template as its reference, finds it
         return faces and Template.of(rgb, faces[0], photo_embedding(rgb, s.detector, faces=faces))
-    return faces, (target_shape(rgb, faces[0]) if faces and s.strength > 0.0 else None)
+    if not faces or s.strength == 0.0:
+        return faces, None, None
+    # the face's vector now, beside the template's job: every image with a face needs it (the fusion's
+    # before-and-after, or RTSRank when left unfused)
+    return faces, target_shape(rgb, faces[0]), embed_face(rgb, faces[0])
 
 
 def fuse_images(images: list[np.ndarray], template: np.ndarray, settings: FusionSettings | None = None,
@@ -387,7 +447,7 @@ def fuse_images(images: list[np.ndarray], template: np.ndarray, settings: Fusion
     if not tpl:
         raise FaceChainError("FaceFusion found no face in the template image. Connect a clear photo of the "
                              "person's face (the template face from the training photos).")
-    if refs and any(faces for faces, _ in found):  # no face to fuse: no need for the person's photos
+    if refs and any(look[0] for look in found):  # no face to fuse: no need for the person's photos
         embs = [e for e in ref_embs if e is not None]
         if not embs:
             raise FaceChainError("FaceFusion found no face in the reference photos. Connect the aligned training "
@@ -400,9 +460,22 @@ def fuse_images(images: list[np.ndarray], template: np.ndarray, settings: Fusion
             tpl.embedding, tpl.photos = mean_embedding(others), others
             tpl.likeness_to = f"person's {len(others)} {word}photo{'s' if len(others) > 1 else ''}"
     result = FusionResult()
-    jobs = list(zip(rgbs, found))
-    fused_all = parallel_map(lambda job: fuse_one(job[0], job[1][0], tpl, s, job[1][1]), jobs, s.workers)
-    for i, fused in enumerate(fused_all, start=1):
-        result.images.append(fused)
-        progress(i, len(rgbs), None)
+    result.images = _fuse_side_by_side(rgbs, found, tpl, s, progress)
     return result
+
+
+def _fuse_side_by_side(rgbs: list, found: list, tpl: Template, s: FusionSettings, progress: ProgressFn) -> list:
+    """Every image's warp side by side; then every image's first try; then all the remaining tries of the
+    images whose first try failed, at once: an image's tries are never waited on one after the other, so
+    the slowest image costs three rounds, not one per try."""
+    jobs = list(parallel_map(lambda i: start_fusing(rgbs[i], found[i][0], tpl, s, found[i][1], found[i][2]),
+                             list(range(len(rgbs))), s.workers))
+    live = [j for j in jobs if isinstance(j, _Fusing)]
+    list(parallel_map(lambda j: try_rung(j, 0, tpl, s), live, s.workers))
+    rest = [(j, i) for j in live if j.tries[0][0] for i in range(1, len(j.ladder))]
+    list(parallel_map(lambda job: try_rung(job[0], job[1], tpl, s), rest, s.workers))
+    out = []
+    for n, job in enumerate(jobs, start=1):
+        out.append(job if isinstance(job, FusedImage) else finish_fusing(job, tpl))
+        progress(n, len(rgbs), None)
+    return out
