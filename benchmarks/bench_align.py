@@ -7,6 +7,7 @@ Every single-person photo is resized to one megapixel (aspect kept) and aligned 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 import cv2
 
 REPO = Path(__file__).resolve().parent.parent
+SHARED_FACES = Path(os.environ.get("FACECHAIN_SHARED", REPO.parent / "shared")) / "faces"
 sys.path.insert(0, str(REPO))
 
 from facechain_core.align import AlignSettings, align_photo  # noqa: E402
@@ -24,7 +26,7 @@ from facechain_core.images import load_photo  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--faces", type=Path, default=REPO.parent / "shared" / "faces")
+    ap.add_argument("--faces", type=Path, default=SHARED_FACES)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     photos = []

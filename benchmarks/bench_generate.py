@@ -30,6 +30,7 @@ import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+SHARED_FACES = Path(os.environ.get("FACECHAIN_SHARED", REPO.parent / "shared")) / "faces"
 sys.path.insert(0, str(REPO / "scripts"))
 from tiny_checkpoint import SD15_UNET, save_random_checkpoint  # noqa: E402  (the one home of the full UNet shape)
 
@@ -41,7 +42,7 @@ def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--comfy", type=Path, default=REPO / ".cache" / "ComfyUI", help="ComfyUI's source folder")
     ap.add_argument("--checkpoint", type=Path, help="an SD1.5 checkpoint (default: build a random full-size one)")
-    ap.add_argument("--faces", type=Path, default=REPO.parent / "shared" / "faces", help="the shared photo folders")
+    ap.add_argument("--faces", type=Path, default=SHARED_FACES, help="the shared photo folders")
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--steps", type=int, default=30)

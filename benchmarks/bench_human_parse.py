@@ -17,6 +17,7 @@ from pathlib import Path
 import cv2
 
 REPO = Path(__file__).resolve().parent.parent
+SHARED_FACES = Path(os.environ.get("FACECHAIN_SHARED", REPO.parent / "shared")) / "faces"
 sys.path.insert(0, str(REPO))
 
 from facechain_core.align import AlignSettings, align_photo  # noqa: E402
@@ -27,7 +28,7 @@ from facechain_core.parse import parse_crop  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--faces", type=Path, default=REPO.parent / "shared" / "faces")
+    ap.add_argument("--faces", type=Path, default=SHARED_FACES)
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     crops = []

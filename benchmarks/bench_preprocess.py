@@ -9,6 +9,7 @@ Usage: .venv/bin/python benchmarks/bench_preprocess.py [--faces ../shared/faces]
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 import cv2
 
 REPO = Path(__file__).resolve().parent.parent
+SHARED_FACES = Path(os.environ.get("FACECHAIN_SHARED", REPO.parent / "shared")) / "faces"
 sys.path.insert(0, str(REPO))
 
 from facechain_core.align import AlignSettings, align_photos  # noqa: E402
@@ -57,7 +59,7 @@ def run_once(photos) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--faces", type=Path, default=REPO.parent / "shared" / "faces")
+    ap.add_argument("--faces", type=Path, default=SHARED_FACES)
     ap.add_argument("--photos", type=int, default=10)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()

@@ -9,6 +9,7 @@ written as the nodes do (previews.py, PNG into a temp folder). Medians of --repe
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
+SHARED_FACES = Path(os.environ.get("FACECHAIN_SHARED", REPO.parent / "shared")) / "faces"
 sys.path.insert(0, str(REPO))
 
 from facechain_core import previews  # noqa: E402
@@ -43,7 +45,7 @@ def write_all(pictures, folder: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--faces", type=Path, default=REPO.parent / "shared" / "faces")
+    ap.add_argument("--faces", type=Path, default=SHARED_FACES)
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     photos = [(rel.split("/")[-1], load_photo(args.faces / rel)) for rel in PHOTOS]

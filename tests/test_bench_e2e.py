@@ -41,8 +41,9 @@ def test_host_device_flags():
 def test_bench_e2e_tiny_cpu_cold_and_warm(tmp_path):
     tiny_checkpoint()
     out = tmp_path / "e2e.json"
-    cmd = [sys.executable, "benchmarks/bench_e2e.py", "--tiny", "--cpu", "--warm", "--json", str(out),
-           "--work", str(tmp_path / "base"), "--host-arg=--disable-cuda-malloc"]  # the GPU comparison's flag
+    cmd = [sys.executable, "benchmarks/bench_e2e.py", "--tiny", "--cpu", "--warm", "--faces", str(FACES),
+           "--json", str(out), "--work", str(tmp_path / "base"),
+           "--host-arg=--disable-cuda-malloc"]  # the GPU comparison's flag
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert proc.stdout.startswith(f"command: {' '.join(cmd)}\n")  # the exact command line, first
@@ -98,8 +99,8 @@ def test_bench_e2e_says_what_the_host_refused(tmp_path):
     """A prompt the host refuses ends the benchmark with its message, the host's log and the JSON of what ran."""
     tiny_checkpoint()
     out = tmp_path / "e2e.json"
-    cmd = [sys.executable, "benchmarks/bench_e2e.py", "--tiny", "--cpu", "--warm", "--samples", "0", "--photos", "3",
-           "--json", str(out), "--work", str(tmp_path / "base")]
+    cmd = [sys.executable, "benchmarks/bench_e2e.py", "--tiny", "--cpu", "--warm", "--samples", "0",
+           "--photos", "3", "--faces", str(FACES), "--json", str(out), "--work", str(tmp_path / "base")]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "cold run failed: prompt refused" in proc.stdout and "samples" in proc.stdout
