@@ -18,6 +18,7 @@ through the same region mask, strength and after-check, so "outside the mask is 
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, field
 
@@ -464,16 +465,30 @@ def fuse_images(images: list[np.ndarray], template: np.ndarray, settings: Fusion
     return result
 
 
+SPECULATE_CORES = 8  # with at least this many cores an image's remaining tries all run at once
+
+
+def _remaining_tries(job: _Fusing, tpl: Template, s: FusionSettings) -> None:
+    for i in range(1, len(job.ladder)):
+        try_rung(job, i, tpl, s)
+        if not job.tries[i][0]:
+            return
+
+
 def _fuse_side_by_side(rgbs: list, found: list, tpl: Template, s: FusionSettings, progress: ProgressFn) -> list:
-    """Every image's warp side by side; then every image's first try; then all the remaining tries of the
-    images whose first try failed, at once: an image's tries are never waited on one after the other, so
-    the slowest image costs three rounds, not one per try."""
+    """Every image's warp side by side; then every image's first try; then the remaining tries of the images
+    whose first try failed: all at once where there are cores to spare (the slowest image then costs three
+    rounds, not one per try), else each image's in turn. The result is the same either way."""
     jobs = list(parallel_map(lambda i: start_fusing(rgbs[i], found[i][0], tpl, s, found[i][1], found[i][2]),
                              list(range(len(rgbs))), s.workers))
     live = [j for j in jobs if isinstance(j, _Fusing)]
     list(parallel_map(lambda j: try_rung(j, 0, tpl, s), live, s.workers))
-    rest = [(j, i) for j in live if j.tries[0][0] for i in range(1, len(j.ladder))]
-    list(parallel_map(lambda job: try_rung(job[0], job[1], tpl, s), rest, s.workers))
+    failed = [j for j in live if j.tries[0][0]]
+    if (os.cpu_count() or 2) >= SPECULATE_CORES:  # cores to spare: every remaining try at once
+        rest = [(j, i) for j in failed for i in range(1, len(j.ladder))]
+        list(parallel_map(lambda job: try_rung(job[0], job[1], tpl, s), rest, s.workers))
+    else:  # few cores: each image's tries in turn, stopping at the first that passes
+        list(parallel_map(lambda j: _remaining_tries(j, tpl, s), failed, s.workers))
     out = []
     for n, job in enumerate(jobs, start=1):
         out.append(job if isinstance(job, FusedImage) else finish_fusing(job, tpl))
