@@ -10,8 +10,7 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -38,35 +37,8 @@ def per_thread(name: str, make: Callable):
 
 
 def default_workers(n: int) -> int:
-    """Threads for n jobs: one per core (OpenCV runs single-threaded inside a pool, see ``opencv_one_thread``),
-    at most MAX_WORKERS."""
-    return max(1, min(n, MAX_WORKERS, os.cpu_count() or 2))
-
-
-MAX_WORKERS = 16
-_cv_lock = threading.Lock()
-_cv_users = 0
-_cv_before = 0
-
-
-@contextmanager
-def opencv_one_thread() -> Iterator[None]:
-    """OpenCV single-threaded while a pool runs: each OpenCV call from a pool thread otherwise asks the one
-    global OpenCV thread pool for all the cores, and the pool threads' calls queue behind each other instead of
-    running side by side. Counted, so overlapping pools restore the host's setting only when the last ends."""
-    global _cv_users, _cv_before
-    with _cv_lock:
-        if _cv_users == 0:
-            _cv_before = cv2.getNumThreads()
-            cv2.setNumThreads(1)
-        _cv_users += 1
-    try:
-        yield
-    finally:
-        with _cv_lock:
-            _cv_users -= 1
-            if _cv_users == 0:
-                cv2.setNumThreads(_cv_before)
+    """Threads for n images: half the cores leaves room for OpenCV's own threads."""
+    return max(1, min(n, 8, (os.cpu_count() or 2) // 2))
 
 
 def parallel_map(fn, items: list, workers: int = 0):
@@ -82,8 +54,7 @@ def parallel_map(fn, items: list, workers: int = 0):
         if pool is None:
             pool = _pools[n] = ThreadPoolExecutor(n, thread_name_prefix=f"facechain{n}",
                                                   initializer=_load_thread_models)
-    with opencv_one_thread():
-        yield from pool.map(fn, items)
+    yield from pool.map(fn, items)
 
 
 def detect_faces_per_thread(rgb: np.ndarray, backend: str = "embedded",
