@@ -12,6 +12,7 @@ over the DevTools protocol with websocket-client, so no driver or extra Python p
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
 import os
@@ -147,8 +148,10 @@ class Browser:
         shutil.rmtree(self.profile, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def editor(client):
+@contextlib.contextmanager
+def open_editor(client, node_type: str, ready: str = "", before=()):
+    """Headless Chromium on the host's editor, once the editor knows ``node_type`` (and ``ready``, extra JS
+    that must hold, is true). ``before``: DevTools calls (method, params) made before the page loads."""
     binary = ensure_chromium()
     # A first visit opens the tutorial dialog over the canvas; mark it seen so the screenshots show the graph.
     req = urllib.request.Request(client.url + "/settings/Comfy.TutorialCompleted", data=b"true", method="POST",
@@ -156,12 +159,20 @@ def editor(client):
     urllib.request.urlopen(req, timeout=30).read()
     browser = Browser(binary)
     try:
+        for method, params in before:
+            browser.call(method, **params)
         browser.call("Page.navigate", url=client.url + "/")
-        browser.wait_for("!!(window.app && window.app.graph && window.LiteGraph && "
-                         "LiteGraph.registered_node_types['FaceChainRTSRank'])", timeout=180)
+        browser.wait_for(f"!!(window.app && window.app.graph && window.LiteGraph {ready} && "
+                         f"LiteGraph.registered_node_types['{node_type}'])", timeout=180)
         yield browser
     finally:
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def editor(client):
+    with open_editor(client, "FaceChainRTSRank") as browser:
+        yield browser
 
 
 LOAD_AS_TEMPLATE = """

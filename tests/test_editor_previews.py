@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import json
 import time
-import urllib.request
 
 import cv2
 import numpy as np
@@ -24,7 +23,7 @@ from conftest import ARTIFACTS, FACES, REPO, TINY_CKPT, input_folder_of
 from facechain_core import previews
 from facechain_core.images import load_photo
 from facechain_core.previews import curve_extent, look
-from test_editor import Browser, ensure_chromium
+from test_editor import open_editor
 
 PHOTOS = ["katy_perry/img26.jpg", "katy_perry/img27.jpg", "katy_perry/img28.jpg", "hard/two_people.jpg"]
 PREPROCESS = {"2": "FaceChainFaceAlign", "3": "FaceChainHumanParse", "4": "FaceChainSkinRetouch",
@@ -187,19 +186,9 @@ def test_rts_rank_shows_ranked_portraits_with_likeness_and_rejects_greyed(client
 
 @pytest.fixture(scope="module")
 def page(client):
-    binary = ensure_chromium()
-    req = urllib.request.Request(client.url + "/settings/Comfy.TutorialCompleted", data=b"true", method="POST",
-                                 headers={"Content-Type": "application/json"})
-    urllib.request.urlopen(req, timeout=30).read()
-    browser = Browser(binary)
-    try:
-        browser.call("Page.navigate", url=client.url + "/")
-        browser.wait_for("!!(window.app && window.app.graph && window.app.api && window.LiteGraph && "
-                         "LiteGraph.registered_node_types['FaceChainTrainFaceLoRA'])", timeout=180)
+    with open_editor(client, "FaceChainTrainFaceLoRA", "&& window.app.api") as browser:
         assert browser.evaluate(WATCH)
         yield browser
-    finally:
-        browser.close()
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import ARTIFACTS, FACES, expect_node_error
 from facechain_core.images import photo_folders
-from test_editor import LOAD_AS_TEMPLATE, Browser, ensure_chromium
+from test_editor import LOAD_AS_TEMPLATE, Browser, open_editor
 
 PHOTOS = [FACES / "obama" / n for n in ("obama1.jpg", "obama2.jpg", "obama3.jpg", "obama4_240p.jpg")]
 NODE_ID = 1  # Load Face Photos in workflows/facechain_preprocess.json
@@ -119,20 +119,9 @@ def test_node_takes_a_typed_folder_name_that_is_not_in_the_list(client, comfy_ba
 
 @pytest.fixture(scope="module")
 def page(client):
-    binary = ensure_chromium()
-    req = urllib.request.Request(client.url + "/settings/Comfy.TutorialCompleted", data=b"true", method="POST",
-                                 headers={"Content-Type": "application/json"})
-    urllib.request.urlopen(req, timeout=30).read()
-    browser = Browser(binary)
-    try:
-        browser.call("DOM.enable")
-        browser.call("Page.navigate", url=client.url + "/")
-        browser.wait_for("!!(window.app && window.app.graph && window.LiteGraph && "
-                         "LiteGraph.registered_node_types['FaceChainLoadPhotos'])", timeout=180)
+    with open_editor(client, "FaceChainLoadPhotos", before=[("DOM.enable", {})]) as browser:
         browser.call("Page.setInterceptFileChooserDialog", enabled=True)
         yield browser
-    finally:
-        browser.close()
 
 
 def load_preprocess(page: Browser) -> dict:
