@@ -66,21 +66,28 @@ def fuse_rank_save(first: int, images, template, x: int, y: int, photos=None):
     ]
 
 
+def preparation(first: int, y: int):
+    """Load photos -> FaceAlign -> HumanParse -> SkinRetouch -> AutoTag -> TemplateFace, ids from ``first``."""
+    p, a, h, r, t, q = (str(i) for i in range(first, first + 6))
+    return [
+        node(p, "FaceChainLoadPhotos", [0, y], folder="facechain", max_photos=20),
+        node(a, "FaceChainFaceAlign", [340, y], photos=[p, 0], names=[p, 1], size=512, face_fraction=0.4,
+             face_centre=0.42, detector="embedded"),
+        node(h, "FaceChainHumanParse", [680, y], images=[a, 0], faces=[a, 1], backend="embedded", long_hair="keep"),
+        node(r, "FaceChainSkinRetouch", [1020, y], images=[h, 0], faces=[a, 1], strength=0.6, backend="embedded"),
+        node(t, "FaceChainAutoTag", [1360, y], images=[r, 0], faces=[a, 1], trigger="fcsks", subject="a person",
+             subject_from="auto", tagger="auto", threshold=0.35),
+        node(q, "FaceChainTemplateFace", [1700, y], images=[r, 0], faces=[a, 1], scorer="embedded",
+             min_quality=0.3, captions=[t, 0]),
+    ]
+
+
 def train_nodes(with_outputs: bool = True):
     """Load photos -> FaceAlign -> HumanParse -> SkinRetouch -> AutoTag -> TemplateFace -> TrainFaceLoRA."""
     y = 260
     nodes = [
         node(1, "CheckpointLoaderSimple", [0, 0], ckpt_name=CHECKPOINT),
-        node(2, "FaceChainLoadPhotos", [0, y], folder="facechain", max_photos=20),
-        node(3, "FaceChainFaceAlign", [340, y], photos=["2", 0], names=["2", 1], size=512, face_fraction=0.4,
-             face_centre=0.42, detector="embedded"),
-        node(4, "FaceChainHumanParse", [680, y], images=["3", 0], faces=["3", 1], backend="embedded",
-             long_hair="keep"),
-        node(5, "FaceChainSkinRetouch", [1020, y], images=["4", 0], faces=["3", 1], strength=0.6, backend="embedded"),
-        node(6, "FaceChainAutoTag", [1360, y], images=["5", 0], faces=["3", 1], trigger="fcsks", subject="a person",
-             subject_from="auto", tagger="auto", threshold=0.35),
-        node(7, "FaceChainTemplateFace", [1700, y], images=["5", 0], faces=["3", 1], scorer="embedded",
-             min_quality=0.3, captions=["6", 0]),
+        *preparation(2, y),
         node(8, "FaceChainTrainFaceLoRA", [2040, y], model=["1", 0], clip=["1", 1], vae=["1", 2], images=["7", 0],
              name=["2", 3], trigger="fcsks", captions=["7", 2], seed=42, overwrite=False),
         node(10, "PreviewAny", [2400, y], "Training report", source=["8", 3]),
@@ -95,16 +102,7 @@ def preprocess_nodes():
     """Load photos -> FaceAlign -> HumanParse -> SkinRetouch -> AutoTag -> TemplateFace, the training set saved."""
     y = 200
     return [
-        node(1, "FaceChainLoadPhotos", [0, y], folder="facechain", max_photos=20),
-        node(2, "FaceChainFaceAlign", [340, y], photos=["1", 0], names=["1", 1], size=512, face_fraction=0.4,
-             face_centre=0.42, detector="embedded"),
-        node(3, "FaceChainHumanParse", [680, y], images=["2", 0], faces=["2", 1], backend="embedded",
-             long_hair="keep"),
-        node(4, "FaceChainSkinRetouch", [1000, y], images=["3", 0], faces=["2", 1], strength=0.6, backend="embedded"),
-        node(5, "FaceChainAutoTag", [1320, y], images=["4", 0], faces=["2", 1], trigger="fcsks", subject="a person",
-             subject_from="auto", tagger="auto", threshold=0.35),
-        node(6, "FaceChainTemplateFace", [1660, y], images=["4", 0], faces=["2", 1], scorer="embedded",
-             min_quality=0.3, captions=["5", 0]),
+        *preparation(1, y),
         node(7, "SaveImage", [2000, 0], "Training set", images=["6", 0], filename_prefix="facechain/training_set"),
         node(8, "PreviewImage", [2000, 420], "Template face", images=["6", 3]),
         node(9, "PreviewAny", [2340, 0], "Captions of the training set", source=["6", 2]),
