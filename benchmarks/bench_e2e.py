@@ -62,9 +62,7 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED_FACES = Path(os.environ.get("FACECHAIN_SHARED", REPO.parent / "shared")) / "faces"
-sys.path.insert(0, str(REPO))
+from bench_paths import REPO, SHARED_FACES  # noqa: E402  (puts the checkout on sys.path)
 sys.path.insert(0, str(REPO / "scripts"))
 import run_report  # noqa: E402
 from comfy_host import CACHE, ComfyClient, ComfyServer, PromptError  # noqa: E402

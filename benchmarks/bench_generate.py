@@ -29,8 +29,7 @@ import time
 import types
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED_FACES = Path(os.environ.get("FACECHAIN_SHARED", REPO.parent / "shared")) / "faces"
+from bench_paths import REPO, SHARED_FACES  # noqa: E402  (puts the checkout on sys.path)
 sys.path.insert(0, str(REPO / "scripts"))
 from tiny_checkpoint import SD15_UNET, save_random_checkpoint  # noqa: E402  (the one home of the full UNet shape)
 

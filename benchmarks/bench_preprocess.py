@@ -9,17 +9,13 @@ Usage: .venv/bin/python benchmarks/bench_preprocess.py [--faces ../shared/faces]
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import cv2
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED_FACES = Path(os.environ.get("FACECHAIN_SHARED", REPO.parent / "shared")) / "faces"
-sys.path.insert(0, str(REPO))
+from bench_paths import SHARED_FACES  # noqa: E402  (puts the checkout on sys.path)
 
 from facechain_core.align import AlignSettings, align_photos  # noqa: E402
 from facechain_core.detect import get_detector  # noqa: E402

@@ -9,18 +9,14 @@ written as the nodes do (previews.py, PNG into a temp folder). Medians of --repe
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED_FACES = Path(os.environ.get("FACECHAIN_SHARED", REPO.parent / "shared")) / "faces"
-sys.path.insert(0, str(REPO))
+from bench_paths import SHARED_FACES  # noqa: E402  (puts the checkout on sys.path)
 
 from facechain_core import previews  # noqa: E402
 from facechain_core.align import AlignSettings, align_photos  # noqa: E402
