@@ -89,6 +89,27 @@ def _distance_from(shape: tuple[int, int], points: np.ndarray, names: list[str])
     return cv2.distanceTransform(255 - inside, cv2.DIST_L2, 3)
 
 
+def _around(local: np.ndarray, names: tuple, margin: int, shape: tuple):
+    """For each named feature: (box around its contour grown by ``margin``, the mesh points in the box's
+    pixels, each box pixel's distance from the feature). Features whose box falls outside are left out."""
+    for name in names:
+        box = _box(fm.contour(local, name), margin, shape)
+        if box is None:
+            continue
+        size = (box[0].stop - box[0].start, box[1].stop - box[1].start)
+        pts = local - [box[1].start, box[0].start]
+        yield box, pts, _distance_from(size, pts, [name])
+
+
+def _lab(rgb: np.ndarray, box) -> np.ndarray:
+    return cv2.cvtColor(rgb[box].astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+
+
+def _put_lab(out: np.ndarray, box, lab: np.ndarray) -> None:
+    lab[..., 0] = np.clip(lab[..., 0], 0, 100)
+    out[box] = np.clip(cv2.cvtColor(lab, cv2.COLOR_LAB2RGB) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
 def match_brows(face: np.ndarray, target: np.ndarray, local: np.ndarray, iod: float, grow: float) -> np.ndarray:
     """The template's brows redrawn on the target's skin, in the target's brow colour and no denser.
 
@@ -100,20 +121,13 @@ def match_brows(face: np.ndarray, target: np.ndarray, local: np.ndarray, iod: fl
     The eyes are left out; the change fades out over the zone's edge."""
     out = face.copy()
     g = max(1, int(round(grow * iod)))
-    for name in ("right_brow", "left_brow"):
-        box = _box(fm.contour(local, name), 4 * g, face.shape)
-        if box is None:
-            continue
-        shape = (box[0].stop - box[0].start, box[1].stop - box[1].start)
-        pts = local - [box[1].start, box[0].start]
-        away = _distance_from(shape, pts, [name])
-        lashes = _distance_from(shape, pts, ["right_eye", "left_eye"]) <= g
+    for box, pts, away in _around(local, ("right_brow", "left_brow"), 4 * g, face.shape):
+        lashes = _distance_from(away.shape, pts, ["right_eye", "left_eye"]) <= g
         brow = away <= g
         zone = (away <= 3 * g) & ~lashes
         if brow.sum() < 12 or (zone & ~brow).sum() < 12:
             continue
-        fl = cv2.cvtColor(out[box].astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
-        tl = cv2.cvtColor(target[box].astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+        fl, tl = _lab(out, box), _lab(target, box)
         skin_f, skin_t = (_skin_field(lab, zone & ~brow, 1.5 * g) for lab in (fl, tl))
         dark_f, dark_t = skin_f[..., 0] - fl[..., 0], skin_t[..., 0] - tl[..., 0]
         core = away == 0
@@ -137,9 +151,7 @@ def match_brows(face: np.ndarray, target: np.ndarray, local: np.ndarray, iod: fl
         redrawn = tl + (hair - tl) * drawn
         grown = (away <= 2 * g) & zone
         fade = cv2.GaussianBlur(grown.astype(np.float32), (0, 0), max(1.0, g / 2)) * grown
-        mixed = fl + (redrawn - fl) * fade[..., None]
-        mixed[..., 0] = np.clip(mixed[..., 0], 0, 100)
-        out[box] = np.clip(cv2.cvtColor(mixed, cv2.COLOR_LAB2RGB) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        _put_lab(out, box, fl + (redrawn - fl) * fade[..., None])
     return out
 
 
@@ -150,18 +162,11 @@ def match_lids(face: np.ndarray, target: np.ndarray, local: np.ndarray, iod: flo
     out over the band's edges."""
     out = face.copy()
     g = max(1, int(round(grow * iod)))
-    for name in ("right_eye", "left_eye"):
-        box = _box(fm.contour(local, name), 3 * g, face.shape)
-        if box is None:
-            continue
-        shape = (box[0].stop - box[0].start, box[1].stop - box[1].start)
-        pts = local - [box[1].start, box[0].start]
-        away = _distance_from(shape, pts, [name])
+    for box, _, away in _around(local, ("right_eye", "left_eye"), 3 * g, face.shape):
         band = (away <= g) & (away > 0)
         if band.sum() < 12:
             continue
-        fl = cv2.cvtColor(out[box].astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
-        tl = cv2.cvtColor(target[box].astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+        fl, tl = _lab(out, box), _lab(target, box)
         mean_f, mean_t = fl[band].mean(axis=0), tl[band].mean(axis=0)
         spread = np.clip(tl[band].std(axis=0) / np.maximum(fl[band].std(axis=0), 1e-3), 0.5, 1.5)
         moved = (fl - mean_f) * spread + mean_t
@@ -169,9 +174,7 @@ def match_lids(face: np.ndarray, target: np.ndarray, local: np.ndarray, iod: flo
         # the template's shading stays in the lightness
         moved[..., 1:] = _skin_field(tl, band, max(1.0, g / 2))[..., 1:] + 0.3 * (fl[..., 1:] - mean_f[1:])
         fade = cv2.GaussianBlur(band.astype(np.float32), (0, 0), max(1.0, g / 3))
-        mixed = fl + (moved - fl) * fade[..., None]
-        mixed[..., 0] = np.clip(mixed[..., 0], 0, 100)
-        out[box] = np.clip(cv2.cvtColor(mixed, cv2.COLOR_LAB2RGB) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        _put_lab(out, box, fl + (moved - fl) * fade[..., None])
     return out
 
 
@@ -185,13 +188,10 @@ def match_lips(face: np.ndarray, target: np.ndarray, local: np.ndarray, iod: flo
     lips = fm.fill_contours(shape, local - [box[1].start, box[0].start], ["lips_outer"]) > 0
     if lips.sum() < 12:
         return face
-    fl = cv2.cvtColor(face[box].astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
-    tl = cv2.cvtColor(target[box].astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+    fl, tl = _lab(face, box), _lab(target, box)
     soft = cv2.GaussianBlur(lips.astype(np.float32), (0, 0), max(1.0, 0.02 * iod)) * lips
-    shifted = fl + (tl[lips].mean(axis=0) - fl[lips].mean(axis=0)) * soft[..., None]
-    shifted[..., 0] = np.clip(shifted[..., 0], 0, 100)
     out = face.copy()
-    out[box] = np.clip(cv2.cvtColor(shifted, cv2.COLOR_LAB2RGB) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    _put_lab(out, box, fl + (tl[lips].mean(axis=0) - fl[lips].mean(axis=0)) * soft[..., None])
     return out
 
 
