@@ -392,10 +392,7 @@ def fuse_one(rgb: np.ndarray, faces: list[Face], tpl: Template, s: FusionSetting
     job = start_fusing(rgb, faces, tpl, s, tgt)
     if isinstance(job, FusedImage):
         return job
-    for i in range(len(job.ladder)):
-        try_rung(job, i, tpl, s)
-        if not job.tries[i][0]:
-            break
+    _tries_from(job, 0, tpl, s)
     return finish_fusing(job, tpl)
 
 
@@ -468,8 +465,9 @@ def fuse_images(images: list[np.ndarray], template: np.ndarray, settings: Fusion
 SPECULATE_CORES = 8  # with at least this many cores an image's remaining tries all run at once
 
 
-def _remaining_tries(job: _Fusing, tpl: Template, s: FusionSettings) -> None:
-    for i in range(1, len(job.ladder)):
+def _tries_from(job: _Fusing, first: int, tpl: Template, s: FusionSettings) -> None:
+    """The ladder's tries from ``first`` on, one after the other, up to the first that passes."""
+    for i in range(first, len(job.ladder)):
         try_rung(job, i, tpl, s)
         if not job.tries[i][0]:
             return
@@ -488,7 +486,7 @@ def _fuse_side_by_side(rgbs: list, found: list, tpl: Template, s: FusionSettings
         rest = [(j, i) for j in failed for i in range(1, len(j.ladder))]
         list(parallel_map(lambda job: try_rung(job[0], job[1], tpl, s), rest, s.workers))
     else:  # few cores: each image's tries in turn, stopping at the first that passes
-        list(parallel_map(lambda j: _remaining_tries(j, tpl, s), failed, s.workers))
+        list(parallel_map(lambda j: _tries_from(j, 1, tpl, s), failed, s.workers))
     out = []
     for n, job in enumerate(jobs, start=1):
         out.append(job if isinstance(job, FusedImage) else finish_fusing(job, tpl))
