@@ -62,9 +62,11 @@ def _text_under_node(node_id):
 
 
 def input_subfolder(name: str) -> Path:
-    """A folder under ComfyUI's input directory; the name can never point outside it."""
+    """A folder under ComfyUI's input directory; the name can never point outside it. A name with '..' or an
+    absolute path is refused even where it would land inside, as the editor's upload button refuses it."""
     if not (name or "").strip():
         raise FaceChainError("No folder given: type the name of a folder inside ComfyUI's input directory.")
+    user_paths.relative_name(name, "folder", "ComfyUI's input directory")
     target = user_paths.within(folder_paths.get_input_directory(), name, "folder", "ComfyUI's input directory")
     if not target.is_dir():
         raise FaceChainError(

@@ -11,14 +11,6 @@ from ..facechain_core.images import list_photos, photo_folders, read_photo, scan
 from .common import CATEGORY, input_subfolder, progress
 
 
-def photo_folder(name: str):
-    """The photo folder inside input/; a name with '..' or an absolute path is refused even where it would land
-    inside input/, as the editor's upload button refuses it."""
-    if (name or "").strip():
-        user_paths.relative_name(name, "folder", "ComfyUI's input directory")
-    return input_subfolder(name)
-
-
 class LoadFacePhotos:
     DESCRIPTION = ("Loads every photo in a folder under ComfyUI's input directory, as a list, so photos of "
                    "different sizes can go to FaceAlign together. Transparent parts become white, 16-bit "
@@ -57,13 +49,13 @@ class LoadFacePhotos:
     @classmethod
     def IS_CHANGED(cls, folder, max_photos):
         try:
-            files = list_photos(photo_folder(folder))
+            files = list_photos(input_subfolder(folder))
         except FaceChainError:
             return float("nan")
         return "|".join(f"{p.name}:{p.stat().st_mtime_ns}:{p.stat().st_size}" for p in files)
 
     def load(self, folder, max_photos):
-        files, skipped = scan_folder(photo_folder(folder), folder_paths.get_input_directory(),
+        files, skipped = scan_folder(input_subfolder(folder), folder_paths.get_input_directory(),
                                      "ComfyUI's input directory")
         skipped += [(p.name, f"beyond max_photos ({max_photos})") for p in files[max_photos:]]
         files = files[:max_photos]
