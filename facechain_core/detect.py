@@ -19,6 +19,7 @@ import numpy as np
 
 from . import model_store
 from .backends import backend_instance
+from .onnx_torch import gpu_net
 
 BACKENDS = ("embedded", "damofd")
 
@@ -66,20 +67,63 @@ class YuNetDetector:
 
     def __init__(self, score_threshold: float = 0.6, nms_threshold: float = 0.3):
         path = model_store.embedded_path("yunet")
-        self._net = cv2.FaceDetectorYN.create(str(path), "", (320, 320), score_threshold, nms_threshold, 5000)
+        self._score, self._nms, self._top_k = score_threshold, nms_threshold, 5000
+        self._net = cv2.FaceDetectorYN.create(str(path), "", (320, 320), score_threshold, nms_threshold, self._top_k)
         self._lock = threading.Lock()
 
     def detect(self, rgb: np.ndarray) -> list[Face]:
         h, w = rgb.shape[:2]
         bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
-        with self._lock:
-            self._net.setInputSize((w, h))
-            _, rows = self._net.detect(bgr)
-        if rows is None:
+        gpu = gpu_net("yunet")
+        if gpu is not None:
+            rows = self._detect_on(gpu, bgr)
+        else:
+            with self._lock:
+                self._net.setInputSize((w, h))
+                _, rows = self._net.detect(bgr)
+        if rows is None or len(rows) == 0:
             return []
         faces = [Face(r[0:4].astype(np.float64), r[4:14].reshape(5, 2).astype(np.float64), float(r[14]))
                  for r in rows]
         return sorted(faces, key=lambda f: f.area, reverse=True)
+
+    def _detect_on(self, net, bgr: np.ndarray) -> np.ndarray:
+        """FaceDetectorYN's work with the net run elsewhere (``onnx_torch``): the image padded with black to
+        a multiple of 32 on the right and bottom, the net, then ``yunet_rows``."""
+        h, w = bgr.shape[:2]
+        ph, pw = -(-h // 32) * 32, -(-w // 32) * 32
+        padded = cv2.copyMakeBorder(bgr, 0, ph - h, 0, pw - w, cv2.BORDER_CONSTANT, value=0)
+        outs = dict(zip(net.outputs, net(padded)))  # uint8 HxWx3: made the float input on the GPU
+        return yunet_rows(outs, pw, self._score, self._nms, self._top_k)
+
+
+def yunet_rows(outs: dict, width: int, score_threshold: float, nms_threshold: float, top_k: int) -> np.ndarray:
+    """YuNet's raw outputs (``cls_8``, ``obj_8``, ``bbox_8``, ``kps_8``, ... for strides 8, 16, 32) as
+    FaceDetectorYN's rows: x, y, w, h, 5 keypoints, score; then non-maximum suppression as it does it."""
+    rows = []
+    for stride in (8, 16, 32):
+        cols = width // stride
+        cls, obj = outs[f"cls_{stride}"].reshape(-1), outs[f"obj_{stride}"].reshape(-1)
+        score = np.sqrt(np.clip(cls, 0, 1) * np.clip(obj, 0, 1))
+        keep = np.flatnonzero(score >= score_threshold)
+        if not len(keep):
+            continue
+        c, r = (keep % cols).astype(np.float32), (keep // cols).astype(np.float32)
+        box = outs[f"bbox_{stride}"].reshape(-1, 4)[keep]
+        kps = outs[f"kps_{stride}"].reshape(-1, 5, 2)[keep]
+        cx, cy = (c + box[:, 0]) * stride, (r + box[:, 1]) * stride
+        bw, bh = np.exp(box[:, 2]) * stride, np.exp(box[:, 3]) * stride
+        pts = (kps + np.stack([c, r], axis=1)[:, None, :]) * stride
+        rows.append(np.column_stack([cx - bw / 2, cy - bh / 2, bw, bh, pts.reshape(-1, 10), score[keep]]))
+    if not rows:
+        return np.zeros((0, 15), np.float32)
+    rows = np.concatenate(rows).astype(np.float32)
+    if len(rows) > 1:
+        # FaceDetectorYN suppresses on integer boxes
+        boxes = [[int(x), int(y), int(bw), int(bh)] for x, y, bw, bh in rows[:, :4]]
+        kept = cv2.dnn.NMSBoxes(boxes, rows[:, 14].tolist(), score_threshold, nms_threshold, 1.0, top_k)
+        rows = rows[np.asarray(kept, int).reshape(-1)]
+    return rows
 
 
 class DamoFDDetector:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import cv2
@@ -25,6 +26,7 @@ from .data_files import load
 from .errors import FaceChainError, ModelMissingError
 from .face_regions import FaceFrame
 from .model_cache import files_stamp
+from .onnx_torch import gpu_net
 
 N_POINTS = 468
 
@@ -36,10 +38,16 @@ def topology() -> dict:
 
 def contour(points: np.ndarray, name: str) -> np.ndarray:
     """The points of one named contour (``face_oval``, ``right_eye``, ``lips_outer``...) in order."""
+    idx = _contour_index(name)
+    return np.asarray(points, np.float32)[idx]
+
+
+@lru_cache(maxsize=None)
+def _contour_index(name: str) -> np.ndarray:
     groups = topology()["contours"]
     if name not in groups:
         raise FaceChainError(f"Unknown face mesh contour '{name}'; known: {', '.join(groups)}.")
-    return np.asarray(points, np.float32)[groups[name]]
+    return np.asarray(groups[name], np.intp)
 
 
 def point(points: np.ndarray, name: str) -> np.ndarray:
@@ -124,6 +132,15 @@ def mesh_net() -> FaceMeshNet:
     return held[1]
 
 
+def _run_torch(net, crop: np.ndarray) -> tuple[np.ndarray, float]:
+    """FaceMeshNet.run's answer from the net run by torch (``onnx_torch``): the outputs told apart by size."""
+    outs = {o.size: o for o in net(cv2.dnn.blobFromImage(crop, 1 / 255.0, (crop.shape[1], crop.shape[0])))}
+    if N_POINTS * 3 not in outs or 1 not in outs:
+        raise FaceChainError("face_landmark.tflite has no 1404-value landmark output and 1-value face score; "
+                             "the file is not MediaPipe's 468-point face mesh. Run `python install.py` again.")
+    return outs[N_POINTS * 3].reshape(N_POINTS, 3), float(1.0 / (1.0 + np.exp(-float(outs[1].ravel()[0]))))
+
+
 def _crop_transform(centre: np.ndarray, side: float, angle: float, size: int) -> np.ndarray:
     """2x3 affine from the image to a ``size`` square crop of ``side`` pixels around ``centre``, turned by
     ``angle`` degrees (the eye line's angle) so the face stands upright in the crop."""
@@ -136,7 +153,8 @@ def _run_on(rgb: np.ndarray, centre: np.ndarray, side: float, angle: float) -> t
     size = int(topology()["input_size"])
     m = _crop_transform(centre, side, angle, size)
     crop = cv2.warpAffine(rgb, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    marks, presence = mesh_net().run(crop)
+    gpu = gpu_net("face_mesh")
+    marks, presence = _run_torch(gpu, crop) if gpu is not None else mesh_net().run(crop)
     inv = cv2.invertAffineTransform(m)
     xy = marks[:, :2] @ inv[:, :2].T + inv[:, 2]
     return xy.astype(np.float32), (marks[:, 2] * side / size).astype(np.float32), presence

@@ -24,6 +24,7 @@ from .errors import FaceChainError
 from .face_regions import align_112
 from .model_cache import cached, learned_files
 from .onnx_session import onnx_session
+from .onnx_torch import gpu_net
 from .threads import per_thread
 
 BACKENDS = ("embedded", "arcface", "rts")
@@ -36,7 +37,7 @@ def face_row(face: Face) -> np.ndarray:
 
 def _normalise(v: np.ndarray) -> np.ndarray:
     v = np.asarray(v, dtype=np.float32).reshape(-1)
-    n = float(np.linalg.norm(v))
+    n = float(np.sqrt(np.dot(v, v)))
     if not np.isfinite(n) or n == 0.0:
         raise FaceChainError("The face recogniser returned an empty embedding; the face crop is unusable.")
     return v / n
@@ -68,6 +69,9 @@ class SFaceRecogniser:
     def embed(self, rgb: np.ndarray, face: Face) -> np.ndarray:
         bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
         crop = self._sf.alignCrop(bgr, face_row(face))
+        gpu = gpu_net("sface")
+        if gpu is not None:
+            return _normalise(gpu(cv2.dnn.blobFromImage(crop, 1.0, (112, 112), (0, 0, 0), True, False))[0])
         if self._net is None:
             return _normalise(self._sf.feature(crop))
         return _normalise(self._forward(crop))
