@@ -89,7 +89,7 @@ class FusionResult:
             if faces and img.embedding is not None:
                 # the embedded recogniser's vector of the returned face, and which pixels it belongs to:
                 # RTSRank takes it instead of embedding the same face again when the image is unchanged
-                faces[0]["embedding"] = [round(float(v), 6) for v in img.embedding]
+                faces[0]["embedding"] = np.round(img.embedding.astype(np.float64), 6).tolist()
                 faces[0]["image_crc"] = image_crc(img.image)
             out.append(faces)
         return out
@@ -260,18 +260,11 @@ def _level_of(region: str, strength: float) -> tuple[str, str]:
 
 
 def _face_again(rgb: np.ndarray, face: Face, detector: str) -> Face:
-    """The face found afresh on the fused image, near where it was (its keypoints follow the fused eyes, as a
-    recogniser or RTSRank searching the image would see them); the old face when none is found there."""
-    h, w = rgb.shape[:2]
-    m = 0.3 * face.size
-    x0, y0 = int(max(0, face.box[0] - m)), int(max(0, face.box[1] - m))
-    x1, y1 = int(min(w, face.box[0] + face.box[2] + m)), int(min(h, face.box[1] + face.box[3] + m))
-    # searched at the size RTSRank searches a whole image at (smaller, its keypoints and likeness drift)
-    found = detect_faces_per_thread(np.ascontiguousarray(rgb[y0:y1, x0:x1]), detector)
-    if not found:
-        return face
-    near = min(found, key=lambda f: float(np.linalg.norm(f.centre + [x0, y0] - face.centre)))
-    return near.transformed(np.array([[1.0, 0.0, x0], [0.0, 1.0, y0]]))
+    """The face found afresh on the fused image, the one nearest where it was (its keypoints follow the fused
+    eyes), searched for as RTSRank will search the whole image (at its working size), so the likeness the
+    after-check weighs is the one RTSRank then reports; the old face when none is found."""
+    found = detect_faces_per_thread(rgb, detector)
+    return min(found, key=lambda f: float(np.linalg.norm(f.centre - face.centre))) if found else face
 
 
 def _after_check(original: np.ndarray, out: np.ndarray, face: Face, tgt: fg.FaceShape, tpl: Template,

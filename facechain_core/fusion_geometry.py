@@ -40,7 +40,7 @@ class FaceShape:
     mouth_open: float  # inner lips apart, IOD
     mouth_width: float  # corner to corner, IOD
     eye_open: float  # mean eyelid gap over eye width
-    _outside: dict = field(default_factory=dict, repr=False, compare=False)  # outside_inner's, by scale
+    _outside: dict = field(default_factory=dict, repr=False, compare=False)  # outside_inner's by scale; centre
 
     @classmethod
     def of(cls, points: np.ndarray, presence: float = 1.0) -> "FaceShape":
@@ -68,10 +68,12 @@ class FaceShape:
     @property
     def centre(self) -> np.ndarray:
         """Midway between the eye centres and the mouth centre: the point the inner face shrinks toward."""
-        p = self.points
-        eyes = (fm.contour(p, "right_eye").mean(axis=0) + fm.contour(p, "left_eye").mean(axis=0)) / 2
-        mouth = (p[_idx("mouth_right")] + p[_idx("mouth_left")]) / 2
-        return (eyes + mouth) / 2
+        if "centre" not in self._outside:
+            p = self.points
+            eyes = (fm.contour(p, "right_eye").mean(axis=0) + fm.contour(p, "left_eye").mean(axis=0)) / 2
+            mouth = (p[_idx("mouth_right")] + p[_idx("mouth_left")]) / 2
+            self._outside["centre"] = (eyes + mouth) / 2
+        return self._outside["centre"].copy()
 
     def inner_polygon(self, scale: float) -> np.ndarray:
         """The face oval pulled toward the face's centre: brows, eyes, nose, mouth, cheeks."""
@@ -84,10 +86,28 @@ class FaceShape:
         face and scale (the guards ask before the blend, the after-check after it)."""
         if scale not in self._outside:
             poly = self.inner_polygon(scale).astype(np.float32)
-            self._outside[scale] = np.array([i for i, q in enumerate(self.points)
-                                             if cv2.pointPolygonTest(poly, (float(q[0]), float(q[1])), False) < 0],
-                                            np.int32)
+            self._outside[scale] = np.flatnonzero(~inside_polygon(self.points, poly)).astype(np.int32)
         return self._outside[scale].copy()
+
+
+def inside_polygon(points: np.ndarray, poly: np.ndarray) -> np.ndarray:
+    """Per point: inside ``poly`` or on its edge (as ``cv2.pointPolygonTest(...) >= 0``), for all points at
+    once (even-odd crossings in float32, as OpenCV tests them; one OpenCV call per point queued a pool's
+    threads on the GIL)."""
+    pts = np.asarray(points, np.float32)
+    a = np.asarray(poly, np.float32)
+    b = np.roll(a, -1, axis=0)
+    x, y = pts[:, :1], pts[:, 1:]
+    ax, ay, bx, by = a[:, 0], a[:, 1], b[:, 0], b[:, 1]
+    straddles = (ay > y) != (by > y)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cross_x = ax + (y - ay) * (bx - ax) / (by - ay)
+    inside = np.count_nonzero(straddles & (x < cross_x), axis=1) % 2 == 1
+    # on an edge: collinear with it and between its ends
+    cross = (bx - ax) * (y - ay) - (by - ay) * (x - ax)
+    within = ((np.minimum(ax, bx) <= x) & (x <= np.maximum(ax, bx))
+              & (np.minimum(ay, by) <= y) & (y <= np.maximum(ay, by)))
+    return inside | np.any((cross == 0) & within, axis=1)
 
 
 @dataclass
@@ -145,16 +165,24 @@ def triangulate(points: np.ndarray) -> np.ndarray:
     lo = np.floor(points.min(axis=0)) - 2
     hi = np.ceil(points.max(axis=0)) + 2
     div = cv2.Subdiv2D((int(lo[0]), int(lo[1]), int(hi[0] - lo[0]) + 1, int(hi[1] - lo[1]) + 1))
-    index = {}
-    for i, q in enumerate(points):
-        index.setdefault((float(np.float32(q[0])), float(np.float32(q[1]))), i)  # Subdiv2D keeps float32 points
-        div.insert((float(q[0]), float(q[1])))
-    tris = []
-    for t in div.getTriangleList().reshape(-1, 3, 2):
-        idx = [index.get((float(np.float32(v[0])), float(np.float32(v[1])))) for v in t]
-        if None not in idx and len(set(idx)) == 3:  # corners at the outer bounding vertices are left out
-            tris.append(idx)
-    return np.array(tris, np.int32).reshape(-1, 3)
+    div.insert([(float(x), float(y)) for x, y in points])
+    # Subdiv2D answers with corner coordinates (float32): each back to the first point there, all at once
+    keys = _point_keys(np.asarray(points, np.float32))
+    order = np.argsort(keys, kind="stable")  # stable: the first of equal points comes first
+    corners = _point_keys(div.getTriangleList().reshape(-1, 2).astype(np.float32))
+    at = np.clip(np.searchsorted(keys[order], corners), 0, len(keys) - 1)
+    found = keys[order][at] == corners
+    idx = np.where(found, order[at], -1).reshape(-1, 3)
+    # corners at the outer bounding vertices are left out, as are triangles with a corner twice
+    keep = (idx >= 0).all(axis=1) & (idx[:, 0] != idx[:, 1]) & (idx[:, 1] != idx[:, 2]) & (idx[:, 0] != idx[:, 2])
+    return idx[keep].astype(np.int32).reshape(-1, 3)
+
+
+def _point_keys(xy: np.ndarray) -> np.ndarray:
+    """One int64 per float32 point, equal exactly when both coordinates are (-0.0 taken as 0.0)."""
+    xy = np.ascontiguousarray(xy + np.float32(0.0), np.float32)
+    bits = xy.view(np.uint32).astype(np.int64)
+    return (bits[:, 0] << 32) | bits[:, 1]
 
 
 def signed_areas(points: np.ndarray, tris: np.ndarray) -> np.ndarray:
@@ -187,6 +215,40 @@ def check_warp(tpl: FaceShape, tgt: FaceShape, tris: np.ndarray, region: np.ndar
                                     f"({flipped} flipped, {degenerate} degenerate, {odd} scaled far from the mean)")
 
 
+def triangle_labels(points: np.ndarray, tris: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(h, w) int32 map of the triangle whose inside (edges included) holds each pixel's centre; -1 where
+    none does. All triangles at once, row span by row span, in a few numpy passes: drawing them one by
+    one (~900 OpenCV calls an image) let a pool's threads queue on the GIL between the calls, and the
+    drawing's rounded corners gave edge pixels to a neighbour that does not hold them."""
+    h, w = shape
+    label = np.full((h, w), -1, np.int32)
+    if len(tris) == 0 or h == 0 or w == 0:
+        return label
+    p = np.asarray(points, np.float64)[tris]  # (T, 3, 2), corners sorted top to bottom next
+    p = np.take_along_axis(p, np.argsort(p[:, :, 1], axis=1, kind="stable")[:, :, None], axis=1)
+    (x0, y0), (x1, y1), (x2, y2) = (p[:, i].T for i in range(3))
+    first = np.maximum(np.ceil(y0), 0).astype(np.int64)
+    rows = np.maximum(np.minimum(np.floor(y2), h - 1).astype(np.int64) - first + 1, 0)
+    rows[(x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0) == 0] = 0  # a flat triangle holds no pixel (nor a map)
+    k = np.repeat(np.arange(len(tris)), rows)  # one entry per (triangle, pixel row)
+    y = (np.arange(int(rows.sum())) - np.repeat(np.cumsum(rows) - rows, rows) + first[k]).astype(np.float64)
+
+    def along(xa, ya, xb, yb, fallback):  # x on the edge a->b at row y (fallback share when it is flat)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = np.where(yb > ya, (y - ya) / (yb - ya), fallback)
+        return xa + (xb - xa) * t
+
+    long_edge = along(x0[k], y0[k], x2[k], y2[k], 0.0)
+    short_edge = np.where(y < y1[k], along(x0[k], y0[k], x1[k], y1[k], 1.0), along(x1[k], y1[k], x2[k], y2[k], 0.0))
+    lo = np.maximum(np.ceil(np.minimum(long_edge, short_edge) - 1e-9), 0).astype(np.int64)
+    hi = np.minimum(np.floor(np.maximum(long_edge, short_edge) + 1e-9), w - 1).astype(np.int64)
+    width = np.maximum(hi - lo + 1, 0)
+    span = np.repeat(np.arange(len(y)), width)  # one entry per pixel
+    x = np.arange(int(width.sum())) - np.repeat(np.cumsum(width) - width, width) + lo[span]
+    label[y[span].astype(np.int64), x] = k[span]
+    return label
+
+
 def warp_patch(src: np.ndarray, src_pts: np.ndarray, dst_pts: np.ndarray, tris: np.ndarray,
                roi: tuple[int, int, int, int]) -> np.ndarray:
     """Piecewise-affine warp of ``src`` so that ``src_pts`` land on ``dst_pts``; returns the ``roi``
@@ -195,22 +257,20 @@ def warp_patch(src: np.ndarray, src_pts: np.ndarray, dst_pts: np.ndarray, tris: 
     x0, y0, x1, y1 = roi
     w, h = x1 - x0, y1 - y0
     local = dst_pts.astype(np.float64) - [x0, y0]
-    label = np.full((h, w), -1, np.int32)
-    corners = np.round(local[tris]).astype(np.int32)
-    for k in range(len(tris)):
-        cv2.fillConvexPoly(label, corners[k], k)
+    label = triangle_labels(local, tris, (h, w))
     # Every triangle's affine map from the target to the template, solved at once: [x y 1] M^T = src.
     dst_h = np.concatenate([local[tris], np.ones((len(tris), 3, 1))], axis=2)
     with np.errstate(all="ignore"):
         maps = np.linalg.solve(dst_h + np.eye(3) * 1e-9, src_pts[tris].astype(np.float64)).transpose(0, 2, 1)
     whole, _ = cv2.estimateAffinePartial2D(local, src_pts.astype(np.float64))
-    # the whole face's fit last: label -1 (no triangle) picks it, so every pixel takes its map in one gather
-    m = np.concatenate([np.nan_to_num(maps), whole[None]])[label]
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-    map_x = m[..., 0, 0] * xx + m[..., 0, 1] * yy + m[..., 0, 2]
-    map_y = m[..., 1, 0] * xx + m[..., 1, 1] * yy + m[..., 1, 2]
-    return cv2.remap(src, map_x.astype(np.float32), map_y.astype(np.float32), cv2.INTER_CUBIC,
-                     borderMode=cv2.BORDER_REPLICATE)
+    # the whole face's fit last: label -1 (no triangle) picks it; each pixel's coefficients in float32 (a
+    # hundredth of remap's 1/32-pixel steps), gathered one at a time
+    coef = np.concatenate([np.nan_to_num(maps), whole[None]]).reshape(-1, 6).astype(np.float32)
+    xx = np.arange(w, dtype=np.float32)[None, :]
+    yy = np.arange(h, dtype=np.float32)[:, None]
+    map_x = coef[:, 0][label] * xx + coef[:, 1][label] * yy + coef[:, 2][label]
+    map_y = coef[:, 3][label] * xx + coef[:, 4][label] * yy + coef[:, 5][label]
+    return cv2.remap(src, map_x, map_y, cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
 
 
 def outline_shift(before: FaceShape, after_points: np.ndarray, scale: float) -> float:

@@ -145,16 +145,21 @@ def test_strength_scales_the_change_and_zero_changes_nothing(client, folders):
         return png_arrays(client.output_images(entry, "4")), report_lines(entry)
 
     full, full_notes = run(0.9, "fs09")
-    half, _ = run(0.45, "fs045")
+    half, half_notes = run(0.45, "fs045")
     zero, zero_notes = run(0.0, "fs0")
     originals = [load_photo(FACES / r) for r in sorted(CROSS, key=lambda r: r.split("/")[-1])]
-    for o, f, h, z, note in zip(originals, full, half, zero, full_notes[1:]):
+    compared = 0
+    for o, f, h, z, note, half_note in zip(originals, full, half, zero, full_notes[1:], half_notes[1:]):
         assert np.array_equal(z, o)
-        if "left unfused" in note:
+        if "left unfused" in half_note:  # half the change can fail the after-check (too small a likeness gain)
+            assert np.array_equal(h, o), half_note
+        if "left unfused" in note or "left unfused" in half_note:
             continue
         d_full = np.abs(f.astype(int) - o).sum()
         d_half = np.abs(h.astype(int) - o).sum()
         assert 0.1 * d_full < d_half < 0.9 * d_full, note
+        compared += 1
+    assert compared >= 1, full_notes + half_notes
     assert "strength 0, left unchanged" in "\n".join(zero_notes)
 
 
