@@ -170,16 +170,19 @@ def time_fuse_rank(faces: Path, n: int, size: int, repeats: int, template_kind: 
     batch, template = portraits(faces, n, size, align, images, template_kind)
     refs = [training_crops(faces, references, align, images)] if references else None
     fusion, rank = FaceFusion(), RTSRank()
+    cpu = []  # CPU seconds per wall second of each run (1 = one core busy throughout)
     remembered = importlib.import_module("facechain_pack.facechain_core.photo_embeddings")._cache
 
     def once():
         remembered.clear()  # each prompt embeds the references once (FaceFusion), RTSRank finds them remembered
+        cpu.append(time.process_time())
         t0 = time.perf_counter()
         fused = fusion.fuse([batch], [template], [1.0], ["embedded"], reference=refs)["result"]
         t1 = time.perf_counter()
         ranked = rank.rank(fused[0], refs or [template], [4], ["embedded"], [0.12], [0.85], ["return unranked"],
                            detections=[fused[3]])["result"]
         t2 = time.perf_counter()
+        cpu[-1] = (time.process_time() - cpu[-1]) / (t2 - t0)
         return t1 - t0, t2 - t1, fused[2], ranked[2]
 
     once()  # load YuNet and SFace in the worker threads
@@ -206,6 +209,8 @@ def time_fuse_rank(faces: Path, n: int, size: int, repeats: int, template_kind: 
     return {"fusion_s": statistics.median(f_runs), "rank_s": statistics.median(r_runs),
             "fusion_runs_s": [round(x, 4) for x in f_runs], "rank_runs_s": [round(x, 4) for x in r_runs],
             "fused": fusion_report.splitlines()[0], "ranked": rank_report.splitlines()[0],
+            "cores_busy": round(statistics.median(cpu[1:]), 2),
+            "nets_device": importlib.import_module("facechain_pack.facechain_core.onnx_torch").nets_device() or "cpu",
             "default_workers": importlib.import_module("facechain_pack.facechain_core.threads").default_workers(n),
             "fusion_plus_rank_by_workers_s": sweep}
 

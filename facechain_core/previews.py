@@ -13,6 +13,7 @@ import numpy as np
 
 from .data_files import settings
 from .files import write_atomic
+from .threads import parallel_map
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 
@@ -193,9 +194,13 @@ def ranked_pictures(images: Sequence[np.ndarray], order: Sequence[int], likeness
                     accepted: Sequence[bool], rejected: Sequence[tuple[int, str]]) -> list[np.ndarray]:
     """RTSRank: the returned images in rank order with likeness and accept/reject on them, then the
     images not returned, greyed with the reason."""
-    shown = []
-    for rank, (i, pct, ok) in enumerate(zip(order, likeness, accepted), start=1):
+    def returned(item):
+        rank, (i, pct, ok) = item
         verdict = "accept" if ok else "reject"
-        shown.append(kept_thumbnail(images[i], f"#{rank} {pct:.0f}% {verdict}", "kept" if ok else "skipped"))
-    room = max(0, int(look()["max_tiles"]) - len(shown))  # many generated images: the first rejected ones only
-    return shown + [marked_thumbnail(images[i], "rejected", why) for i, why in rejected[:room]]
+        return kept_thumbnail(images[i], f"#{rank} {pct:.0f}% {verdict}", "kept" if ok else "skipped")
+
+    room = max(0, int(look()["max_tiles"]) - len(order))  # many generated images: the first rejected ones only
+    # tiles made side by side (the resizing and drawing run outside the GIL)
+    tiles = [(returned, item) for item in enumerate(zip(order, likeness, accepted), start=1)]
+    tiles += [(lambda item: marked_thumbnail(images[item[0]], "rejected", item[1]), item) for item in rejected[:room]]
+    return list(parallel_map(lambda job: job[0](job[1]), tiles))

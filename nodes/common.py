@@ -17,6 +17,7 @@ from PIL import Image
 
 from ..facechain_core import model_store, previews, user_paths
 from ..facechain_core.errors import FaceChainError
+from ..facechain_core.threads import parallel_map
 
 CATEGORY = "FaceChain"
 MODELS_FOLDER = "facechain"
@@ -86,12 +87,10 @@ def show_pictures(pictures, node: str) -> list[dict]:
     the editor shows them in the node itself. The temp folder is emptied when ComfyUI starts."""
     folder = Path(folder_paths.get_temp_directory())
     run = uuid.uuid4().hex[:12]
-    shown = []
-    for i, picture in enumerate(pictures):
-        name = f"facechain_{node}_{run}_{i:03d}.png"
-        previews.write_png(folder / name, picture)
-        shown.append({"filename": name, "subfolder": "", "type": "temp"})
-    return shown
+    names = [f"facechain_{node}_{run}_{i:03d}.png" for i in range(len(pictures))]
+    # encoded side by side (OpenCV's PNG encoder runs outside the GIL)
+    list(parallel_map(lambda item: previews.write_png(folder / item[0], item[1]), list(zip(names, pictures))))
+    return [{"filename": name, "subfolder": "", "type": "temp"} for name in names]
 
 
 class TrainingProgress:

@@ -37,8 +37,12 @@ def images_to_numpy(images) -> list[np.ndarray]:
             continue
         rgb = batch[..., :3] if batch.shape[-1] >= 3 else batch[..., :1].expand(*batch.shape[:-1], 3)
         arr = np.ascontiguousarray(rgb.detach().cpu().float().numpy())
-        flat = arr.reshape(-1, arr.shape[-2] * arr.shape[-1])
-        out.extend(cv2.convertScaleAbs(cv2.max(flat, 0.0), alpha=255.0).reshape(arr.shape))
+        # image by image through one buffer (no batch-sized temporary); np.maximum, not cv2.max: OpenCV 5's
+        # max against a number took 14 ms a 512x512 image, numpy's 0.3 ms
+        buf = np.empty(arr.shape[1:], np.float32)
+        for a in arr:
+            np.maximum(a, 0.0, out=buf)
+            out.append(cv2.convertScaleAbs(buf.reshape(a.shape[0], -1), alpha=255.0).reshape(a.shape))
     return out
 
 
