@@ -244,6 +244,7 @@ class TorchNet:
                         for k, v in consts.items() if k in used}
         self._lock = threading.Lock()
         self._graphs: dict = {}
+        self._graphs_ok = True
         self._seen: set = set()
 
     @staticmethod
@@ -319,7 +320,11 @@ class TorchNet:
             return [F.pad(xs[0], (left, right, top, bottom, front, back))]
         raise FaceChainError(f"ONNX operator {op} is not supported here.")
 
-    MAX_GRAPHS = 8  # input shapes whose CUDA graph is kept (a graph per shape; the oldest goes first)
+    # A CUDA graph per input shape keeps its own memory for good, so only a few, of small inputs: the crops of
+    # the recognisers and the mesh, and portraits up to 640x640 (FaceFusion's and RTSRank's case). Others run
+    # op by op.
+    MAX_GRAPHS = 4
+    MAX_GRAPH_PIXELS = 640 * 640
 
     def _forward(self, x):
         vals = dict(self._consts)
@@ -352,8 +357,10 @@ class TorchNet:
             outs = self._forward(self._as_input(static_in))
             # every output in one buffer: one copy back to the host instead of one per output (YuNet has 12)
             static_out = (torch.cat([o.float().reshape(-1) for o in outs]), [tuple(o.shape) for o in outs])
-        if len(self._graphs) >= self.MAX_GRAPHS:
-            self._graphs.pop(next(iter(self._graphs)))
+            # Memory taken inside a capture is the graph's: under PyTorch's cudaMallocAsync allocator (ComfyUI's
+            # default on recent GPUs) freeing it after the capture aborted the process (an H200, torch 2.11). So
+            # what the capture made is freed inside it, and the graph with its one output buffer is kept for good.
+            del outs
         self._graphs[(shape, dtype)] = (graph, static_in, static_out)
         return self._graphs[(shape, dtype)]
 
@@ -369,8 +376,13 @@ class TorchNet:
             if self.device.type != "cuda":
                 return [v.float().numpy() for v in self._forward(self._as_input(x))]
             held = self._graphs.get(key)
-            if held is None and key in self._seen:
-                held = self._capture(*key)
+            small = int(np.prod(key[0])) <= 3 * self.MAX_GRAPH_PIXELS and len(self._graphs) < self.MAX_GRAPHS
+            if held is None and key in self._seen and self._graphs_ok and small:
+                try:
+                    held = self._capture(*key)
+                except RuntimeError:  # a host whose allocator or hooks refuse capture: run op by op from now on
+                    self._graphs_ok = False
+                    torch.cuda.synchronize(self.device)
             if len(self._seen) > 64:  # many one-off shapes: forget them, keep the graphs
                 self._seen.clear()
             self._seen.add(key)
