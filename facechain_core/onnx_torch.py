@@ -430,23 +430,32 @@ def _activation(y, act: int):
     raise FaceChainError(f"TFLite fused activation {act} is not supported here.")
 
 
+_host = {"device": "any"}  # the device the host runs its models on ("cpu" when told so): see follow_host
+
+
+def follow_host(device_type: str) -> None:
+    """The host's own device choice (ComfyUI's ``--cpu`` gives "cpu"): with the setting at auto, the nets
+    then stay on the CPU too, as the user asked of the host. Nodes call it; the library never asks ComfyUI."""
+    _host["device"] = "cpu" if device_type == "cpu" else "any"
+
+
 def nets_device() -> str | None:
-    """Where the embedded ONNX nets run: a CUDA device when the setting (``data/embedded_nets.json``, or the
-    FACECHAIN_NETS_DEVICE environment variable: auto, cuda, cpu) and the machine allow it, else None
-    (OpenCV on the CPU)."""
+    """Where the embedded nets run: a CUDA device when the setting (``data/embedded_nets.json``, or the
+    FACECHAIN_NETS_DEVICE environment variable: auto, cuda, cpu), the host and the machine allow it, else
+    None (OpenCV on the CPU)."""
     import os
 
-    return _nets_device(os.environ.get("FACECHAIN_NETS_DEVICE", ""))
+    return _nets_device(os.environ.get("FACECHAIN_NETS_DEVICE", ""), _host["device"])
 
 
 @lru_cache(maxsize=8)
-def _nets_device(env: str) -> str | None:
+def _nets_device(env: str, host: str) -> str | None:
     from .data_files import load
 
     choice = env.strip().lower() or load("embedded_nets.json")["device"]
     if choice not in ("auto", "cuda", "cpu"):
         raise FaceChainError(f"FACECHAIN_NETS_DEVICE is '{choice}'; use auto, cuda or cpu.")
-    if choice == "cpu":
+    if choice == "cpu" or (choice == "auto" and host == "cpu"):
         return None
     try:
         import torch

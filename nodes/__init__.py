@@ -9,7 +9,7 @@ from importlib import import_module
 from pathlib import Path
 
 from .boundary import guard
-from .common import register_model_folder
+from .common import follow_host_device, register_model_folder
 
 # Shared helpers, not nodes: sockets (types and conversions), common (host helpers), comfy_backbone,
 # boundary (errors leaving the pack) and the _private modules.
@@ -32,6 +32,7 @@ def _register(stem: str) -> None:
 
 
 register_model_folder()
+follow_host_device()
 for _path in sorted(Path(__file__).parent.glob("*.py")):
     if not _path.stem.startswith("_") and _path.stem not in HELPERS:
         _register(_path.stem)

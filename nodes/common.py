@@ -15,7 +15,7 @@ import comfy.utils
 import folder_paths
 from PIL import Image
 
-from ..facechain_core import model_store, previews, user_paths
+from ..facechain_core import model_store, onnx_torch, previews, user_paths
 from ..facechain_core.errors import FaceChainError
 from ..facechain_core.threads import parallel_map
 
@@ -79,6 +79,15 @@ def input_subfolder(name: str) -> Path:
 def first(value):
     """Widgets of an INPUT_IS_LIST node arrive as one-element lists."""
     return value[0] if isinstance(value, list) else value
+
+
+def follow_host_device() -> None:
+    """The embedded nets follow the host's device: a ComfyUI started with ``--cpu`` keeps them on the CPU."""
+    try:
+        device_type = comfy.model_management.get_torch_device().type
+    except Exception:  # a host that cannot say: the nets' own setting decides
+        return
+    onnx_torch.follow_host(device_type)
 
 
 def show_pictures(pictures, node: str) -> list[dict]:

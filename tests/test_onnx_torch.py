@@ -167,6 +167,28 @@ def test_the_device_setting(monkeypatch):
         assert nets_device() is None
 
 
+def test_a_host_told_to_use_the_cpu_keeps_the_nets_there(monkeypatch):
+    """ComfyUI started with --cpu on a machine with a GPU: auto leaves the nets on the CPU, an explicit cuda
+    still takes the GPU. (No GPU here: torch's answer is the one thing made up.)"""
+    import torch
+
+    from facechain_core import onnx_torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    onnx_torch._nets_device.cache_clear()
+    try:
+        monkeypatch.setenv("FACECHAIN_NETS_DEVICE", "auto")
+        onnx_torch.follow_host("cuda")
+        assert nets_device() == "cuda"
+        onnx_torch.follow_host("cpu")
+        assert nets_device() is None
+        monkeypatch.setenv("FACECHAIN_NETS_DEVICE", "cuda")
+        assert nets_device() == "cuda"
+    finally:
+        onnx_torch.follow_host("any")
+        onnx_torch._nets_device.cache_clear()
+
+
 def _meshes():
     for name in ("obama/obama1.jpg", "biden/biden2.jpg", "rose_leslie/rose1.jpg"):
         rgb = load_photo(FACES / name)
