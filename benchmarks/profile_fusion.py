@@ -41,16 +41,7 @@ def time_functions(fusion) -> dict:
     lock = threading.Lock()
     names = ("face_mesh", "embed_face", "detect_faces_per_thread", "prepared_face", "_blend", "_face_again")
     for name in names:
-        fn = getattr(fusion, name)
-
-        def timed(*a, _fn=fn, _name=name, **k):
-            t = time.perf_counter()
-            try:
-                return _fn(*a, **k)
-            finally:
-                with lock:
-                    spent[_name] = spent.get(_name, 0.0) + time.perf_counter() - t
-        setattr(fusion, name, timed)
+        setattr(fusion, name, _wrap(getattr(fusion, name), name, spent, lock))
     fusion.fg.warp_patch = _wrap(fusion.fg.warp_patch, "warp_patch", spent, lock)
     fusion.fb.sharpness = _wrap(fusion.fb.sharpness, "sharpness", spent, lock)
     return spent

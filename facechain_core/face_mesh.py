@@ -101,22 +101,35 @@ class FaceMeshNet:
 
     def _output_names(self) -> list[str]:
         """The landmark tensor and the face-presence score: the last conv layers that output 1404 and 1 values."""
-        probe = cv2.dnn.blobFromImage(np.zeros((192, 192, 3), np.uint8), 1 / 255.0, (192, 192))
-        self._net.setInput(probe)
+        self._net.setInput(_blob(np.zeros((192, 192, 3), np.uint8)))
         names = [n for n in self._net.getLayerNames() if n.startswith("conv2d_")]
-        by_size = {o.size: n for n, o in zip(names, self._net.forward(names))}
-        if N_POINTS * 3 not in by_size or 1 not in by_size:
-            raise FaceChainError("face_landmark.tflite has no 1404-value landmark output and 1-value face score; "
-                                 "the file is not MediaPipe's 468-point face mesh. Run `python install.py` again.")
-        return [by_size[N_POINTS * 3], by_size[1]]
+        return list(_marks_and_score({o.size: n for n, o in zip(names, self._net.forward(names))}))
 
     def run(self, crop: np.ndarray) -> tuple[np.ndarray, float]:
         """(468, 3) points in the crop's pixels and the presence score of one 192x192 RGB uint8 crop."""
-        blob = cv2.dnn.blobFromImage(crop, 1 / 255.0, (crop.shape[1], crop.shape[0]))
+        blob = _blob(crop)
         with self._lock:
             self._net.setInput(blob)
             marks, score = self._net.forward(self._outs)
-        return marks.reshape(N_POINTS, 3), float(1.0 / (1.0 + np.exp(-float(score.ravel()[0]))))
+        return _answer(marks, score)
+
+
+def _blob(crop: np.ndarray) -> np.ndarray:
+    """The net's input: the RGB crop as NCHW float scaled to 0..1."""
+    return cv2.dnn.blobFromImage(crop, 1 / 255.0, (crop.shape[1], crop.shape[0]))
+
+
+def _marks_and_score(by_size: dict) -> tuple:
+    """Of the net's outputs keyed by their number of values: the landmarks (1404) and the face score (1)."""
+    if N_POINTS * 3 not in by_size or 1 not in by_size:
+        raise FaceChainError("face_landmark.tflite has no 1404-value landmark output and 1-value face score; "
+                             "the file is not MediaPipe's 468-point face mesh. Run `python install.py` again.")
+    return by_size[N_POINTS * 3], by_size[1]
+
+
+def _answer(marks: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, float]:
+    """(468, 3) points in the crop's pixels and the presence probability (the score is a logit)."""
+    return marks.reshape(N_POINTS, 3), float(1.0 / (1.0 + np.exp(-float(score.ravel()[0]))))
 
 
 _local = threading.local()
@@ -135,11 +148,7 @@ def mesh_net() -> FaceMeshNet:
 
 def _run_torch(net, crop: np.ndarray) -> tuple[np.ndarray, float]:
     """FaceMeshNet.run's answer from the net run by torch (``onnx_torch``): the outputs told apart by size."""
-    outs = {o.size: o for o in net(cv2.dnn.blobFromImage(crop, 1 / 255.0, (crop.shape[1], crop.shape[0])))}
-    if N_POINTS * 3 not in outs or 1 not in outs:
-        raise FaceChainError("face_landmark.tflite has no 1404-value landmark output and 1-value face score; "
-                             "the file is not MediaPipe's 468-point face mesh. Run `python install.py` again.")
-    return outs[N_POINTS * 3].reshape(N_POINTS, 3), float(1.0 / (1.0 + np.exp(-float(outs[1].ravel()[0]))))
+    return _answer(*_marks_and_score({o.size: o for o in net(_blob(crop))}))
 
 
 def _crop_transform(centre: np.ndarray, side: float, angle: float, size: int) -> np.ndarray:

