@@ -350,17 +350,19 @@ class TorchNet:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up off the capture: cuDNN picks its kernels here
-                self._forward(self._as_input(static_in))
+                shapes = [tuple(o.shape) for o in self._forward(self._as_input(static_in))]
         torch.cuda.current_stream(self.device).wait_stream(side)
+        # every output in one buffer: one copy back to the host instead of one per output (YuNet has 12). It is
+        # made before the capture: memory taken inside a capture is the graph's, and under PyTorch's
+        # cudaMallocAsync allocator (ComfyUI's default on recent GPUs) freeing it after the capture aborted the
+        # process (an H200, torch 2.11). So nothing made inside the capture outlives it.
+        flat = torch.empty(sum(int(np.prod(sh)) for sh in shapes), dtype=torch.float32, device=self.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             outs = self._forward(self._as_input(static_in))
-            # every output in one buffer: one copy back to the host instead of one per output (YuNet has 12)
-            static_out = (torch.cat([o.float().reshape(-1) for o in outs]), [tuple(o.shape) for o in outs])
-            # Memory taken inside a capture is the graph's: under PyTorch's cudaMallocAsync allocator (ComfyUI's
-            # default on recent GPUs) freeing it after the capture aborted the process (an H200, torch 2.11). So
-            # what the capture made is freed inside it, and the graph with its one output buffer is kept for good.
+            torch.cat([o.float().reshape(-1) for o in outs], out=flat)
             del outs
+        static_out = (flat, shapes)
         self._graphs[(shape, dtype)] = (graph, static_in, static_out)
         return self._graphs[(shape, dtype)]
 
