@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import struct
 import threading
+import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -470,12 +471,23 @@ def _nets_device(env: str, host: str) -> str | None:
     return "cuda"
 
 
+# The file of a held net (and the licence setting) is looked up again at most this often: the lookup (package
+# specs, file stats) cost a quarter of a millisecond a call, all of it holding the GIL that a pool of threads
+# fusing side by side shares, and every face detected, embedded or meshed asks for its net.
+RECHECK_S = 2.0
+_recent: dict = {}  # (name, device) -> (time.monotonic() of the lookup, net or None)
+
+
 def gpu_net(name: str) -> TorchNet | None:
     """The embedded model ``name`` (``sface``, ``yunet``) as a TorchNet on the GPU, held once per process
     (its runs are queued on one lock; a run is a millisecond or two); None when the nets stay on the CPU."""
     device = nets_device()
     if device is None:
         return None
+    key, now = (name, device), time.monotonic()
+    hit = _recent.get(key)
+    if hit is not None and now - hit[0] < RECHECK_S:
+        return hit[1]
     from . import model_store
     from .model_cache import cached
 
@@ -487,4 +499,6 @@ def gpu_net(name: str) -> TorchNet | None:
         except FaceChainError:
             return False  # a file with operators this reader does not run: OpenCV runs it
 
-    return cached(("torch_net", name, device), load, [path]) or None
+    net = cached(("torch_net", name, device), load, [path]) or None
+    _recent[key] = (now, net)
+    return net
