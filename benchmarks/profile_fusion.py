@@ -4,9 +4,9 @@
     python benchmarks/profile_fusion.py --cv2-threads 1 --switch-interval 0.0001   # what-ifs
 
 Stages (the library's own functions, in the order ``fusion.fuse_images`` runs them): ``look`` (every image's
-faces, mesh and vector, and the template's), ``start`` (guards, warp, colour work), ``first_try`` (every
-image's first rung and its after-check), ``other_tries`` (the rungs after a failed first), ``finish``, then
-``rank`` (RTSRank on the results). Also the CPU seconds per wall second (``cores_busy``) and where the
+faces, mesh and vector, and the template's), ``start_first_try`` (guards, warp, colour work, and the first
+rung with its after-check, one job per image), ``other_tries`` (the rungs after a failed first), ``finish``,
+then ``rank`` (RTSRank on the results). Also the CPU seconds per wall second (``cores_busy``) and where the
 embedded nets ran. No ComfyUI needed. Prints one JSON line.
 """
 
@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 from bench_paths import SHARED_FACES  # noqa: E402  (puts the checkout on sys.path)
@@ -28,8 +27,10 @@ def parse_args():
     ap.add_argument("--faces", default=str(SHARED_FACES))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--workers", type=int, default=0, help="threads (0: the library's default)")
-    ap.add_argument("--cv2-threads", type=int, default=-1, help="cv2.setNumThreads before the runs (-1: leave)")
-    ap.add_argument("--switch-interval", type=float, default=0.0, help="sys.setswitchinterval (0: leave)")
+    ap.add_argument("--cv2-threads", type=int, default=-1,
+                    help="OpenCV's threads outside the pools (a pool divides them among its threads; -1: leave)")
+    ap.add_argument("--switch-interval", type=float, default=0.0,
+                    help="the GIL's switch interval while a pool runs (threads.POOL_SWITCH_INTERVAL; 0: leave)")
     return ap.parse_args()
 
 
@@ -63,7 +64,7 @@ def main() -> None:
 
     import cv2
 
-    from facechain_core import align, fusion, images, rank
+    from facechain_core import align, fusion, images, rank, threads
     from facechain_core.onnx_torch import nets_device
     from facechain_core.threads import parallel_map
 
@@ -71,7 +72,7 @@ def main() -> None:
     if args.cv2_threads >= 0:
         cv2.setNumThreads(args.cv2_threads)
     if args.switch_interval > 0:
-        sys.setswitchinterval(args.switch_interval)
+        threads.POOL_SWITCH_INTERVAL = args.switch_interval
     faces = Path(args.faces)
     crops = [align.align_photo(images.load_photo(faces / rel), rel, align.AlignSettings(size=512))[0].image
              for rel in PORTRAITS]
@@ -95,12 +96,10 @@ def main() -> None:
         looked = list(parallel_map(lambda job: fusion._look(job[0], job[1], s), jobs, s.workers))
         tpl, found = looked[0], looked[1:]
         lap("look")
-        started = list(parallel_map(lambda i: fusion.start_fusing(crops[i], *found[i][:1], tpl, s, *found[i][1:]),
+        started = list(parallel_map(lambda i: fusion.start_and_first_try(crops[i], found[i], tpl, s),
                                     list(range(len(crops))), s.workers))
         live = [j for j in started if isinstance(j, fusion._Fusing)]
-        lap("start")
-        list(parallel_map(lambda j: fusion.try_rung(j, 0, tpl, s), live, s.workers))
-        lap("first_try")
+        lap("start_first_try")
         rest = [(j, i) for j in live if j.tries[0][0] for i in range(1, len(j.ladder))]
         list(parallel_map(lambda job: fusion.try_rung(job[0], job[1], tpl, s), rest, s.workers))
         lap("other_tries")
@@ -122,7 +121,7 @@ def main() -> None:
     result = {k: round(statistics.median(r[k] for r in runs), 4) for k in runs[0]}
     result["thread_seconds_per_run"] = {k: round(v / args.repeats, 4) for k, v in sorted(spent.items())}
     result.update(nets=nets_device() or "cpu", cpu_cores=os.cpu_count(), cv2_threads=cv2.getNumThreads(),
-                  switch_interval=sys.getswitchinterval(), workers=args.workers)
+                  switch_interval=threads.POOL_SWITCH_INTERVAL, workers=args.workers)
     print(json.dumps(result), flush=True)
 
 

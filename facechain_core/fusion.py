@@ -210,20 +210,41 @@ def prepared_face(rgb: np.ndarray, warped: np.ndarray, tgt: fg.FaceShape, roi, s
                            d["blend"]["detail_max_ratio"], d["blend"]["detail_max_gain"])
 
 
+@dataclass
+class _Shared:
+    """What every try of one image blends with, made once: the prepared face, the two bands it is mixed in,
+    and each region's mask (the ladder tries a region at more than one strength)."""
+
+    face: np.ndarray
+    bands: tuple
+    masks: dict = field(default_factory=dict)
+
+
+def shared_parts(rgb: np.ndarray, warped: np.ndarray, tgt: fg.FaceShape, roi, s: FusionSettings) -> _Shared:
+    """The prepared face and its bands against the target's pixels (the masks are made as tries ask)."""
+    x0, y0, x1, y1 = roi
+    face = prepared_face(rgb, warped, tgt, roi, s)
+    sigma = max(1.0, fg.settings_data()["blend"]["detail_sigma"] * tgt.iod)
+    return _Shared(face, fb.two_bands(rgb[y0:y1, x0:x1], face, sigma))
+
+
 def _blend(rgb: np.ndarray, warped: np.ndarray, tgt: fg.FaceShape, roi, region: str, strength: float,
-           s: FusionSettings, face: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The fused image and its mask (strength included) for one region; ``face``: ``prepared_face``'s, when
+           s: FusionSettings, shared: _Shared | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The fused image and its mask (strength included) for one region; ``shared``: ``shared_parts``', when
     already made."""
     d = fg.settings_data()
     x0, y0, x1, y1 = roi
     patch = rgb[y0:y1, x0:x1]
     local = tgt.points - [x0, y0]
-    inner_poly = tgt.inner_polygon(d["inner_face"]["inner_scale"]) - [x0, y0]
-    alpha = fb.region_mask(patch.shape[:2], local, inner_poly, region, tgt.iod, d["inner_face"])
-    face = prepared_face(rgb, warped, tgt, roi, s) if face is None else face
+    shared = shared_parts(rgb, warped, tgt, roi, s) if shared is None else shared
+    alpha = shared.masks.get(region)
+    if alpha is None:
+        inner_poly = tgt.inner_polygon(d["inner_face"]["inner_scale"]) - [x0, y0]
+        alpha = shared.masks[region] = fb.region_mask(patch.shape[:2], local, inner_poly, region, tgt.iod,
+                                                      d["inner_face"])
     a = alpha * strength
     a[a < 1.0 / 255.0] = 0.0  # a zero in the saved mask means an untouched pixel
-    blended = fb.two_band_blend(patch, face, a, strength, max(1.0, d["blend"]["detail_sigma"] * tgt.iod))
+    blended = fb.two_band_blend(shared.bands, a, strength)
     # The mix can still be softer than the image around the eyes (two eyes never align to the pixel): lift
     # the fused pixels' detail to the target's there, fading out over the mask's edge.
     sharp = fb.match_detail(blended, patch, fb.eye_boxes(local), d["blend"]["detail_min_ratio"], np.inf,
@@ -304,7 +325,7 @@ class _Fusing:
     original_vec: np.ndarray | None = None
     before: float = 0.0
     warped: np.ndarray | None = None
-    face_made: np.ndarray | None = None
+    shared: _Shared | None = None
     tries: dict = field(default_factory=dict)  # ladder index -> (why_not, out, mask, after, vec)
 
 
@@ -347,7 +368,7 @@ def start_fusing(rgb: np.ndarray, faces: list[Face], tpl: Template, s: FusionSet
         job.warped = learned_fusion().fuse(rgb, tpl.image)[roi[1]:roi[3], roi[0]:roi[2]]
     else:
         job.warped = fg.warp_patch(tpl.image, tpl.shape.points, tgt.points, tpl.triangles, roi)
-    job.face_made = prepared_face(rgb, job.warped, tgt, roi, s)
+    job.shared = shared_parts(rgb, job.warped, tgt, roi, s)
     return job
 
 
@@ -355,7 +376,7 @@ def try_rung(job: _Fusing, i: int, tpl: Template, s: FusionSettings) -> None:
     """Blend at the ladder's ``i``-th (region, strength) and check the result; kept in ``job.tries``. Tries of
     one image do not depend on each other, so they can run side by side."""
     region, k = job.ladder[i]
-    out, mask = _blend(job.rgb, job.warped, job.tgt, job.roi, region, s.strength * k, s, job.face_made)
+    out, mask = _blend(job.rgb, job.warped, job.tgt, job.roi, region, s.strength * k, s, job.shared)
     why_not, after, vec = _after_check(job.rgb, out, job.faces[0], job.tgt, tpl, job.before, s.detector,
                                        region != "brows")
     job.tries[i] = (why_not, out, mask, after, vec)
@@ -466,15 +487,23 @@ def _tries_from(job: _Fusing, first: int, tpl: Template, s: FusionSettings) -> N
             return
 
 
+def start_and_first_try(rgb: np.ndarray, found: tuple, tpl: Template, s: FusionSettings) -> "_Fusing | FusedImage":
+    """One image's ``start_fusing`` and its ladder's first try, in one job: no image waits for the slowest
+    image's warp before its own first try."""
+    faces, tgt, vec = found
+    job = start_fusing(rgb, faces, tpl, s, tgt, vec)
+    if isinstance(job, _Fusing):
+        try_rung(job, 0, tpl, s)
+    return job
+
+
 def _fuse_side_by_side(rgbs: list, found: list, tpl: Template, s: FusionSettings, progress: ProgressFn) -> list:
-    """Every image's warp side by side; then every image's first try; then the remaining tries of the images
-    whose first try failed: all at once where there are cores to spare (the slowest image then costs three
-    rounds, not one per try), else each image's in turn. The result is the same either way."""
-    jobs = list(parallel_map(lambda i: start_fusing(rgbs[i], found[i][0], tpl, s, found[i][1], found[i][2]),
-                             list(range(len(rgbs))), s.workers))
-    live = [j for j in jobs if isinstance(j, _Fusing)]
-    list(parallel_map(lambda j: try_rung(j, 0, tpl, s), live, s.workers))
-    failed = [j for j in live if j.tries[0][0]]
+    """Every image's warp and first try side by side; then the remaining tries of the images whose first try
+    failed: all at once where there are cores to spare (the slowest image then costs three rounds, not one
+    per try), else each image's in turn. The result is the same either way."""
+    jobs = list(parallel_map(lambda i: start_and_first_try(rgbs[i], found[i], tpl, s), list(range(len(rgbs))),
+                             s.workers))
+    failed = [j for j in jobs if isinstance(j, _Fusing) and j.tries[0][0]]
     if (os.cpu_count() or 2) >= SPECULATE_CORES:  # cores to spare: every remaining try at once
         rest = [(j, i) for j in failed for i in range(1, len(j.ladder))]
         list(parallel_map(lambda job: try_rung(job[0], job[1], tpl, s), rest, s.workers))
