@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 from bench_paths import SHARED_FACES  # noqa: E402  (puts the checkout on sys.path)
@@ -29,8 +30,7 @@ def parse_args():
     ap.add_argument("--workers", type=int, default=0, help="threads (0: the library's default)")
     ap.add_argument("--cv2-threads", type=int, default=-1,
                     help="OpenCV's threads outside the pools (a pool divides them among its threads; -1: leave)")
-    ap.add_argument("--switch-interval", type=float, default=0.0,
-                    help="the GIL's switch interval while a pool runs (threads.POOL_SWITCH_INTERVAL; 0: leave)")
+    ap.add_argument("--switch-interval", type=float, default=0.0, help="sys.setswitchinterval (0: leave)")
     return ap.parse_args()
 
 
@@ -64,7 +64,7 @@ def main() -> None:
 
     import cv2
 
-    from facechain_core import align, fusion, images, rank, threads
+    from facechain_core import align, fusion, images, rank
     from facechain_core.onnx_torch import nets_device
     from facechain_core.threads import parallel_map
 
@@ -72,7 +72,7 @@ def main() -> None:
     if args.cv2_threads >= 0:
         cv2.setNumThreads(args.cv2_threads)
     if args.switch_interval > 0:
-        threads.POOL_SWITCH_INTERVAL = args.switch_interval
+        sys.setswitchinterval(args.switch_interval)
     faces = Path(args.faces)
     crops = [align.align_photo(images.load_photo(faces / rel), rel, align.AlignSettings(size=512))[0].image
              for rel in PORTRAITS]
@@ -121,7 +121,7 @@ def main() -> None:
     result = {k: round(statistics.median(r[k] for r in runs), 4) for k in runs[0]}
     result["thread_seconds_per_run"] = {k: round(v / args.repeats, 4) for k, v in sorted(spent.items())}
     result.update(nets=nets_device() or "cpu", cpu_cores=os.cpu_count(), cv2_threads=cv2.getNumThreads(),
-                  switch_interval=threads.POOL_SWITCH_INTERVAL, workers=args.workers)
+                  switch_interval=sys.getswitchinterval(), workers=args.workers)
     print(json.dumps(result), flush=True)
 
 
