@@ -354,9 +354,10 @@ class TorchNet:
                 shapes = [tuple(o.shape) for o in self._forward(self._as_input(static_in))]
         torch.cuda.current_stream(self.device).wait_stream(side)
         # every output in one buffer: one copy back to the host instead of one per output (YuNet has 12). It is
-        # made before the capture: memory taken inside a capture is the graph's, and under PyTorch's
-        # cudaMallocAsync allocator (ComfyUI's default on recent GPUs) freeing it after the capture aborted the
-        # process (an H200, torch 2.11). So nothing made inside the capture outlives it.
+        # made before the capture, so nothing made inside the capture outlives it. Under PyTorch's cudaMallocAsync
+        # allocator (ComfyUI's default on recent GPUs) such memory, freed after the capture, aborted the process
+        # (an H200, torch 2.11); kept, it slowed every later first use: the host's first prompt took 9 s longer
+        # (the trainer's first capture 8.3 s instead of 2.2).
         flat = torch.empty(sum(int(np.prod(sh)) for sh in shapes), dtype=torch.float32, device=self.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
