@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import bench_train as bt  # noqa: E402
+from facechain_core.pipeline_cli import setting_value  # noqa: E402
 from facechain_core.train import TrainSettings, train_lora  # noqa: E402
 
 # kernel-name patterns, first match wins
@@ -76,7 +77,7 @@ def parse_sets(pairs: list[str]) -> dict:
     out = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
-        out[key] = json.loads(value) if value[:1] in "0123456789[{tfn-" else value
+        out[key] = setting_value(value)
     return out
 
 

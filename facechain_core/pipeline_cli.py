@@ -56,11 +56,16 @@ def overrides_from(args) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise FaceChainError(f"--set {item}: write NodeType.input=VALUE, e.g. KSampler.cfg=5")
-        try:
-            out[key] = json.loads(value)
-        except ValueError:
-            out[key] = value  # plain text
+        out[key] = setting_value(value)
     return out
+
+
+def setting_value(text: str):
+    """A ``--set`` value: JSON where it parses (numbers, true, lists), else the plain text."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def portraits_command(args) -> int:
