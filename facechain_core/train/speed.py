@@ -65,24 +65,16 @@ def default_cache_dir() -> Path:
 
 
 @contextmanager
-def compile_cache(enabled: bool, folder: Path | None = None) -> Iterator[Path | None]:
-    """Point Inductor's caches (compiled kernels, FX graphs, autograd graphs) at a folder that outlives the
-    process, unless the user already chose one with TORCHINDUCTOR_CACHE_DIR."""
+def compile_cache(enabled: bool, folder: Path | None = None) -> Iterator[None]:
+    """Point Inductor's on-disk caches (compiled kernels, FX and autograd graphs: on by default in torch) at a
+    folder that outlives the process, unless the user already chose one with TORCHINDUCTOR_CACHE_DIR."""
     if not enabled or "TORCHINDUCTOR_CACHE_DIR" in os.environ:
-        yield Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) if "TORCHINDUCTOR_CACHE_DIR" in os.environ else None
+        yield
         return
     folder = Path(folder or default_cache_dir())
     folder.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
     try:
-        import torch._functorch.config as functorch_config
-        import torch._inductor.config as inductor_config
-
-        inductor_config.fx_graph_cache = True
-        functorch_config.enable_autograd_cache = True
-    except (ImportError, AttributeError):
-        pass
-    try:
-        yield folder
+        yield
     finally:
         os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
