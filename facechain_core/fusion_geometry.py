@@ -40,7 +40,7 @@ class FaceShape:
     mouth_open: float  # inner lips apart, IOD
     mouth_width: float  # corner to corner, IOD
     eye_open: float  # mean eyelid gap over eye width
-    _outside: dict = field(default_factory=dict, repr=False, compare=False)  # outside_inner's by scale; centre
+    _memo: dict = field(default_factory=dict, repr=False, compare=False)  # centre, and outside_inner by scale
 
     @classmethod
     def of(cls, points: np.ndarray, presence: float = 1.0) -> "FaceShape":
@@ -68,12 +68,12 @@ class FaceShape:
     @property
     def centre(self) -> np.ndarray:
         """Midway between the eye centres and the mouth centre: the point the inner face shrinks toward."""
-        if "centre" not in self._outside:
+        if "centre" not in self._memo:
             p = self.points
             eyes = (fm.contour(p, "right_eye").mean(axis=0) + fm.contour(p, "left_eye").mean(axis=0)) / 2
             mouth = (p[_idx("mouth_right")] + p[_idx("mouth_left")]) / 2
-            self._outside["centre"] = (eyes + mouth) / 2
-        return self._outside["centre"].copy()
+            self._memo["centre"] = (eyes + mouth) / 2
+        return self._memo["centre"].copy()
 
     def inner_polygon(self, scale: float) -> np.ndarray:
         """The face oval pulled toward the face's centre: brows, eyes, nose, mouth, cheeks."""
@@ -84,10 +84,10 @@ class FaceShape:
     def outside_inner(self, scale: float) -> np.ndarray:
         """Indices of the mesh points outside the inner face (outline, jaw, forehead, temples); found once per
         face and scale (the guards ask before the blend, the after-check after it)."""
-        if scale not in self._outside:
+        if scale not in self._memo:
             poly = self.inner_polygon(scale).astype(np.float32)
-            self._outside[scale] = np.flatnonzero(~inside_polygon(self.points, poly)).astype(np.int32)
-        return self._outside[scale].copy()
+            self._memo[scale] = np.flatnonzero(~inside_polygon(self.points, poly)).astype(np.int32)
+        return self._memo[scale].copy()
 
 
 def inside_polygon(points: np.ndarray, poly: np.ndarray) -> np.ndarray:
