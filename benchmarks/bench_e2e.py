@@ -55,16 +55,15 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from bench_paths import REPO, SHARED_FACES  # noqa: E402  (puts the checkout on sys.path)
-sys.path.insert(0, str(REPO / "scripts"))
+from bench_paths import REPO, SHARED_FACES, check_imports  # noqa: E402  (puts the checkout and scripts/ on sys.path)
 import run_report  # noqa: E402
+import tiny_checkpoint  # noqa: E402
 from comfy_host import CACHE, ComfyClient, ComfyServer, PromptError  # noqa: E402
 
 from facechain_core import data_files  # noqa: E402
@@ -127,27 +126,14 @@ def parse_args(argv=None):
     return args
 
 
-def check_imports() -> None:
-    missing = [m for m in NEEDED if importlib.util.find_spec(m) is None]
-    if missing:
-        raise SystemExit(f"missing on this machine: {', '.join(missing)} (this script's docstring lists what to "
-                         f"carry)")
-
-
 def prepare_checkpoint(args, base: Path) -> tuple[str, float]:
     """The checkpoint in the host's models/checkpoints: given, the tiny one, or a full-size one built now.
     Returns its name and the seconds spent building it."""
     folder = base / "models" / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     source = args.checkpoint or (CACHE / "tiny_sd15.safetensors" if args.tiny else None)
-    t = time.perf_counter()
-    if source is None or not source.is_file():
-        source = source or folder / "random_sd15_full.safetensors"
-        cmd = [sys.executable, str(REPO / "scripts" / "tiny_checkpoint.py"), "--comfy", str(args.comfy),
-               *([] if args.tiny else ["--full"]), str(source)]
-        print(f"building the checkpoint: {shlex.join(cmd)}", flush=True)
-        subprocess.run(cmd, check=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))  # built on the CPU
-    built = time.perf_counter() - t
+    source = source or folder / "random_sd15_full.safetensors"
+    built = tiny_checkpoint.ensure(source, not args.tiny, args.comfy, announce=True)
     target = folder / source.name
     if not target.exists():
         try:
@@ -355,9 +341,9 @@ def device_name(cpu: bool) -> str:
 
 
 def host_args(base: Path, given: list[str]) -> list[str]:
-    """The host's extra flags: an in-memory database, an empty front end where its package is missing, and the
-    flags given."""
-    extra = ["--database-url", "sqlite:///:memory:", *given]
+    """The host's extra flags: an empty front end where its package is missing, and the flags given (the host
+    runner already keeps its database in memory)."""
+    extra = list(given)
     if importlib.util.find_spec("comfyui_frontend_package") is None:
         front = base / "frontend"
         front.mkdir(exist_ok=True)
@@ -370,7 +356,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     command = shlex.join(sys.orig_argv)
     print(f"command: {command}", flush=True)
-    check_imports()
+    check_imports(NEEDED)
     if os.environ.get("FACECHAIN_EMBEDDED_DIR"):  # the host runs in ComfyUI's folder: make it absolute
         os.environ["FACECHAIN_EMBEDDED_DIR"] = str(Path(os.environ["FACECHAIN_EMBEDDED_DIR"]).resolve())
     base = args.work or Path(tempfile.mkdtemp(prefix="bench_e2e_"))

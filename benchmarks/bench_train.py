@@ -247,16 +247,9 @@ class Backbones:
         """ComfyUI's modules in this process, its arguments parsed for the device first."""
         if not self.comfyui:
             raise RuntimeError("no --comfyui folder given")
-        if self.comfyui not in sys.path:
-            sys.path.insert(0, self.comfyui)
-        argv, sys.argv = sys.argv, [sys.argv[0]] + (["--cpu"] if DEVICE == "cpu" else [])
-        try:
-            import comfy.options
+        from comfy_host import import_comfy
 
-            comfy.options.enable_args_parsing()
-            import comfy.model_management  # noqa: F401  (sets up the device)
-        finally:
-            sys.argv = argv
+        import_comfy(Path(self.comfyui), cpu=DEVICE == "cpu")
 
     def _comfy_sdxl(self, dtype) -> dict:
         """ComfyUI's SDXL model, CLIP (L + G) and VAE classes with random weights, as CheckpointLoaderSimple
@@ -291,11 +284,9 @@ class Backbones:
         import comfy.ops
         from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-        cfg = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2] * 4,
-                   channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
-                   transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=1,
-                   num_heads=8, num_head_channels=-1, context_dim=768, use_spatial_transformer=True,
-                   use_linear_in_transformer=False, legacy=False)
+        from tiny_checkpoint import SD15_UNET
+
+        cfg = dict(SD15_UNET)  # a copy: the CPU smoke run shrinks it
         nrb = [2, 2, 2, 2]
         if DEVICE == "cpu":
             dtype = torch.float32

@@ -67,6 +67,23 @@ def comfy_requirements(dest: Path = COMFY_DIR) -> list[str]:
     return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#") and ln.strip() not in skip]
 
 
+def import_comfy(comfy_dir: Path, cpu: bool = True):
+    """ComfyUI's modules in this process (a test, a benchmark, the checkpoint builder): its source folder on
+    ``sys.path`` and its arguments parsed (``--cpu`` or not) before any ``comfy.*`` module sets up the device.
+    The process's own arguments are put back. Returns the ``comfy`` package."""
+    if str(comfy_dir) not in sys.path:
+        sys.path.insert(0, str(comfy_dir))
+    argv, sys.argv = sys.argv, [sys.argv[0]] + (["--cpu"] if cpu else [])
+    try:
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        import comfy.model_management  # noqa: F401  (sets up the device)
+    finally:
+        sys.argv = argv
+    return comfy
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

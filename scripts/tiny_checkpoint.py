@@ -96,12 +96,29 @@ def save_random_checkpoint(out: Path, unet_config: dict) -> Path:
 def build(out: Path, comfy_dir: Path, full: bool = False) -> Path:
     """The tiny (or with ``full`` the full-size) checkpoint, from a fresh process (parses ComfyUI's arguments
     for the CPU)."""
-    sys.path.insert(0, str(comfy_dir))
-    sys.argv = [sys.argv[0], "--cpu"]
-    import comfy.options
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from comfy_host import import_comfy
 
-    comfy.options.enable_args_parsing()
+    import_comfy(comfy_dir, cpu=True)
     return save_random_checkpoint(out, SD15_UNET if full else TINY_UNET)
+
+
+def ensure(out: Path, full: bool = False, comfy_dir: Path | None = None, announce: bool = False) -> float:
+    """``out`` built unless it is there, by this script in a child process on the CPU (it parses ComfyUI's
+    arguments, which a test or benchmark process must not); the seconds spent building it."""
+    if out.is_file():
+        return 0.0
+    import shlex
+    import subprocess
+    import time
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), *(["--comfy", str(comfy_dir)] if comfy_dir else []),
+           *(["--full"] if full else []), str(out)]
+    if announce:
+        print(f"building the checkpoint: {shlex.join(cmd)}", flush=True)
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    return time.perf_counter() - t
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from comfy_host import CACHE, COMFY_DIR, ComfyClient, ComfyServer, PromptError, install_comfyui
+from comfy_host import CACHE, COMFY_DIR, ComfyClient, ComfyServer, PromptError, import_comfy, install_comfyui
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,17 +31,9 @@ def pytest_collection_modifyitems(items):
 
 def import_comfy_in_process():
     """ComfyUI's modules in this test process, on the CPU (its arguments must be parsed before comfy.*)."""
-    if str(COMFY_DIR) not in sys.path:
-        sys.path.insert(0, str(COMFY_DIR))
-    argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]
-    try:
-        import comfy.options
+    import_comfy(COMFY_DIR, cpu=True)
+    import comfy.utils
 
-        comfy.options.enable_args_parsing()
-        import comfy.model_management  # noqa: F401
-        import comfy.utils
-    finally:
-        sys.argv = argv
     return comfy
 
 
@@ -74,10 +66,9 @@ def load_pack(name: str = "comfyui_facechain", root: Path = REPO):
 
 
 def tiny_checkpoint() -> Path:
-    if not TINY_CKPT.is_file():
-        import subprocess
+    import tiny_checkpoint as builder
 
-        subprocess.run([sys.executable, str(REPO / "scripts" / "tiny_checkpoint.py"), str(TINY_CKPT)], check=True)
+    builder.ensure(TINY_CKPT)
     return TINY_CKPT
 
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import FACES, REPO
 
-sys.path.insert(0, str(REPO / "benchmarks"))
-import ab_fusion  # noqa: E402
+import ab_fusion
 
 
 def test_the_pairs_ratios():

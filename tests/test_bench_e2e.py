@@ -15,8 +15,7 @@ from PIL import Image, ImageOps
 from comfy_host import device_args
 from conftest import ARTIFACTS, FACES, REPO, tiny_checkpoint
 
-sys.path.insert(0, str(REPO / "benchmarks"))
-import bench_e2e  # noqa: E402
+import bench_e2e
 
 from facechain_core.train import TrainResult  # noqa: E402
 
