@@ -29,8 +29,8 @@ import time
 import types
 from pathlib import Path
 
-from bench_paths import REPO, SHARED_FACES  # noqa: E402  (puts the checkout on sys.path)
-sys.path.insert(0, str(REPO / "scripts"))
+from bench_paths import REPO, SHARED_FACES  # noqa: E402  (puts the checkout and scripts/ on sys.path)
+from comfy_host import import_comfy  # noqa: E402
 from tiny_checkpoint import SD15_UNET, save_random_checkpoint  # noqa: E402  (the one home of the full UNet shape)
 
 PORTRAITS = ["obama/obama1.jpg", "obama/obama2.jpg", "obama/obama3.jpg", "biden/biden1.jpg", "biden/biden2.jpg",
@@ -57,13 +57,8 @@ def parse_args():
     return ap.parse_args()
 
 
-def boot_comfy(comfy: Path, cpu: bool):
-    sys.path.insert(0, str(comfy))
-    sys.argv = [sys.argv[0]] + (["--cpu"] if cpu else [])
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
-    import comfy.model_management  # noqa: F401  (sets up the device)
+def boot_comfy(comfy_dir: Path, cpu: bool):
+    import_comfy(comfy_dir, cpu)
     import comfy.sample  # noqa: F401
     import comfy.sd  # noqa: F401
 
@@ -133,22 +128,28 @@ def import_pack_nodes():
     return fusion.FaceFusion, rank.RTSRank, pack_module("facechain_core.align"), pack_module("facechain_core.images")
 
 
-def portraits(faces: Path, n: int, size: int, align, images, template_kind: str = "crop"):
-    """n real portraits framed like FaceChain's output (FaceAlign crops), and the template: the 512 crop
-    that Template Face outputs in the bundled workflows ("crop"), or the whole photo ("photo")."""
-    import numpy as np
-    import torch
-
+def portrait_arrays(faces: Path, n: int, size: int, align, images, template_kind: str = "crop"):
+    """n real portraits framed like FaceChain's output (FaceAlign crops) as RGB uint8 arrays, and the template:
+    the 512 crop that Template Face outputs in the bundled workflows ("crop"), or the whole photo ("photo")."""
     crops = []
     for rel in (PORTRAITS * (n // len(PORTRAITS) + 1))[:n]:
         crop, why = align.align_photo(images.load_photo(faces / rel), rel, align.AlignSettings(size=size))
         if crop is None:
             raise SystemExit(f"{rel}: {why}")
         crops.append(crop.image)
-    batch = torch.from_numpy(np.stack(crops).astype(np.float32) / 255.0)
     photo = images.load_photo(faces / "obama" / "obama1.jpg")
     if template_kind == "crop":
         photo = align.align_photo(photo, "obama1.jpg", align.AlignSettings(size=512))[0].image
+    return crops, photo
+
+
+def portraits(faces: Path, n: int, size: int, align, images, template_kind: str = "crop"):
+    """``portrait_arrays`` as IMAGE tensors: the batch and the template."""
+    import numpy as np
+    import torch
+
+    crops, photo = portrait_arrays(faces, n, size, align, images, template_kind)
+    batch = torch.from_numpy(np.stack(crops).astype(np.float32) / 255.0)
     template = torch.from_numpy(photo.astype(np.float32) / 255.0)[None]
     return batch, template
 

@@ -20,7 +20,7 @@ import sys
 import time
 
 from bench_paths import SHARED_FACES  # noqa: E402  (puts the checkout on sys.path)
-from bench_generate import PORTRAITS  # noqa: E402
+from bench_generate import PORTRAITS, portrait_arrays  # noqa: E402
 
 
 def parse_args():
@@ -74,10 +74,7 @@ def main() -> None:
     if args.switch_interval > 0:
         sys.setswitchinterval(args.switch_interval)
     faces = Path(args.faces)
-    crops = [align.align_photo(images.load_photo(faces / rel), rel, align.AlignSettings(size=512))[0].image
-             for rel in PORTRAITS]
-    tpl_photo = images.load_photo(faces / "obama" / "obama1.jpg")
-    tpl_rgb = align.align_photo(tpl_photo, "t", align.AlignSettings(size=512))[0].image
+    crops, tpl_rgb = portrait_arrays(faces, len(PORTRAITS), 512, align, images, "crop")
     s = fusion.FusionSettings(workers=args.workers)
     spent = time_functions(fusion)
 
