@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 
 from .data_files import settings
-from .files import write_atomic
+from .images import save_png_atomic
 from .threads import parallel_map
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
@@ -28,15 +28,22 @@ def _colour(name: str) -> tuple[int, int, int]:
     return tuple(int(c) for c in look()["colours"][name])
 
 
-def thumbnail(image: np.ndarray, side: int | None = None) -> np.ndarray:
-    """An HxWx3 uint8 image scaled so its long side is ``side``: large photos shrink, small crops grow, so
-    that every thumbnail's labels are the same size in the node."""
-    side = int(side or look()["thumb_side"])
+def _side(side: int | None) -> int:
+    return int(side or look()["thumb_side"])
+
+
+def _scaled(image: np.ndarray, scale: float) -> np.ndarray:
+    """The image's RGB scaled by ``scale`` (area averaging to shrink, linear to grow)."""
     h, w = image.shape[:2]
-    scale = side / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     how = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
     return cv2.resize(np.ascontiguousarray(image[..., :3]), size, interpolation=how)
+
+
+def thumbnail(image: np.ndarray, side: int | None = None) -> np.ndarray:
+    """An HxWx3 uint8 image scaled so its long side is ``side``: large photos shrink, small crops grow, so
+    that every thumbnail's labels are the same size in the node."""
+    return _scaled(image, _side(side) / max(image.shape[:2]))
 
 
 def short_reason(why: str) -> str:
@@ -67,16 +74,14 @@ def _tile(picture: np.ndarray, lines: Sequence[tuple[str, float]], colour, side:
     """A square tile: the picture fitted above a caption strip of white text ``lines`` ((text, font scale),
     on ``colour``), framed in ``colour``. Every tile of a node has the same size, so the editor lays them out
     as an even grid, and the caption never hides the face."""
-    side = int(side or look()["thumb_side"])
+    side = _side(side)
     strip = sum(_line_height(sc) for _, sc in lines) + 8
     tile = np.full((side, side, 3), 235, np.uint8)
     h, w = picture.shape[:2]
-    scale = min((side - 6) / w, (side - strip - 3) / h)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    small = cv2.resize(np.ascontiguousarray(picture[..., :3]), size,
-                       interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-    x0, y0 = (side - size[0]) // 2, 3 + (side - strip - 3 - size[1]) // 2
-    tile[y0:y0 + size[1], x0:x0 + size[0]] = small
+    small = _scaled(picture, min((side - 6) / w, (side - strip - 3) / h))
+    sh, sw = small.shape[:2]
+    x0, y0 = (side - sw) // 2, 3 + (side - strip - 3 - sh) // 2
+    tile[y0:y0 + sh, x0:x0 + sw] = small
     tile[side - strip:] = colour
     y = side - strip + 4
     for text, sc in lines:
@@ -88,7 +93,7 @@ def _tile(picture: np.ndarray, lines: Sequence[tuple[str, float]], colour, side:
 
 def kept_thumbnail(image: np.ndarray, label: str, colour: str = "kept", side: int | None = None) -> np.ndarray:
     """A tile of a kept (or returned) image framed in ``colour`` (a name in previews.json), ``label`` below."""
-    width = int(side or look()["thumb_side"]) - 14
+    width = _side(side) - 14
     return _tile(image, [(t, 0.55) for t in _wrap(label, width, 0.55)[:2]], _colour(colour), side)
 
 
@@ -97,7 +102,7 @@ def marked_thumbnail(image: np.ndarray, word: str, reason: str = "", side: int |
     short reason below it."""
     grey = cv2.cvtColor(cv2.cvtColor(thumbnail(image, side), cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
     faded = cv2.addWeighted(grey, 0.55, np.full_like(grey, 255), 0.45, 0)
-    width = int(side or look()["thumb_side"]) - 14
+    width = _side(side) - 14
     reason_lines = _wrap(short_reason(reason), width, 0.45)
     if len(reason_lines) > 2:
         reason_lines = reason_lines[:1] + [reason_lines[1] + " ..."]
@@ -160,11 +165,8 @@ def curve_extent(picture: np.ndarray) -> int:
 
 
 def write_png(path: str | Path, picture: np.ndarray) -> Path:
-    """An RGB picture as a PNG, written under a temporary name and renamed (fast compression: thumbnails)."""
-    ok, data = cv2.imencode(".png", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1])
-    if not ok:
-        raise OSError(f"could not encode {path} as PNG")
-    return write_atomic(path, lambda tmp: tmp.write_bytes(data.tobytes()))
+    """A preview picture as a PNG (quick compression), written under a temporary name and renamed."""
+    return save_png_atomic(picture, path, compression=1)
 
 
 # What each step shows: its results first, then what it left out (greyed, with the reason).
