@@ -7,7 +7,7 @@ import torch
 
 from ..facechain_core import user_paths
 from ..facechain_core.errors import FaceChainError
-from ..facechain_core.images import list_photos, photo_folders, read_photo, scan_folder
+from ..facechain_core.images import PHOTO_EXTENSIONS, list_photos, photo_folders, read_photo, scan_folder
 from .common import CATEGORY, input_subfolder, progress
 
 
@@ -34,7 +34,9 @@ class LoadFacePhotos:
             "folder": (folders, {"tooltip": "Folder inside ComfyUI's input directory that holds 3-20 photos of "
                                  "one person (JPEG, PNG, WebP, TIFF, BMP, GIF). The list shows every folder there "
                                  "with photos; 'upload photos' below sends photos from this computer into a new "
-                                 "or the selected folder. API clients may pass any folder name."}),
+                                 "or the selected folder. API clients may pass any folder name.",
+                                 # the editor's upload button takes these files, the list the node reads
+                                 "photo_extensions": sorted(PHOTO_EXTENSIONS)}),
             "max_photos": ("INT", {"default": 20, "min": 1, "max": 200, "tooltip": "Use at most this many "
                                    "photos (in name order)."}),
         }}

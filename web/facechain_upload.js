@@ -4,7 +4,8 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const NODE_TYPE = "FaceChainLoadPhotos";
-const PHOTO_EXTENSIONS = [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"];
+// The photo types the node reads, from the node's own definition (its folder input's photo_extensions).
+let PHOTO_EXTENSIONS = [];
 const TITLE = "Upload photos (FaceChain)";
 
 // Why a folder name cannot be used, or null when it can. The server refuses names that leave input/ too
@@ -121,6 +122,9 @@ function addUploadButton(node) {
 
 app.registerExtension({
   name: "FaceChain.UploadPhotos",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name === NODE_TYPE) PHOTO_EXTENSIONS = nodeData.input?.required?.folder?.[1]?.photo_extensions ?? [];
+  },
   async nodeCreated(node) {
     if (node.comfyClass === NODE_TYPE) addUploadButton(node);
   },
