@@ -50,7 +50,8 @@ def check_name(name: str, what: str = "name") -> str:
 def relative_name(name: str, what: str = "name", place: str = "") -> str:
     """``name`` stripped, if it is a plain relative path: no '..' part, not absolute, no drive letter. Stricter
     than ``within`` on purpose: '../input/x' or an absolute path that happens to land inside ``place`` is
-    refused too, the same rule the editor's upload button applies before anything is sent."""
+    refused too, as the editor's upload button refuses them before anything is sent (the button also refuses
+    empty and hidden parts, which the node can read)."""
     name = check_name(name, what)
     if name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name) or ".." in re.split(r"[\\/]", name):
         raise FaceChainError(f"The {what} '{name}' points outside {place or 'its folder'}: '..' parts and absolute "

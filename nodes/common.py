@@ -67,8 +67,9 @@ def input_subfolder(name: str) -> Path:
     absolute path is refused even where it would land inside, as the editor's upload button refuses it."""
     if not (name or "").strip():
         raise FaceChainError("No folder given: type the name of a folder inside ComfyUI's input directory.")
-    user_paths.relative_name(name, "folder", "ComfyUI's input directory")
-    target = user_paths.within(folder_paths.get_input_directory(), name, "folder", "ComfyUI's input directory")
+    place = "ComfyUI's input directory"
+    target = user_paths.within(folder_paths.get_input_directory(), user_paths.relative_name(name, "folder", place),
+                               "folder", place)
     if not target.is_dir():
         raise FaceChainError(
             f"Folder '{name.strip()}' was not found in ComfyUI's input directory. Create input/{name.strip()} "
