@@ -27,7 +27,7 @@ import numpy as np
 
 from . import fusion_blend as fb
 from . import fusion_geometry as fg
-from . import model_store
+from . import model_store, processes
 from .detect import Face
 from .errors import FaceChainError
 from .face_mesh import face_mesh, fill_contours, topology
@@ -51,6 +51,7 @@ class FusionSettings:
     detector: str = "embedded"
     colour_match: bool = True
     workers: int = 0  # 0: choose from the CPU count
+    processes: int = -1  # helper processes for the colour work; -1: from the CPU count (data/fusion.json)
 
     def check(self) -> None:
         if not 0.0 <= self.strength <= 1.0:
@@ -232,11 +233,27 @@ def _blend(rgb: np.ndarray, warped: np.ndarray, tgt: fg.FaceShape, roi, region: 
            s: FusionSettings, shared: _Shared | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The fused image and its mask (strength included) for one region; ``shared``: ``shared_parts``', when
     already made."""
+    shared = shared_parts(rgb, warped, tgt, roi, s) if shared is None else shared
+    return _in_image(rgb, roi, *_blend_patch(rgb, tgt, roi, region, strength, shared))
+
+
+def _in_image(rgb: np.ndarray, roi, blended: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A blended patch put back into the image, and its mask in the image's frame."""
+    x0, y0, x1, y1 = roi
+    out = rgb.copy()
+    out[y0:y1, x0:x1] = blended
+    full = np.zeros(rgb.shape[:2], np.float32)
+    full[y0:y1, x0:x1] = a
+    return out, full
+
+
+def _blend_patch(rgb: np.ndarray, tgt: fg.FaceShape, roi, region: str, strength: float,
+                 shared: _Shared) -> tuple[np.ndarray, np.ndarray]:
+    """One region blended at ``strength``: the ``roi`` patch (uint8) and its mask (float32)."""
     d = fg.settings_data()
     x0, y0, x1, y1 = roi
     patch = rgb[y0:y1, x0:x1]
     local = tgt.points - [x0, y0]
-    shared = shared_parts(rgb, warped, tgt, roi, s) if shared is None else shared
     alpha = shared.masks.get(region)
     if alpha is None:
         inner_poly = tgt.inner_polygon(d["inner_face"]["inner_scale"]) - [x0, y0]
@@ -251,11 +268,7 @@ def _blend(rgb: np.ndarray, warped: np.ndarray, tgt: fg.FaceShape, roi, region: 
                             d["blend"]["detail_max_gain"])
     lift = np.clip(a / 0.25, 0.0, 1.0)[..., None]
     blended = np.clip(blended + (sharp.astype(np.float32) - blended) * lift + 0.5, 0, 255).astype(np.uint8)
-    out = rgb.copy()
-    out[y0:y1, x0:x1] = blended
-    full = np.zeros(rgb.shape[:2], np.float32)
-    full[y0:y1, x0:x1] = a
-    return out, full
+    return blended, a
 
 
 def rungs(verdict: fg.Verdict) -> list[tuple[str, float]]:
@@ -326,6 +339,7 @@ class _Fusing:
     before: float = 0.0
     warped: np.ndarray | None = None
     shared: _Shared | None = None
+    blends: dict = field(default_factory=dict)  # ladder index -> (patch, mask), when a helper made them
     tries: dict = field(default_factory=dict)  # ladder index -> (why_not, out, mask, after, vec)
 
 
@@ -366,17 +380,75 @@ def start_fusing(rgb: np.ndarray, faces: list[Face], tpl: Template, s: FusionSet
                         list(verdict.reasons))
     if s.backend == "face_fusion":
         job.warped = learned_fusion().fuse(rgb, tpl.image)[roi[1]:roi[3], roi[0]:roi[2]]
-    else:
+        job.shared = shared_parts(rgb, job.warped, tgt, roi, s)
+        return job
+    helpers = helper_pool(s)
+    if helpers is None:  # the tries blend as they come (most images pass their first)
         job.warped = fg.warp_patch(tpl.image, tpl.shape.points, tgt.points, tpl.triangles, roi)
-    job.shared = shared_parts(rgb, job.warped, tgt, roi, s)
+        job.shared = shared_parts(rgb, job.warped, tgt, roi, s)
+        return job
+    # a helper process blends every try at once: its cores are spare, and this thread then only checks
+    tries = [(region, s.strength * k) for region, k in job.ladder]
+    blends = helpers.run("fusion:warped_blends", rgb, tpl.image, tpl.shape.points, tpl.triangles, tgt.points,
+                         tgt.presence, roi, s.colour_match, tries)
+    job.blends = dict(enumerate(blends))
     return job
+
+
+def warped_blends(rgb: np.ndarray, tpl_image: np.ndarray, tpl_points: np.ndarray, tpl_triangles: np.ndarray,
+                  points: np.ndarray, presence: float, roi: tuple, colour_match: bool,
+                  tries: list[tuple[str, float]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The template warped onto the image's mesh (``points``), given the image's colour and detail, and
+    blended at each (region, strength) of ``tries``: the patches and masks. Plain data in and out: a
+    helper process's job (``helper_pool``)."""
+    tgt = fg.FaceShape.of(points, presence)
+    warped = fg.warp_patch(tpl_image, tpl_points, tgt.points, tpl_triangles, roi)
+    shared = shared_parts(rgb, warped, tgt, roi, FusionSettings(colour_match=colour_match))
+    return [_blend_patch(rgb, tgt, roi, region, strength, shared) for region, strength in tries]
+
+
+def warm_up_helper() -> None:
+    """What a helper process does once before its first job: the data files read, and OpenCV's Lab tables
+    built (its first float Lab conversion takes ~0.1 s)."""
+    fg.settings_data()
+    topology()
+    lab = cv2.cvtColor(np.zeros((8, 8, 3), np.float32), cv2.COLOR_RGB2LAB)
+    cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+
+
+def helper_processes(s: FusionSettings) -> int:
+    """How many helper processes do the colour work: ``s.processes``, else the environment's
+    FACECHAIN_FUSION_PROCESSES, else by the CPU count (``helper_processes`` in data/fusion.json: none on a
+    host with few cores, where threads do as well)."""
+    if s.processes >= 0:
+        return s.processes
+    env = os.environ.get("FACECHAIN_FUSION_PROCESSES", "").strip()
+    if env:
+        try:
+            return max(0, int(env))
+        except ValueError:
+            raise FaceChainError(f"FACECHAIN_FUSION_PROCESSES is {env!r}; give a whole number (0: none).") from None
+    d = fg.settings_data()["helper_processes"]
+    cores = os.cpu_count() or 2
+    return 0 if cores < d["min_cores"] else max(1, min(d["max"], cores // d["cores_each"]))
+
+
+def helper_pool(s: FusionSettings) -> "processes.ProcessPool | None":
+    """The lasting pool of helper processes for ``warped_blends`` (None: the threads do it)."""
+    n = helper_processes(s)
+    if n == 0:
+        return None
+    return processes.pool(n, fg.settings_data()["helper_processes"]["opencv_threads"], ("fusion",))
 
 
 def try_rung(job: _Fusing, i: int, tpl: Template, s: FusionSettings) -> None:
     """Blend at the ladder's ``i``-th (region, strength) and check the result; kept in ``job.tries``. Tries of
     one image do not depend on each other, so they can run side by side."""
     region, k = job.ladder[i]
-    out, mask = _blend(job.rgb, job.warped, job.tgt, job.roi, region, s.strength * k, s, job.shared)
+    if i in job.blends:
+        out, mask = _in_image(job.rgb, job.roi, *job.blends[i])
+    else:
+        out, mask = _blend(job.rgb, job.warped, job.tgt, job.roi, region, s.strength * k, s, job.shared)
     why_not, after, vec = _after_check(job.rgb, out, job.faces[0], job.tgt, tpl, job.before, s.detector,
                                        region != "brows")
     job.tries[i] = (why_not, out, mask, after, vec)
