@@ -1,0 +1,198 @@
+"""FaceFusion's helper processes (facechain_core/processes.py): the warp, colour work and blends of each image
+run in lasting child processes on hosts with cores to spare. The pictures must not change (the same bytes
+as in threads, on the real photos), a broken or missing helper must only cost speed, and a helper's error
+reaches the caller as the pack's own error. Through the real host: a ComfyUI started with
+FACECHAIN_FUSION_PROCESSES=2 fuses with two helpers, the same pixels as the threads of the session's host,
+and its helpers end with it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import FACES, input_folder_of, png_arrays
+from facechain_core import fusion as fu
+from facechain_core import processes
+from facechain_core.errors import FaceChainError
+from facechain_core.images import load_photo
+from test_fusion import fusion_prompt
+
+SAME = ["obama/obama2.jpg", "obama/obama3.jpg", "rose_leslie/rose2.jpg", "katy_perry/img26.jpg",
+        "katy_perry/img42.jpg"]
+CROSS = ["biden/biden1.jpg", "biden/biden2.jpg", "rose_leslie/rose1.jpg"]
+
+
+def photos(rels: list[str]) -> list[np.ndarray]:
+    return [load_photo(FACES / rel) for rel in rels]
+
+
+@pytest.fixture(scope="module")
+def helpers() -> processes.ProcessPool:
+    pool = fu.helper_pool(fu.FusionSettings(processes=2))
+    assert pool.wait(120) == 2, "two helper processes should start"
+    return pool
+
+
+def test_messages_carry_arrays_and_nested_data_both_ways():
+    data = ("x", 3.5, [np.arange(12, dtype=np.float32).reshape(3, 4), np.zeros((0, 3), np.uint8)],
+            {"a": np.full((5, 7, 3), 9, np.uint8)[:, ::2]}, None)  # a strided view travels as a copy
+    stream = io.BytesIO()
+    processes.send(stream, data)
+    processes.send(stream, "second")
+    stream.seek(0)
+    back = processes.receive(stream)
+    assert back[0] == "x" and back[1] == 3.5 and back[4] is None
+    assert np.array_equal(back[2][0], data[2][0]) and back[2][0].dtype == np.float32
+    assert back[2][1].shape == (0, 3)
+    assert np.array_equal(back[3]["a"], data[3]["a"])
+    assert processes.receive(stream) == "second"
+    with pytest.raises(EOFError):
+        processes.receive(stream)
+
+
+def test_fusion_in_helpers_gives_the_same_bytes_as_in_threads(helpers):
+    """Same person and cross person, every image's pixels, mask and report line identical either way."""
+    template = load_photo(FACES / "obama/obama1.jpg")
+    images = photos(SAME + CROSS)
+    before = helpers.remote_jobs
+    in_threads = fu.fuse_images(images, template, fu.FusionSettings(processes=0))
+    in_helpers = fu.fuse_images(images, template, fu.FusionSettings(processes=2))
+    assert helpers.remote_jobs - before >= sum(f.level != "skip" for f in in_helpers.images) > 0
+    for rel, a, b in zip(SAME + CROSS, in_threads.images, in_helpers.images):
+        assert a.note == b.note, rel
+        assert np.array_equal(a.image, b.image), f"{rel}: pixels differ between threads and helpers"
+        assert np.array_equal(a.mask, b.mask), rel
+    assert any(f.fused for f in in_helpers.images)
+
+
+def test_a_helper_error_is_the_pack_error_and_other_errors_carry_the_helper_trace(helpers):
+    with pytest.raises(FaceChainError, match="template"):
+        helpers.run("images:as_rgb_uint8", np.zeros((4, 4, 7), np.uint8), "template")
+    with pytest.raises(RuntimeError, match="in a helper process"):
+        helpers.run("fusion:warped_blends", None, None, None, None, None, None, None, None, None)
+    assert helpers.ready == 2, "an error in a job leaves its helper working"
+
+
+def test_no_helper_ready_means_the_job_runs_in_the_calling_thread():
+    pool = processes.ProcessPool(1, preload=("fusion",))
+    pool._started = True  # as if still starting: nothing ready yet
+    assert pool.run("fusion:helper_processes", fu.FusionSettings(processes=3)) == 3
+    assert pool.remote_jobs == 0
+
+
+def test_a_killed_helper_costs_only_speed(tmp_path):
+    template = load_photo(FACES / "obama/obama1.jpg")
+    images = photos(SAME[:3])
+    pool = processes.ProcessPool(2, preload=("fusion",))
+    assert pool.wait(120) == 2
+    try:
+        expected = fu.fuse_images(images, template, fu.FusionSettings(processes=0))
+        for helper in pool._helpers:  # both die: every job still completes, in threads
+            os.kill(helper.proc.pid, signal.SIGKILL)
+            helper.proc.wait(10)
+        s = fu.FusionSettings(processes=2)
+        original = processes._pools.get((2, 1, ("fusion",)))
+        processes._pools[(2, 1, ("fusion",))] = pool
+        try:
+            got = fu.fuse_images(images, template, s)
+        finally:
+            processes._pools[(2, 1, ("fusion",))] = original
+        assert pool.ready == 0 and pool.remote_jobs == 0
+        for a, b in zip(expected.images, got.images):
+            assert a.note == b.note and np.array_equal(a.image, b.image)
+    finally:
+        pool.close()
+
+
+def test_how_many_helpers(monkeypatch):
+    monkeypatch.delenv("FACECHAIN_FUSION_PROCESSES", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert fu.helper_processes(fu.FusionSettings()) == 0  # few cores: threads only
+    assert fu.helper_pool(fu.FusionSettings()) is None
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert fu.helper_processes(fu.FusionSettings()) == 8
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert fu.helper_processes(fu.FusionSettings()) == 8  # at most max
+    monkeypatch.setenv("FACECHAIN_FUSION_PROCESSES", "0")
+    assert fu.helper_processes(fu.FusionSettings()) == 0
+    assert fu.helper_processes(fu.FusionSettings(processes=3)) == 3  # the setting wins
+    monkeypatch.setenv("FACECHAIN_FUSION_PROCESSES", "many")
+    with pytest.raises(FaceChainError, match="FACECHAIN_FUSION_PROCESSES"):
+        fu.helper_processes(fu.FusionSettings())
+
+
+def helper_pids(server_pid: int) -> list[int]:
+    """The host's child processes that are FaceChain helpers (from /proc)."""
+    pids = []
+    for task in Path(f"/proc/{server_pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            cmd = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+            if b"facechain_core.processes import serve" in cmd:
+                pids.append(int(child))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the host's children from /proc")
+def test_through_the_host_helpers_fuse_the_same_pixels_and_end_with_it(client, comfy_base, tmp_path, monkeypatch):
+    from comfy_host import ComfyClient, ComfyServer
+
+    targets = input_folder_of(comfy_base, "helpers_targets", SAME[:2] + CROSS[:1])
+    template = input_folder_of(comfy_base, "fuse_template", ["obama/obama1.jpg"])
+    threads_out = client.run(fusion_prompt(targets, template, prefix="threads"))
+    expected = png_arrays(client.output_images(threads_out, "4"))
+    base = tmp_path / "host2"  # its own temp/ and output/ (a host empties temp/ as it starts)
+    base.mkdir()
+    for shared in ("models", "input"):
+        (base / shared).symlink_to(comfy_base / shared, target_is_directory=True)
+    monkeypatch.setenv("FACECHAIN_FUSION_PROCESSES", "2")
+    server = ComfyServer(base).start()
+    try:
+        other = ComfyClient(server.url)
+        first = other.run(fusion_prompt(targets, template, prefix="helpers1"))  # starts the helpers
+        deadline = time.time() + 60
+        while len(helper_pids(server.proc.pid)) < 2 and time.time() < deadline:
+            time.sleep(0.5)
+        pids = helper_pids(server.proc.pid)
+        assert len(pids) == 2, "the host should have two helper processes after its first fusion"
+        time.sleep(2.0)  # let them finish starting
+        busy = cpu_ticks(pids)
+        # the same photos from another folder: the host runs the fusion again instead of taking its cache
+        again = input_folder_of(comfy_base, "helpers_targets_again", SAME[:2] + CROSS[:1])
+        second = other.run(fusion_prompt(again, template, prefix="helpers2"))
+        assert cpu_ticks(pids) > busy, "the helpers did none of the second fusion's work"
+        for entry in (first, second):
+            assert entry["outputs"]["3"]["text"] == threads_out["outputs"]["3"]["text"]
+            got = png_arrays(other.output_images(entry, "4"))
+            assert len(got) == len(expected) == 3
+            assert all(np.array_equal(x, y) for x, y in zip(expected, got)), "helpers changed the fused pixels"
+        log = server.log_path.read_text(errors="replace")
+        assert "helper process" not in log and "facechain_core/" not in log, server.log_tail()  # no warning, no error
+    finally:
+        server.stop()
+    deadline = time.time() + 20
+    while [pid for pid in pids if alive(pid)] and time.time() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in pids if alive(pid)], "helper processes outlived their host"
+
+
+def cpu_ticks(pids: list[int]) -> int:
+    """User + system CPU ticks of these processes so far."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
