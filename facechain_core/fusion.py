@@ -524,18 +524,22 @@ def fuse_images(images: list[np.ndarray], template: np.ndarray, settings: Fusion
     template_rgb = as_rgb_uint8(template, "template")
     refs = [as_rgb_uint8(im, f"reference {i + 1}") for i, im in enumerate(references or [])]
     progress(0, len(rgbs), None)
-    # 1. the template, every image and every reference photo looked at side by side, 2. fuse side by side
-    jobs = [("tpl", template_rgb)] + [("img", im) for im in rgbs] + [("ref", im) for im in refs]
+    # 1. the template and the reference photos looked at side by side; 2. each image looked at and fused in
+    # one job, side by side (an image's warp starts as soon as its own mesh is known)
+    jobs = [("tpl", template_rgb)] + [("ref", im) for im in refs]
     looked = list(parallel_map(lambda job: _look(job[0], job[1], s), jobs, s.workers))
-    tpl, found, ref_embs = looked[0], looked[1:1 + len(rgbs)], looked[1 + len(rgbs):]
+    tpl, ref_embs = looked[0], looked[1:]
     if not tpl:
         raise FaceChainError("FaceFusion found no face in the template image. Connect a clear photo of the "
                              "person's face (the template face from the training photos).")
-    if refs and any(look[0] for look in found):  # no face to fuse: no need for the person's photos
-        embs = [e for e in ref_embs if e is not None]
-        if not embs:
+    found = None
+    embs = [e for e in ref_embs if e is not None]
+    if refs and not embs:  # an error only when there is a face to fuse: look at the images first
+        found = list(parallel_map(lambda im: _look("img", im, s), rgbs, s.workers))
+        if any(look[0] for look in found):
             raise FaceChainError("FaceFusion found no face in the reference photos. Connect the aligned training "
                                  "crops (FaceAlign's images), or leave the reference input empty.")
+    if embs:
         # the template's own photo among them is left out: fusing it in always looks more like itself
         same = fg.settings_data()["guards"]["same_face_likeness"]
         others = [e for e in embs if cosine(e, tpl.face_embedding) < same]
@@ -569,12 +573,15 @@ def start_and_first_try(rgb: np.ndarray, found: tuple, tpl: Template, s: FusionS
     return job
 
 
-def _fuse_side_by_side(rgbs: list, found: list, tpl: Template, s: FusionSettings, progress: ProgressFn) -> list:
-    """Every image's warp and first try side by side; then the remaining tries of the images whose first try
-    failed: all at once where there are cores to spare (the slowest image then costs three rounds, not one
-    per try), else each image's in turn. The result is the same either way."""
-    jobs = list(parallel_map(lambda i: start_and_first_try(rgbs[i], found[i], tpl, s), list(range(len(rgbs))),
-                             s.workers))
+def _fuse_side_by_side(rgbs: list, found: list | None, tpl: Template, s: FusionSettings,
+                       progress: ProgressFn) -> list:
+    """Every image's look (unless ``found`` already), warp and first try side by side; then the remaining
+    tries of the images whose first try failed: all at once where there are cores to spare (the slowest image
+    then costs three rounds, not one per try), else each image's in turn. The result is the same either way."""
+    def first(i: int):
+        return start_and_first_try(rgbs[i], found[i] if found else _look("img", rgbs[i], s), tpl, s)
+
+    jobs = list(parallel_map(first, list(range(len(rgbs))), s.workers))
     failed = [j for j in jobs if isinstance(j, _Fusing) and j.tries[0][0]]
     if (os.cpu_count() or 2) >= SPECULATE_CORES:  # cores to spare: every remaining try at once
         rest = [(j, i) for j in failed for i in range(1, len(j.ladder))]
