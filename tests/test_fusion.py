@@ -183,6 +183,8 @@ def client_input(client, folder: str, name: str):
 
 def test_template_without_a_face_and_missing_learned_model_are_clear_errors(client, folders):
     expect_node_error(client, fusion_prompt(folders["fuse_cross"], folders["fuse_noface"]), "no face in the template")
+    expect_node_error(client, fusion_prompt(folders["fuse_cross"], folders["fuse_template"],
+                                            reference=folders["fuse_noface"]), "no face in the reference photos")
     expect_node_error(client, fusion_prompt(folders["fuse_cross"], folders["fuse_template"], backend="face_fusion"),
                       "'face_fusion'", "python install.py --models face_fusion", "damo/cv_unet-image-face-fusion_damo")
 

@@ -196,3 +196,16 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] != b"Z"
     except OSError:
         return False
+
+
+def test_reference_photos_without_a_face_are_an_error_only_when_there_is_a_face_to_fuse():
+    """The references are looked at before the images now; a faceless set of them still only matters when
+    some image has a face."""
+    template = load_photo(FACES / "obama/obama1.jpg")
+    card = np.full((120, 160, 3), 90, np.uint8)
+    with pytest.raises(FaceChainError, match="no face in the reference photos"):
+        fu.fuse_images(photos(SAME[:1]), template, fu.FusionSettings(processes=0), references=[card])
+    result = fu.fuse_images([card, card[:, ::-1].copy()], template, fu.FusionSettings(processes=0),
+                            references=[card])
+    assert [f.fused for f in result.images] == [False, False]
+    assert all("no face found" in f.note for f in result.images)
