@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import cv2
 import numpy as np
@@ -58,6 +58,8 @@ class FusionSettings:
             raise FaceChainError(f"Fusion strength {self.strength} is outside 0-1.")
         if self.backend not in BACKENDS:
             raise FaceChainError(f"Unknown face-fusion backend '{self.backend}'; choose one of {', '.join(BACKENDS)}.")
+        if self.processes < -1:
+            raise FaceChainError(f"Fusion helper processes {self.processes}: give 0 or more (-1: by the CPU count).")
 
 
 @dataclass
@@ -383,7 +385,9 @@ def start_fusing(rgb: np.ndarray, faces: list[Face], tpl: Template, s: FusionSet
         job.shared = shared_parts(rgb, job.warped, tgt, roi, s)
         return job
     helpers = helper_pool(s)
-    if helpers is None:  # the tries blend as they come (most images pass their first)
+    if helpers is not None:
+        helpers.start()
+    if helpers is None or helpers.ready == 0:  # in this thread the tries blend as they come (most pass the first)
         job.warped = fg.warp_patch(tpl.image, tpl.shape.points, tgt.points, tpl.triangles, roi)
         job.shared = shared_parts(rgb, job.warped, tgt, roi, s)
         return job
@@ -400,7 +404,8 @@ def warped_blends(rgb: np.ndarray, tpl_image: np.ndarray, tpl_points: np.ndarray
                   tries: list[tuple[str, float]]) -> list[tuple[np.ndarray, np.ndarray]]:
     """The template warped onto the image's mesh (``points``), given the image's colour and detail, and
     blended at each (region, strength) of ``tries``: the patches and masks. Plain data in and out: a
-    helper process's job (``helper_pool``)."""
+    helper process's job (``helper_pool``). Of the settings only ``colour_match`` shapes this work, so it
+    is the one passed (a setting that comes to shape it must be passed here too)."""
     tgt = fg.FaceShape.of(points, presence)
     warped = fg.warp_patch(tpl_image, tpl_points, tgt.points, tpl_triangles, roi)
     shared = shared_parts(rgb, warped, tgt, roi, FusionSettings(colour_match=colour_match))
@@ -515,6 +520,7 @@ def fuse_images(images: list[np.ndarray], template: np.ndarray, settings: Fusion
     the face closer to their mean embedding. Without them, closer to the template's."""
     s = settings or FusionSettings()
     s.check()
+    s = replace(s, processes=helper_processes(s))  # the environment read (and checked) once, before any work
     progress = progress or no_progress
     if not images:
         raise FaceChainError("FaceFusion got no images.")

@@ -10,29 +10,33 @@ thread hands its job to a free helper and waits, without the GIL, for the answer
   would import all of ComfyUI and torch). Each imports only the modules its jobs name.
 - Jobs are functions of this package named by ``"module:function"`` relative to it (the host imports the
   package under the pack folder's name, a helper as ``facechain_core``), taking and returning plain data
-  (arrays, numbers, tuples: a class pickled under the host's package name would not load in a helper),
-  pickled (protocol 5: numpy arrays travel as raw buffers, not copied into the pickle) over the helper's
-  stdin and a private copy of its stdout (its fd 1 is pointed at stderr, so a stray print cannot break
-  the stream).
-- The pool starts in the background at its first use; until a helper is ready (and whenever one breaks)
-  the job runs in the calling thread, so a first run is never slower than with threads alone. An
-  exception raised in a helper is raised again in the caller (the pack's FaceChainError as itself).
+  (arrays, numbers, strings, tuples, lists, dicts): an object of this package's classes is refused before it
+  is sent, since it would not load on the other side. Messages are pickles (protocol 5: numpy arrays travel
+  as raw buffers, not copied into the pickle) over the helper's stdin and a private copy of its stdout (its
+  fd 1 is pointed at stderr, so a stray print cannot break the stream).
+- The pool starts in the background at its first use; while it starts the caller is told no helper is
+  ready (``ready``) and does the work itself, and a helper that breaks sends its job back to the caller's
+  thread. The pack's own errors raised in a helper are raised again in the caller as they were; any other
+  error as a RuntimeError with the helper's traceback.
 - A helper reads jobs until its pipe closes: when the host ends, however it ends, its helpers end too.
+  Ctrl+C in the host's terminal is the host's to handle: helpers ignore it.
 """
 
 from __future__ import annotations
 
 import atexit
 import importlib
-import json
+import io
 import logging
 import os
 import pickle
 import queue
+import signal
 import struct
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -41,21 +45,40 @@ log = logging.getLogger("facechain")
 
 _U64 = struct.Struct("<Q")
 _PACKAGE = __name__.rpartition(".")[0]  # "facechain_core" (or the pack's own prefix under a host)
+START_TIMEOUT_S = 60.0  # a helper not ready by then is ended (its jobs stay in threads)
+
+
+class _PlainPickler(pickle.Pickler):
+    def reducer_override(self, obj):
+        if type(obj).__module__.startswith(_PACKAGE + "."):
+            raise TypeError(f"a helper job takes plain data, not a {type(obj).__name__} (the helper knows this "
+                            f"package's classes under another name)")
+        return NotImplemented
+
+
+def encode(obj: Any) -> list:
+    """A message as the pieces to write: the pickle's length and bytes, the number of raw buffers, then each
+    buffer's length and bytes. Pickling happens here, before anything is written."""
+    buffers: list = []
+    head = io.BytesIO()
+    _PlainPickler(head, protocol=5, buffer_callback=buffers.append).dump(obj)
+    head = head.getvalue()
+    pieces = [_U64.pack(len(head)) + head + _U64.pack(len(buffers))]
+    for buf in buffers:
+        raw = buf.raw()
+        pieces += [_U64.pack(raw.nbytes), raw]
+    return pieces
 
 
 def send(stream, obj: Any) -> None:
-    """One message: the pickle's length and bytes, the number of raw buffers, then each buffer."""
-    buffers: list = []
-    head = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
-    stream.write(_U64.pack(len(head)) + head + _U64.pack(len(buffers)))
-    for buf in buffers:
-        raw = buf.raw()
-        stream.write(_U64.pack(raw.nbytes))
-        stream.write(raw)
+    """Write one message (``encode``) and flush."""
+    for piece in encode(obj):
+        stream.write(piece)
     stream.flush()
 
 
 def _read_exact(stream, n: int) -> bytearray:
+    """Exactly ``n`` bytes from ``stream`` (EOFError if it ends first)."""
     out = bytearray(n)
     view, got = memoryview(out), 0
     while got < n:
@@ -66,8 +89,8 @@ def _read_exact(stream, n: int) -> bytearray:
     return out
 
 
-def receive(stream) -> Any:
-    """The next message (EOFError when the other side has gone)."""
+def read_message(stream) -> tuple[bytearray, list]:
+    """The next message's pickle and buffers, not yet unpickled (EOFError when the other side has gone)."""
     (n,) = _U64.unpack(_read_exact(stream, _U64.size))
     head = _read_exact(stream, n)
     (count,) = _U64.unpack(_read_exact(stream, _U64.size))
@@ -75,23 +98,37 @@ def receive(stream) -> Any:
     for _ in range(count):
         (size,) = _U64.unpack(_read_exact(stream, _U64.size))
         buffers.append(_read_exact(stream, size))
+    return head, buffers
+
+
+def receive(stream) -> Any:
+    """The next message (EOFError when the other side has gone)."""
+    head, buffers = read_message(stream)
     return pickle.loads(head, buffers=buffers)
 
 
 def _function(target: str) -> Callable:
+    """The function a job names: ``"module:function"`` of this package."""
     module, _, name = target.partition(":")
     if not module or not name or module.startswith("."):
         raise ValueError(f"a helper job is 'module:function' of {_PACKAGE}, not {target!r}")
     return getattr(importlib.import_module(f"{_PACKAGE}.{module}"), name)
 
 
+def _error(e: BaseException) -> tuple:
+    # by name, not pickled: the host knows this package's classes under another module name
+    return ("error", type(e).__name__, str(e), traceback.format_exc())
+
+
 def serve() -> None:
     """A helper's loop: its settings, then jobs until the parent closes the pipe."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the host decides what Ctrl+C stops
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # a print in some library goes to the log, not into the answers
     inp = sys.stdin.buffer
     settings = receive(inp)
     try:
+        sys.path[:] = settings["sys_path"]
         import cv2
 
         cv2.setNumThreads(int(settings.get("opencv_threads", 1)))
@@ -105,55 +142,87 @@ def serve() -> None:
         return
     while True:
         try:
-            target, args = receive(inp)
+            head, buffers = read_message(inp)
         except EOFError:
             return
         try:
+            target, args = pickle.loads(head, buffers=buffers)
             answer = ("ok", _function(target)(*args))
         except BaseException as e:  # noqa: BLE001 - raised again in the caller
-            # by name, not pickled: the host knows this package's classes under another module name
-            answer = ("error", type(e).__name__, str(e), traceback.format_exc())
-        send(out, answer)
+            answer = _error(e)
+        try:
+            pieces = encode(answer)
+        except BaseException as e:  # noqa: BLE001 - an answer that is not plain data
+            pieces = encode(_error(e))
+        for piece in pieces:
+            out.write(piece)
+        out.flush()
 
 
 def _raise_again(name: str, message: str, trace: str) -> None:
     """A helper's exception in the caller: the pack's own errors (what the user is told) as they were, any
     other as a RuntimeError carrying the helper's traceback."""
-    from .errors import FaceChainError
+    from . import errors
 
-    if name == FaceChainError.__name__:
-        raise FaceChainError(message)
+    cls = getattr(errors, name, None)
+    if isinstance(cls, type) and issubclass(cls, errors.FaceChainError):
+        raise cls(message)
     raise RuntimeError(f"{name} in a helper process: {message}\n{trace}")
 
 
 class _Helper:
-    def __init__(self, root: str, settings: dict):
-        code = (f"import sys; sys.path[:] = {json.dumps(sys.path)}; sys.path.insert(0, {root!r}); "
-                "from facechain_core.processes import serve; serve()")
-        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     cwd=root)
-        send(self.proc.stdin, settings)
+    """One helper process and its two pipes."""
 
-    def wait_ready(self) -> None:
-        answer = receive(self.proc.stdout)
+    def __init__(self, root: str, settings: dict):
+        code = f"import sys; sys.path.insert(0, {root!r}); from facechain_core.processes import serve; serve()"
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     cwd=root, creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
+        send(self.proc.stdin, {**settings, "sys_path": [root] + list(sys.path)})
+
+    def wait_ready(self, timeout: float) -> None:
+        """Until the helper says it is ready (RuntimeError if it says it is broken; it is ended after
+        ``timeout`` s, which reads as EOFError)."""
+        timer = threading.Timer(timeout, self.proc.kill)
+        timer.daemon = True
+        timer.start()
+        try:
+            answer = receive(self.proc.stdout)
+        finally:
+            timer.cancel()
         if answer[0] != "ready":
             raise RuntimeError(answer[1])
 
-    def call(self, target: str, args: tuple) -> tuple:
-        send(self.proc.stdin, (target, args))
+    def call(self, pieces: list) -> tuple:
+        """Send an encoded job, return the answer."""
+        for piece in pieces:
+            self.proc.stdin.write(piece)
+        self.proc.stdin.flush()
         return receive(self.proc.stdout)
 
-    def close(self) -> None:
+    def end(self) -> None:
+        """Close its input (it leaves at once when idle) without waiting."""
         try:
             self.proc.stdin.close()
-            self.proc.wait(timeout=2)
-        except Exception:  # noqa: BLE001 - a helper that does not leave is ended
+        except OSError:
+            pass
+
+    def reap(self, deadline: float) -> None:
+        """Wait for it to leave until ``deadline`` (time.monotonic), then end it; close its pipes."""
+        try:
+            self.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass
 
 
 class ProcessPool:
     """``size`` helper processes; ``run`` gives a job to a free one, or runs it in the calling thread while
-    none has started yet or after the pool broke."""
+    the pool is still starting or after its helpers broke."""
 
     def __init__(self, size: int, opencv_threads: int = 1, preload: tuple[str, ...] = ()):
         self.size = size
@@ -183,21 +252,30 @@ class ProcessPool:
     def _start_helpers(self) -> None:
         root = str(Path(__file__).resolve().parents[1])
         try:
-            helpers = [_Helper(root, self.settings) for _ in range(self.size)]
+            for _ in range(self.size):  # all started before any is waited for: they start side by side
+                self._helpers.append(_Helper(root, self.settings))
         except Exception as e:  # noqa: BLE001 - no helpers: the threads do the work
             log.warning("FaceChain: helper processes could not start (%s); the work stays in threads", e)
+            self._discard(*self._helpers)
             return
-        self._helpers = helpers
-        for helper in helpers:
+        for helper in list(self._helpers):
             try:
-                helper.wait_ready()
+                helper.wait_ready(START_TIMEOUT_S)
             except Exception as e:  # noqa: BLE001
                 log.warning("FaceChain: a helper process failed to start (%s); the work stays in threads", e)
-                helper.close()
+                self._discard(helper)
                 continue
             with self._lock:
                 self._alive += 1
             self._idle.put(helper)
+
+    def _discard(self, *helpers: _Helper) -> None:
+        for helper in helpers:
+            helper.proc.kill()
+            helper.reap(time.monotonic() + 5)
+            with self._lock:
+                if helper in self._helpers:
+                    self._helpers.remove(helper)
 
     @property
     def ready(self) -> int:
@@ -210,44 +288,54 @@ class ProcessPool:
         self._done.wait(timeout)
         return self._alive
 
+    def _free_helper(self) -> "_Helper | None":
+        """A free helper; while the pool is still starting and none is free, None (the caller works), after
+        that the first to become free; None when none is left."""
+        while self._alive > 0:
+            try:
+                return self._idle.get(timeout=0.2) if self._done.is_set() else self._idle.get_nowait()
+            except queue.Empty:
+                if not self._done.is_set():
+                    return None
+        return None
+
     def run(self, target: str, *args):
-        """``target(*args)`` in a free helper (waiting for one when all are busy), or in this thread when
-        none is ready. The helper's exception is raised here."""
+        """``target(*args)`` in a free helper, or in this thread when none is (see ``_free_helper``) or the
+        helper breaks on it. The helper's exception is raised here."""
         self.start()
+        pieces = encode((target, args))  # a TypeError for data that is not plain, before any helper is taken
         helper = self._free_helper()
         if helper is None:
             return _function(target)(*args)
         try:
-            answer = helper.call(target, args)
-        except (OSError, EOFError, pickle.PickleError) as e:
+            answer = helper.call(pieces)
+        except BaseException as e:
             with self._lock:
                 self._alive -= 1
+            self._discard(helper)
+            if not isinstance(e, (OSError, EOFError)):
+                raise
             log.warning("FaceChain: a helper process stopped (%s); its job runs in a thread", e)
-            helper.proc.kill()
             if self._alive == 0:
                 log.warning("FaceChain: no helper process left; the work stays in threads")
             return _function(target)(*args)
         self._idle.put(helper)
-        self.remote_jobs += 1
+        with self._lock:
+            self.remote_jobs += 1
         if answer[0] == "error":
             _raise_again(*answer[1:])
         return answer[1]
 
-    def _free_helper(self) -> "_Helper | None":
-        """A free helper, waiting while all are busy; None while none is ready (or none is left)."""
-        while self._alive > 0:
-            try:
-                return self._idle.get(timeout=0.2)
-            except queue.Empty:
-                continue
-        return None
-
     def close(self) -> None:
+        """End every helper (closing their input; those still busy after 2 s are killed)."""
         with self._lock:
             self._alive = 0
-        for helper in self._helpers:
-            helper.close()
-        self._helpers = []
+            helpers, self._helpers = list(self._helpers), []
+        for helper in helpers:
+            helper.end()
+        deadline = time.monotonic() + 2.0
+        for helper in helpers:
+            helper.reap(deadline)
 
 
 _pools: dict[tuple, ProcessPool] = {}
@@ -255,7 +343,7 @@ _pools_lock = threading.Lock()
 
 
 def pool(size: int, opencv_threads: int = 1, preload: tuple[str, ...] = ()) -> ProcessPool:
-    """The one lasting pool of this shape (started at its first ``run``)."""
+    """The one lasting pool of this shape (started at its first ``run`` or ``start``)."""
     key = (size, opencv_threads, preload)
     with _pools_lock:
         if key not in _pools:

@@ -20,7 +20,7 @@ import pytest
 from conftest import FACES, input_folder_of, png_arrays
 from facechain_core import fusion as fu
 from facechain_core import processes
-from facechain_core.errors import FaceChainError
+from facechain_core.errors import FaceChainError, ModelMissingError
 from facechain_core.images import load_photo
 from test_fusion import fusion_prompt
 
@@ -33,11 +33,18 @@ def photos(rels: list[str]) -> list[np.ndarray]:
     return [load_photo(FACES / rel) for rel in rels]
 
 
+def pool_key(n: int) -> tuple:
+    """The key fusion's pool of ``n`` helpers is held under (its shape from data/fusion.json)."""
+    return (n, fu.fg.settings_data()["helper_processes"]["opencv_threads"], ("fusion",))
+
+
 @pytest.fixture(scope="module")
-def helpers() -> processes.ProcessPool:
+def helpers():
     pool = fu.helper_pool(fu.FusionSettings(processes=2))
     assert pool.wait(120) == 2, "two helper processes should start"
-    return pool
+    yield pool
+    pool.close()
+    processes._pools.pop(pool_key(2), None)
 
 
 def test_messages_carry_arrays_and_nested_data_both_ways():
@@ -77,17 +84,36 @@ def test_a_helper_error_is_the_pack_error_and_other_errors_carry_the_helper_trac
         helpers.run("images:as_rgb_uint8", np.zeros((4, 4, 7), np.uint8), "template")
     with pytest.raises(RuntimeError, match="in a helper process"):
         helpers.run("fusion:warped_blends", None, None, None, None, None, None, None, None, None)
+    with pytest.raises(ModelMissingError, match="gone"):
+        processes._raise_again("ModelMissingError", "gone", "")  # the pack's errors by their own class
     assert helpers.ready == 2, "an error in a job leaves its helper working"
+
+
+def test_only_plain_data_crosses_and_a_refusal_leaves_the_helpers_working(helpers):
+    """The pack's own objects would not load on the other side (the host names the package differently):
+    they are refused before they are sent, and an answer that is one comes back as an error."""
+    with pytest.raises(TypeError, match="plain data"):
+        helpers.run("fusion:helper_processes", fu.FusionSettings())
+    with pytest.raises(RuntimeError, match="TypeError in a helper process"):
+        helpers.run("fusion:FusionSettings")
+    assert helpers.ready == 2
+    card = np.full((6, 5, 3), 7, np.uint8)
+    before = helpers.remote_jobs
+    assert np.array_equal(helpers.run("images:as_rgb_uint8", card, "card"), card)  # still answering
+    assert helpers.remote_jobs == before + 1
+    with pytest.raises(FaceChainError, match="processes -2"):
+        fu.fuse_images([np.zeros((8, 8, 3), np.uint8)], np.zeros((8, 8, 3), np.uint8), fu.FusionSettings(processes=-2))
 
 
 def test_no_helper_ready_means_the_job_runs_in_the_calling_thread():
     pool = processes.ProcessPool(1, preload=("fusion",))
     pool._started = True  # as if still starting: nothing ready yet
-    assert pool.run("fusion:helper_processes", fu.FusionSettings(processes=3)) == 3
+    card = np.full((6, 5, 3), 7, np.uint8)
+    assert np.array_equal(pool.run("images:as_rgb_uint8", card, "card"), card)
     assert pool.remote_jobs == 0
 
 
-def test_a_killed_helper_costs_only_speed(tmp_path):
+def test_a_killed_helper_costs_only_speed(monkeypatch):
     template = load_photo(FACES / "obama/obama1.jpg")
     images = photos(SAME[:3])
     pool = processes.ProcessPool(2, preload=("fusion",))
@@ -97,13 +123,8 @@ def test_a_killed_helper_costs_only_speed(tmp_path):
         for helper in pool._helpers:  # both die: every job still completes, in threads
             os.kill(helper.proc.pid, signal.SIGKILL)
             helper.proc.wait(10)
-        s = fu.FusionSettings(processes=2)
-        original = processes._pools.get((2, 1, ("fusion",)))
-        processes._pools[(2, 1, ("fusion",))] = pool
-        try:
-            got = fu.fuse_images(images, template, s)
-        finally:
-            processes._pools[(2, 1, ("fusion",))] = original
+        monkeypatch.setitem(processes._pools, pool_key(2), pool)
+        got = fu.fuse_images(images, template, fu.FusionSettings(processes=2))
         assert pool.ready == 0 and pool.remote_jobs == 0
         for a, b in zip(expected.images, got.images):
             assert a.note == b.note and np.array_equal(a.image, b.image)
@@ -139,7 +160,8 @@ def helper_pids(server_pid: int) -> list[int]:
     return pids
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the host's children from /proc")
+@pytest.mark.skipif(not Path(f"/proc/self/task/{os.getpid()}/children").exists(),
+                    reason="reads the host's children from /proc")
 def test_through_the_host_helpers_fuse_the_same_pixels_and_end_with_it(client, comfy_base, tmp_path, monkeypatch):
     from comfy_host import ComfyClient, ComfyServer
 
@@ -161,8 +183,7 @@ def test_through_the_host_helpers_fuse_the_same_pixels_and_end_with_it(client, c
             time.sleep(0.5)
         pids = helper_pids(server.proc.pid)
         assert len(pids) == 2, "the host should have two helper processes after its first fusion"
-        time.sleep(2.0)  # let them finish starting
-        busy = cpu_ticks(pids)
+        busy = settled_ticks(pids)  # until they have finished starting
         # the same photos from another folder: the host runs the fusion again instead of taking its cache
         again = input_folder_of(comfy_base, "helpers_targets_again", SAME[:2] + CROSS[:1])
         second = other.run(fusion_prompt(again, template, prefix="helpers2"))
@@ -180,6 +201,18 @@ def test_through_the_host_helpers_fuse_the_same_pixels_and_end_with_it(client, c
     while [pid for pid in pids if alive(pid)] and time.time() < deadline:
         time.sleep(0.2)
     assert not [pid for pid in pids if alive(pid)], "helper processes outlived their host"
+
+
+def settled_ticks(pids: list[int], timeout: float = 60.0) -> int:
+    """The helpers' CPU ticks once they stop growing (a helper warms up as it starts)."""
+    deadline, last = time.time() + timeout, -1
+    while time.time() < deadline:
+        now = cpu_ticks(pids)
+        if now == last:
+            return now
+        last = now
+        time.sleep(1.0)
+    raise AssertionError("the helpers kept working with no job")
 
 
 def cpu_ticks(pids: list[int]) -> int:
