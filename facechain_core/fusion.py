@@ -19,6 +19,7 @@ through the same region mask, strength and after-check, so "outside the mask is 
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from dataclasses import dataclass, field, replace
 
@@ -424,7 +425,7 @@ def warm_up_helper() -> None:
 def helper_processes(s: FusionSettings) -> int:
     """How many helper processes do the colour work: ``s.processes``, else the environment's
     FACECHAIN_FUSION_PROCESSES, else by the CPU count (``helper_processes`` in data/fusion.json: none on a
-    host with few cores, where threads do as well)."""
+    host with few cores, where threads do as well, nor in a bundled executable)."""
     if s.processes >= 0:
         return s.processes
     env = os.environ.get("FACECHAIN_FUSION_PROCESSES", "").strip()
@@ -433,6 +434,8 @@ def helper_processes(s: FusionSettings) -> int:
             return max(0, int(env))
         except ValueError:
             raise FaceChainError(f"FACECHAIN_FUSION_PROCESSES is {env!r}; give a whole number (0: none).") from None
+    if getattr(sys, "frozen", False):  # a bundled executable: sys.executable is no Python to start helpers with
+        return 0
     d = fg.settings_data()["helper_processes"]
     cores = os.cpu_count() or 2
     return 0 if cores < d["min_cores"] else max(1, min(d["max"], cores // d["cores_each"]))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -141,6 +142,9 @@ def test_how_many_helpers(monkeypatch):
     assert fu.helper_processes(fu.FusionSettings()) == 8
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     assert fu.helper_processes(fu.FusionSettings()) == 8  # at most max
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
+    assert fu.helper_processes(fu.FusionSettings()) == 0  # a bundled executable: no Python to start helpers
+    monkeypatch.delattr(sys, "frozen")
     monkeypatch.setenv("FACECHAIN_FUSION_PROCESSES", "0")
     assert fu.helper_processes(fu.FusionSettings()) == 0
     assert fu.helper_processes(fu.FusionSettings(processes=3)) == 3  # the setting wins
