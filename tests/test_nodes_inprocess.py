@@ -190,3 +190,43 @@ def test_train_checks_inputs_before_any_work(nodes, pack, tmp_path, monkeypatch)
     assert (tmp_path / "facechain" / "face.safetensors").read_bytes() == b"keep"
     with pytest.raises(err, match="outside|folder"):
         nodes["TrainFaceLoRA"].train(None, None, None, torch.zeros(2, 64, 64, 3), **{**args, "name": "../x"})
+
+
+def test_caching_encodes_a_few_images_per_vae_call_with_the_same_latents(pack, core, monkeypatch):
+    """The trainer's latents cache: real photos through ComfyUI's VAE of the tiny checkpoint, eight 64 px
+    images per call (the data file's pixel budget) instead of one, each view in order (the photos, then their
+    mirrors), the same latents as one image per call."""
+    import comfy.sd
+
+    from conftest import tiny_checkpoint
+
+    trainer_mod, settings_mod = core("train.trainer"), core("train.settings")
+    model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint()), output_vae=True,
+                                                             output_clip=True)[:3]
+    backbone = pack.nodes.comfy_backbone.comfy_backbone(model, clip, vae, (64, 64))
+    photos = (sorted((FACES / "katy_perry").glob("*.jpg")) + sorted((FACES / "obama").glob("*.jpg")))[:10]
+    images = torch.cat([torch.nn.functional.interpolate(as_image(p).permute(0, 3, 1, 2), size=(64, 64),
+                                                        mode="area").permute(0, 2, 3, 1) for p in photos])
+    calls = []
+    encode = backbone.encode_images
+    backbone.encode_images = lambda x: (calls.append(x.shape[0]), encode(x))[1]
+    steps = []
+    trainer = trainer_mod.LoRATrainer(backbone, settings_mod.TrainSettings().with_(samples=4, batch_size=2, flip=True),
+                                      progress=lambda done, total, info: steps.append((done, info)))
+    trainer.cache_latents(images)
+    per_call = core("train.memory").table()["encode_pixels_per_call"] // (64 * 64)
+    assert per_call >= 10 and calls == [10, 10], calls  # the views in turn, each in one call at this size
+    assert [d for d, info in steps] == [10, 20] and steps[-1][1] == "encoding images"
+    with torch.no_grad():
+        one_by_one = torch.cat([encode(images[i:i + 1]) for i in range(10)] +
+                               [encode(images[i:i + 1].flip(2)) for i in range(10)]).float()
+    assert trainer.latents.shape == one_by_one.shape == (20, 4, 8, 8)
+    assert torch.allclose(trainer.latents.cpu(), one_by_one.cpu(), atol=1e-4), \
+        float((trainer.latents.cpu() - one_by_one.cpu()).abs().max())
+    # a budget of three images: calls of 3, 3, 3 and 1 per view, the same latents in the same order
+    three = {**core("train.memory").table(), "encode_pixels_per_call": 3 * 64 * 64}
+    monkeypatch.setattr(trainer_mod, "memory_table", lambda: three)
+    calls.clear()
+    trainer.cache_latents(images)
+    assert calls == [3, 3, 3, 1, 3, 3, 3, 1], calls
+    assert torch.allclose(trainer.latents.cpu(), one_by_one.cpu(), atol=1e-4)

@@ -24,6 +24,7 @@ from . import speed
 from .captions import require_images
 from .lora_layers import borrowed_weights, gradient_checkpointing, lora_adapters, lora_weights
 from .memory import size_to_card
+from .memory import table as memory_table
 from .settings import TrainSettings
 
 Cond = dict  # {"context": [B, 77, C], "y": [B, D] (SDXL only)}
@@ -202,19 +203,21 @@ class LoRATrainer:
         self.graph = None
         self.nhwc = False
 
-    # 1. latents of every image (and its mirror), once
+    # 1. latents of every image (and its mirror), once, a few images per VAE call
     def cache_latents(self, images: torch.Tensor) -> None:
         n = images.shape[0]
         self.n, self.total = n, self.steps + n * self.views  # progress: each view of each image, then each step
-        latents = []
+        per_call = max(1, int(memory_table()["encode_pixels_per_call"]) // (images.shape[1] * images.shape[2]))
+        latents, done = [], 0
         with torch.no_grad():
             for view in range(self.views):
-                for i in range(n):
-                    img = images[i:i + 1]
-                    img = img.flip(2) if view else img
-                    latents.append(self.backbone.encode_images(img).to(device=self.device, dtype=torch.float32)
+                for i in range(0, n, per_call):
+                    chunk = images[i:i + per_call]
+                    chunk = chunk.flip(2) if view else chunk
+                    latents.append(self.backbone.encode_images(chunk).to(device=self.device, dtype=torch.float32)
                                    .clone())
-                    self.progress(len(latents), self.total, "encoding images")
+                    done += chunk.shape[0]
+                    self.progress(done, self.total, "encoding images")
         self.latents = torch.cat(latents)  # [views * n, 4, h, w]
 
     # 2. captions: cached embeddings when the text encoder is frozen
