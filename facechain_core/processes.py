@@ -193,11 +193,11 @@ class _Helper:
             raise RuntimeError(answer[1])
 
     def call(self, pieces: list) -> tuple:
-        """Send an encoded job, return the answer."""
+        """Send an encoded job; the answer's pickle and buffers, not yet unpickled."""
         for piece in pieces:
             self.proc.stdin.write(piece)
         self.proc.stdin.flush()
-        return receive(self.proc.stdout)
+        return read_message(self.proc.stdout)
 
     def end(self) -> None:
         """Close its input (it leaves at once when idle) without waiting."""
@@ -233,14 +233,19 @@ class ProcessPool:
         self._lock = threading.Lock()
         self._helpers: list[_Helper] = []
         self._done = threading.Event()  # set once every helper is ready or has failed
+        self._closed = False
         self.remote_jobs = 0  # how many jobs helpers ran (the tests read it)
 
     def start(self) -> None:
-        """Start the helpers in the background (once)."""
+        """Start the helpers in the background (once). Not in a bundled executable: its sys.executable would
+        start the application again, not a Python."""
         with self._lock:
             if self._started:
                 return
             self._started = True
+        if getattr(sys, "frozen", False):
+            self._done.set()
+            return
         threading.Thread(target=self._start_all, name="facechain-helpers", daemon=True).start()
 
     def _start_all(self) -> None:
@@ -266,8 +271,16 @@ class ProcessPool:
                 self._discard(helper)
                 continue
             with self._lock:
+                if self._closed:  # closed while it started
+                    break
                 self._alive += 1
             self._idle.put(helper)
+        with self._lock:
+            ready, closed = self._alive, self._closed
+        if closed:
+            self._discard(*self._helpers)
+        elif ready:
+            log.info("FaceChain: %d helper processes ready for FaceFusion", ready)
 
     def _discard(self, *helpers: _Helper) -> None:
         for helper in helpers:
@@ -280,7 +293,7 @@ class ProcessPool:
     @property
     def ready(self) -> int:
         """How many helpers take jobs now."""
-        return self._alive
+        return max(0, self._alive)
 
     def wait(self, timeout: float | None = None) -> int:
         """Start the pool and wait until every helper is ready or failed; how many are ready."""
@@ -308,20 +321,24 @@ class ProcessPool:
         if helper is None:
             return _function(target)(*args)
         try:
-            answer = helper.call(pieces)
+            head, buffers = helper.call(pieces)
         except BaseException as e:
             with self._lock:
-                self._alive -= 1
+                self._alive = max(0, self._alive - 1)
             self._discard(helper)
-            if not isinstance(e, (OSError, EOFError)):
+            if not isinstance(e, (OSError, EOFError, ValueError)):  # ValueError: a pipe closed under it
                 raise
             log.warning("FaceChain: a helper process stopped (%s); its job runs in a thread", e)
             if self._alive == 0:
                 log.warning("FaceChain: no helper process left; the work stays in threads")
             return _function(target)(*args)
-        self._idle.put(helper)
+        self._idle.put(helper)  # the stream is whole: the helper stays, whatever its answer holds
         with self._lock:
             self.remote_jobs += 1
+        try:
+            answer = pickle.loads(head, buffers=buffers)
+        except Exception as e:
+            raise RuntimeError(f"a helper's answer to {target} could not be read: {type(e).__name__}: {e}") from e
         if answer[0] == "error":
             _raise_again(*answer[1:])
         return answer[1]
@@ -329,6 +346,7 @@ class ProcessPool:
     def close(self) -> None:
         """End every helper (closing their input; those still busy after 2 s are killed)."""
         with self._lock:
+            self._closed = True
             self._alive = 0
             helpers, self._helpers = list(self._helpers), []
         for helper in helpers:

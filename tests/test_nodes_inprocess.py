@@ -193,9 +193,9 @@ def test_train_checks_inputs_before_any_work(nodes, pack, tmp_path, monkeypatch)
 
 
 def test_caching_encodes_a_few_images_per_vae_call_with_the_same_latents(pack, core, monkeypatch):
-    """The trainer's latents cache: real photos through ComfyUI's VAE of the tiny checkpoint, eight 64 px
-    images per call (the data file's pixel budget) instead of one, each view in order (the photos, then their
-    mirrors), the same latents as one image per call."""
+    """The trainer's latents cache: real photos through ComfyUI's VAE of the tiny checkpoint, several 64 px
+    images per call (the data file's pixel budget for a CPU) instead of one, each view in order (the photos,
+    then their mirrors), the same latents as one image per call."""
     import comfy.sd
 
     from conftest import tiny_checkpoint
@@ -214,7 +214,7 @@ def test_caching_encodes_a_few_images_per_vae_call_with_the_same_latents(pack, c
     trainer = trainer_mod.LoRATrainer(backbone, settings_mod.TrainSettings().with_(samples=4, batch_size=2, flip=True),
                                       progress=lambda done, total, info: steps.append((done, info)))
     trainer.cache_latents(images)
-    per_call = core("train.memory").table()["encode_pixels_per_call"] // (64 * 64)
+    per_call = core("train.memory").table()["encode_pixels_per_call_cpu"] // (64 * 64)
     assert per_call >= 10 and calls == [10, 10], calls  # the views in turn, each in one call at this size
     assert [d for d, info in steps] == [10, 20] and steps[-1][1] == "encoding images"
     with torch.no_grad():
@@ -224,7 +224,7 @@ def test_caching_encodes_a_few_images_per_vae_call_with_the_same_latents(pack, c
     assert torch.allclose(trainer.latents.cpu(), one_by_one.cpu(), atol=1e-4), \
         float((trainer.latents.cpu() - one_by_one.cpu()).abs().max())
     # a budget of three images: calls of 3, 3, 3 and 1 per view, the same latents in the same order
-    three = {**core("train.memory").table(), "encode_pixels_per_call": 3 * 64 * 64}
+    three = {**core("train.memory").table(), "encode_pixels_per_call_cpu": 3 * 64 * 64}
     monkeypatch.setattr(trainer_mod, "memory_table", lambda: three)
     calls.clear()
     trainer.cache_latents(images)

@@ -165,6 +165,15 @@ def unet_config_from_checkpoint(sd: dict) -> dict:
     return cfg
 
 
+def _encode_batch(x: "torch.Tensor", device) -> int:
+    """How many of ``x``'s images one VAE encoder pass may take: the free GPU memory over ComfyUI's estimate of
+    an encode's memory per pixel (1767 bytes per pixel and byte of the dtype); all of them on a CPU."""
+    if torch.device(device).type != "cuda":
+        return len(x)
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free // (1767 * x.shape[2] * x.shape[3] * x.element_size()))
+
+
 def build_modules(unet_cfg: dict | None = None, device="cpu", dtype=torch.float32, parts=("unet", "vae", "text")):
     """Random-weight SD1.5 modules (for benchmarks), or empty shells to load a checkpoint into."""
     import diffusers
@@ -228,7 +237,8 @@ def encoders(vae, text_encoder, device):
     def encode_images(images):  # [B,H,W,3] 0..1
         vae.to(device)  # (back) on the device: prepare() moves it away for training
         x = images.permute(0, 3, 1, 2).to(device=device, dtype=vae.dtype) * 2 - 1
-        return vae.encode(x).latent_dist.mode().float() * scale
+        each = max(1, _encode_batch(x, device))  # as many images per pass as the free memory takes
+        return torch.cat([vae.encode(x[i:i + each]).latent_dist.mode().float() for i in range(0, len(x), each)]) * scale
 
     def encode_text(captions):
         text_encoder.to(device)

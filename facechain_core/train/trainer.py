@@ -207,7 +207,9 @@ class LoRATrainer:
     def cache_latents(self, images: torch.Tensor) -> None:
         n = images.shape[0]
         self.n, self.total = n, self.steps + n * self.views  # progress: each view of each image, then each step
-        per_call = max(1, int(memory_table()["encode_pixels_per_call"]) // (images.shape[1] * images.shape[2]))
+        # on a CPU a call of several 512 px images takes seconds: one at a time there keeps the bar and Cancel live
+        budget = memory_table()["encode_pixels_per_call" if self.on_cuda else "encode_pixels_per_call_cpu"]
+        per_call = max(1, int(budget) // (images.shape[1] * images.shape[2]))
         latents, done = [], 0
         with torch.no_grad():
             for view in range(self.views):
@@ -421,8 +423,6 @@ class LoRATrainer:
 
     def run(self, images: torch.Tensor, captions: list[str]) -> TrainResult:
         backbone, settings = self.backbone, self.settings
-        if self.on_cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
         with torch.inference_mode(False):
             t0 = time.perf_counter()
             self.cache_latents(images)
@@ -430,6 +430,8 @@ class LoRATrainer:
             if backbone.prepare:  # e.g. load the UNet in full, after the VAE and text encoder are done
                 backbone.prepare(settings.train_text_encoder)
             self.timings["cache_s"] = time.perf_counter() - t0
+            if self.on_cuda:  # the peak reported (and planned for) is training's, not the VAE's batch
+                torch.cuda.reset_peak_memory_stats(self.device)
             text_encoders = self.text_encoders()
             self.alphas = backbone.alphas_cumprod.to(device=self.device, dtype=torch.float32)
             order_gen = torch.Generator().manual_seed(int(settings.seed))
