@@ -3,11 +3,11 @@
     python benchmarks/profile_fusion.py --faces ../shared/faces --repeats 5
     python benchmarks/profile_fusion.py --cv2-threads 1 --switch-interval 0.0001   # what-ifs
 
-Stages (the library's own functions, in the order ``fusion.fuse_images`` runs them): ``look`` (every image's
-faces, mesh and vector, and the template's), ``start_first_try`` (guards, warp, colour work, and the first
-rung with its after-check, one job per image), ``other_tries`` (the rungs after a failed first), ``finish``,
-then ``rank`` (RTSRank on the results). Also the CPU seconds per wall second (``cores_busy``) and where the
-embedded nets ran. No ComfyUI needed. Prints one JSON line.
+Stages (the library's own functions, in the order ``fusion.fuse_images`` runs them): ``template`` (the
+template's face, mesh and vector), ``look_first_try`` (each image's faces, mesh and vector, guards, warp,
+colour work, and the first rung with its after-check, one job per image), ``other_tries`` (the rungs after a
+failed first), ``finish``, then ``rank`` (RTSRank on the results). Also the CPU seconds per wall second
+(``cores_busy``) and where the embedded nets ran. No ComfyUI needed. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -91,14 +91,12 @@ def main() -> None:
             t[name] = now - clock
             clock = now
 
-        jobs = [("tpl", tpl_rgb)] + [("img", im) for im in crops]
-        looked = list(parallel_map(lambda job: fusion._look(job[0], job[1], s), jobs, s.workers))
-        tpl, found = looked[0], looked[1:]
-        lap("look")
-        started = list(parallel_map(lambda i: fusion.start_and_first_try(crops[i], found[i], tpl, s),
-                                    list(range(len(crops))), s.workers))
+        tpl = fusion._look("tpl", tpl_rgb, s)
+        lap("template")
+        started = list(parallel_map(lambda i: fusion.start_and_first_try(crops[i], fusion._look("img", crops[i], s),
+                                                                         tpl, s), list(range(len(crops))), s.workers))
         live = [j for j in started if isinstance(j, fusion._Fusing)]
-        lap("start_first_try")
+        lap("look_first_try")
         rest = [(j, i) for j in live if j.tries[0][0] for i in range(1, len(j.ladder))]
         list(parallel_map(lambda job: fusion.try_rung(job[0], job[1], tpl, s), rest, s.workers))
         lap("other_tries")
