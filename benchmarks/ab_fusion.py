@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 from bench_paths import REPO, SHARED_FACES  # noqa: E402  (puts the checkout on sys.path)
-
 
 
 def parse_args(argv=None):
@@ -39,7 +37,7 @@ def one_run(tree: Path, faces: Path, repeats: int, workers: int) -> dict:
     """profile_fusion.py of ``tree`` in a process of its own; its JSON line."""
     cmd = [sys.executable, str(tree / "benchmarks" / "profile_fusion.py"), "--faces", str(faces.resolve()),
            "--repeats", str(repeats), "--workers", str(workers)]
-    done = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, env=dict(os.environ))
+    done = subprocess.run(cmd, cwd=tree, capture_output=True, text=True)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode or not lines:
         raise SystemExit(f"{' '.join(cmd)} failed in {tree}:\n{done.stderr[-2000:]}")

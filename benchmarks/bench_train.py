@@ -287,7 +287,7 @@ class Backbones:
         from tiny_checkpoint import SD15_UNET
 
         cfg = dict(SD15_UNET)  # a copy: the CPU smoke run shrinks it
-        nrb = [2, 2, 2, 2]
+        nrb = list(cfg["num_res_blocks"])
         if DEVICE == "cpu":
             dtype = torch.float32
             nrb = [1]

@@ -42,7 +42,7 @@ def time_functions(fusion) -> dict:
 
     spent: dict = {}
     lock = threading.Lock()
-    names = ("face_mesh", "embed_face", "detect_faces_per_thread", "prepared_face", "_blend", "_face_again")
+    names = ("face_mesh", "embed_face", "detect_faces_per_thread", "prepared_face", "_blend_patch", "_face_again")
     for name in names:
         setattr(fusion, name, _wrap(getattr(fusion, name), name, spent, lock))
     fusion.fg.warp_patch = _wrap(fusion.fg.warp_patch, "warp_patch", spent, lock)
@@ -93,8 +93,8 @@ def main() -> None:
 
         tpl = fusion._look("tpl", tpl_rgb, s)
         lap("template")
-        started = list(parallel_map(lambda i: fusion.start_and_first_try(crops[i], fusion._look("img", crops[i], s),
-                                                                         tpl, s), list(range(len(crops))), s.workers))
+        started = list(parallel_map(lambda i: fusion.start_and_first_try(crops[i], tpl, s), list(range(len(crops))),
+                                    s.workers))
         live = [j for j in started if isinstance(j, fusion._Fusing)]
         lap("look_first_try")
         rest = [(j, i) for j in live if j.tries[0][0] for i in range(1, len(j.ladder))]

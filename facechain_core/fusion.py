@@ -52,7 +52,7 @@ class FusionSettings:
     detector: str = "embedded"
     colour_match: bool = True
     workers: int = 0  # 0: choose from the CPU count
-    processes: int = -1  # helper processes for the colour work; -1: from the CPU count (data/fusion.json)
+    processes: int = -1  # helper processes for the warp, colour work and blends; -1: by the CPU count
 
     def check(self) -> None:
         if not 0.0 <= self.strength <= 1.0:
@@ -216,28 +216,25 @@ def prepared_face(rgb: np.ndarray, warped: np.ndarray, tgt: fg.FaceShape, roi, s
 
 @dataclass
 class _Shared:
-    """What every try of one image blends with, made once: the prepared face, the two bands it is mixed in,
-    and each region's mask (the ladder tries a region at more than one strength)."""
+    """What every try of one image blends with, made once: the two bands the prepared face is mixed in, and
+    each region's mask (the ladder tries a region at more than one strength)."""
 
-    face: np.ndarray
     bands: tuple
     masks: dict = field(default_factory=dict)
 
 
 def shared_parts(rgb: np.ndarray, warped: np.ndarray, tgt: fg.FaceShape, roi, s: FusionSettings) -> _Shared:
-    """The prepared face and its bands against the target's pixels (the masks are made as tries ask)."""
+    """The prepared face's bands against the target's pixels (the masks are made as tries ask)."""
     x0, y0, x1, y1 = roi
     face = prepared_face(rgb, warped, tgt, roi, s)
     sigma = max(1.0, fg.settings_data()["blend"]["detail_sigma"] * tgt.iod)
-    return _Shared(face, fb.two_bands(rgb[y0:y1, x0:x1], face, sigma))
+    return _Shared(fb.two_bands(rgb[y0:y1, x0:x1], face, sigma))
 
 
 def _blend(rgb: np.ndarray, warped: np.ndarray, tgt: fg.FaceShape, roi, region: str, strength: float,
-           s: FusionSettings, shared: _Shared | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The fused image and its mask (strength included) for one region; ``shared``: ``shared_parts``', when
-    already made."""
-    shared = shared_parts(rgb, warped, tgt, roi, s) if shared is None else shared
-    return _in_image(rgb, roi, *_blend_patch(rgb, tgt, roi, region, strength, shared))
+           s: FusionSettings) -> tuple[np.ndarray, np.ndarray]:
+    """The fused image and its mask (strength included) for one region, from the warped template."""
+    return _in_image(rgb, roi, *_blend_patch(rgb, tgt, roi, region, strength, shared_parts(rgb, warped, tgt, roi, s)))
 
 
 def _in_image(rgb: np.ndarray, roi, blended: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -340,7 +337,6 @@ class _Fusing:
     ladder: list
     original_vec: np.ndarray | None = None
     before: float = 0.0
-    warped: np.ndarray | None = None
     shared: _Shared | None = None
     blends: dict = field(default_factory=dict)  # ladder index -> (patch, mask), when a helper made them
     tries: dict = field(default_factory=dict)  # ladder index -> (why_not, out, mask, after, vec)
@@ -356,8 +352,8 @@ def _unfused(rgb: np.ndarray, faces: list, note: str, vec: np.ndarray | None = N
 
 def start_fusing(rgb: np.ndarray, faces: list[Face], tpl: Template, s: FusionSettings,
                  tgt: fg.FaceShape | None = None, original_vec: np.ndarray | None = None) -> "_Fusing | FusedImage":
-    """The guards' verdict, the warped template and its colour work, shared by every try of the ladder; or
-    the image as it is, when there is nothing to try."""
+    """The guards' verdict and what every try of the ladder blends with (the warped template's colour work, or,
+    from a helper process, every try's blended patch); or the image as it is, when there is nothing to try."""
     h, w = rgb.shape[:2]
     if s.strength == 0.0:
         return _unfused(rgb, faces, "strength 0, left unchanged")
@@ -382,15 +378,15 @@ def start_fusing(rgb: np.ndarray, faces: list[Face], tpl: Template, s: FusionSet
         return _unfused(rgb, faces, f"left unfused: {'; '.join(verdict.reasons)}" + extra, job.original_vec,
                         list(verdict.reasons))
     if s.backend == "face_fusion":
-        job.warped = learned_fusion().fuse(rgb, tpl.image)[roi[1]:roi[3], roi[0]:roi[2]]
-        job.shared = shared_parts(rgb, job.warped, tgt, roi, s)
+        warped = learned_fusion().fuse(rgb, tpl.image)[roi[1]:roi[3], roi[0]:roi[2]]
+        job.shared = shared_parts(rgb, warped, tgt, roi, s)
         return job
     helpers = helper_pool(s)
     if helpers is not None:
         helpers.start()
     if helpers is None or helpers.ready == 0:  # in this thread the tries blend as they come (most pass the first)
-        job.warped = fg.warp_patch(tpl.image, tpl.shape.points, tgt.points, tpl.triangles, roi)
-        job.shared = shared_parts(rgb, job.warped, tgt, roi, s)
+        warped = fg.warp_patch(tpl.image, tpl.shape.points, tgt.points, tpl.triangles, roi)
+        job.shared = shared_parts(rgb, warped, tgt, roi, s)
         return job
     # a helper process blends every try at once: its cores are spare, and this thread then only checks
     tries = [(region, s.strength * k) for region, k in job.ladder]
@@ -423,9 +419,11 @@ def warm_up_helper() -> None:
 
 
 def helper_processes(s: FusionSettings) -> int:
-    """How many helper processes do the colour work: ``s.processes``, else the environment's
-    FACECHAIN_FUSION_PROCESSES, else by the CPU count (``helper_processes`` in data/fusion.json: none on a
-    host with few cores, where threads do as well, nor in a bundled executable)."""
+    """How many helper processes do the warp, colour work and blends: none in a bundled executable; else
+    ``s.processes``, else the environment's FACECHAIN_FUSION_PROCESSES, else by the CPU count
+    (``helper_processes`` in data/fusion.json: none on a host with few cores, where threads do as well)."""
+    if getattr(sys, "frozen", False):  # a bundled executable: sys.executable is no Python to start helpers with
+        return 0
     if s.processes >= 0:
         return s.processes
     env = os.environ.get("FACECHAIN_FUSION_PROCESSES", "").strip()
@@ -434,8 +432,6 @@ def helper_processes(s: FusionSettings) -> int:
             return max(0, int(env))
         except ValueError:
             raise FaceChainError(f"FACECHAIN_FUSION_PROCESSES is {env!r}; give a whole number (0: none).") from None
-    if getattr(sys, "frozen", False):  # a bundled executable: sys.executable is no Python to start helpers with
-        return 0
     d = fg.settings_data()["helper_processes"]
     cores = os.cpu_count() or 2
     return 0 if cores < d["min_cores"] else max(1, min(d["max"], cores // d["cores_each"]))
@@ -453,10 +449,8 @@ def try_rung(job: _Fusing, i: int, tpl: Template, s: FusionSettings) -> None:
     """Blend at the ladder's ``i``-th (region, strength) and check the result; kept in ``job.tries``. Tries of
     one image do not depend on each other, so they can run side by side."""
     region, k = job.ladder[i]
-    if i in job.blends:
-        out, mask = _in_image(job.rgb, job.roi, *job.blends[i])
-    else:
-        out, mask = _blend(job.rgb, job.warped, job.tgt, job.roi, region, s.strength * k, s, job.shared)
+    patch = job.blends.get(i) or _blend_patch(job.rgb, job.tgt, job.roi, region, s.strength * k, job.shared)
+    out, mask = _in_image(job.rgb, job.roi, *patch)
     why_not, after, vec = _after_check(job.rgb, out, job.faces[0], job.tgt, tpl, job.before, s.detector,
                                        region != "brows")
     job.tries[i] = (why_not, out, mask, after, vec)
@@ -500,8 +494,9 @@ def mean_embedding(embs: list[np.ndarray | None]) -> np.ndarray | None:
 
 
 def _look(kind: str, rgb: np.ndarray, s: FusionSettings):
-    """One job of the first pass, all side by side: the template's face, mesh and vector; an image's faces
-    its largest face's mesh and vector; a reference photo's vector (remembered for RTSRank)."""
+    """What is looked at before fusing: the template's face, mesh and vector or a reference photo's vector
+    (remembered for RTSRank), side by side in the first pass; an image's faces and its largest face's mesh and
+    vector, at the start of that image's own job."""
     if kind == "ref":
         return photo_embedding(rgb, s.detector)
     faces = detect_faces_per_thread(rgb, s.detector)
@@ -510,8 +505,8 @@ def _look(kind: str, rgb: np.ndarray, s: FusionSettings):
         return faces and Template.of(rgb, faces[0], photo_embedding(rgb, s.detector, faces=faces))
     if not faces or s.strength == 0.0:
         return faces, None, None
-    # the face's vector now, beside the template's job: every image with a face needs it (the fusion's
-    # before-and-after, or RTSRank when left unfused)
+    # the face's vector now: every image with a face needs it (the fusion's before-and-after, or RTSRank when
+    # left unfused)
     return faces, target_shape(rgb, faces[0]), embed_face(rgb, faces[0])
 
 
@@ -572,10 +567,11 @@ def _tries_from(job: _Fusing, first: int, tpl: Template, s: FusionSettings) -> N
             return
 
 
-def start_and_first_try(rgb: np.ndarray, found: tuple, tpl: Template, s: FusionSettings) -> "_Fusing | FusedImage":
-    """One image's ``start_fusing`` and its ladder's first try, in one job: no image waits for the slowest
-    image's warp before its own first try."""
-    faces, tgt, vec = found
+def start_and_first_try(rgb: np.ndarray, tpl: Template, s: FusionSettings,
+                        found: tuple | None = None) -> "_Fusing | FusedImage":
+    """One image's look (unless ``found`` already), ``start_fusing`` and its ladder's first try, in one job: no
+    image waits for the slowest image's look or warp before its own first try."""
+    faces, tgt, vec = found or _look("img", rgb, s)
     job = start_fusing(rgb, faces, tpl, s, tgt, vec)
     if isinstance(job, _Fusing):
         try_rung(job, 0, tpl, s)
@@ -587,10 +583,8 @@ def _fuse_side_by_side(rgbs: list, found: list | None, tpl: Template, s: FusionS
     """Every image's look (unless ``found`` already), warp and first try side by side; then the remaining
     tries of the images whose first try failed: all at once where there are cores to spare (the slowest image
     then costs three rounds, not one per try), else each image's in turn. The result is the same either way."""
-    def first(i: int):
-        return start_and_first_try(rgbs[i], found[i] if found else _look("img", rgbs[i], s), tpl, s)
-
-    jobs = list(parallel_map(first, list(range(len(rgbs))), s.workers))
+    jobs = list(parallel_map(lambda i: start_and_first_try(rgbs[i], tpl, s, found[i] if found else None),
+                             list(range(len(rgbs))), s.workers))
     failed = [j for j in jobs if isinstance(j, _Fusing) and j.tries[0][0]]
     if (os.cpu_count() or 2) >= SPECULATE_CORES:  # cores to spare: every remaining try at once
         rest = [(j, i) for j in failed for i in range(1, len(j.ladder))]

@@ -224,12 +224,13 @@ def triangle_labels(points: np.ndarray, tris: np.ndarray, shape: tuple[int, int]
     label = np.full((h, w), -1, np.int32)
     if len(tris) == 0 or h == 0 or w == 0:
         return label
-    p = np.asarray(points, np.float64)[tris]  # (T, 3, 2), corners sorted top to bottom next
+    pts = np.asarray(points, np.float64)
+    p = pts[tris]  # (T, 3, 2), corners sorted top to bottom next
     p = np.take_along_axis(p, np.argsort(p[:, :, 1], axis=1, kind="stable")[:, :, None], axis=1)
     (x0, y0), (x1, y1), (x2, y2) = (p[:, i].T for i in range(3))
     first = np.maximum(np.ceil(y0), 0).astype(np.int64)
     rows = np.maximum(np.minimum(np.floor(y2), h - 1).astype(np.int64) - first + 1, 0)
-    rows[signed_areas(np.asarray(points, np.float64), tris) == 0] = 0  # a flat triangle holds no pixel (nor a map)
+    rows[signed_areas(pts, tris) == 0] = 0  # a flat triangle holds no pixel (nor a map)
     k = np.repeat(np.arange(len(tris)), rows)  # one entry per (triangle, pixel row)
     y = (np.arange(int(rows.sum())) - np.repeat(np.cumsum(rows) - rows, rows) + first[k]).astype(np.float64)
 

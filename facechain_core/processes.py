@@ -70,11 +70,16 @@ def encode(obj: Any) -> list:
     return pieces
 
 
-def send(stream, obj: Any) -> None:
-    """Write one message (``encode``) and flush."""
-    for piece in encode(obj):
+def write(stream, pieces: list) -> None:
+    """Write an encoded message and flush."""
+    for piece in pieces:
         stream.write(piece)
     stream.flush()
+
+
+def send(stream, obj: Any) -> None:
+    """Write one message (``encode``) and flush."""
+    write(stream, encode(obj))
 
 
 def _read_exact(stream, n: int) -> bytearray:
@@ -154,9 +159,7 @@ def serve() -> None:
             pieces = encode(answer)
         except BaseException as e:  # noqa: BLE001 - an answer that is not plain data
             pieces = encode(_error(e))
-        for piece in pieces:
-            out.write(piece)
-        out.flush()
+        write(out, pieces)
 
 
 def _raise_again(name: str, message: str, trace: str) -> None:
@@ -194,9 +197,7 @@ class _Helper:
 
     def call(self, pieces: list) -> tuple:
         """Send an encoded job; the answer's pickle and buffers, not yet unpickled."""
-        for piece in pieces:
-            self.proc.stdin.write(piece)
-        self.proc.stdin.flush()
+        write(self.proc.stdin, pieces)
         return read_message(self.proc.stdout)
 
     def end(self) -> None:
@@ -237,15 +238,11 @@ class ProcessPool:
         self.remote_jobs = 0  # how many jobs helpers ran (the tests read it)
 
     def start(self) -> None:
-        """Start the helpers in the background (once). Not in a bundled executable: its sys.executable would
-        start the application again, not a Python."""
+        """Start the helpers in the background (once)."""
         with self._lock:
             if self._started:
                 return
             self._started = True
-        if getattr(sys, "frozen", False):
-            self._done.set()
-            return
         threading.Thread(target=self._start_all, name="facechain-helpers", daemon=True).start()
 
     def _start_all(self) -> None:

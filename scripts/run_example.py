@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import run_report  # noqa: E402
+import tiny_checkpoint  # noqa: E402
 from comfy_host import CACHE, ComfyClient, ComfyServer, install_comfyui  # noqa: E402
 
 # With no checkpoint given, the tiny random-weight model runs the graph on a CPU in a minute or two: these
@@ -72,8 +72,7 @@ def main() -> int:
     ckpt = args.checkpoint
     if ckpt is None:
         ckpt = CACHE / "tiny_sd15.safetensors"
-        if not ckpt.is_file():
-            subprocess.run([sys.executable, str(HERE / "tiny_checkpoint.py"), str(ckpt)], check=True)
+        tiny_checkpoint.ensure(ckpt)
     ckpt_link = base / "models" / "checkpoints" / ckpt.name
     if not ckpt_link.exists():
         ckpt_link.symlink_to(ckpt.resolve())

@@ -167,11 +167,14 @@ def unet_config_from_checkpoint(sd: dict) -> dict:
 
 def _encode_batch(x: "torch.Tensor", device) -> int:
     """How many of ``x``'s images one VAE encoder pass may take: the free GPU memory over ComfyUI's estimate of
-    an encode's memory per pixel (1767 bytes per pixel and byte of the dtype); all of them on a CPU."""
+    an encode's memory per pixel (``vae_encode_bytes_per_pixel`` in memory_plans.json); all of them on a CPU."""
     if torch.device(device).type != "cuda":
         return len(x)
     free, _ = torch.cuda.mem_get_info(device)
-    return int(free // (1767 * x.shape[2] * x.shape[3] * x.element_size()))
+    from .memory import table
+
+    per_pixel = table()["vae_encode_bytes_per_pixel"] * x.element_size()
+    return int(free // (per_pixel * x.shape[2] * x.shape[3]))
 
 
 def build_modules(unet_cfg: dict | None = None, device="cpu", dtype=torch.float32, parts=("unet", "vae", "text")):

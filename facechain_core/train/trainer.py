@@ -23,8 +23,7 @@ from ..progress import LossesFn, ProgressFn, no_progress
 from . import speed
 from .captions import require_images
 from .lora_layers import borrowed_weights, gradient_checkpointing, lora_adapters, lora_weights
-from .memory import size_to_card
-from .memory import table as memory_table
+from .memory import size_to_card, table as memory_table
 from .settings import TrainSettings
 
 Cond = dict  # {"context": [B, 77, C], "y": [B, D] (SDXL only)}
