@@ -23,7 +23,7 @@ from conftest import ARTIFACTS, FACES, REPO, TINY_CKPT, input_folder_of
 from facechain_core import previews
 from facechain_core.images import load_photo
 from facechain_core.previews import curve_extent, look
-from test_editor import open_editor
+from editor_browser import open_editor
 
 PHOTOS = ["katy_perry/img26.jpg", "katy_perry/img27.jpg", "katy_perry/img28.jpg", "hard/two_people.jpg"]
 PREPROCESS = {"2": "FaceChainFaceAlign", "3": "FaceChainHumanParse", "4": "FaceChainSkinRetouch",

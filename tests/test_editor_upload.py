@@ -20,7 +20,7 @@ import pytest
 
 from conftest import ARTIFACTS, FACES, expect_node_error
 from facechain_core.images import photo_folders
-from test_editor import LOAD_AS_TEMPLATE, Browser, open_editor
+from editor_browser import LOAD_AS_TEMPLATE, Browser, open_editor
 
 PHOTOS = [FACES / "obama" / n for n in ("obama1.jpg", "obama2.jpg", "obama3.jpg", "obama4_240p.jpg")]
 NODE_ID = 1  # Load Face Photos in workflows/facechain_preprocess.json

@@ -11,7 +11,7 @@ import shutil
 import run_report
 from conftest import ARTIFACTS, FACES
 from run_example import TINY_MODEL_NOTE
-from test_editor import Browser, ensure_chromium
+from editor_browser import Browser, ensure_chromium
 from test_workflows import load, tiny
 
 STAGE_COUNTS = """
