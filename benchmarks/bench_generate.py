@@ -195,7 +195,8 @@ def time_fuse_rank(faces: Path, n: int, size: int, repeats: int, template_kind: 
         f, r, fusion_report, rank_report = once()
         f_runs.append(f)
         r_runs.append(r)
-    # The same work through the library with a chosen number of threads: how the default compares.
+    # The same work through the library in a chosen number of threads and no helper processes: how the
+    # default (threads and, on 8 or more cores, helpers) compares with threads alone.
     rank_lib = importlib.import_module("facechain_pack.facechain_core.rank")
     arrays = [(a * 255 + 0.5).astype("uint8") for a in batch.numpy()]
     tpl = (template[0].numpy() * 255 + 0.5).astype("uint8")
@@ -204,7 +205,7 @@ def time_fuse_rank(faces: Path, n: int, size: int, repeats: int, template_kind: 
         times = []
         for _ in range(repeats + 1):  # the first run of a new pool loads the models in its threads
             t = time.perf_counter()
-            fused = fusion_lib.fuse_images(arrays, tpl, fusion_lib.FusionSettings(workers=workers))
+            fused = fusion_lib.fuse_images(arrays, tpl, fusion_lib.FusionSettings(workers=workers, processes=0))
             rank_lib.rank_images([f.image for f in fused.images], [tpl], rank_lib.RankSettings(workers=workers),
                                  detections=fused.detections())
             times.append(time.perf_counter() - t)

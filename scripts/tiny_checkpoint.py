@@ -95,8 +95,7 @@ def save_random_checkpoint(out: Path, unet_config: dict) -> Path:
 
 def build(out: Path, comfy_dir: Path, full: bool = False) -> Path:
     """The tiny (or with ``full`` the full-size) checkpoint, from a fresh process (parses ComfyUI's arguments
-    for the CPU)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    for the CPU; this script's folder, where comfy_host is, is on sys.path as it runs)."""
     from comfy_host import import_comfy
 
     import_comfy(comfy_dir, cpu=True)
@@ -130,7 +129,6 @@ def main() -> None:
     ap.add_argument("--comfy", type=Path, help="ComfyUI's source folder (default: unpack 0.3.75 into the cache)")
     args = ap.parse_args()
     if args.comfy is None:
-        sys.path.insert(0, str(here))
         from comfy_host import COMFY_DIR, install_comfyui
 
         args.comfy = install_comfyui(COMFY_DIR)
