@@ -39,10 +39,15 @@ def progress(total: int):
     bar = comfy.utils.ProgressBar(max(int(total), 1))
 
     def update(done: int, n: int, info: str | None = None) -> None:
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        bar.update_absolute(int(done), int(n))
+        _step(bar, done, n)
 
     return update
+
+
+def _step(bar, done: int, n: int) -> None:
+    """Cancel honoured (ComfyUI's interrupt raised here), then the bar moved to ``done`` of ``n``."""
+    comfy.model_management.throw_exception_if_processing_interrupted()
+    bar.update_absolute(int(done), int(n))
 
 
 def _text_under_node(node_id):
@@ -115,8 +120,7 @@ class TrainingProgress:
         self.last_curve = 0.0
 
     def __call__(self, done: int, n: int, info: str | None = None) -> None:
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        self.bar.update_absolute(int(done), int(n))
+        _step(self.bar, done, n)
         if info:
             self.show_text(info)
 
