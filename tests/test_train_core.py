@@ -181,7 +181,7 @@ def test_lora_factors_cast_to_half_activations_keep_float32_weights_and_grads():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(16, 16)).to(torch.bfloat16)
     x = torch.randn(4, 16, dtype=torch.bfloat16)
-    with lora_adapters(net, ["0"], 4, 4, 0, cast_inputs=True, cast_weights=True) as params:
+    with lora_adapters(net, ["0"], 4, 4, 0, product="activations") as params:
         for p in params:
             torch.nn.init.normal_(p, std=0.1)  # lora_B starts at zero: make the product visible
         out = net(x)

@@ -71,6 +71,9 @@ def _fresh_targets(root: torch.nn.Module, targets: Iterable[str]) -> list[str]:
             if any(name == t or name.endswith("." + t) for t in targets)]
 
 
+PRODUCTS = ("fp32", "activations", "autocast")  # where lora_adapters computes the LoRA product
+
+
 class _CastWeightLinear(torch.nn.Linear):
     """A LoRA factor that keeps its float32 weight but multiplies in the activations' dtype: the weight is
     cast on the way in (a few thousand values) instead of the activations on the way out (millions), and
@@ -83,12 +86,16 @@ class _CastWeightLinear(torch.nn.Linear):
 
 @contextmanager
 def lora_adapters(root: torch.nn.Module, targets: Iterable[str], rank: int, alpha: float, seed: int,
-                  cast_inputs: bool = True, cast_weights: bool = False) -> Iterator[list[torch.nn.Parameter]]:
+                  product: str = "fp32") -> Iterator[list[torch.nn.Parameter]]:
     """Add LoRA adapters to the ``targets`` of ``root``; yields the trainable parameters (float32).
 
-    ``cast_inputs``: peft casts the activations to float32 for the LoRA product. ``cast_weights``: instead,
-    the LoRA factors are cast to the activations' dtype (half-precision activations stay half)."""
+    ``product``, where the LoRA product is computed: "fp32" (peft casts the activations to the factors'
+    float32), "activations" (the factors are cast to the activations' dtype: half-precision activations stay
+    half) or "autocast" (left to autocast, which picks each matmul's precision)."""
     from peft import LoraConfig, inject_adapter_in_model
+
+    if product not in PRODUCTS:
+        raise ValueError(f"product must be one of {', '.join(PRODUCTS)} (got {product!r})")
 
     names = _fresh_targets(root, targets)
     if not names:
@@ -106,14 +113,14 @@ def lora_adapters(root: torch.nn.Module, targets: Iterable[str], rank: int, alph
         for _, m in _lora_modules(root):
             for sub in (m.lora_A[ADAPTER], m.lora_B[ADAPTER]):
                 sub.float()
-                if cast_weights and type(sub) is torch.nn.Linear:
+                if product == "activations" and type(sub) is torch.nn.Linear:
                     sub.__class__ = _CastWeightLinear
                 for p in sub.parameters():
                     p.requires_grad_(True)
                     params.append(p)
             # Under autocast the matmuls pick their own precision; casting activations to float32 first
             # would only add memory traffic.
-            m.cast_input_dtype_enabled = cast_inputs and not cast_weights
+            m.cast_input_dtype_enabled = product == "fp32"
         yield params
     finally:
         remove_lora(root)

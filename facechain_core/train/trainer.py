@@ -242,21 +242,26 @@ class LoRATrainer:
         """The host's patches, borrowed weights, LoRA adapters and checkpointing, undone when ``stack`` closes
         (in reverse order, on success, error or Cancel alike). Returns (UNet params, text encoder params)."""
         s, b = self.settings, self.backbone
-        cast_inputs = not self.use_autocast  # peft casts activations to the LoRA's float32 unless autocast does
-        # or, in half precision without autocast, the LoRA factors are cast to the activations' dtype instead
-        cast_weights = cast_inputs and self.compute_dtype is not None and s.lora_compute == "activations"
+        # the LoRA product: left to autocast where it runs; else in the activations' half precision when asked
+        # (lora_compute "activations"), else peft casts the activations to the factors' float32
+        if self.use_autocast:
+            product = "autocast"
+        elif self.compute_dtype is not None and s.lora_compute == "activations":
+            product = "activations"
+        else:
+            product = "fp32"
         if b.training_context:
             stack.enter_context(b.training_context(s.train_text_encoder))
         stack.enter_context(borrowed_weights(b.unet, *b.text_encoders, *b.extra_frozen))
         unet_params = stack.enter_context(lora_adapters(b.unet, s.unet_targets, s.rank, s.lora_alpha, s.seed,
-                                                        cast_inputs, cast_weights))
+                                                        product))
         stack.enter_context(gradient_checkpointing(
             b.unet, s.gradient_checkpointing or s.high_res_checkpoint_tokens > 0, s.checkpoint_blocks,
             0 if s.gradient_checkpointing else s.high_res_checkpoint_tokens))
         te_params = []
         for k, te in enumerate(text_encoders):
             te_params += stack.enter_context(lora_adapters(te, s.text_encoder_targets, s.rank, s.lora_alpha,
-                                                           s.seed + 1 + k, cast_inputs, cast_weights))
+                                                           s.seed + 1 + k, product))
         return unet_params, te_params
 
     def enter_speed_switches(self, stack: ExitStack) -> None:
