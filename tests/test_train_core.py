@@ -170,6 +170,19 @@ def test_channels_last_swaps_conv_weights_for_the_run_and_gives_the_originals_ba
         assert swapped == 0
 
 
+def test_every_attention_backend_name_is_a_torch_backend_and_math_runs_here():
+    from facechain_core.train import speed
+    from facechain_core.train.settings import ATTENTION_BACKENDS
+
+    q = torch.randn(1, 2, 8, 4)
+    for name in ATTENTION_BACKENDS:
+        TrainSettings().with_(attention_backend=name).validate()
+        with speed.attention_backend(name):
+            if name in ("auto", "math"):  # the ones a CPU runs
+                out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+                assert out.shape == q.shape and torch.isfinite(out).all()
+
+
 def test_unknown_attention_backend_is_a_clear_error():
     with pytest.raises(FaceChainError, match="attention_backend must be one of"):
         TrainSettings().with_(attention_backend="fast").validate()

@@ -9,7 +9,9 @@ from .. import data_files
 from ..errors import FaceChainError
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-ATTENTION_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
+# the attention_backend choices: the name given -> torch's SDPBackend member (auto: PyTorch's own choice)
+ATTENTION_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                      "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
 
 
 def defaults() -> dict:

@@ -20,14 +20,16 @@ import torch
 
 
 def attention_backend(name: str):
-    """``auto`` leaves PyTorch's own choice; otherwise only that SDPA backend is allowed."""
-    if name == "auto":
+    """``auto`` leaves PyTorch's own choice; otherwise only that SDPA backend is allowed (the names:
+    ``settings.ATTENTION_BACKENDS``)."""
+    from .settings import ATTENTION_BACKENDS
+
+    member = ATTENTION_BACKENDS[name]
+    if member is None:
         return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-               "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name]
-    return sdpa_kernel([backend])
+    return sdpa_kernel([getattr(SDPBackend, member)])
 
 
 @contextmanager
