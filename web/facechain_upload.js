@@ -112,7 +112,9 @@ function addUploadButton(node) {
   document.body.append(chooser);
   const button = node.addWidget("button", "upload_photos", null, () => chooser.click(), { serialize: false });
   button.label = "upload photos";
-  button.serialize = false; // not an input: saved workflows keep the node's widgets_values as before
+  // not an input, so kept out of both: the option keeps it out of the API prompt (graphToPrompt reads
+  // options.serialize), the property out of a saved workflow's widgets_values (the node's serialize reads it)
+  button.serialize = false;
   const onRemoved = node.onRemoved;
   node.onRemoved = function () {
     chooser.remove();
