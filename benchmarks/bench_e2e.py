@@ -66,7 +66,7 @@ import run_report  # noqa: E402
 import tiny_checkpoint  # noqa: E402
 from comfy_host import CACHE, ComfyClient, ComfyServer, PromptError  # noqa: E402
 
-from facechain_core import data_files, images  # noqa: E402
+from facechain_core import data_files  # noqa: E402
 from facechain_core.files import write_atomic  # noqa: E402
 from facechain_core.train.trainer import LOSS_CURVE  # noqa: E402  (the training report's loss-curve line)
 
@@ -147,9 +147,13 @@ def prepare_photos(faces: Path, person: str, count: int, folder: Path) -> list[d
     """``count`` photos of ``person`` in ``folder``: its own, then mirrored copies of the first ones."""
     from PIL import Image, ImageOps
 
-    own = images.list_photos(faces / person)  # the photos Load Face Photos would list there, in its order
-    if not own:
-        raise SystemExit(f"no photos in {faces / person}")
+    from facechain_core import images  # here, not at the top: check_imports names what a machine lacks first
+    from facechain_core.errors import FaceChainError
+
+    try:
+        own = images.list_photos(faces / person)  # the photos Load Face Photos would list there, in its order
+    except FaceChainError as e:
+        raise SystemExit(f"{faces / person}: {e}") from None
     folder.mkdir(parents=True, exist_ok=True)
     listed = []
     for i in range(count):

@@ -36,6 +36,13 @@ def test_host_device_flags():
         device_args("gpu")
 
 
+def test_photos_of_a_person_the_folder_lacks_are_named_not_a_traceback(tmp_path):
+    listed = bench_e2e.prepare_photos(FACES, "obama", 5, tmp_path / "photos")
+    assert len(listed) == 5 and sum(x["mirrored"] for x in listed) == 5 - len(list((FACES / "obama").glob("*.jp*g")))
+    with pytest.raises(SystemExit, match="nobody"):
+        bench_e2e.prepare_photos(FACES, "nobody", 10, tmp_path / "none")
+
+
 @pytest.mark.host  # starts a real ComfyUI server (in a child process)
 def test_bench_e2e_tiny_cpu_cold_and_warm(tmp_path):
     tiny_checkpoint()

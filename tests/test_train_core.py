@@ -186,6 +186,8 @@ def test_every_attention_backend_name_is_a_torch_backend_and_math_runs_here():
 def test_unknown_attention_backend_is_a_clear_error():
     with pytest.raises(FaceChainError, match="attention_backend must be one of"):
         TrainSettings().with_(attention_backend="fast").validate()
+    with pytest.raises(FaceChainError, match="attention_backend must be one of"):  # a list, as JSON can give
+        TrainSettings().with_(attention_backend=["flash"]).validate()
 
 
 def test_lora_factors_cast_to_half_activations_keep_float32_weights_and_grads():

@@ -118,8 +118,8 @@ def lora_adapters(root: torch.nn.Module, targets: Iterable[str], rank: int, alph
                 for p in sub.parameters():
                     p.requires_grad_(True)
                     params.append(p)
-            # Under autocast the matmuls pick their own precision; casting activations to float32 first
-            # would only add memory traffic.
+            # peft casts the activations to float32 only for "fp32": under autocast the matmuls pick their own
+            # precision (a cast first would only add memory traffic), and "activations" casts the factors instead
             m.cast_input_dtype_enabled = product == "fp32"
         yield params
     finally:

@@ -89,7 +89,7 @@ class TrainSettings:
             problems.append(f"precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
         if self.lr_batch_scaling not in ("sqrt", "linear", "none"):
             problems.append(f"lr_batch_scaling must be sqrt, linear or none (got {self.lr_batch_scaling!r})")
-        if self.attention_backend not in ATTENTION_BACKENDS:
+        if not isinstance(self.attention_backend, str) or self.attention_backend not in ATTENTION_BACKENDS:
             problems.append(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)} "
                             f"(got {self.attention_backend!r})")
         if self.lora_compute not in ("fp32", "activations"):
