@@ -8,6 +8,11 @@ template's face, mesh and vector), ``look_first_try`` (each image's faces, mesh 
 colour work, and the first rung with its after-check, one job per image), ``other_tries`` (the rungs after a
 failed first), ``finish``, then ``rank`` (RTSRank on the results). Also the CPU seconds per wall second
 (``cores_busy``) and where the embedded nets ran. No ComfyUI needed. Prints one JSON line.
+
+``--timeline FILE``: every timed call of the last run as an event (thread, step, start, end in ms from the
+run's start) written to FILE, and in the printed line a summary of the ``look_first_try`` stage per image (each
+image's job runs in one thread): the job's own wall time, the part spent in each step (the nets, the helper
+job, the tries) and the part in none of them; and how long the stage waited for the slowest image.
 """
 
 from __future__ import annotations
@@ -17,13 +22,15 @@ import json
 import os
 import statistics
 import sys
+import threading
 import time
+from pathlib import Path
 
 from bench_paths import SHARED_FACES  # noqa: E402  (puts the checkout on sys.path)
 from bench_generate import PORTRAITS, portrait_arrays  # noqa: E402
 
 
-def parse_args():
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--faces", default=str(SHARED_FACES))
     ap.add_argument("--repeats", type=int, default=5)
@@ -33,21 +40,27 @@ def parse_args():
     ap.add_argument("--cv2-threads", type=int, default=-1,
                     help="OpenCV's threads outside the pools (a pool divides them among its threads; -1: leave)")
     ap.add_argument("--switch-interval", type=float, default=0.0, help="sys.setswitchinterval (0: leave)")
-    return ap.parse_args()
+    ap.add_argument("--timeline", default=None, help="write the last run's timed calls here (JSON)")
+    return ap.parse_args(argv)
 
 
 def time_functions(fusion) -> dict:
     """Wrap the costly steps fusion calls (by its module's names) to add up their seconds over all threads."""
-    import threading
+    from facechain_core import processes
 
     spent: dict = {}
     lock = threading.Lock()
-    names = ("face_mesh", "embed_face", "detect_faces_per_thread", "prepared_face", "_blend_patch", "_face_again")
+    names = ("face_mesh", "embed_face", "detect_faces_per_thread", "prepared_face", "_blend_patch", "_face_again",
+             "_look", "start_fusing", "try_rung", "start_and_first_try")
     for name in names:
         setattr(fusion, name, _wrap(getattr(fusion, name), name, spent, lock))
     fusion.fg.warp_patch = _wrap(fusion.fg.warp_patch, "warp_patch", spent, lock)
     fusion.fb.sharpness = _wrap(fusion.fb.sharpness, "sharpness", spent, lock)
+    processes.ProcessPool.run = _wrap(processes.ProcessPool.run, "helper_job", spent, lock)
     return spent
+
+
+EVENTS: list | None = None  # (thread, step, start, end) of each timed call, while a timeline is recorded
 
 
 def _wrap(fn, name, spent, lock):
@@ -56,21 +69,53 @@ def _wrap(fn, name, spent, lock):
         try:
             return fn(*a, **k)
         finally:
+            end = time.perf_counter()
             with lock:
-                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t
+                spent[name] = spent.get(name, 0.0) + end - t
+                if EVENTS is not None:
+                    EVENTS.append((threading.get_ident(), name, t, end))
     return timed
 
 
-def main() -> None:
-    from pathlib import Path
+NETS = ("detect_faces_per_thread", "embed_face", "face_mesh")
+STEPS = NETS + ("helper_job", "try_rung")
 
+
+def timeline_summary(events: list, stage: tuple[float, float]) -> dict:
+    """Per image of the ``look_first_try`` stage (its ``start_and_first_try`` job): the job's wall time, the time
+    in each step (a net's time inside ``try_rung`` counts as the net's, not the try's) and the time in none;
+    medians over the images, in ms, and when the slowest job ended."""
+    start, end = stage
+    inside = [e for e in events if start <= e[2] and e[3] <= end]
+    images = []
+    for thread, name, j0, j1 in inside:
+        if name != "start_and_first_try":
+            continue
+        calls = [(n, a, b) for th, n, a, b in inside if th == thread and j0 <= a and b <= j1 and n != name]
+        row = {"job": j1 - j0, "starts": j0 - start}
+        for step in STEPS:
+            row[step] = sum(b - a for n, a, b in calls if n == step)
+        row["try_rung"] -= sum(b - a for n, a, b in calls if n in NETS and any(
+            m == "try_rung" and x <= a and b <= y for m, x, y in calls))
+        row["none"] = row["job"] - sum(row[step] for step in STEPS)
+        row["ends"] = j1 - start
+        images.append(row)
+    if not images:
+        return {}
+    med = {k: round(statistics.median(r[k] for r in images) * 1000, 1) for k in images[0]}
+    med.update(images=len(images), stage=round((end - start) * 1000, 1),
+               slowest_job_ends=round(max(r["ends"] for r in images) * 1000, 1))
+    return med
+
+
+def main(argv=None) -> None:
     import cv2
 
     from facechain_core import align, fusion, images, rank
     from facechain_core.onnx_torch import nets_device
     from facechain_core.threads import parallel_map
 
-    args = parse_args()
+    args = parse_args(argv)
     if args.cv2_threads >= 0:
         cv2.setNumThreads(args.cv2_threads)
     if args.switch_interval > 0:
@@ -93,9 +138,11 @@ def main() -> None:
 
         tpl = fusion._look("tpl", tpl_rgb, s)
         lap("template")
+        t["_stage_start"] = time.perf_counter()
         started = list(parallel_map(lambda i: fusion.start_and_first_try(crops[i], tpl, s), list(range(len(crops))),
                                     s.workers))
         live = [j for j in started if isinstance(j, fusion._Fusing)]
+        t["_stage_end"] = time.perf_counter()
         lap("look_first_try")
         rest = [(j, i) for j in live if j.tries[0][0] for i in range(1, len(j.ladder))]
         list(parallel_map(lambda job: fusion.try_rung(job[0], job[1], tpl, s), rest, s.workers))
@@ -116,12 +163,27 @@ def main() -> None:
     helpers = fusion.helper_pool(s)  # started by that first run, in the background (as in a host's first prompt)
     ready = helpers.wait(120) if helpers else 0
     spent.clear()
-    runs = [once() for _ in range(args.repeats)]
+    global EVENTS
+    runs = [once() for _ in range(max(1, args.repeats) - 1)]
+    if args.timeline:
+        EVENTS = []
+    runs.append(once())
+    events, EVENTS = EVENTS, None
+    stage = (runs[-1].pop("_stage_start"), runs[-1].pop("_stage_end"))
+    for r in runs[:-1]:
+        del r["_stage_start"], r["_stage_end"]
     result = {k: round(statistics.median(r[k] for r in runs), 4) for k in runs[0]}
     result["thread_seconds_per_run"] = {k: round(v / args.repeats, 4) for k, v in sorted(spent.items())}
     result.update(nets=nets_device() or "cpu", cpu_cores=os.cpu_count(), cv2_threads=cv2.getNumThreads(),
                   switch_interval=sys.getswitchinterval(), workers=args.workers,
                   helper_processes=ready, helper_jobs=helpers.remote_jobs if helpers else 0)
+    if events is not None:
+        result["timeline"] = timeline_summary(events, stage)
+        origin = stage[0]
+        threads = {thread: i for i, thread in enumerate(dict.fromkeys(e[0] for e in events))}
+        rows = [{"thread": threads[th], "step": name, "start_ms": round((a - origin) * 1000, 2),
+                 "end_ms": round((b - origin) * 1000, 2)} for th, name, a, b in events]
+        Path(args.timeline).write_text(json.dumps(rows))
     print(json.dumps(result), flush=True)
 
 
