@@ -70,15 +70,19 @@ def _line_height(scale: float) -> int:
     return int(round(40 * scale))
 
 
-def _tile(picture: np.ndarray, lines: Sequence[tuple[str, float]], colour, side: int | None = None) -> np.ndarray:
+def _tile(picture: np.ndarray, lines: Sequence[tuple[str, float]], colour, side: int | None = None,
+          look=None) -> np.ndarray:
     """A square tile: the picture fitted above a caption strip of white text ``lines`` ((text, font scale),
     on ``colour``), framed in ``colour``. Every tile of a node has the same size, so the editor lays them out
-    as an even grid, and the caption never hides the face."""
+    as an even grid, and the caption never hides the face. ``look``: applied to the fitted picture (one resize
+    from the image, whatever its size)."""
     side = _side(side)
     strip = sum(_line_height(sc) for _, sc in lines) + 8
     tile = np.full((side, side, 3), 235, np.uint8)
     h, w = picture.shape[:2]
     small = _scaled(picture, min((side - 6) / w, (side - strip - 3) / h))
+    if look is not None:
+        small = look(small)
     sh, sw = small.shape[:2]
     x0, y0 = (side - sw) // 2, 3 + (side - strip - 3 - sh) // 2
     tile[y0:y0 + sh, x0:x0 + sw] = small
@@ -100,13 +104,16 @@ def kept_thumbnail(image: np.ndarray, label: str, colour: str = "kept", side: in
 def marked_thumbnail(image: np.ndarray, word: str, reason: str = "", side: int | None = None) -> np.ndarray:
     """A tile of an image that was left out: greyed and faded, framed in red, ``word`` (e.g. SKIPPED) and the
     short reason below it."""
-    grey = cv2.cvtColor(cv2.cvtColor(thumbnail(image, side), cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
-    faded = cv2.addWeighted(grey, 0.55, np.full_like(grey, 255), 0.45, 0)
+    def greyed(small: np.ndarray) -> np.ndarray:
+        grey = cv2.cvtColor(cv2.cvtColor(small, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+        return cv2.addWeighted(grey, 0.55, np.full_like(grey, 255), 0.45, 0)
+
     width = _side(side) - 14
     reason_lines = _wrap(short_reason(reason), width, 0.45)
     if len(reason_lines) > 2:
         reason_lines = reason_lines[:1] + [reason_lines[1] + " ..."]
-    return _tile(faded, [(word.upper(), 0.6)] + [(t, 0.45) for t in reason_lines], _colour("skipped"), side)
+    return _tile(image, [(word.upper(), 0.6)] + [(t, 0.45) for t in reason_lines], _colour("skipped"), side,
+                 greyed)
 
 
 def _curve_points(values: Sequence[float], total: int, box: tuple[int, int, int, int], lo: float, hi: float):
