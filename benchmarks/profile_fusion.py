@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from bench_paths import SHARED_FACES  # noqa: E402  (puts the checkout on sys.path)
 from bench_generate import PORTRAITS, portrait_arrays  # noqa: E402
@@ -44,20 +45,26 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def time_functions(fusion) -> dict:
-    """Wrap the costly steps fusion calls (by its module's names) to add up their seconds over all threads."""
+def time_functions(fusion) -> tuple[dict, Callable[[], None]]:
+    """Wrap the costly steps fusion calls (by its module's names) to add up their seconds over all threads;
+    returns the seconds by step and what puts the functions back."""
     from facechain_core import processes
 
     spent: dict = {}
     lock = threading.Lock()
     names = ("face_mesh", "embed_face", "detect_faces_per_thread", "prepared_face", "_blend_patch", "_face_again",
              "_look", "start_fusing", "try_rung", "start_and_first_try")
-    for name in names:
-        setattr(fusion, name, _wrap(getattr(fusion, name), name, spent, lock))
-    fusion.fg.warp_patch = _wrap(fusion.fg.warp_patch, "warp_patch", spent, lock)
-    fusion.fb.sharpness = _wrap(fusion.fb.sharpness, "sharpness", spent, lock)
-    processes.ProcessPool.run = _wrap(processes.ProcessPool.run, "helper_job", spent, lock)
-    return spent
+    places = [(fusion, name, name) for name in names] + [
+        (fusion.fg, "warp_patch", "warp_patch"), (fusion.fb, "sharpness", "sharpness"),
+        (processes.ProcessPool, "run", "helper_job")]
+    originals = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in places]
+    for owner, attr, step in places:
+        setattr(owner, attr, _wrap(getattr(owner, attr), step, spent, lock))
+
+    def undo():
+        for owner, attr, fn in originals:
+            setattr(owner, attr, fn)
+    return spent, undo
 
 
 EVENTS: list | None = None  # (thread, step, start, end) of each timed call, while a timeline is recorded
@@ -123,7 +130,8 @@ def main(argv=None) -> None:
     faces = Path(args.faces)
     crops, tpl_rgb = portrait_arrays(faces, len(PORTRAITS), 512, align, images, "crop")
     s = fusion.FusionSettings(workers=args.workers, processes=args.processes)
-    spent = time_functions(fusion)
+    spent, undo = time_functions(fusion)
+    stages = []  # each run's look_first_try stage: (start, end)
 
     def once() -> dict:
         t = {}
@@ -138,14 +146,18 @@ def main(argv=None) -> None:
 
         tpl = fusion._look("tpl", tpl_rgb, s)
         lap("template")
-        t["_stage_start"] = time.perf_counter()
+        stage_start = time.perf_counter()
         started = list(parallel_map(lambda i: fusion.start_and_first_try(crops[i], tpl, s), list(range(len(crops))),
                                     s.workers))
         live = [j for j in started if isinstance(j, fusion._Fusing)]
-        t["_stage_end"] = time.perf_counter()
+        stages.append((stage_start, time.perf_counter()))
         lap("look_first_try")
-        rest = [(j, i) for j in live if j.tries[0][0] for i in range(1, len(j.ladder))]
-        list(parallel_map(lambda job: fusion.try_rung(job[0], job[1], tpl, s), rest, s.workers))
+        failed = [j for j in live if j.tries[0][0]]
+        if (os.cpu_count() or 2) >= fusion.SPECULATE_CORES:  # as _fuse_side_by_side schedules them
+            rest = [(j, i) for j in failed for i in range(1, len(j.ladder))]
+            list(parallel_map(lambda job: fusion.try_rung(job[0], job[1], tpl, s), rest, s.workers))
+        else:
+            list(parallel_map(lambda j: fusion._tries_from(j, 1, tpl, s), failed, s.workers))
         lap("other_tries")
         out = [j if isinstance(j, fusion.FusedImage) else fusion.finish_fusing(j, tpl) for j in started]
         result = fusion.FusionResult(out)
@@ -155,25 +167,26 @@ def main(argv=None) -> None:
         lap("rank")
         t["total"] = time.perf_counter() - w0
         t["cores_busy"] = (time.process_time() - c0) / t["total"]
-        t["tries"] = len(live) + len(rest)
+        t["tries"] = sum(len(j.tries) for j in live)
         t["fused"] = sum(f.fused for f in out)
         return t
 
-    once()  # models loaded in the pool's threads, CUDA graphs captured
-    helpers = fusion.helper_pool(s)  # started by that first run, in the background (as in a host's first prompt)
-    ready = helpers.wait(120) if helpers else 0
-    spent.clear()
     global EVENTS
-    runs = [once() for _ in range(max(1, args.repeats) - 1)]
-    if args.timeline:
-        EVENTS = []
-    runs.append(once())
-    events, EVENTS = EVENTS, None
-    stage = (runs[-1].pop("_stage_start"), runs[-1].pop("_stage_end"))
-    for r in runs[:-1]:
-        del r["_stage_start"], r["_stage_end"]
+    try:
+        once()  # models loaded in the pool's threads, CUDA graphs captured
+        helpers = fusion.helper_pool(s)  # started by that first run, in the background (as a host's first prompt)
+        ready = helpers.wait(120) if helpers else 0
+        spent.clear()
+        runs = [once() for _ in range(max(1, args.repeats) - 1)]
+        if args.timeline:
+            EVENTS = []
+        runs.append(once())
+    finally:
+        events, EVENTS = EVENTS, None
+        undo()
+    stage = stages[-1]
     result = {k: round(statistics.median(r[k] for r in runs), 4) for k in runs[0]}
-    result["thread_seconds_per_run"] = {k: round(v / args.repeats, 4) for k, v in sorted(spent.items())}
+    result["thread_seconds_per_run"] = {k: round(v / len(runs), 4) for k, v in sorted(spent.items())}
     result.update(nets=nets_device() or "cpu", cpu_cores=os.cpu_count(), cv2_threads=cv2.getNumThreads(),
                   switch_interval=sys.getswitchinterval(), workers=args.workers,
                   helper_processes=ready, helper_jobs=helpers.remote_jobs if helpers else 0)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import cv2
 import numpy as np
@@ -231,12 +231,6 @@ def shared_parts(rgb: np.ndarray, warped: np.ndarray, tgt: fg.FaceShape, roi, s:
     return _Shared(fb.two_bands(rgb[y0:y1, x0:x1], face, sigma))
 
 
-def _blend(rgb: np.ndarray, warped: np.ndarray, tgt: fg.FaceShape, roi, region: str, strength: float,
-           s: FusionSettings) -> tuple[np.ndarray, np.ndarray]:
-    """The fused image and its mask (strength included) for one region, from the warped template."""
-    return _in_image(rgb, roi, *_blend_patch(rgb, tgt, roi, region, strength, shared_parts(rgb, warped, tgt, roi, s)))
-
-
 def _in_image(rgb: np.ndarray, roi, blended: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A blended patch put back into the image, and its mask in the image's frame."""
     x0, y0, x1, y1 = roi
@@ -381,31 +375,35 @@ def start_fusing(rgb: np.ndarray, faces: list[Face], tpl: Template, s: FusionSet
         warped = learned_fusion().fuse(rgb, tpl.image)[roi[1]:roi[3], roi[0]:roi[2]]
         job.shared = shared_parts(rgb, warped, tgt, roi, s)
         return job
+    def in_this_thread():  # the warp and colour work here; the tries blend as they come (most pass the first)
+        warped = fg.warp_patch(tpl.image, tpl.shape.points, tgt.points, tpl.triangles, roi)
+        job.shared = shared_parts(rgb, warped, tgt, roi, s)
+
     helpers = helper_pool(s)
     if helpers is not None:
         helpers.start()
-    if helpers is None or helpers.ready == 0:  # in this thread the tries blend as they come (most pass the first)
-        warped = fg.warp_patch(tpl.image, tpl.shape.points, tgt.points, tpl.triangles, roi)
-        job.shared = shared_parts(rgb, warped, tgt, roi, s)
+    if helpers is None or helpers.ready == 0:  # no helper yet: not even worth packing the job for one
+        in_this_thread()
         return job
-    # a helper process blends every try at once: its cores are spare, and this thread then only checks
+    # a helper process blends every try at once: its cores are spare, and this thread then only checks; with
+    # every helper busy (or broken on it) this thread works as above
     tries = [(region, s.strength * k) for region, k in job.ladder]
     blends = helpers.run("fusion:warped_blends", rgb, tpl.image, tpl.shape.points, tpl.triangles, tgt.points,
-                         tgt.presence, roi, s.colour_match, tries)
-    job.blends = dict(enumerate(blends))
+                         tgt.presence, roi, asdict(s), tries, fallback=in_this_thread)
+    if blends is not None:
+        job.blends = dict(enumerate(blends))
     return job
 
 
 def warped_blends(rgb: np.ndarray, tpl_image: np.ndarray, tpl_points: np.ndarray, tpl_triangles: np.ndarray,
-                  points: np.ndarray, presence: float, roi: tuple, colour_match: bool,
+                  points: np.ndarray, presence: float, roi: tuple, settings: dict,
                   tries: list[tuple[str, float]]) -> list[tuple[np.ndarray, np.ndarray]]:
     """The template warped onto the image's mesh (``points``), given the image's colour and detail, and
-    blended at each (region, strength) of ``tries``: the patches and masks. Plain data in and out: a
-    helper process's job (``helper_pool``). Of the settings only ``colour_match`` shapes this work, so it
-    is the one passed (a setting that comes to shape it must be passed here too)."""
+    blended at each (region, strength) of ``tries``: the patches and masks. Plain data in and out (the
+    ``FusionSettings`` as a dict): a helper process's job (``helper_pool``)."""
     tgt = fg.FaceShape.of(points, presence)
     warped = fg.warp_patch(tpl_image, tpl_points, tgt.points, tpl_triangles, roi)
-    shared = shared_parts(rgb, warped, tgt, roi, FusionSettings(colour_match=colour_match))
+    shared = shared_parts(rgb, warped, tgt, roi, FusionSettings(**settings))
     return [_blend_patch(rgb, tgt, roi, region, strength, shared) for region, strength in tries]
 
 

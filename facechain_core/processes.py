@@ -41,7 +41,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-log = logging.getLogger("facechain")
+log = logging.getLogger("comfyui-facechain")  # the pack's logger, as the nodes'
 
 _U64 = struct.Struct("<Q")
 _PACKAGE = __name__.rpartition(".")[0]  # "facechain_core" (or the pack's own prefix under a host)
@@ -309,14 +309,16 @@ class ProcessPool:
                     return None
         return None
 
-    def run(self, target: str, *args):
+    def run(self, target: str, *args, fallback=None):
         """``target(*args)`` in a free helper, or in this thread when none is (see ``_free_helper``) or the
-        helper breaks on it. The helper's exception is raised here."""
+        helper breaks on it: then ``fallback()`` when given (work a thread does better another way), else
+        ``target(*args)``. The helper's exception is raised here."""
         self.start()
         pieces = encode((target, args))  # a TypeError for data that is not plain, before any helper is taken
+        in_thread = fallback or (lambda: _function(target)(*args))
         helper = self._free_helper()
         if helper is None:
-            return _function(target)(*args)
+            return in_thread()
         try:
             head, buffers = helper.call(pieces)
         except BaseException as e:
@@ -328,7 +330,7 @@ class ProcessPool:
             log.warning("FaceChain: a helper process stopped (%s); its job runs in a thread", e)
             if self._alive == 0:
                 log.warning("FaceChain: no helper process left; the work stays in threads")
-            return _function(target)(*args)
+            return in_thread()
         self._idle.put(helper)  # the stream is whole: the helper stays, whatever its answer holds
         with self._lock:
             self.remote_jobs += 1

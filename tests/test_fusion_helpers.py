@@ -112,6 +112,8 @@ def test_no_helper_ready_means_the_job_runs_in_the_calling_thread():
     pool._alive = 1
     card = np.full((6, 5, 3), 7, np.uint8)
     assert np.array_equal(pool.run("images:as_rgb_uint8", card, "card"), card)
+    assert pool.run("images:as_rgb_uint8", card, "card", fallback=lambda: "the thread's own way") == \
+        "the thread's own way"  # fusion's: the lazy blends, not every try's
     assert pool.remote_jobs == 0
 
 

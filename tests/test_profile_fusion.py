@@ -34,12 +34,16 @@ def test_a_jobs_time_is_split_into_its_steps_and_the_rest():
 def test_the_timeline_of_a_real_run_on_the_shared_photos(tmp_path, capsys):
     """The real library on the benchmark's 8 portraits, threads only: every image's job is in the summary and
     the events file holds the nets' and tries' calls."""
+    from facechain_core import fusion, processes
+
+    before = (fusion.start_and_first_try, fusion.fg.warp_patch, processes.ProcessPool.run)
     out = tmp_path / "timeline.json"
     profile_fusion.main(["--faces", str(FACES), "--repeats", "1", "--processes", "0", "--workers", "2",
                          "--timeline", str(out)])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["timeline"]
     assert summary["images"] == len(profile_fusion.PORTRAITS) and summary["job"] > 0
     assert summary["slowest_job_ends"] <= summary["stage"] + 1.0
+    assert (fusion.start_and_first_try, fusion.fg.warp_patch, processes.ProcessPool.run) == before  # unwrapped
     rows = json.loads(out.read_text())
     steps = {r["step"] for r in rows}
     assert {"start_and_first_try", "detect_faces_per_thread", "embed_face", "face_mesh", "try_rung"} <= steps

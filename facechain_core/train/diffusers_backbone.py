@@ -170,8 +170,9 @@ def _encode_batch(x: "torch.Tensor", device) -> int:
     an encode's memory per pixel (``vae_encode_bytes_per_pixel`` in memory_plans.json); all of them on a CPU."""
     if torch.device(device).type != "cuda":
         return len(x)
-    free, _ = torch.cuda.mem_get_info(device)
-    from .memory import table
+    from .memory import cuda_free_bytes, table
+
+    free = cuda_free_bytes(torch.device(device))  # what ComfyUI counts free: the card's and the allocator's spare
 
     per_pixel = table()["vae_encode_bytes_per_pixel"] * x.element_size()
     return int(free // (per_pixel * x.shape[2] * x.shape[3]))
