@@ -82,20 +82,39 @@ class YuNetDetector:
             with self._lock:
                 self._net.setInputSize((w, h))
                 _, rows = self._net.detect(bgr)
-        if rows is None or len(rows) == 0:
-            return []
-        faces = [Face(r[0:4].astype(np.float64), r[4:14].reshape(5, 2).astype(np.float64), float(r[14]))
-                 for r in rows]
-        return sorted(faces, key=lambda f: f.area, reverse=True)
+        return _faces(rows)
+
+    def detect_many(self, rgbs: list[np.ndarray]) -> list[list[Face]]:
+        """``[self.detect(rgb) for rgb in rgbs]``; with the net on the GPU, images of one size as one batch."""
+        gpu = gpu_net("yunet")
+        if gpu is None:
+            return [self.detect(rgb) for rgb in rgbs]
+        padded = [self._padded(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)) for rgb in rgbs]
+        return [_faces(self._rows(gpu, outs, x.shape[1])) for x, outs in zip(padded, gpu.run_many(padded))]
 
     def _detect_on(self, net, bgr: np.ndarray) -> np.ndarray:
-        """FaceDetectorYN's work with the net run elsewhere (``onnx_torch``): the image padded with black to
-        a multiple of 32 on the right and bottom, the net, then ``yunet_rows``."""
+        padded = self._padded(bgr)
+        return self._rows(net, net(padded), padded.shape[1])
+
+    @staticmethod
+    def _padded(bgr: np.ndarray) -> np.ndarray:
+        """The image padded with black to a multiple of 32 on the right and bottom, as FaceDetectorYN pads it
+        for the net (run elsewhere: ``onnx_torch``, which takes the uint8 image and makes the float input)."""
         h, w = bgr.shape[:2]
         ph, pw = -(-h // 32) * 32, -(-w // 32) * 32
-        padded = cv2.copyMakeBorder(bgr, 0, ph - h, 0, pw - w, cv2.BORDER_CONSTANT, value=0)
-        outs = dict(zip(net.outputs, net(padded)))  # uint8 HxWx3: made the float input on the GPU
-        return yunet_rows(outs, pw, self._score, self._nms, self._top_k)
+        return cv2.copyMakeBorder(bgr, 0, ph - h, 0, pw - w, cv2.BORDER_CONSTANT, value=0)
+
+    def _rows(self, net, outputs: list, padded_width: int) -> np.ndarray:
+        """FaceDetectorYN's rows from the net's outputs (``yunet_rows``)."""
+        return yunet_rows(dict(zip(net.outputs, outputs)), padded_width, self._score, self._nms, self._top_k)
+
+
+def _faces(rows) -> list[Face]:
+    """FaceDetectorYN's rows as faces, the largest first."""
+    if rows is None or len(rows) == 0:
+        return []
+    faces = [Face(r[0:4].astype(np.float64), r[4:14].reshape(5, 2).astype(np.float64), float(r[14])) for r in rows]
+    return sorted(faces, key=lambda f: f.area, reverse=True)
 
 
 def yunet_rows(outs: dict, width: int, score_threshold: float, nms_threshold: float, top_k: int) -> np.ndarray:

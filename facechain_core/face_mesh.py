@@ -159,32 +159,78 @@ def _crop_transform(centre: np.ndarray, side: float, angle: float, size: int) ->
     return m
 
 
-def _run_on(rgb: np.ndarray, centre: np.ndarray, side: float, angle: float) -> tuple[np.ndarray, np.ndarray, float]:
+def _crop(rgb: np.ndarray, centre: np.ndarray, side: float, angle: float) -> tuple[np.ndarray, np.ndarray]:
+    """The net's square input around ``centre`` and the affine that made it."""
     size = int(topology()["input_size"])
     m = _crop_transform(centre, side, angle, size)
-    crop = cv2.warpAffine(rgb, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    gpu = gpu_net("face_mesh")
-    marks, presence = _run_torch(gpu, crop) if gpu is not None else mesh_net().run(crop)
+    return cv2.warpAffine(rgb, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE), m
+
+
+def _in_image(marks: np.ndarray, presence: float, m: np.ndarray, side: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """The crop's points back in the image's pixels (x, y), their depth at the image's scale, the presence."""
+    size = int(topology()["input_size"])
     inv = cv2.invertAffineTransform(m)
     xy = marks[:, :2] @ inv[:, :2].T + inv[:, 2]
     return xy.astype(np.float32), (marks[:, 2] * side / size).astype(np.float32), presence
 
 
+def _run_on(rgb: np.ndarray, centre: np.ndarray, side: float, angle: float) -> tuple[np.ndarray, np.ndarray, float]:
+    crop, m = _crop(rgb, centre, side, angle)
+    gpu = gpu_net("face_mesh")
+    marks, presence = _run_torch(gpu, crop) if gpu is not None else mesh_net().run(crop)
+    return _in_image(marks, presence, m, side)
+
+
+def _first_crop(keypoints) -> tuple[np.ndarray, float, float]:
+    """Where the first pass looks: the centre, side and angle from the face's 5 keypoints."""
+    frame = FaceFrame.from_keypoints(keypoints)
+    return frame.point(0.0, 0.45), topology()["roi"]["scale"] * frame.size, frame.angle  # size: forehead to chin
+
+
+def _refined_crop(xy: np.ndarray) -> tuple[np.ndarray, float, float] | None:
+    """As MediaPipe tracks: the next crop is the square around the points found, turned by their eye line
+    (None when the first pass found nothing usable)."""
+    eyes = xy[topology()["points"]["left_eye_outer"]] - xy[topology()["points"]["right_eye_outer"]]
+    angle = float(np.degrees(np.arctan2(eyes[1], eyes[0])))
+    lo, hi = xy.min(axis=0), xy.max(axis=0)
+    if not (np.all(np.isfinite(xy)) and np.all(hi - lo > 4)):
+        return None
+    return (lo + hi) / 2, topology()["roi"]["scale"] * float(np.max(hi - lo)), angle
+
+
 def face_mesh(rgb: np.ndarray, keypoints) -> Mesh:
     """The 468 points of the face whose 5 keypoints are given, in ``rgb``'s pixels."""
-    frame = FaceFrame.from_keypoints(keypoints)
-    roi = topology()["roi"]
-    height = frame.size  # forehead to chin, from the keypoints
-    centre = frame.point(0.0, 0.45)
-    xy, z, presence = _run_on(rgb, centre, roi["scale"] * height, frame.angle)
-    if roi.get("refine"):
-        # as MediaPipe tracks: the next crop is the square around the points found, turned by their eye line
-        eyes = xy[topology()["points"]["left_eye_outer"]] - xy[topology()["points"]["right_eye_outer"]]
-        angle = float(np.degrees(np.arctan2(eyes[1], eyes[0])))
-        lo, hi = xy.min(axis=0), xy.max(axis=0)
-        if np.all(np.isfinite(xy)) and np.all(hi - lo > 4):
-            xy, z, presence = _run_on(rgb, (lo + hi) / 2, roi["scale"] * float(np.max(hi - lo)), angle)
+    xy, z, presence = _run_on(rgb, *_first_crop(keypoints))
+    if topology()["roi"].get("refine"):
+        again = _refined_crop(xy)
+        if again is not None:
+            xy, z, presence = _run_on(rgb, *again)
     return Mesh(xy, z, presence)
+
+
+def face_meshes(pairs: list[tuple[np.ndarray, object]], workers: int = 0) -> list[Mesh]:
+    """``face_mesh`` of each (image, keypoints): with the net on the GPU, each pass of all the faces as one
+    batch; else side by side on the thread pool."""
+    from .threads import parallel_map
+
+    gpu = gpu_net("face_mesh")
+    if gpu is None or len(pairs) < 2:
+        return list(parallel_map(lambda p: face_mesh(p[0], p[1]), pairs, workers))
+    rgbs = [rgb for rgb, _ in pairs]
+
+    def run(where: list) -> list:
+        crops = [_crop(rgb, *w) for rgb, w in zip(rgbs, where)]
+        outs = gpu.run_many([_blob(crop) for crop, _ in crops])
+        return [_in_image(*_answer(*_marks_and_score({o.size: o for o in out})), m, w[1])
+                for out, (_, m), w in zip(outs, crops, where)]
+
+    found = run([_first_crop(k) for _, k in pairs])
+    if topology()["roi"].get("refine"):
+        again = [_refined_crop(xy) for xy, _, _ in found]
+        redo = [i for i, w in enumerate(again) if w is not None]
+        for i, answer in zip(redo, run([again[i] for i in redo]) if redo else []):
+            found[i] = answer
+    return [Mesh(*f) for f in found]
 
 
 def mesh_from_list(value, shape: tuple[int, int] | None = None) -> np.ndarray | None:

@@ -80,6 +80,15 @@ class SFaceRecogniser:
             return _normalise(self._sf.feature(crop))
         return _normalise(self._forward(crop))
 
+    def embed_many(self, pairs: list[tuple[np.ndarray, Face]]) -> list[np.ndarray]:
+        """``embed`` of each (image, face); with the net on the GPU, as batches of crops."""
+        gpu = gpu_net("sface")
+        if gpu is None:
+            return [self.embed(rgb, face) for rgb, face in pairs]
+        blobs = [sface_blob(self._sf.alignCrop(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), face_row(face)))
+                 for rgb, face in pairs]
+        return [_normalise(outs[0]) for outs in gpu.run_many(blobs)]
+
 
 class ArcFaceOnnxRecogniser:
     """An ArcFace-style ONNX recogniser: NCHW RGB 112x112 scaled to [-1, 1], one embedding out."""
@@ -145,6 +154,16 @@ def get_recogniser(backend: str = "embedded"):
 
 def embed_face(rgb: np.ndarray, face: Face, backend: str = "embedded") -> np.ndarray:
     return get_recogniser(backend).embed(rgb, face)
+
+
+def embed_faces(pairs: list[tuple[np.ndarray, Face]], backend: str = "embedded", workers: int = 0) -> list[np.ndarray]:
+    """``embed_face`` of each (image, face): with the embedded net on the GPU in batches, else side by side on
+    the thread pool."""
+    from .threads import parallel_map
+
+    if backend != "embedded" or len(pairs) < 2 or gpu_net("sface") is None:
+        return list(parallel_map(lambda p: embed_face(p[0], p[1], backend), pairs, workers))
+    return get_recogniser(backend).embed_many(pairs)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:

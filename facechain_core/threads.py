@@ -90,18 +90,39 @@ def detect_faces_per_thread(rgb: np.ndarray, backend: str = "embedded",
     large images are searched at ``max_side`` and the faces scaled back."""
     from .detect import YuNetDetector, detect_faces
 
-    h, w = rgb.shape[:2]
-    k = 1.0
-    if max_side and max(h, w) > max_side:
-        k = max_side / max(h, w)
-        rgb = cv2.resize(rgb, (max(1, round(w * k)), max(1, round(h * k))), interpolation=cv2.INTER_AREA)
+    rgb, k = _working(rgb, max_side)
     if backend != "embedded":
         faces = detect_faces(rgb, backend)
     else:
         faces = per_thread("yunet", YuNetDetector).detect(rgb)
-    if k != 1.0:
-        faces = [Face(f.box / k, f.keypoints / k, f.score) for f in faces]
-    return faces
+    return _scaled_back(faces, k)
+
+
+def detect_faces_many(rgbs: list[np.ndarray], backend: str = "embedded", max_side: int | None = DETECT_MAX_SIDE,
+                      workers: int = 0) -> list[list[Face]]:
+    """``detect_faces_per_thread`` of each image: with the embedded net on the GPU in batches (one run for the
+    images of one size), else side by side on the thread pool."""
+    from .detect import YuNetDetector
+    from .onnx_torch import gpu_net
+
+    if backend != "embedded" or len(rgbs) < 2 or gpu_net("yunet") is None:
+        return list(parallel_map(lambda rgb: detect_faces_per_thread(rgb, backend, max_side), rgbs, workers))
+    work = [_working(rgb, max_side) for rgb in rgbs]
+    found = per_thread("yunet", YuNetDetector).detect_many([rgb for rgb, _ in work])
+    return [_scaled_back(faces, k) for faces, (_, k) in zip(found, work)]
+
+
+def _working(rgb: np.ndarray, max_side: int | None) -> tuple[np.ndarray, float]:
+    """The image at its working size (the long side at most ``max_side``) and the scale taken."""
+    h, w = rgb.shape[:2]
+    if not max_side or max(h, w) <= max_side:
+        return rgb, 1.0
+    k = max_side / max(h, w)
+    return cv2.resize(rgb, (max(1, round(w * k)), max(1, round(h * k))), interpolation=cv2.INTER_AREA), k
+
+
+def _scaled_back(faces: list[Face], k: float) -> list[Face]:
+    return faces if k == 1.0 else [Face(f.box / k, f.keypoints / k, f.score) for f in faces]
 
 
 def _load_thread_models() -> None:

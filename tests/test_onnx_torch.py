@@ -230,3 +230,72 @@ def test_inside_polygon_agrees_with_opencv():
                             poly[:5]]).astype(np.float32)  # the polygon's own corners lie on its edge
         want = np.array([cv2.pointPolygonTest(poly, (float(x), float(y)), False) >= 0 for x, y in points])
         assert np.array_equal(fg.inside_polygon(points, poly), want)
+
+
+def test_batches_give_what_single_runs_give(nets, mesh_torch):
+    """``run_many``: up to 8 inputs of one shape stacked into one run (padded to 1, 2, 4 or 8), more cut in
+    eights, mixed shapes grouped; each input's outputs as its own run gives them. YuNet's file fixes a batch of
+    one in its Reshapes: the batch is kept there."""
+    yunet, sface = nets
+    rng = np.random.default_rng(3)
+    photos = [cv2.resize(load_photo(p), (320, 320)) for p in PHOTOS[:5]]
+    cases = [(yunet, photos + [cv2.resize(photos[0], (256, 192))]),
+             (sface, [rng.random((1, 3, 112, 112), dtype=np.float32) for _ in range(11)]),
+             (mesh_torch, [rng.random((1, 3, 192, 192), dtype=np.float32) for _ in range(3)])]
+    for net, xs in cases:
+        many = net.run_many(xs)
+        assert len(many) == len(xs)
+        for x, got in zip(xs, many):
+            want = net(x)
+            assert [a.shape for a in got] == [b.shape for b in want]
+            for a, b in zip(got, want):
+                np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * (1 + float(np.abs(b).max())))
+        assert not net._no_batch, net.path.name  # the batches were kept, not run one by one
+
+
+def test_a_net_whose_outputs_lose_the_batch_runs_one_at_a_time(nets):
+    """A graph that mixes its batch (here: every output summed over it) fails the first batch's check against a
+    single run; that shape then runs one input at a time, with the right answers."""
+    _, sface = nets
+
+    class Mixing(TorchNet):
+        def _forward(self, x, batch=1):
+            return [o.sum(0, keepdim=True) for o in super()._forward(x, batch)]
+
+    net = Mixing(sface.path)
+    rng = np.random.default_rng(4)
+    xs = [rng.random((1, 3, 112, 112), dtype=np.float32) for _ in range(3)]
+    got = net.run_many(xs)
+    assert net._no_batch == {(1, 3, 112, 112)}
+    for x, outs in zip(xs, got):
+        np.testing.assert_allclose(outs[0], net(x)[0], rtol=1e-5)
+
+
+def test_the_many_forms_find_embed_and_mesh_as_the_single_ones(nets, mesh_torch, monkeypatch):
+    """detect_faces_many, embed_faces and face_meshes with the torch nets (batched) give the single calls'
+    answers on real photos of several sizes, a photo without a face among them."""
+    from facechain_core import face_mesh as fm
+    from facechain_core.recognition import embed_face, embed_faces
+    from facechain_core.threads import detect_faces_many
+
+    yunet, sface = nets
+    monkeypatch.setattr("facechain_core.detect.gpu_net", {"yunet": yunet}.get)
+    monkeypatch.setattr("facechain_core.onnx_torch.gpu_net", {"yunet": yunet, "sface": sface,
+                                                              "face_mesh": mesh_torch}.get)
+    monkeypatch.setattr("facechain_core.recognition.gpu_net", {"sface": sface}.get)
+    monkeypatch.setattr(fm, "gpu_net", {"face_mesh": mesh_torch}.get)
+    rgbs = [load_photo(p) for p in PHOTOS[:6]] + [np.full((200, 300, 3), 90, np.uint8)]
+    found = detect_faces_many(rgbs)
+    assert found[-1] == [] and sum(bool(f) for f in found) >= 5
+    for rgb, faces in zip(rgbs, found):
+        want = detect_faces_per_thread(rgb)
+        assert len(faces) == len(want)
+        for a, b in zip(faces, want):
+            np.testing.assert_allclose(a.keypoints, b.keypoints, atol=0.05)
+    pairs = [(rgb, faces[0]) for rgb, faces in zip(rgbs, found) if faces]
+    for got, (rgb, face) in zip(embed_faces(pairs), pairs):
+        assert float(got @ embed_face(rgb, face)) > 0.99999
+    for got, (rgb, face) in zip(fm.face_meshes([(rgb, f.keypoints) for rgb, f in pairs]), pairs):
+        want = fm.face_mesh(rgb, face.keypoints)
+        assert np.abs(got.points - want.points).max() < 1e-3 * float(np.ptp(want.points[:, 0]))
+        assert abs(got.presence - want.presence) < 1e-4
