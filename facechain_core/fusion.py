@@ -22,6 +22,7 @@ import os
 import sys
 import threading
 from dataclasses import asdict, dataclass, field, replace
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -31,13 +32,13 @@ from . import fusion_geometry as fg
 from . import model_store, processes
 from .detect import Face
 from .errors import FaceChainError
-from .face_mesh import face_mesh, fill_contours, topology
+from .face_mesh import face_mesh, face_meshes, fill_contours, topology
 from .images import as_rgb_uint8
 from .model_cache import cached, learned_files
-from .photo_embeddings import image_crc, photo_embedding
+from .photo_embeddings import image_crc, remember_embedding, remembered_embedding
 from .progress import ProgressFn, no_progress
-from .recognition import cosine, embed_face
-from .threads import detect_faces_per_thread, parallel_map
+from .recognition import cosine, embed_face, embed_faces
+from .threads import detect_faces_many, parallel_map
 
 BACKENDS = ("embedded", "face_fusion")
 LEVEL_WORDS = {"full": "fused (inner face)", "reduced": "fused at reduced strength (inner face)",
@@ -147,9 +148,9 @@ class Template:
         return float(np.mean([cosine(vec, e) for e in self.photos])) if self.photos else cosine(vec, self.embedding)
 
     @classmethod
-    def of(cls, rgb: np.ndarray, face: Face, embedding: np.ndarray | None = None) -> "Template":
-        """``embedding``: the recogniser's vector of ``face``, when already taken."""
-        mesh = face_mesh(rgb, face.keypoints)
+    def of(cls, rgb: np.ndarray, face: Face, embedding: np.ndarray | None = None, mesh=None) -> "Template":
+        """``embedding``, ``mesh``: the recogniser's vector and the face mesh of ``face``, when already taken."""
+        mesh = mesh or face_mesh(rgb, face.keypoints)
         shape = fg.FaceShape.of(mesh.points, mesh.presence)
         if shape.presence < fg.settings_data()["guards"]["min_presence"]:
             raise FaceChainError(f"The face mesh is unsure of the template's face (presence {shape.presence:.2f}). "
@@ -287,35 +288,70 @@ def _level_of(region: str, strength: float) -> tuple[str, str]:
     return level, words
 
 
-def _face_again(rgb: np.ndarray, face: Face, detector: str) -> Face:
-    """The face found afresh on the fused image, the one nearest where it was (its keypoints follow the fused
-    eyes), searched for as RTSRank will search the whole image (at its working size), so the likeness the
-    after-check weighs is the one RTSRank then reports; the old face when none is found."""
-    found = detect_faces_per_thread(rgb, detector)
+def _nearest(found: list[Face], face: Face) -> Face:
+    """Of the faces found afresh on a fused image, the one nearest where ``face`` was (its keypoints follow the
+    fused eyes); ``face`` itself when none was found."""
     return min(found, key=lambda f: float(np.linalg.norm(f.centre - face.centre))) if found else face
 
 
-def _after_check(original: np.ndarray, out: np.ndarray, face: Face, tgt: fg.FaceShape, tpl: Template,
-                 before: float, detector: str = "embedded",
-                 eyes_moved: bool = True) -> tuple[str, float, np.ndarray | None]:
-    """'' when the fused face keeps its eyes' sharpness, is more like the person than before and keeps its
-    outline, else why not; and the fused face's likeness and vector. Cheapest check first. The face is found
-    again on the result when its eyes were fused (``eyes_moved``): the recogniser aligns on the eyes."""
+@dataclass
+class _Check:
+    """One fused image for the after-check: the image before and after, the face fused, its mesh measures, the
+    likeness before, and whether the eyes were fused (then the face is found again: the recogniser aligns on
+    the eyes)."""
+
+    original: np.ndarray
+    out: np.ndarray
+    face: Face
+    tgt: fg.FaceShape
+    before: float
+    eyes_moved: bool = True
+
+
+def _after_checks(checks: list[_Check], tpl: Template, detector: str = "embedded",
+                  workers: int = 0) -> list[tuple[str, float, np.ndarray | None]]:
+    """For each fused image: '' when it keeps its eyes' sharpness, is more like the person than before and
+    keeps its outline, else why not; and the fused face's likeness and vector. Cheapest check first; each
+    net runs once for all the images still in (batched on a GPU). The face is searched for on the whole fused
+    image, as RTSRank will search it (at its working size), so the likeness weighed here is the one RTSRank
+    then reports."""
     d = fg.settings_data()
-    boxes = fb.eye_boxes(tgt.points)
-    sharp = fb.sharpness(out, boxes) / max(1e-6, fb.sharpness(original, boxes))
-    if sharp < d["guards"]["min_eye_sharpness"]:
-        return f"the eyes came out softer ({sharp:.2f} of their sharpness)", before, None
-    vec = embed_face(out, _face_again(out, face, detector) if eyes_moved else face)
-    after = tpl.likeness(vec)
+    out: list = [None] * len(checks)
+
+    def eyes(c: _Check) -> float:
+        boxes = fb.eye_boxes(c.tgt.points)
+        return fb.sharpness(c.out, boxes) / max(1e-6, fb.sharpness(c.original, boxes))
+
+    live = []
+    for n, (c, sharp) in enumerate(zip(checks, parallel_map(eyes, checks, workers))):
+        if sharp < d["guards"]["min_eye_sharpness"]:
+            out[n] = (f"the eyes came out softer ({sharp:.2f} of their sharpness)", c.before, None)
+        else:
+            live.append(n)
+    again = [n for n in live if checks[n].eyes_moved]
+    faces = {n: checks[n].face for n in live}
+    for n, found in zip(again, detect_faces_many([checks[n].out for n in again], detector, workers=workers)):
+        faces[n] = _nearest(found, checks[n].face)
+    vecs = dict(zip(live, embed_faces([(checks[n].out, faces[n]) for n in live], workers=workers)))
     gain = d["guards"]["min_likeness_gain" if tpl.likeness_to == "template" else "min_likeness_gain_photos"]
-    if after < before + gain:
-        verb = "raise" if gain > 0 else "keep"
-        return f"fusing did not {verb} the likeness to the {tpl.likeness_to} ({before:.2f} -> {after:.2f})", after, vec
-    shift = fg.outline_shift(tgt, face_mesh(out, face.keypoints).points, d["inner_face"]["inner_scale"])
-    if shift > d["guards"]["outline_tolerance"]:
-        return f"the outline moved {shift:.2f} IOD when fused", before, None
-    return "", after, vec
+    kept, afters = [], {n: tpl.likeness(vecs[n]) for n in live}
+    for n in live:
+        c, after = checks[n], afters[n]
+        if after < c.before + gain:
+            verb = "raise" if gain > 0 else "keep"
+            out[n] = (f"fusing did not {verb} the likeness to the {tpl.likeness_to} ({c.before:.2f} -> {after:.2f})",
+                      after, vecs[n])
+        else:
+            kept.append(n)
+    meshes = face_meshes([(checks[n].out, checks[n].face.keypoints) for n in kept], workers)
+    for n, mesh in zip(kept, meshes):
+        c = checks[n]
+        shift = fg.outline_shift(c.tgt, mesh.points, d["inner_face"]["inner_scale"])
+        if shift > d["guards"]["outline_tolerance"]:
+            out[n] = (f"the outline moved {shift:.2f} IOD when fused", c.before, None)
+        else:
+            out[n] = ("", afters[n], vecs[n])
+    return out
 
 
 @dataclass
@@ -332,8 +368,22 @@ class _Fusing:
     original_vec: np.ndarray | None = None
     before: float = 0.0
     shared: _Shared | None = None
-    blends: dict = field(default_factory=dict)  # ladder index -> (patch, mask), when a helper made them
+    parts: processes.Parts | None = None  # each try's (patch, mask) in ladder order, when a helper makes them
+    local: Callable[[], None] | None = None  # makes ``shared`` here (a helper that broke leaves it to us)
     tries: dict = field(default_factory=dict)  # ladder index -> (why_not, out, mask, after, vec)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def patch(self, i: int, strength: float) -> tuple[np.ndarray, np.ndarray]:
+        """The ``i``-th try's blended patch and mask: the helper's, else made here."""
+        if self.parts is not None:
+            try:
+                return self.parts.get(i)
+            except processes.HelperBroke:
+                self.parts = None
+        with self._lock:
+            if self.shared is None:
+                self.local()
+        return _blend_patch(self.rgb, self.tgt, self.roi, self.ladder[i][0], strength, self.shared)
 
 
 def _unfused(rgb: np.ndarray, faces: list, note: str, vec: np.ndarray | None = None,
@@ -379,32 +429,32 @@ def start_fusing(rgb: np.ndarray, faces: list[Face], tpl: Template, s: FusionSet
         warped = fg.warp_patch(tpl.image, tpl.shape.points, tgt.points, tpl.triangles, roi)
         job.shared = shared_parts(rgb, warped, tgt, roi, s)
 
+    job.local = in_this_thread
     helpers = helper_pool(s)
     if helpers is not None:
         helpers.start()
     if helpers is None or helpers.ready == 0:  # no helper yet: not even worth packing the job for one
         in_this_thread()
         return job
-    # a helper process blends every try at once: its cores are spare, and this thread then only checks; with
-    # every helper busy (or broken on it) this thread works as above
+    # a helper process blends every try, the first first, and sends each as it is made: its cores are spare,
+    # and this thread goes on at once (the tries wait for their blends); with every helper busy (or broken on
+    # it) this thread works as above
     tries = [(region, s.strength * k) for region, k in job.ladder]
-    blends = helpers.run("fusion:warped_blends", rgb, tpl.image, tpl.shape.points, tpl.triangles, tgt.points,
-                         tgt.presence, roi, asdict(s), tries, fallback=in_this_thread)
-    if blends is not None:
-        job.blends = dict(enumerate(blends))
+    job.parts = helpers.run_parts("fusion:warped_blends", rgb, tpl.image, tpl.shape.points, tpl.triangles,
+                                  tgt.points, tgt.presence, roi, asdict(s), tries, fallback=in_this_thread)
     return job
 
 
 def warped_blends(rgb: np.ndarray, tpl_image: np.ndarray, tpl_points: np.ndarray, tpl_triangles: np.ndarray,
-                  points: np.ndarray, presence: float, roi: tuple, settings: dict,
-                  tries: list[tuple[str, float]]) -> list[tuple[np.ndarray, np.ndarray]]:
+                  points: np.ndarray, presence: float, roi: tuple, settings: dict, tries: list[tuple[str, float]]):
     """The template warped onto the image's mesh (``points``), given the image's colour and detail, and
-    blended at each (region, strength) of ``tries``: the patches and masks. Plain data in and out (the
-    ``FusionSettings`` as a dict): a helper process's job (``helper_pool``)."""
+    blended at each (region, strength) of ``tries``: yields each try's patch and mask as it is made. Plain
+    data in and out (the ``FusionSettings`` as a dict): a helper process's job (``helper_pool``)."""
     tgt = fg.FaceShape.of(points, presence)
     warped = fg.warp_patch(tpl_image, tpl_points, tgt.points, tpl_triangles, roi)
     shared = shared_parts(rgb, warped, tgt, roi, FusionSettings(**settings))
-    return [_blend_patch(rgb, tgt, roi, region, strength, shared) for region, strength in tries]
+    for region, strength in tries:
+        yield _blend_patch(rgb, tgt, roi, region, strength, shared)
 
 
 def warm_up_helper() -> None:
@@ -444,14 +494,24 @@ def helper_pool(s: FusionSettings) -> "processes.ProcessPool | None":
 
 
 def try_rung(job: _Fusing, i: int, tpl: Template, s: FusionSettings) -> None:
-    """Blend at the ladder's ``i``-th (region, strength) and check the result; kept in ``job.tries``. Tries of
-    one image do not depend on each other, so they can run side by side."""
-    region, k = job.ladder[i]
-    patch = job.blends.get(i) or _blend_patch(job.rgb, job.tgt, job.roi, region, s.strength * k, job.shared)
-    out, mask = _in_image(job.rgb, job.roi, *patch)
-    why_not, after, vec = _after_check(job.rgb, out, job.faces[0], job.tgt, tpl, job.before, s.detector,
-                                       region != "brows")
-    job.tries[i] = (why_not, out, mask, after, vec)
+    """Blend at the ladder's ``i``-th (region, strength) and check the result; kept in ``job.tries``."""
+    try_rungs([(job, i)], tpl, s)
+
+
+def try_rungs(tries: list[tuple[_Fusing, int]], tpl: Template, s: FusionSettings) -> None:
+    """``try_rung`` of each (job, ladder index), side by side: the blends on the thread pool (or ready, from a
+    helper), then the after-check of them all (``_after_checks``). Tries do not depend on each other, even two
+    of one image."""
+    def blended(t: tuple[_Fusing, int]):
+        job, i = t
+        return _in_image(job.rgb, job.roi, *job.patch(i, s.strength * job.ladder[i][1]))
+
+    made = list(parallel_map(blended, tries, s.workers))
+    checks = [_Check(job.rgb, out, job.faces[0], job.tgt, job.before, job.ladder[i][0] != "brows")
+              for (job, i), (out, _) in zip(tries, made)]
+    for (job, i), (out, mask), (why_not, after, vec) in zip(tries, made, _after_checks(checks, tpl, s.detector,
+                                                                                         s.workers)):
+        job.tries[i] = (why_not, out, mask, after, vec)
 
 
 def finish_fusing(job: _Fusing, tpl: Template) -> FusedImage:
@@ -478,7 +538,10 @@ def fuse_one(rgb: np.ndarray, faces: list[Face], tpl: Template, s: FusionSetting
     job = start_fusing(rgb, faces, tpl, s, tgt)
     if isinstance(job, FusedImage):
         return job
-    _tries_from(job, 0, tpl, s)
+    for i in range(len(job.ladder)):
+        try_rung(job, i, tpl, s)
+        if not job.tries[i][0]:
+            break
     return finish_fusing(job, tpl)
 
 
@@ -491,21 +554,74 @@ def mean_embedding(embs: list[np.ndarray | None]) -> np.ndarray | None:
     return mean / np.linalg.norm(mean)
 
 
-def _look(kind: str, rgb: np.ndarray, s: FusionSettings):
-    """What is looked at before fusing: the template's face, mesh and vector or a reference photo's vector
-    (remembered for RTSRank), side by side in the first pass; an image's faces and its largest face's mesh and
-    vector, at the start of that image's own job."""
-    if kind == "ref":
-        return photo_embedding(rgb, s.detector)
-    faces = detect_faces_per_thread(rgb, s.detector)
-    if kind == "tpl":
-        # remembered by the template's pixels: RTSRank, given the template as its reference, finds it
-        return faces and Template.of(rgb, faces[0], photo_embedding(rgb, s.detector, faces=faces))
-    if not faces or s.strength == 0.0:
-        return faces, None, None
-    # the face's vector now: every image with a face needs it (the fusion's before-and-after, or RTSRank when
-    # left unfused)
-    return faces, target_shape(rgb, faces[0]), embed_face(rgb, faces[0])
+class _Recent:
+    """The few templates last looked at, by their pixels: a graph fuses into every batch of portraits with the
+    same template face."""
+
+    def __init__(self, size: int = 4):
+        self._held: dict = {}
+        self._size = size
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            value = self._held.pop(key, None)
+            if value is not None:
+                self._held[key] = value
+            return value
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            self._held.pop(key, None)
+            self._held[key] = value
+            while len(self._held) > self._size:
+                self._held.pop(next(iter(self._held)))
+
+
+_templates = _Recent()
+
+
+def _looks(kinds: list[str], rgbs: list[np.ndarray], s: FusionSettings) -> list:
+    """What is looked at before fusing, for each (kind, image); each net runs once for all of them (batched on
+    a GPU, side by side on the thread pool otherwise):
+    - "tpl": the template's face, mesh and vector (its vector remembered for RTSRank; falsy without a face);
+    - "ref": a reference photo's vector (remembered for RTSRank; None without a face);
+    - "img": an image's faces, and its largest face's mesh measures and vector (every image with a face needs
+      the vector: the fusion's before-and-after, or RTSRank when left unfused)."""
+    out: list = [None] * len(rgbs)
+    look = []  # the images whose faces are searched for
+    for n, (kind, rgb) in enumerate(zip(kinds, rgbs)):
+        known = remembered_embedding(rgb, s.detector) if kind == "ref" else None
+        if kind == "tpl":
+            held = _templates.get((image_crc(rgb), s.detector))
+            if held is not None:  # a copy: fuse_images sets the person's reference on it
+                known = (replace(held),)
+                remember_embedding(rgb, s.detector, held.face_embedding)  # for RTSRank, as a first look does
+        if known is not None:
+            out[n] = known[0]
+        else:
+            look.append(n)
+    faces = dict(zip(look, detect_faces_many([rgbs[n] for n in look], s.detector, workers=s.workers)))
+    fused = s.strength != 0.0
+    meshed = [n for n in look if faces[n] and (kinds[n] == "tpl" or (kinds[n] == "img" and fused))]
+    meshes = dict(zip(meshed, face_meshes([(rgbs[n], faces[n][0].keypoints) for n in meshed], s.workers)))
+    embedded = [n for n in look if faces[n] and (kinds[n] != "img" or fused)]
+    vecs = dict(zip(embedded, embed_faces([(rgbs[n], faces[n][0]) for n in embedded], workers=s.workers)))
+    for n in look:
+        kind, rgb = kinds[n], rgbs[n]
+        if kind != "img":
+            remember_embedding(rgb, s.detector, vecs.get(n))
+        if kind == "ref":
+            out[n] = vecs.get(n)
+        elif kind == "tpl":
+            out[n] = faces[n] and Template.of(rgb, faces[n][0], vecs[n], meshes[n])
+            if out[n]:
+                _templates.put((image_crc(rgb), s.detector), replace(out[n]))
+        elif not faces[n] or not fused:
+            out[n] = (faces[n], None, None)
+        else:
+            out[n] = (faces[n], fg.FaceShape.of(meshes[n].points, meshes[n].presence), vecs[n])
+    return out
 
 
 def fuse_images(images: list[np.ndarray], template: np.ndarray, settings: FusionSettings | None = None,
@@ -526,21 +642,18 @@ def fuse_images(images: list[np.ndarray], template: np.ndarray, settings: Fusion
     template_rgb = as_rgb_uint8(template, "template")
     refs = [as_rgb_uint8(im, f"reference {i + 1}") for i, im in enumerate(references or [])]
     progress(0, len(rgbs), None)
-    # 1. the template and the reference photos looked at side by side; 2. each image looked at and fused in
-    # one job, side by side (an image's warp starts as soon as its own mesh is known)
-    jobs = [("tpl", template_rgb)] + [("ref", im) for im in refs]
-    looked = list(parallel_map(lambda job: _look(job[0], job[1], s), jobs, s.workers))
-    tpl, ref_embs = looked[0], looked[1:]
+    # 1. the template, the reference photos and the images looked at, together; 2. every image's warp and colour
+    # work (in the helpers, with every try's blend), side by side; 3. the first try of every image; 4. the tries
+    # left for the images whose first failed
+    looked = _looks(["tpl"] + ["ref"] * len(refs) + ["img"] * len(rgbs), [template_rgb] + refs + rgbs, s)
+    tpl, ref_embs, found = looked[0], looked[1:1 + len(refs)], looked[1 + len(refs):]
     if not tpl:
         raise FaceChainError("FaceFusion found no face in the template image. Connect a clear photo of the "
                              "person's face (the template face from the training photos).")
-    found = None
     embs = [e for e in ref_embs if e is not None]
-    if refs and not embs:  # an error only when there is a face to fuse: look at the images first
-        found = list(parallel_map(lambda im: _look("img", im, s), rgbs, s.workers))
-        if any(look[0] for look in found):
-            raise FaceChainError("FaceFusion found no face in the reference photos. Connect the aligned training "
-                                 "crops (FaceAlign's images), or leave the reference input empty.")
+    if refs and not embs and any(look[0] for look in found):  # an error only when there is a face to fuse
+        raise FaceChainError("FaceFusion found no face in the reference photos. Connect the aligned training "
+                             "crops (FaceAlign's images), or leave the reference input empty.")
     if embs:
         # the template's own photo among them is left out: fusing it in always looks more like itself
         same = fg.settings_data()["guards"]["same_face_likeness"]
@@ -549,48 +662,46 @@ def fuse_images(images: list[np.ndarray], template: np.ndarray, settings: Fusion
             word = "other " if len(others) < len(embs) else ""
             tpl.embedding, tpl.photos = mean_embedding(others), others
             tpl.likeness_to = f"person's {len(others)} {word}photo{'s' if len(others) > 1 else ''}"
+    jobs = start_all(rgbs, found, tpl, s)
+    first_tries(jobs, tpl, s)
+    other_tries(jobs, tpl, s)
     result = FusionResult()
-    result.images = _fuse_side_by_side(rgbs, found, tpl, s, progress)
+    for n, job in enumerate(jobs, start=1):
+        result.images.append(job if isinstance(job, FusedImage) else finish_fusing(job, tpl))
+        progress(n, len(rgbs), None)
     return result
 
 
 SPECULATE_CORES = 8  # with at least this many cores an image's remaining tries all run at once
 
 
-def _tries_from(job: _Fusing, first: int, tpl: Template, s: FusionSettings) -> None:
-    """The ladder's tries from ``first`` on, one after the other, up to the first that passes."""
-    for i in range(first, len(job.ladder)):
-        try_rung(job, i, tpl, s)
-        if not job.tries[i][0]:
-            return
+def start_all(rgbs: list, found: list, tpl: Template, s: FusionSettings) -> list:
+    """``start_fusing`` of every image (as ``_looks`` found it): with every image's warp, colour work and blends
+    for the helper processes, one after the other in this thread (each job goes out at once, in ~1 ms: threads
+    would only queue on the GIL), else side by side on the thread pool, where the work is done."""
+    helpers = helper_pool(s)
+    if helpers is not None:
+        helpers.start()
+    sent = helpers is not None and helpers.ready >= min(len(rgbs), helpers.size)
+    return list((map if sent else lambda f, items: parallel_map(f, items, s.workers))(
+        lambda n: start_fusing(rgbs[n], found[n][0], tpl, s, found[n][1], found[n][2]), list(range(len(rgbs)))))
 
 
-def start_and_first_try(rgb: np.ndarray, tpl: Template, s: FusionSettings,
-                        found: tuple | None = None) -> "_Fusing | FusedImage":
-    """One image's look (unless ``found`` already), ``start_fusing`` and its ladder's first try, in one job: no
-    image waits for the slowest image's look or warp before its own first try."""
-    faces, tgt, vec = found or _look("img", rgb, s)
-    job = start_fusing(rgb, faces, tpl, s, tgt, vec)
-    if isinstance(job, _Fusing):
-        try_rung(job, 0, tpl, s)
-    return job
+def first_tries(jobs: list, tpl: Template, s: FusionSettings) -> None:
+    try_rungs([(j, 0) for j in jobs if isinstance(j, _Fusing)], tpl, s)
 
 
-def _fuse_side_by_side(rgbs: list, found: list | None, tpl: Template, s: FusionSettings,
-                       progress: ProgressFn) -> list:
-    """Every image's look (unless ``found`` already), warp and first try side by side; then the remaining
-    tries of the images whose first try failed: all at once where there are cores to spare (the slowest image
-    then costs three rounds, not one per try), else each image's in turn. The result is the same either way."""
-    jobs = list(parallel_map(lambda i: start_and_first_try(rgbs[i], tpl, s, found[i] if found else None),
-                             list(range(len(rgbs))), s.workers))
+def other_tries(jobs: list, tpl: Template, s: FusionSettings) -> None:
+    """The ladder's tries after a failed first: all at once where there are cores to spare (the slowest image
+    then costs one more round, not one per try), else one round per rung, each image stopping at the first
+    that passes. The result is the same either way."""
     failed = [j for j in jobs if isinstance(j, _Fusing) and j.tries[0][0]]
-    if (os.cpu_count() or 2) >= SPECULATE_CORES:  # cores to spare: every remaining try at once
-        rest = [(j, i) for j in failed for i in range(1, len(j.ladder))]
-        list(parallel_map(lambda job: try_rung(job[0], job[1], tpl, s), rest, s.workers))
-    else:  # few cores: each image's tries in turn, stopping at the first that passes
-        list(parallel_map(lambda j: _tries_from(j, 1, tpl, s), failed, s.workers))
-    out = []
-    for n, job in enumerate(jobs, start=1):
-        out.append(job if isinstance(job, FusedImage) else finish_fusing(job, tpl))
-        progress(n, len(rgbs), None)
-    return out
+    if (os.cpu_count() or 2) >= SPECULATE_CORES:
+        try_rungs([(j, i) for j in failed for i in range(1, len(j.ladder))], tpl, s)
+        return
+    rung = 1
+    while failed:
+        failed = [j for j in failed if rung < len(j.ladder)]
+        try_rungs([(j, rung) for j in failed], tpl, s)
+        failed = [j for j in failed if j.tries[rung][0]]
+        rung += 1

@@ -35,15 +35,30 @@ def photo_embedding(rgb: np.ndarray, detector: str = "embedded", backend: str = 
     if backend != "embedded":
         faces = detect_faces_per_thread(rgb, detector) if faces is None else faces
         return embed_face(rgb, faces[0], backend) if faces else None
-    key = (image_crc(rgb), detector, backend)
+    known = remembered_embedding(rgb, detector)
+    if known is not None:
+        return known[0]
+    faces = detect_faces_per_thread(rgb, detector) if faces is None else faces
+    vec = embed_face(rgb, faces[0], backend) if faces else None
+    remember_embedding(rgb, detector, vec)
+    return vec
+
+
+def remembered_embedding(rgb: np.ndarray, detector: str = "embedded") -> tuple[np.ndarray | None] | None:
+    """``(vector,)`` when the embedded recogniser's vector of ``rgb`` is remembered (the vector None: no face),
+    else None."""
+    key = (image_crc(rgb), detector, "embedded")
     with _lock:
         if key in _cache:
             _cache.move_to_end(key)
-            return _cache[key]
-    faces = detect_faces_per_thread(rgb, detector) if faces is None else faces
-    vec = embed_face(rgb, faces[0], backend) if faces else None
+            return (_cache[key],)
+    return None
+
+
+def remember_embedding(rgb: np.ndarray, detector: str, vec: np.ndarray | None) -> None:
+    """Remember the embedded recogniser's vector of ``rgb``'s largest face (None: no face), as
+    ``photo_embedding`` does, for a vector taken elsewhere (FaceFusion's batched look)."""
     with _lock:
-        _cache[key] = vec
+        _cache[(image_crc(rgb), detector, "embedded")] = vec
         while len(_cache) > _MAX:
             _cache.popitem(last=False)
-    return vec

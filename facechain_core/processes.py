@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import importlib
+import inspect
 import io
 import logging
 import os
@@ -120,6 +121,11 @@ def _function(target: str) -> Callable:
     return getattr(importlib.import_module(f"{_PACKAGE}.{module}"), name)
 
 
+def _whole(result):
+    """A job's result as a helper answers it: a job in parts (a generator) as the list of its parts."""
+    return list(result) if inspect.isgenerator(result) else result
+
+
 def _error(e: BaseException) -> tuple:
     # by name, not pickled: the host knows this package's classes under another module name
     return ("error", type(e).__name__, str(e), traceback.format_exc())
@@ -153,6 +159,10 @@ def serve() -> None:
         try:
             target, args = pickle.loads(head, buffers=buffers)
             answer = ("ok", _function(target)(*args))
+            if inspect.isgenerator(answer[1]):  # a job in parts: each sent as it is made, then the end
+                for part in answer[1]:
+                    write(out, encode(("part", part)))
+                answer = ("end", None)
         except BaseException as e:  # noqa: BLE001 - raised again in the caller
             answer = _error(e)
         try:
@@ -165,12 +175,50 @@ def serve() -> None:
 def _raise_again(name: str, message: str, trace: str) -> None:
     """A helper's exception in the caller: the pack's own errors (what the user is told) as they were, any
     other as a RuntimeError carrying the helper's traceback."""
+    raise _again(name, message, trace)
+
+
+def _again(name: str, message: str, trace: str) -> BaseException:
     from . import errors
 
     cls = getattr(errors, name, None)
     if isinstance(cls, type) and issubclass(cls, errors.FaceChainError):
-        raise cls(message)
-    raise RuntimeError(f"{name} in a helper process: {message}\n{trace}")
+        return cls(message)
+    return RuntimeError(f"{name} in a helper process: {message}\n{trace}")
+
+
+class HelperBroke(RuntimeError):
+    """The helper running a job in parts stopped before its last part (the caller makes the rest itself)."""
+
+
+class Parts:
+    """The parts a helper's job yields, as they come (read in the background): ``get(i)`` waits for the
+    ``i``-th; the job's error, or ``HelperBroke``, when it never comes."""
+
+    def __init__(self):
+        self._got: list = []
+        self._error: BaseException | None = None
+        self._ended = False
+        self._cond = threading.Condition()
+
+    def _put(self, value) -> None:
+        with self._cond:
+            self._got.append(value)
+            self._cond.notify_all()
+
+    def _end(self, error: BaseException | None = None) -> None:
+        with self._cond:
+            self._ended, self._error = True, error
+            self._cond.notify_all()
+
+    def get(self, i: int):
+        with self._cond:
+            self._cond.wait_for(lambda: len(self._got) > i or self._ended)
+            if i < len(self._got):
+                return self._got[i]
+            if self._error is not None:
+                raise self._error
+            raise IndexError(f"the job gave {len(self._got)} parts, not {i + 1}")
 
 
 class _Helper:
@@ -315,32 +363,87 @@ class ProcessPool:
         ``target(*args)``. The helper's exception is raised here."""
         self.start()
         pieces = encode((target, args))  # a TypeError for data that is not plain, before any helper is taken
-        in_thread = fallback or (lambda: _function(target)(*args))
+        in_thread = fallback or (lambda: _whole(_function(target)(*args)))
         helper = self._free_helper()
         if helper is None:
             return in_thread()
+        parts = Parts()
         try:
-            head, buffers = helper.call(pieces)
+            write(helper.proc.stdin, pieces)
+            first = self._answer(helper, target)
+            while first[0] == "part":  # a job in parts, asked for whole: the list of them
+                parts._put(first[1])
+                first = self._answer(helper, target)
         except BaseException as e:
-            with self._lock:
-                self._alive = max(0, self._alive - 1)
-            self._discard(helper)
-            if not isinstance(e, (OSError, EOFError, ValueError)):  # ValueError: a pipe closed under it
+            if not self._broke(helper, e):
                 raise
-            log.warning("FaceChain: a helper process stopped (%s); its job runs in a thread", e)
-            if self._alive == 0:
-                log.warning("FaceChain: no helper process left; the work stays in threads")
             return in_thread()
-        self._idle.put(helper)  # the stream is whole: the helper stays, whatever its answer holds
+        self._done_with(helper)
+        if first[0] == "error":
+            _raise_again(*first[1:])
+        return parts._got if first[0] == "end" else first[1]
+
+    def run_parts(self, target: str, *args, fallback=None) -> "Parts | Any":
+        """A job that yields its results (a generator) in a free helper: a ``Parts`` at once, filled in the
+        background as the helper sends each part (it is free again after the last). With no helper free (see
+        ``_free_helper``), or one that breaks as the job is sent: ``fallback()`` in this thread, or the list
+        of the parts made here. A helper that breaks later ends the ``Parts`` with ``HelperBroke``."""
+        self.start()
+        pieces = encode((target, args))
+        helper = self._free_helper()
+        if helper is None:
+            return fallback() if fallback else list(_function(target)(*args))
+        try:
+            write(helper.proc.stdin, pieces)
+        except BaseException as e:
+            if not self._broke(helper, e):
+                raise
+            return fallback() if fallback else _whole(_function(target)(*args))
+        parts = Parts()
+        threading.Thread(target=self._read_parts, args=(helper, target, parts), daemon=True,
+                         name="facechain-helper-parts").start()
+        return parts
+
+    def _read_parts(self, helper: _Helper, target: str, parts: Parts) -> None:
+        try:
+            while True:
+                answer = self._answer(helper, target)
+                if answer[0] != "part":
+                    break
+                parts._put(answer[1])
+        except BaseException as e:  # noqa: BLE001 - told to the caller through the parts
+            broke = self._broke(helper, e)
+            parts._end(HelperBroke(f"a helper process stopped during {target}: {e}") if broke else e)
+            return
+        self._done_with(helper)
+        parts._end(_again(*answer[1:]) if answer[0] == "error" else None)
+
+    def _answer(self, helper: _Helper, target: str) -> tuple:
+        """The helper's next message, unpickled (an unreadable one is a RuntimeError: the stream stays whole)."""
+        head, buffers = read_message(helper.proc.stdout)
+        try:
+            return pickle.loads(head, buffers=buffers)
+        except Exception as e:
+            return ("error", "RuntimeError", f"a helper's answer to {target} could not be read: "
+                    f"{type(e).__name__}: {e}", "")
+
+    def _broke(self, helper: _Helper, e: BaseException) -> bool:
+        """A helper whose pipe failed under a job is ended; True when that is what ``e`` says (the job then
+        goes to a thread), False for any other error (raised)."""
+        with self._lock:
+            self._alive = max(0, self._alive - 1)
+        self._discard(helper)
+        if not isinstance(e, (OSError, EOFError, ValueError)):  # ValueError: a pipe closed under it
+            return False
+        log.warning("FaceChain: a helper process stopped (%s); its job runs in a thread", e)
+        if self._alive == 0:
+            log.warning("FaceChain: no helper process left; the work stays in threads")
+        return True
+
+    def _done_with(self, helper: _Helper) -> None:
+        self._idle.put(helper)  # the stream is whole: the helper stays, whatever its answers held
         with self._lock:
             self.remote_jobs += 1
-        try:
-            answer = pickle.loads(head, buffers=buffers)
-        except Exception as e:
-            raise RuntimeError(f"a helper's answer to {target} could not be read: {type(e).__name__}: {e}") from e
-        if answer[0] == "error":
-            _raise_again(*answer[1:])
-        return answer[1]
 
     def close(self) -> None:
         """End every helper (closing their input; those still busy after 2 s are killed)."""

@@ -106,6 +106,66 @@ def test_only_plain_data_crosses_and_a_refusal_leaves_the_helpers_working(helper
         fu.fuse_images([np.zeros((8, 8, 3), np.uint8)], np.zeros((8, 8, 3), np.uint8), fu.FusionSettings(processes=-2))
 
 
+def _blend_job(n_tries: int) -> tuple:
+    """warped_blends' arguments for obama1 fused into obama2, with ``n_tries`` tries of the ladder's first."""
+    s = fu.FusionSettings(processes=0)
+    tpl = fu._looks(["tpl"], [load_photo(FACES / "obama/obama1.jpg")], s)[0]
+    rgb = load_photo(FACES / "obama/obama2.jpg")
+    faces, tgt, vec = fu._looks(["img"], [rgb], s)[0]
+    job = fu.start_fusing(rgb, faces, tpl, s, tgt, vec)
+    region, k = job.ladder[0]
+    args = (rgb, tpl.image, tpl.shape.points, tpl.triangles, tgt.points, tgt.presence, job.roi,
+            fu.asdict(s), [(region, k)] * n_tries)
+    return args, job
+
+
+def test_a_job_in_parts_sends_each_part_as_it_is_made(helpers):
+    """``run_parts``: the helper's generator job comes back part by part (the first try's blend before the
+    others are made), the same bytes as made here; the helper is free again after the last part; asked for
+    whole (``run``) such a job is the list of its parts."""
+    args, job = _blend_job(3)
+    before = helpers.remote_jobs
+    parts = helpers.run_parts("fusion:warped_blends", *args)
+    assert isinstance(parts, processes.Parts)
+    here = list(fu.warped_blends(*args))
+    for i in range(3):
+        patch, mask = parts.get(i)
+        assert np.array_equal(patch, here[i][0]) and np.array_equal(mask, here[i][1])
+    with pytest.raises(IndexError, match="3 parts"):
+        parts.get(3)
+    assert helpers.remote_jobs == before + 1 and helpers.ready == 2
+    whole = helpers.run("fusion:warped_blends", *args)
+    assert len(whole) == 3 and np.array_equal(whole[2][0], here[2][0])
+
+
+def test_an_error_in_a_job_in_parts_reaches_the_caller_and_leaves_the_helper(helpers):
+    parts = helpers.run_parts("fusion:warped_blends", None, None, None, None, None, None, None, None, None)
+    with pytest.raises(RuntimeError, match="in a helper process"):
+        parts.get(0)
+    assert helpers.ready == 2
+
+
+def test_a_helper_killed_during_a_job_in_parts_leaves_the_rest_to_the_caller(monkeypatch):
+    """The helper dies while it makes the parts: the parts not sent raise HelperBroke, and an image's try
+    then blends here, the same bytes as a helper makes."""
+    args, job = _blend_job(40)  # ~40 blends: the helper is still at work when it is killed
+    pool = processes.ProcessPool(1, preload=("fusion",))
+    assert pool.wait(120) == 1
+    try:
+        parts = pool.run_parts("fusion:warped_blends", *args)
+        os.kill(pool._helpers[0].proc.pid, signal.SIGKILL)
+        with pytest.raises(processes.HelperBroke):
+            parts.get(39)
+        assert pool.ready == 0
+        job.parts, job.shared, job.ladder = parts, None, [job.ladder[0]] * 40
+        want = next(fu.warped_blends(*args))
+        patch, mask = job.patch(39, args[-1][0][1])
+        assert job.parts is None and job.shared is not None  # made here after the helper broke
+        assert np.array_equal(patch, want[0]) and np.array_equal(mask, want[1])
+    finally:
+        pool.close()
+
+
 def test_no_helper_ready_means_the_job_runs_in_the_calling_thread():
     pool = processes.ProcessPool(1, preload=("fusion",))
     pool._started = True  # as if still starting, one helper ready but busy: the caller does not wait for it

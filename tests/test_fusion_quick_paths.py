@@ -140,3 +140,30 @@ def test_a_held_net_is_looked_up_again_only_after_a_while(monkeypatch):
     clock[0] += onnx_torch.RECHECK_S + 0.1
     assert onnx_torch.gpu_net("sface") is first  # the same file: the held net, not a new one
     assert lookups == ["sface", "sface"]
+
+
+def test_a_template_looked_at_once_is_not_looked_at_again_and_keeps_no_reference(monkeypatch):
+    """The template's face, mesh and vector are kept by its pixels (a graph fuses every batch with the same
+    template): a second fusion meshes only the images' faces, and the person's photos given to the first
+    fusion as its reference do not stay on the template the second one gets."""
+    from facechain_core import fusion
+
+    template = load_photo(FACES / "obama/obama1.jpg")
+    images = [load_photo(FACES / rel) for rel in ("obama/obama2.jpg", "biden/biden1.jpg")]
+    refs = [load_photo(FACES / "obama/obama3.jpg")]
+    fusion._templates = fusion._Recent()
+    meshed = []
+    real = fusion.face_meshes
+    monkeypatch.setattr(fusion, "face_meshes", lambda pairs, workers=0: meshed.append(len(pairs)) or real(pairs, workers))
+    settings = fusion.FusionSettings(workers=1, processes=0)
+    first = fusion.fuse_images(images, template, settings, references=refs)
+    assert "person's 1 photo" in " ".join(f.note for f in first.images if f.fused)
+    assert meshed[0] == 3  # the template and both images
+    meshed.clear()
+    again = fusion.fuse_images(images, template, settings)
+    assert meshed[0] == 2  # the images only
+    fusion._templates = fusion._Recent()
+    fresh = fusion.fuse_images(images, template, settings)
+    for a, b in zip(again.images, fresh.images):
+        assert a.note == b.note and "photo" not in a.note
+        assert np.array_equal(a.image, b.image)

@@ -1,4 +1,4 @@
-"""benchmarks/profile_fusion.py's timeline: each image's job split into the steps it waited on."""
+"""benchmarks/profile_fusion.py's timeline: each stage of the library's fusion, and how long each step ran in it."""
 
 from __future__ import annotations
 
@@ -11,40 +11,41 @@ from conftest import FACES
 import profile_fusion
 
 
-def test_a_jobs_time_is_split_into_its_steps_and_the_rest():
+def test_a_stage_counts_how_long_each_step_ran_inside_it():
     ms = 0.001
     events = [  # thread, step, start, end (s)
-        (1, "detect_faces_per_thread", 0 * ms, 10 * ms),
-        (1, "helper_job", 12 * ms, 40 * ms),
-        (1, "embed_face", 45 * ms, 50 * ms),  # inside the try: the net's time, not the try's
-        (1, "try_rung", 41 * ms, 60 * ms),
-        (1, "start_and_first_try", 0 * ms, 60 * ms),
-        (2, "helper_job", 20 * ms, 90 * ms),
-        (2, "start_and_first_try", 10 * ms, 100 * ms),
-        (3, "embed_face", 200 * ms, 210 * ms),  # after the stage: not counted
+        (1, "detect_faces_many", 0 * ms, 10 * ms),
+        (1, "helper_wait", 12 * ms, 40 * ms),
+        (2, "helper_wait", 20 * ms, 90 * ms),  # overlaps the first: the union counts, 12-90
+        (1, "embed_faces", 95 * ms, 120 * ms),  # cut at the stage's end
+        (3, "face_meshes", 200 * ms, 210 * ms),  # after the stage: not counted
     ]
-    got = profile_fusion.timeline_summary(events, (0.0, 0.1))
-    assert got["images"] == 2 and got["slowest_job_ends"] == pytest.approx(100.0)
-    assert got["job"] == pytest.approx(75.0)  # median of 60 and 90
-    assert got["helper_job"] == pytest.approx((28 + 70) / 2)
-    assert got["embed_face"] == pytest.approx(2.5) and got["try_rung"] == pytest.approx(7.0)
-    assert got["none"] == pytest.approx(((60 - 10 - 28 - 5 - 14) + (90 - 70)) / 2)
+    got = profile_fusion.timeline_summary(events, {"start": (0.0, 0.1)})["start"]
+    assert got["wall"] == pytest.approx(100.0)
+    assert got["detect_faces_many"] == pytest.approx(10.0)
+    assert got["helper_wait"] == pytest.approx(78.0)
+    assert got["embed_faces"] == pytest.approx(5.0)
+    assert "face_meshes" not in got
 
 
 def test_the_timeline_of_a_real_run_on_the_shared_photos(tmp_path, capsys):
-    """The real library on the benchmark's 8 portraits, threads only: every image's job is in the summary and
-    the events file holds the nets' and tries' calls."""
+    """The real library on the benchmark's 8 portraits, threads only: every stage is in the summary and the
+    events file holds the nets' and the blends' calls."""
     from facechain_core import fusion, processes
 
-    before = (fusion.start_and_first_try, fusion.fg.warp_patch, processes.ProcessPool.run)
+    before = (fusion.try_rungs, fusion.fg.warp_patch, processes.ProcessPool.run, fusion.detect_faces_many)
     out = tmp_path / "timeline.json"
     profile_fusion.main(["--faces", str(FACES), "--repeats", "1", "--processes", "0", "--workers", "2",
                          "--timeline", str(out)])
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["timeline"]
-    assert summary["images"] == len(profile_fusion.PORTRAITS) and summary["job"] > 0
-    assert summary["slowest_job_ends"] <= summary["stage"] + 1.0
-    assert (fusion.start_and_first_try, fusion.fg.warp_patch, processes.ProcessPool.run) == before  # unwrapped
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = result["timeline"]
+    assert list(summary) == ["look", "start", "first_tries", "other_tries", "finish", "rank"]
+    assert summary["look"]["detect_faces_many"] > 0 and summary["look"]["face_meshes"] > 0
+    assert summary["first_tries"]["_blend_patch"] > 0 and summary["first_tries"]["embed_faces"] > 0
+    assert all(row["wall"] >= max(v for v in row.values()) - 0.2 for row in summary.values())
+    assert result["tries"] > 0 and 0 < result["fused"] <= 8
+    assert (fusion.try_rungs, fusion.fg.warp_patch, processes.ProcessPool.run, fusion.detect_faces_many) == before
     rows = json.loads(out.read_text())
     steps = {r["step"] for r in rows}
-    assert {"start_and_first_try", "detect_faces_per_thread", "embed_face", "face_mesh", "try_rung"} <= steps
+    assert {"_looks", "detect_faces_many", "embed_faces", "face_meshes", "try_rungs", "_after_checks"} <= steps
     assert all(r["end_ms"] >= r["start_ms"] for r in rows)
