@@ -5,8 +5,8 @@
 
 Stages (the library's own functions, in the order ``fusion.fuse_images`` runs them): ``look`` (the template's and
 the images' faces, meshes and vectors, each net once for all: ``_looks``), ``start`` (each image's guards, warp,
-colour work and blends, side by side: ``start_all``), ``first_tries`` (every image's first rung with its
-after-check), ``other_tries`` (the rungs after a failed first), ``finish``, then ``rank`` (RTSRank on the results).
+colour work and blends handed to the helpers or made side by side: ``start_all``), ``tries`` (each rung checked as
+its blend comes: ``run_tries``), ``finish``, then ``rank`` (RTSRank on the results).
 Also the CPU seconds per wall second (``cores_busy``) and where the embedded nets ran. No ComfyUI needed. Prints
 one JSON line.
 
@@ -146,10 +146,8 @@ def main(argv=None) -> None:
         lap("look")
         jobs = fusion.start_all(crops, found, tpl, s)
         lap("start")
-        fusion.first_tries(jobs, tpl, s)
-        lap("first_tries")
-        fusion.other_tries(jobs, tpl, s)
-        lap("other_tries")
+        fusion.run_tries(jobs, tpl, s)
+        lap("tries")
         out = [j if isinstance(j, fusion.FusedImage) else fusion.finish_fusing(j, tpl) for j in jobs]
         result = fusion.FusionResult(out)
         lap("finish")

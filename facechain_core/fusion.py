@@ -354,7 +354,7 @@ def _after_checks(checks: list[_Check], tpl: Template, detector: str = "embedded
     return out
 
 
-@dataclass
+@dataclass(eq=False)  # one image's job is itself only (its arrays are not compared)
 class _Fusing:
     """One image on its way through the ladder: what every try shares (made once), and the tries' verdicts."""
 
@@ -642,9 +642,8 @@ def fuse_images(images: list[np.ndarray], template: np.ndarray, settings: Fusion
     template_rgb = as_rgb_uint8(template, "template")
     refs = [as_rgb_uint8(im, f"reference {i + 1}") for i, im in enumerate(references or [])]
     progress(0, len(rgbs), None)
-    # 1. the template, the reference photos and the images looked at, together; 2. every image's warp and colour
-    # work (in the helpers, with every try's blend), side by side; 3. the first try of every image; 4. the tries
-    # left for the images whose first failed
+    # 1. the template, the reference photos and the images looked at, together; 2. every image's warp, colour
+    # work and blends handed to a helper (or done side by side here); 3. each try checked as its blend comes
     looked = _looks(["tpl"] + ["ref"] * len(refs) + ["img"] * len(rgbs), [template_rgb] + refs + rgbs, s)
     tpl, ref_embs, found = looked[0], looked[1:1 + len(refs)], looked[1 + len(refs):]
     if not tpl:
@@ -663,8 +662,7 @@ def fuse_images(images: list[np.ndarray], template: np.ndarray, settings: Fusion
             tpl.embedding, tpl.photos = mean_embedding(others), others
             tpl.likeness_to = f"person's {len(others)} {word}photo{'s' if len(others) > 1 else ''}"
     jobs = start_all(rgbs, found, tpl, s)
-    first_tries(jobs, tpl, s)
-    other_tries(jobs, tpl, s)
+    run_tries(jobs, tpl, s)
     result = FusionResult()
     for n, job in enumerate(jobs, start=1):
         result.images.append(job if isinstance(job, FusedImage) else finish_fusing(job, tpl))
@@ -687,21 +685,21 @@ def start_all(rgbs: list, found: list, tpl: Template, s: FusionSettings) -> list
         lambda n: start_fusing(rgbs[n], found[n][0], tpl, s, found[n][1], found[n][2]), list(range(len(rgbs)))))
 
 
-def first_tries(jobs: list, tpl: Template, s: FusionSettings) -> None:
-    try_rungs([(j, 0) for j in jobs if isinstance(j, _Fusing)], tpl, s)
-
-
-def other_tries(jobs: list, tpl: Template, s: FusionSettings) -> None:
-    """The ladder's tries after a failed first: all at once where there are cores to spare (the slowest image
-    then costs one more round, not one per try), else one round per rung, each image stopping at the first
-    that passes. The result is the same either way."""
-    failed = [j for j in jobs if isinstance(j, _Fusing) and j.tries[0][0]]
-    if (os.cpu_count() or 2) >= SPECULATE_CORES:
-        try_rungs([(j, i) for j in failed for i in range(1, len(j.ladder))], tpl, s)
-        return
-    rung = 1
-    while failed:
-        failed = [j for j in failed if rung < len(j.ladder)]
-        try_rungs([(j, rung) for j in failed], tpl, s)
-        failed = [j for j in failed if j.tries[rung][0]]
-        rung += 1
+def run_tries(jobs: list, tpl: Template, s: FusionSettings) -> None:
+    """The ladder's tries of every image, each checked as soon as its blend is there (a helper sends each
+    image's blends as it makes them): whatever has come is checked together (``try_rungs``), while the
+    helpers still work on the rest. After a failed first try: every remaining rung at once where there are
+    cores to spare (the slowest image then costs one more round, not one per try), else the next rung, each
+    image stopping at the first that passes. The result is the same either way."""
+    speculate = (os.cpu_count() or 2) >= SPECULATE_CORES
+    todo = [(j, 0) for j in jobs if isinstance(j, _Fusing)]
+    while todo:
+        ready = [(j, i) for j, i in todo if j.parts is None or j.parts.has(i)]
+        if not ready:
+            processes.wait_any([(j.parts, i) for j, i in todo], 1.0)
+            continue
+        try_rungs(ready, tpl, s)
+        todo = [t for t in todo if t not in ready]
+        for j, i in ready:
+            if j.tries[i][0] and (i == 0 or not speculate) and i + 1 < len(j.ladder):
+                todo += [(j, r) for r in range(i + 1, len(j.ladder) if speculate else i + 2)]

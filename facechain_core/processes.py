@@ -191,6 +191,9 @@ class HelperBroke(RuntimeError):
     """The helper running a job in parts stopped before its last part (the caller makes the rest itself)."""
 
 
+_arrived = threading.Condition()  # told of every part that comes (and of every job's end), for ``wait_any``
+
+
 class Parts:
     """The parts a helper's job yields, as they come (read in the background): ``get(i)`` waits for the
     ``i``-th; the job's error, or ``HelperBroke``, when it never comes."""
@@ -205,11 +208,15 @@ class Parts:
         with self._cond:
             self._got.append(value)
             self._cond.notify_all()
+        with _arrived:
+            _arrived.notify_all()
 
     def _end(self, error: BaseException | None = None) -> None:
         with self._cond:
             self._ended, self._error = True, error
             self._cond.notify_all()
+        with _arrived:
+            _arrived.notify_all()
 
     def get(self, i: int):
         with self._cond:
@@ -219,6 +226,17 @@ class Parts:
             if self._error is not None:
                 raise self._error
             raise IndexError(f"the job gave {len(self._got)} parts, not {i + 1}")
+
+    def has(self, i: int) -> bool:
+        """Whether ``get(i)`` would answer (the part, or why it never comes) without waiting."""
+        with self._cond:
+            return len(self._got) > i or self._ended
+
+
+def wait_any(asks: list[tuple["Parts", int]], timeout: float | None = None) -> bool:
+    """Wait until one of the (parts, i) asked for has its part (or its end); False after ``timeout`` s."""
+    with _arrived:
+        return _arrived.wait_for(lambda: any(p.has(i) for p, i in asks), timeout)
 
 
 class _Helper:

@@ -127,10 +127,13 @@ def test_a_job_in_parts_sends_each_part_as_it_is_made(helpers):
     before = helpers.remote_jobs
     parts = helpers.run_parts("fusion:warped_blends", *args)
     assert isinstance(parts, processes.Parts)
+    assert processes.wait_any([(parts, 0)], 60) and parts.has(0)
+    assert not processes.wait_any([(processes.Parts(), 0)], 0.05)  # a part that never comes: the timeout
     here = list(fu.warped_blends(*args))
     for i in range(3):
         patch, mask = parts.get(i)
         assert np.array_equal(patch, here[i][0]) and np.array_equal(mask, here[i][1])
+    assert parts.has(3)  # the job ended: asking answers at once
     with pytest.raises(IndexError, match="3 parts"):
         parts.get(3)
     assert helpers.remote_jobs == before + 1 and helpers.ready == 2
