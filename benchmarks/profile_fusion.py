@@ -5,7 +5,7 @@
 
 Stages (the library's own functions, in the order ``fusion.fuse_images`` runs them): ``look`` (the template's and
 the images' faces, meshes and vectors, each net once for all: ``_looks``), ``start`` (each image's guards, warp,
-colour work and blends handed to the helpers or made side by side: ``start_all``), ``tries`` (each rung checked as
+colour work and blends handed to the helpers or made side by side: ``start_all``), ``check`` (each rung checked as
 its blend comes: ``run_tries``), ``finish``, then ``rank`` (RTSRank on the results).
 Also the CPU seconds per wall second (``cores_busy``) and where the embedded nets ran. No ComfyUI needed. Prints
 one JSON line.
@@ -147,7 +147,7 @@ def main(argv=None) -> None:
         jobs = fusion.start_all(crops, found, tpl, s)
         lap("start")
         fusion.run_tries(jobs, tpl, s)
-        lap("tries")
+        lap("check")
         out = [j if isinstance(j, fusion.FusedImage) else fusion.finish_fusing(j, tpl) for j in jobs]
         result = fusion.FusionResult(out)
         lap("finish")
@@ -176,6 +176,7 @@ def main(argv=None) -> None:
         events, EVENTS = EVENTS, None
         undo()
     result = {k: round(statistics.median(r[k] for r in runs), 4) for k in runs[0]}
+    result["total_runs_s"] = [round(r["total"], 4) for r in runs]
     result["thread_seconds_per_run"] = {k: round(v / len(runs), 4) for k, v in sorted(spent.items())}
     result.update(nets=nets_device() or "cpu", cpu_cores=os.cpu_count(), cv2_threads=cv2.getNumThreads(),
                   switch_interval=sys.getswitchinterval(), workers=args.workers,

@@ -333,7 +333,10 @@ class TorchNet:
     # op by op.
     MAX_GRAPHS = 8
     MAX_GRAPH_PIXELS = 640 * 640
-    BATCHES = (1, 2, 4, 8)  # a batch is padded to the next of these sizes (so few graphs), longer runs cut in 8s
+    # A batch is padded to the next of these sizes, longer runs cut in 8s: few shapes, so few graphs, and few first
+    # runs of a shape (on an H200 a new input shape's first runs cost up to seconds: cuDNN picks and builds
+    # its kernels); 8 run in ~0.6-0.9 ms, one in ~0.4
+    BATCHES = (1, 8)
 
     def _forward(self, x, batch: int = 1):
         vals = dict(self._consts)
@@ -392,8 +395,8 @@ class TorchNet:
 
     def run_many(self, xs: list[np.ndarray]) -> list[list[np.ndarray]]:
         """``[self(x) for x in xs]``, inputs of one shape and type run as batches: one copy in, one run, one
-        copy out for up to 8 of them (on an H200 a batch of 8 runs in ~0.6-0.9 ms, one image in ~0.4; ``x``
-        as for ``__call__``; float NCHW inputs have a batch of one each). The first batch of each input shape
+        copy out for up to 8 of them (padded to 8: ``BATCHES``; ``x`` as for ``__call__``; float NCHW inputs have a
+        batch of one each). The first batch of each input shape
         is checked against the single run; a net whose outputs do not keep the batch runs one at a time."""
         groups: dict = {}
         for i, x in enumerate(xs):

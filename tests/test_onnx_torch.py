@@ -233,7 +233,7 @@ def test_inside_polygon_agrees_with_opencv():
 
 
 def test_batches_give_what_single_runs_give(nets, mesh_torch):
-    """``run_many``: up to 8 inputs of one shape stacked into one run (padded to 1, 2, 4 or 8), more cut in
+    """``run_many``: up to 8 inputs of one shape stacked into one run (padded to 8), more cut in
     eights, mixed shapes grouped; each input's outputs as its own run gives them. YuNet's file fixes a batch of
     one in its Reshapes: the batch is kept there."""
     yunet, sface = nets

@@ -39,9 +39,9 @@ def test_the_timeline_of_a_real_run_on_the_shared_photos(tmp_path, capsys):
                          "--timeline", str(out)])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     summary = result["timeline"]
-    assert list(summary) == ["look", "start", "tries", "finish", "rank"]
+    assert list(summary) == ["look", "start", "check", "finish", "rank"]
     assert summary["look"]["detect_faces_many"] > 0 and summary["look"]["face_meshes"] > 0
-    assert summary["tries"]["_blend_patch"] > 0 and summary["tries"]["embed_faces"] > 0
+    assert summary["check"]["_blend_patch"] > 0 and summary["check"]["embed_faces"] > 0
     assert all(row["wall"] >= max(v for v in row.values()) - 0.2 for row in summary.values())
     assert result["tries"] > 0 and 0 < result["fused"] <= 8
     assert (fusion.try_rungs, fusion.fg.warp_patch, processes.ProcessPool.run, fusion.detect_faces_many) == before
