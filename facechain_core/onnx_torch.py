@@ -445,7 +445,8 @@ class TorchNet:
                 return [v.float().numpy() for v in self._forward(self._as_input(x), batch)]
             held = self._graphs.get(key)
             small = int(np.prod(key[0])) <= 3 * self.MAX_GRAPH_PIXELS * batch and len(self._graphs) < self.MAX_GRAPHS
-            if held is None and key in self._seen and self._graphs_ok and small:
+            # one shape seen before, or a batch (a batch of 8 always comes again): captured
+            if held is None and (key in self._seen or batch > 1) and self._graphs_ok and small:
                 try:
                     held = self._capture(*key)
                 except RuntimeError:  # a host whose allocator or hooks refuse capture: run op by op from now on

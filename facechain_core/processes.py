@@ -294,7 +294,9 @@ class ProcessPool:
     def __init__(self, size: int, opencv_threads: int = 1, preload: tuple[str, ...] = ()):
         self.size = size
         self.settings = {"opencv_threads": opencv_threads, "preload": list(preload)}
-        self._idle: queue.SimpleQueue = queue.SimpleQueue()
+        # the helper freed last is taken first: the ones in use stay warm (a helper's first job of a kind is
+        # slow: its first calls set up tables and memory), the others wait
+        self._idle: queue.LifoQueue = queue.LifoQueue()
         self._alive = 0
         self._started = False
         self._lock = threading.Lock()

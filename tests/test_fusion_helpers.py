@@ -84,7 +84,7 @@ def test_a_helper_error_is_the_pack_error_and_other_errors_carry_the_helper_trac
     with pytest.raises(FaceChainError, match="template"):
         helpers.run("images:as_rgb_uint8", np.zeros((4, 4, 7), np.uint8), "template")
     with pytest.raises(RuntimeError, match="in a helper process"):
-        helpers.run("fusion:warped_blends", None, None, None, None, None, None, None, None, None)
+        helpers.run("fusion:warped_blends", *[None] * 10)
     with pytest.raises(ModelMissingError, match="gone"):
         processes._raise_again("ModelMissingError", "gone", "")  # the pack's errors by their own class
     assert helpers.ready == 2, "an error in a job leaves its helper working"
@@ -114,8 +114,9 @@ def _blend_job(n_tries: int) -> tuple:
     faces, tgt, vec = fu._looks(["img"], [rgb], s)[0]
     job = fu.start_fusing(rgb, faces, tpl, s, tgt, vec)
     region, k = job.ladder[0]
-    args = (rgb, tpl.image, tpl.shape.points, tpl.triangles, tgt.points, tgt.presence, job.roi,
-            fu.asdict(s), [(region, k)] * n_tries)
+    x0, y0, x1, y1 = job.roi
+    args = (rgb[y0:y1, x0:x1].copy(), rgb.shape, tpl.image, tpl.shape.points, tpl.triangles, tgt.points,
+            tgt.presence, job.roi, fu.asdict(s), [(region, k)] * n_tries)
     return args, job
 
 
@@ -142,7 +143,7 @@ def test_a_job_in_parts_sends_each_part_as_it_is_made(helpers):
 
 
 def test_an_error_in_a_job_in_parts_reaches_the_caller_and_leaves_the_helper(helpers):
-    parts = helpers.run_parts("fusion:warped_blends", None, None, None, None, None, None, None, None, None)
+    parts = helpers.run_parts("fusion:warped_blends", *[None] * 10)
     with pytest.raises(RuntimeError, match="in a helper process"):
         parts.get(0)
     assert helpers.ready == 2
@@ -305,3 +306,20 @@ def test_reference_photos_without_a_face_are_an_error_only_when_there_is_a_face_
                             references=[card])
     assert [f.fused for f in result.images] == [False, False]
     assert all("no face found" in f.note for f in result.images)
+
+
+def test_the_helper_freed_last_takes_the_next_job():
+    """Jobs go to the helpers in use (warm: a helper's first job is slow), not round the whole pool."""
+    pool = processes.ProcessPool(2, preload=("fusion",))
+    assert pool.wait(120) == 2
+    try:
+        card = np.full((6, 5, 3), 7, np.uint8)
+        first, second = pool._free_helper(), pool._free_helper()
+        pool._idle.put(first)
+        pool._idle.put(second)
+        for _ in range(3):
+            pool.run("images:as_rgb_uint8", card, "card")
+            assert pool._free_helper() is second  # the one just used, again and again
+            pool._idle.put(second)
+    finally:
+        pool.close()
