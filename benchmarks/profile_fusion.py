@@ -56,8 +56,7 @@ def time_functions(fusion) -> tuple[dict, Callable[[], None]]:
              "start_fusing", "judge", "try_rungs", "_after_checks")
     places = [(fusion, name, name) for name in names] + [
         (fusion.fg, "warp_patch", "warp_patch"), (fusion.fb, "sharpness", "sharpness"),
-        (processes.ProcessPool, "run", "helper_job"), (processes.ProcessPool, "run_parts", "helper_send"),
-        (processes.Parts, "get", "helper_wait")]
+        (processes.ProcessPool, "run_parts", "helper_send"), (processes, "wait_any", "helper_wait")]
     originals = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in places]
     for owner, attr, step in places:
         setattr(owner, attr, _wrap(getattr(owner, attr), step, spent, lock))

@@ -150,7 +150,7 @@ class Template:
     @classmethod
     def of(cls, rgb: np.ndarray, face: Face, embedding: np.ndarray | None = None, mesh=None) -> "Template":
         """``embedding``, ``mesh``: the recogniser's vector and the face mesh of ``face``, when already taken."""
-        mesh = mesh or face_mesh(rgb, face.keypoints)
+        mesh = mesh if mesh is not None else face_mesh(rgb, face.keypoints)
         shape = fg.FaceShape.of(mesh.points, mesh.presence)
         if shape.presence < fg.settings_data()["guards"]["min_presence"]:
             raise FaceChainError(f"The face mesh is unsure of the template's face (presence {shape.presence:.2f}). "
@@ -375,12 +375,14 @@ class _Fusing:
 
     def patch(self, i: int, strength: float) -> tuple[np.ndarray, np.ndarray]:
         """The ``i``-th try's blended patch and mask: the helper's, else made here."""
-        if self.parts is not None:
+        parts = self.parts
+        if parts is not None:
             try:
-                return self.parts.get(i)
+                return parts.get(i)
             except processes.HelperBroke:
-                self.parts = None
+                pass  # the helper stopped before this part: made here (another try of this image may be too)
         with self._lock:
+            self.parts = None
             if self.shared is None:
                 self.local()
         return _blend_patch(self.rgb, self.tgt, self.roi, self.ladder[i][0], strength, self.shared)
@@ -437,8 +439,9 @@ def start_fusing(rgb: np.ndarray, faces: list[Face], tpl: Template, s: FusionSet
         in_this_thread()
         return job
     # a helper process blends every try, the first first, and sends each as it is made: its cores are spare,
-    # and this thread goes on at once (the tries wait for their blends); with every helper busy (or broken on
-    # it) this thread works as above
+    # and this thread goes on once the job is sent (the tries wait for their blends). With more images than
+    # helpers a job waits for the first helper to come free; while the pool starts, or with its helpers
+    # broken, this thread works as above
     tries = [(region, s.strength * k) for region, k in job.ladder]
     patch = np.ascontiguousarray(rgb[roi[1]:roi[3], roi[0]:roi[2]])
     job.parts = helpers.run_parts("fusion:warped_blends", patch, rgb.shape, tpl.image, tpl.shape.points,
@@ -602,7 +605,7 @@ def _looks(kinds: list[str], rgbs: list[np.ndarray], s: FusionSettings) -> list:
         if kind == "tpl":
             held = _templates.get((image_crc(rgb), s.detector))
             if held is not None:  # a copy: fuse_images sets the person's reference on it
-                known = (replace(held),)
+                known = (replace(held, photos=list(held.photos)),)
                 remember_embedding(rgb, s.detector, held.face_embedding)  # for RTSRank, as a first look does
         if known is not None:
             out[n] = known[0]
@@ -623,7 +626,7 @@ def _looks(kinds: list[str], rgbs: list[np.ndarray], s: FusionSettings) -> list:
         elif kind == "tpl":
             out[n] = faces[n] and Template.of(rgb, faces[n][0], vecs[n], meshes[n])
             if out[n]:
-                _templates.put((image_crc(rgb), s.detector), replace(out[n]))
+                _templates.put((image_crc(rgb), s.detector), replace(out[n], image=rgb.copy(), photos=[]))
         elif not faces[n] or not fused:
             out[n] = (faces[n], None, None)
         else:
@@ -694,7 +697,9 @@ def run_tries(jobs: list, tpl: Template, s: FusionSettings) -> None:
     image's blends as it makes them): whatever has come is checked together (``try_rungs``), while the
     helpers still work on the rest. After a failed first try: every remaining rung at once where there are
     cores to spare (the slowest image then costs one more round, not one per try), else the next rung, each
-    image stopping at the first that passes. The result is the same either way."""
+    image stopping at the first that passes; either schedule picks the same try. (With the nets on a GPU a
+    check runs alone or in a batch as the blends come, and TF32 rounds the two apart: an image at a guard's
+    very edge can go either way.)"""
     speculate = (os.cpu_count() or 2) >= SPECULATE_CORES
     todo = [(j, 0) for j in jobs if isinstance(j, _Fusing)]
     while todo:

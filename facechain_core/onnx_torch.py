@@ -329,8 +329,8 @@ class TorchNet:
         raise FaceChainError(f"ONNX operator {op} is not supported here.")
 
     # A CUDA graph per input shape keeps its own memory for good, so only a few, of small inputs: the crops of
-    # the recognisers and the mesh, and portraits up to 640x640 (FaceFusion's and RTSRank's case). Others run
-    # op by op.
+    # the recognisers and the mesh, and portraits up to 640x640 (FaceFusion's and RTSRank's case), one image or
+    # a batch of 8 of them (~185 MiB for the three nets' batches). Others run op by op.
     MAX_GRAPHS = 8
     MAX_GRAPH_PIXELS = 640 * 640
     # A batch is padded to the next of these sizes, longer runs cut in 8s: few shapes, so few graphs, and few first
@@ -355,17 +355,12 @@ class TorchNet:
             return x
         return x.permute(2, 0, 1)[None].float() if x.dim() == 3 else x.permute(0, 3, 1, 2).float()
 
-    @staticmethod
-    def _batch_of(x) -> int:
-        return int(x.shape[0]) if (x.dim() == 4) else 1
-
-    def _capture(self, shape: tuple, dtype):
+    def _capture(self, shape: tuple, dtype, batch: int):
         """A CUDA graph of the whole net for one input shape: a replay launches every kernel at once (run
         op by op, the net spends its time in Python: 3.4 ms for SFace on an H200, most of it launches)."""
         import torch
 
         static_in = torch.zeros(shape, dtype=dtype, device=self.device)
-        batch = self._batch_of(static_in)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -384,8 +379,8 @@ class TorchNet:
             torch.cat([o.float().reshape(-1) for o in outs], out=flat)
             del outs
         static_out = (flat, shapes)
-        self._graphs[(shape, dtype)] = (graph, static_in, static_out)
-        return self._graphs[(shape, dtype)]
+        self._graphs[(shape, dtype, batch)] = (graph, static_in, static_out)
+        return self._graphs[(shape, dtype, batch)]
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
         """The graph's outputs for the one input ``x`` (float32 NCHW, or a uint8 HxWxC image taken as
@@ -396,8 +391,8 @@ class TorchNet:
     def run_many(self, xs: list[np.ndarray]) -> list[list[np.ndarray]]:
         """``[self(x) for x in xs]``, inputs of one shape and type run as batches: one copy in, one run, one
         copy out for up to 8 of them (padded to 8: ``BATCHES``; ``x`` as for ``__call__``; float NCHW inputs have a
-        batch of one each). The first batch of each input shape
-        is checked against the single run; a net whose outputs do not keep the batch runs one at a time."""
+        batch of one each). The first batch of each input shape is checked against single runs of its first and
+        last input; a net whose outputs do not keep the batch (or that cannot take one) runs one at a time."""
         groups: dict = {}
         for i, x in enumerate(xs):
             groups.setdefault((tuple(np.shape(x)), np.asarray(x).dtype == np.uint8), []).append(i)
@@ -416,18 +411,26 @@ class TorchNet:
         size = next(b for b in self.BATCHES if b >= len(xs))
         padded = list(xs) + [xs[-1]] * (size - len(xs))
         stack = np.concatenate(padded) if one_each else np.stack(padded)
-        values = self._outputs(self._tensor(stack), size)
-        items = [[v[i:i + 1] for v in values] for i in range(len(xs))]
-        if shape not in self._batch_checked:
-            single = self(xs[0])
+        checked = shape in self._batch_checked
+        try:  # the first batch of a shape runs op by op (captured from its second on, once it passed)
+            values = self._outputs(self._tensor(stack), size, capture=checked)
+        except RuntimeError:  # a graph that cannot take a batch at all
+            if checked:
+                raise
+            values = None
+        items = [[v[i:i + 1] for v in values] for i in range(len(xs))] if values is not None else None
+        if not checked:
+            ends = [0, len(xs) - 1] if len(xs) > 1 else [0]
+            singles = {i: self(xs[i]) for i in ends}
             # loose: a GPU's batched kernels round differently (TF32 convolutions), a graph that mixes its
             # batch is off by the size of the values
-            kept = all(v.shape[0] == size for v in values) and all(
-                a.shape == b.shape and _off(a, b) <= 0.01 * (1.0 + _off(b, 0.0)) for a, b in zip(items[0], single))
+            kept = values is not None and all(v.shape[0] == size for v in values) and all(
+                a.shape == b.shape and _off(a, b) <= 0.01 * (1.0 + _off(b, 0.0))
+                for i in ends for a, b in zip(items[i], singles[i]))
             self._batch_checked.add(shape)
             if not kept:
                 self._no_batch.add(shape)
-                return [single] + [self(x) for x in xs[1:]]
+                return [singles[i] if i in singles else self(x) for i, x in enumerate(xs)]
         return items
 
     @staticmethod
@@ -436,17 +439,18 @@ class TorchNet:
 
         return torch.from_numpy(np.ascontiguousarray(x) if x.dtype == np.uint8 else np.ascontiguousarray(x, np.float32))
 
-    def _outputs(self, x, batch: int) -> list[np.ndarray]:
+    def _outputs(self, x, batch: int, capture: bool = False) -> list[np.ndarray]:
+        """The net's outputs for ``x`` (``batch`` images along its first axis); on a GPU from a CUDA graph of
+        that input once the input was seen before (or at once when ``capture``)."""
         import torch
 
-        key = (tuple(x.shape), x.dtype)
+        key = (tuple(x.shape), x.dtype, batch)
         with self._lock, torch.inference_mode():
             if self.device.type != "cuda":
                 return [v.float().numpy() for v in self._forward(self._as_input(x), batch)]
             held = self._graphs.get(key)
             small = int(np.prod(key[0])) <= 3 * self.MAX_GRAPH_PIXELS * batch and len(self._graphs) < self.MAX_GRAPHS
-            # one shape seen before, or a batch (a batch of 8 always comes again): captured
-            if held is None and (key in self._seen or batch > 1) and self._graphs_ok and small:
+            if held is None and (key in self._seen or capture) and self._graphs_ok and small:
                 try:
                     held = self._capture(*key)
                 except RuntimeError:  # a host whose allocator or hooks refuse capture: run op by op from now on

@@ -3,7 +3,8 @@
 Threads run such work side by side only as far as the GIL lets them: each small call hands the GIL over
 twice, and on a 16-core host FaceFusion's colour work stopped scaling at about two threads. A helper
 process has a GIL of its own. The pool is for a host with cores to spare; the caller keeps its threads (a
-thread hands its job to a free helper and waits, without the GIL, for the answer).
+thread hands its job to a free helper and waits, without the GIL, for the answer: ``run``; or, for a job
+that yields its results, goes on at once and takes each part as it comes: ``run_parts``).
 
 - Helpers are plain child processes of the same Python, started with ``-c`` (not ``multiprocessing``:
   its spawn and forkserver modes run the host's main script again in every child, which under ComfyUI
@@ -261,11 +262,6 @@ class _Helper:
         if answer[0] != "ready":
             raise RuntimeError(answer[1])
 
-    def call(self, pieces: list) -> tuple:
-        """Send an encoded job; the answer's pickle and buffers, not yet unpickled."""
-        write(self.proc.stdin, pieces)
-        return read_message(self.proc.stdout)
-
     def end(self) -> None:
         """Close its input (it leaves at once when idle) without waiting."""
         try:
@@ -425,27 +421,35 @@ class ProcessPool:
         return parts
 
     def _read_parts(self, helper: _Helper, target: str, parts: Parts) -> None:
+        error: BaseException | None = RuntimeError(f"the parts of {target} were not read")
         try:
             while True:
                 answer = self._answer(helper, target)
                 if answer[0] != "part":
                     break
                 parts._put(answer[1])
+            self._done_with(helper)
+            error = _again(*answer[1:]) if answer[0] == "error" else None
+            if error is not None:  # raised where a part it did not make is asked for; said here in any case
+                log.warning("FaceChain: a helper's job %s ended with %s after %d parts", target,
+                            answer[1], len(parts._got))
         except BaseException as e:  # noqa: BLE001 - told to the caller through the parts
-            broke = self._broke(helper, e)
-            parts._end(HelperBroke(f"a helper process stopped during {target}: {e}") if broke else e)
-            return
-        self._done_with(helper)
-        parts._end(_again(*answer[1:]) if answer[0] == "error" else None)
+            try:
+                broke = self._broke(helper, e)
+                error = HelperBroke(f"a helper process stopped during {target}: {e}") if broke else e
+            except BaseException as again:  # noqa: BLE001
+                error = again
+        finally:
+            parts._end(error)
 
     def _answer(self, helper: _Helper, target: str) -> tuple:
-        """The helper's next message, unpickled (an unreadable one is a RuntimeError: the stream stays whole)."""
+        """The helper's next message, unpickled. One that cannot be read is a RuntimeError, and the helper is
+        then ended (``_broke``): whether more of the job's messages follow cannot be known."""
         head, buffers = read_message(helper.proc.stdout)
         try:
             return pickle.loads(head, buffers=buffers)
         except Exception as e:
-            return ("error", "RuntimeError", f"a helper's answer to {target} could not be read: "
-                    f"{type(e).__name__}: {e}", "")
+            raise RuntimeError(f"a helper's answer to {target} could not be read: {type(e).__name__}: {e}") from e
 
     def _broke(self, helper: _Helper, e: BaseException) -> bool:
         """A helper whose pipe failed under a job is ended; True when that is what ``e`` says (the job then

@@ -100,8 +100,8 @@ def detect_faces_per_thread(rgb: np.ndarray, backend: str = "embedded",
 
 def detect_faces_many(rgbs: list[np.ndarray], backend: str = "embedded", max_side: int | None = DETECT_MAX_SIDE,
                       workers: int = 0) -> list[list[Face]]:
-    """``detect_faces_per_thread`` of each image: with the embedded net on the GPU in batches (one run for the
-    images of one size), else side by side on the thread pool."""
+    """``detect_faces_per_thread`` of each image: with the embedded net on the GPU in batches (up to 8 images of
+    one size in a run), else side by side on the thread pool."""
     from .detect import YuNetDetector
     from .onnx_torch import gpu_net
 

@@ -316,10 +316,26 @@ def test_the_helper_freed_last_takes_the_next_job():
         card = np.full((6, 5, 3), 7, np.uint8)
         first, second = pool._free_helper(), pool._free_helper()
         pool._idle.put(first)
-        pool._idle.put(second)
+        pool._idle.put(second)  # freed last
+        used = []
+        done_with = pool._done_with
+        pool._done_with = lambda helper: (used.append(helper), done_with(helper))
         for _ in range(3):
             pool.run("images:as_rgb_uint8", card, "card")
-            assert pool._free_helper() is second  # the one just used, again and again
-            pool._idle.put(second)
+        assert used == [second] * 3  # first in, first out would have taken the first one
     finally:
         pool.close()
+
+
+def test_a_job_in_parts_that_fails_midway_keeps_its_parts_and_says_so(helpers, caplog):
+    """The second try's blend fails in the helper (a strength that is no number): the first part is there, the second
+    raises the helper's error, the failure is logged even if nobody asks for it, and the helper stays."""
+    args, _ = _blend_job(1)
+    args = args[:-1] + ([args[-1][0], ("inner", "strong")],)
+    with caplog.at_level("WARNING", logger="comfyui-facechain"):
+        parts = helpers.run_parts("fusion:warped_blends", *args)
+        assert parts.get(0)[0].dtype == np.uint8
+        with pytest.raises(RuntimeError, match="in a helper process"):
+            parts.get(1)
+    assert "ended with" in caplog.text and "after 1 parts" in caplog.text
+    assert helpers.ready == 2

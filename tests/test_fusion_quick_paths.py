@@ -168,3 +168,37 @@ def test_a_template_looked_at_once_is_not_looked_at_again_and_keeps_no_reference
     for a, b in zip(again.images, fresh.images):
         assert a.note == b.note and "photo" not in a.note
         assert np.array_equal(a.image, b.image)
+
+
+def test_after_checks_together_decide_as_each_alone_and_either_schedule_picks_the_same_try(monkeypatch):
+    """The after-check of several fused images at once (each net once for all of them) gives each image what
+    its check alone gives; and run_tries, every remaining rung at once or one rung at a time, ends each image
+    on the try that fusing it alone (fuse_one) ends on."""
+    from facechain_core import fusion
+
+    s = fusion.FusionSettings(workers=2, processes=0)
+    template = load_photo(FACES / "obama/obama1.jpg")
+    rels = ["obama/obama2.jpg", "obama/obama3.jpg", "biden/biden1.jpg", "biden/biden2.jpg", "rose_leslie/rose1.jpg"]
+    images = [load_photo(FACES / rel) for rel in rels]
+    looked = fusion._looks(["tpl"] + ["img"] * len(images), [template] + images, s)
+    tpl, found = looked[0], looked[1:]
+    checks = []
+    for rgb, (faces, tgt, vec) in zip(images, found):
+        job = fusion.start_fusing(rgb, faces, tpl, s, tgt, vec)
+        for i in range(len(getattr(job, "ladder", []))):
+            out, _ = fusion._in_image(rgb, job.roi, *job.patch(i, s.strength * job.ladder[i][1]))
+            checks.append(fusion._Check(rgb, out, faces[0], tgt, job.before, job.ladder[i][0] != "brows"))
+    assert len(checks) >= 6
+    together = fusion._after_checks(checks, tpl, workers=2)
+    assert {why == "" for why, _, _ in together} == {True, False}  # some pass, some fail: both paths taken
+    for c, (why, after, vec) in zip(checks, together):
+        why1, after1, vec1 = fusion._after_checks([c], tpl)[0]
+        assert (why, after) == (why1, after1) and (vec is None) == (vec1 is None)
+    alone = [fusion.fuse_one(rgb, f[0], tpl, s, f[1]) for rgb, f in zip(images, found)]
+    for cores in (1, 64):
+        monkeypatch.setattr(fusion.os, "cpu_count", lambda: cores)
+        jobs = fusion.start_all(images, found, tpl, s)
+        fusion.run_tries(jobs, tpl, s)
+        got = [j if isinstance(j, fusion.FusedImage) else fusion.finish_fusing(j, tpl) for j in jobs]
+        for a, b in zip(alone, got):
+            assert a.note == b.note and np.array_equal(a.image, b.image), cores

@@ -250,7 +250,7 @@ def test_batches_give_what_single_runs_give(nets, mesh_torch):
             assert [a.shape for a in got] == [b.shape for b in want]
             for a, b in zip(got, want):
                 np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * (1 + float(np.abs(b).max())))
-        assert not net._no_batch, net.path.name  # the batches were kept, not run one by one
+        assert not net._no_batch and net._batch_checked, net.path.name  # batches run and kept, not one by one
 
 
 def test_a_net_whose_outputs_lose_the_batch_runs_one_at_a_time(nets):
@@ -264,6 +264,24 @@ def test_a_net_whose_outputs_lose_the_batch_runs_one_at_a_time(nets):
 
     net = Mixing(sface.path)
     rng = np.random.default_rng(4)
+    xs = [rng.random((1, 3, 112, 112), dtype=np.float32) for _ in range(3)]
+    got = net.run_many(xs)
+    assert net._no_batch == {(1, 3, 112, 112)}
+    for x, outs in zip(xs, got):
+        np.testing.assert_allclose(outs[0], net(x)[0], rtol=1e-5)
+
+
+def test_a_net_that_cannot_take_a_batch_runs_one_at_a_time(nets):
+    _, sface = nets
+
+    class Single(TorchNet):
+        def _forward(self, x, batch=1):
+            if x.shape[0] > 1:
+                raise RuntimeError("shape mismatch")
+            return super()._forward(x, batch)
+
+    net = Single(sface.path)
+    rng = np.random.default_rng(5)
     xs = [rng.random((1, 3, 112, 112), dtype=np.float32) for _ in range(3)]
     got = net.run_many(xs)
     assert net._no_batch == {(1, 3, 112, 112)}

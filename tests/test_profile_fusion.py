@@ -33,7 +33,7 @@ def test_the_timeline_of_a_real_run_on_the_shared_photos(tmp_path, capsys):
     events file holds the nets' and the blends' calls."""
     from facechain_core import fusion, processes
 
-    before = (fusion.try_rungs, fusion.fg.warp_patch, processes.ProcessPool.run, fusion.detect_faces_many)
+    before = (fusion.try_rungs, fusion.fg.warp_patch, processes.wait_any, fusion.detect_faces_many)
     out = tmp_path / "timeline.json"
     profile_fusion.main(["--faces", str(FACES), "--repeats", "1", "--processes", "0", "--workers", "2",
                          "--timeline", str(out)])
@@ -44,7 +44,7 @@ def test_the_timeline_of_a_real_run_on_the_shared_photos(tmp_path, capsys):
     assert summary["check"]["_blend_patch"] > 0 and summary["check"]["embed_faces"] > 0
     assert all(row["wall"] >= max(v for v in row.values()) - 0.2 for row in summary.values())
     assert result["tries"] > 0 and 0 < result["fused"] <= 8
-    assert (fusion.try_rungs, fusion.fg.warp_patch, processes.ProcessPool.run, fusion.detect_faces_many) == before
+    assert (fusion.try_rungs, fusion.fg.warp_patch, processes.wait_any, fusion.detect_faces_many) == before
     rows = json.loads(out.read_text())
     steps = {r["step"] for r in rows}
     assert {"_looks", "detect_faces_many", "embed_faces", "face_meshes", "try_rungs", "_after_checks"} <= steps
