@@ -1,0 +1,121 @@
+"""One embedded net's call, and what eight of them cost asked one by one, from eight threads, or as one batch.
+
+    python benchmarks/bench_nets.py                 # on a CUDA machine: YuNet, SFace and the face mesh
+    python benchmarks/bench_nets.py --device cpu    # smoke test (torch on the CPU, no CUDA graphs)
+
+The nets are the pack's own TorchNet programs of the embedded files (``onnx_torch``), as FaceFusion and RTSRank
+run them on a GPU: YuNet on a 512x512 portrait (uint8, turned into the net's input on the device), SFace on its
+112x112 crop, the mesh on its 192x192 crop. For each net, medians in ms:
+
+- ``call``: one ``net(x)``; on a GPU split into ``copy_in``, ``replay`` (the CUDA graph, waited for) and
+  ``copy_out``;
+- ``serial8``: eight calls one after another; ``threads8``: eight threads asking the one net at once (its lock
+  queues them); ``batch8``: the eight in one ``run_many`` (one copy in, one run, one copy out).
+
+Prints one JSON line. Needs only torch and the embedded model files (``FACECHAIN_EMBEDDED_DIR``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+
+from bench_paths import check_imports  # noqa: E402  (puts the checkout on sys.path)
+
+NETS = {"yunet": ((512, 512, 3), "uint8"), "sface": ((1, 3, 112, 112), "float32"),
+        "face_mesh": ((1, 3, 192, 192), "float32")}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test")
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--nets", default=",".join(NETS), help="comma-separated: " + ", ".join(NETS))
+    return ap.parse_args(argv)
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()
+    fn()  # first runs: graphs captured, kernels chosen
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return round(statistics.median(times) * 1000, 3)
+
+
+def at_once(fn, n: int) -> float:
+    """Seconds for ``n`` threads started together to each call ``fn`` once."""
+    gate = threading.Barrier(n + 1)
+
+    def work():
+        gate.wait()
+        fn()
+
+    threads = [threading.Thread(target=work) for _ in range(n)]
+    for t in threads:
+        t.start()
+    start = time.perf_counter()
+    gate.wait()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start
+
+
+def one_net(name: str, device: str, repeats: int) -> dict:
+    import numpy as np
+    import torch
+
+    from facechain_core import model_store
+    from facechain_core.onnx_torch import TorchNet
+
+    shape, kind = NETS[name]
+    net = TorchNet(model_store.embedded_path(name), device)
+    rng = np.random.default_rng(0)
+    xs = [(rng.random(shape) * 255).astype(np.uint8) if kind == "uint8" else rng.random(shape, dtype=np.float32)
+          for _ in range(8)]
+    row = {"call": median_ms(lambda: net(xs[0]), repeats)}
+    if device == "cuda":
+        x = torch.from_numpy(xs[0])
+        graph, static_in, (flat, _) = net._graphs[(tuple(x.shape), x.dtype, 1)]
+
+        def copy_in():
+            with torch.inference_mode():
+                static_in.copy_(x)
+            torch.cuda.synchronize()
+
+        row["copy_in"] = median_ms(copy_in, repeats)
+        row["replay"] = median_ms(lambda: (graph.replay(), torch.cuda.synchronize()), repeats)
+        row["copy_out"] = median_ms(lambda: flat.cpu(), repeats)
+    row["serial8"] = median_ms(lambda: [net(x) for x in xs], max(3, repeats // 2))
+    at_once(lambda: net(xs[0]), 8)
+    row["threads8"] = round(statistics.median(at_once(lambda: net(xs[0]), 8) for _ in range(max(3, repeats // 2)))
+                            * 1000, 3)
+    row["batch8"] = median_ms(lambda: net.run_many(xs), max(3, repeats // 2))
+    many, single = net.run_many(xs), [net(x) for x in xs]
+    row["batch_kept"] = not net._no_batch
+    row["batch_max_diff"] = float(max(np.abs(a - b).max() for m, s in zip(many, single) for a, b in zip(m, s)))
+    return row
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    check_imports(["torch", "numpy"])
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU here: run with --device cpu for a smoke test")
+    result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
+    for name in [n.strip() for n in args.nets.split(",") if n.strip()]:
+        if name not in NETS:
+            raise SystemExit(f"unknown net {name!r}; choose from {', '.join(NETS)}")
+        result[name] = one_net(name, args.device, args.repeats)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
