@@ -35,7 +35,7 @@ from .errors import FaceChainError
 from .face_mesh import face_mesh, face_meshes, fill_contours, topology
 from .images import as_rgb_uint8
 from .model_cache import cached, learned_files
-from .photo_embeddings import image_crc, remember_embedding, remembered_embedding
+from .photo_embeddings import Recent, image_crc, remember_embedding, remembered_embedding
 from .progress import ProgressFn, no_progress
 from .recognition import cosine, embed_face, embed_faces
 from .threads import detect_faces_many, parallel_map
@@ -564,31 +564,7 @@ def mean_embedding(embs: list[np.ndarray | None]) -> np.ndarray | None:
     return mean / np.linalg.norm(mean)
 
 
-class _Recent:
-    """The few templates last looked at, by their pixels: a graph fuses into every batch of portraits with the
-    same template face."""
-
-    def __init__(self, size: int = 4):
-        self._held: dict = {}
-        self._size = size
-        self._lock = threading.Lock()
-
-    def get(self, key):
-        with self._lock:
-            value = self._held.pop(key, None)
-            if value is not None:
-                self._held[key] = value
-            return value
-
-    def put(self, key, value) -> None:
-        with self._lock:
-            self._held.pop(key, None)
-            self._held[key] = value
-            while len(self._held) > self._size:
-                self._held.pop(next(iter(self._held)))
-
-
-_templates = _Recent()
+_templates = Recent(4)  # the few templates last looked at: a graph fuses every batch with the same one
 
 
 def _looks(kinds: list[str], rgbs: list[np.ndarray], s: FusionSettings) -> list:
@@ -605,6 +581,7 @@ def _looks(kinds: list[str], rgbs: list[np.ndarray], s: FusionSettings) -> list:
         if kind == "tpl":
             held = _templates.get((image_crc(rgb), s.detector))
             if held is not None:  # a copy: fuse_images sets the person's reference on it
+                held = held[0]
                 known = (replace(held, photos=list(held.photos)),)
                 remember_embedding(rgb, s.detector, held.face_embedding)  # for RTSRank, as a first look does
         if known is not None:

@@ -16,9 +16,31 @@ from .detect import Face
 from .recognition import embed_face
 from .threads import detect_faces_per_thread
 
-_MAX = 256  # photos remembered (a few hundred 128-512 floats: well under a megabyte)
-_cache: OrderedDict = OrderedDict()
-_lock = threading.Lock()
+class Recent:
+    """The ``size`` values last put or found, by key (the oldest dropped first); thread-safe."""
+
+    def __init__(self, size: int):
+        self._held: OrderedDict = OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def get(self, key) -> tuple | None:
+        """``(value,)`` when held (the value may be None), else None."""
+        with self._lock:
+            if key not in self._held:
+                return None
+            self._held.move_to_end(key)
+            return (self._held[key],)
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            self._held[key] = value
+            self._held.move_to_end(key)
+            while len(self._held) > self._size:
+                self._held.popitem(last=False)
+
+
+_cache = Recent(256)  # photos remembered (a few hundred 128-512 floats: well under a megabyte)
 
 
 def image_crc(rgb: np.ndarray) -> int:
@@ -47,18 +69,10 @@ def photo_embedding(rgb: np.ndarray, detector: str = "embedded", backend: str = 
 def remembered_embedding(rgb: np.ndarray, detector: str = "embedded") -> tuple[np.ndarray | None] | None:
     """``(vector,)`` when the embedded recogniser's vector of ``rgb`` is remembered (the vector None: no face),
     else None."""
-    key = (image_crc(rgb), detector, "embedded")
-    with _lock:
-        if key in _cache:
-            _cache.move_to_end(key)
-            return (_cache[key],)
-    return None
+    return _cache.get((image_crc(rgb), detector, "embedded"))
 
 
 def remember_embedding(rgb: np.ndarray, detector: str, vec: np.ndarray | None) -> None:
     """Remember the embedded recogniser's vector of ``rgb``'s largest face (None: no face), as
     ``photo_embedding`` does, for a vector taken elsewhere (FaceFusion's batched look)."""
-    with _lock:
-        _cache[(image_crc(rgb), detector, "embedded")] = vec
-        while len(_cache) > _MAX:
-            _cache.popitem(last=False)
+    _cache.put((image_crc(rgb), detector, "embedded"), vec)

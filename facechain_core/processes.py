@@ -376,28 +376,26 @@ class ProcessPool:
     def run(self, target: str, *args, fallback=None):
         """``target(*args)`` in a free helper, or in this thread when none is (see ``_free_helper``) or the
         helper breaks on it: then ``fallback()`` when given (work a thread does better another way), else
-        ``target(*args)``. The helper's exception is raised here."""
+        ``target(*args)``. The helper's exception is raised here. A job in parts comes back as their list."""
         self.start()
-        pieces = encode((target, args))  # a TypeError for data that is not plain, before any helper is taken
         in_thread = fallback or (lambda: _whole(_function(target)(*args)))
-        helper = self._free_helper()
+        helper = self._sent(target, args)
         if helper is None:
             return in_thread()
-        parts = Parts()
+        got = []
         try:
-            write(helper.proc.stdin, pieces)
-            first = self._answer(helper, target)
-            while first[0] == "part":  # a job in parts, asked for whole: the list of them
-                parts._put(first[1])
-                first = self._answer(helper, target)
+            answer = self._answer(helper, target)
+            while answer[0] == "part":
+                got.append(answer[1])
+                answer = self._answer(helper, target)
         except BaseException as e:
             if not self._broke(helper, e):
                 raise
             return in_thread()
         self._done_with(helper)
-        if first[0] == "error":
-            _raise_again(*first[1:])
-        return parts._got if first[0] == "end" else first[1]
+        if answer[0] == "error":
+            _raise_again(*answer[1:])
+        return got if answer[0] == "end" else answer[1]
 
     def run_parts(self, target: str, *args, fallback=None) -> "Parts | Any":
         """A job that yields its results (a generator) in a free helper: a ``Parts`` at once, filled in the
@@ -405,20 +403,28 @@ class ProcessPool:
         ``_free_helper``), or one that breaks as the job is sent: ``fallback()`` in this thread, or the list
         of the parts made here. A helper that breaks later ends the ``Parts`` with ``HelperBroke``."""
         self.start()
-        pieces = encode((target, args))
-        helper = self._free_helper()
+        helper = self._sent(target, args)
         if helper is None:
-            return fallback() if fallback else list(_function(target)(*args))
-        try:
-            write(helper.proc.stdin, pieces)
-        except BaseException as e:
-            if not self._broke(helper, e):
-                raise
             return fallback() if fallback else _whole(_function(target)(*args))
         parts = Parts()
         threading.Thread(target=self._read_parts, args=(helper, target, parts), daemon=True,
                          name="facechain-helper-parts").start()
         return parts
+
+    def _sent(self, target: str, args: tuple) -> "_Helper | None":
+        """A free helper, the job sent to it; None when none is free or the one taken broke as it was sent
+        (the caller then works itself)."""
+        pieces = encode((target, args))  # a TypeError for data that is not plain, before any helper is taken
+        helper = self._free_helper()
+        if helper is None:
+            return None
+        try:
+            write(helper.proc.stdin, pieces)
+        except BaseException as e:
+            if not self._broke(helper, e):
+                raise
+            return None
+        return helper
 
     def _read_parts(self, helper: _Helper, target: str, parts: Parts) -> None:
         error: BaseException | None = RuntimeError(f"the parts of {target} were not read")

@@ -151,7 +151,7 @@ def test_a_template_looked_at_once_is_not_looked_at_again_and_keeps_no_reference
     template = load_photo(FACES / "obama/obama1.jpg")
     images = [load_photo(FACES / rel) for rel in ("obama/obama2.jpg", "biden/biden1.jpg")]
     refs = [load_photo(FACES / "obama/obama3.jpg")]
-    fusion._templates = fusion._Recent()
+    fusion._templates = fusion.Recent(4)
     meshed = []
     real = fusion.face_meshes
     monkeypatch.setattr(fusion, "face_meshes",
@@ -163,7 +163,7 @@ def test_a_template_looked_at_once_is_not_looked_at_again_and_keeps_no_reference
     meshed.clear()
     again = fusion.fuse_images(images, template, settings)
     assert meshed[0] == 2  # the images only
-    fusion._templates = fusion._Recent()
+    fusion._templates = fusion.Recent(4)
     fresh = fusion.fuse_images(images, template, settings)
     for a, b in zip(again.images, fresh.images):
         assert a.note == b.note and "photo" not in a.note

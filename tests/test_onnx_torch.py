@@ -253,35 +253,28 @@ def test_batches_give_what_single_runs_give(nets, mesh_torch):
         assert not net._no_batch and net._batch_checked, net.path.name  # batches run and kept, not one by one
 
 
-def test_a_net_whose_outputs_lose_the_batch_runs_one_at_a_time(nets):
-    """A graph that mixes its batch (here: every output summed over it) fails the first batch's check against a
-    single run; that shape then runs one input at a time, with the right answers."""
-    _, sface = nets
+class _Mixing(TorchNet):
+    """Every output summed over the batch: the batch is lost."""
 
-    class Mixing(TorchNet):
-        def _forward(self, x, batch=1):
-            return [o.sum(0, keepdim=True) for o in super()._forward(x, batch)]
+    def _forward(self, x, batch=1):
+        return [o.sum(0, keepdim=True) for o in super()._forward(x, batch)]
 
-    net = Mixing(sface.path)
+
+class _Single(TorchNet):
+    """A graph that refuses any batch (as a fixed-shape file would)."""
+
+    def _forward(self, x, batch=1):
+        if x.shape[0] > 1:
+            raise RuntimeError("shape mismatch")
+        return super()._forward(x, batch)
+
+
+@pytest.mark.parametrize("kind", [_Mixing, _Single], ids=["loses_the_batch", "refuses_a_batch"])
+def test_a_net_that_loses_or_refuses_the_batch_runs_one_at_a_time(nets, kind):
+    """A graph that mixes its batch fails the first batch's check against single runs; one that cannot take a
+    batch raises in it. Either way that shape then runs one input at a time, with the right answers."""
+    net = kind(nets[1].path)  # SFace
     rng = np.random.default_rng(4)
-    xs = [rng.random((1, 3, 112, 112), dtype=np.float32) for _ in range(3)]
-    got = net.run_many(xs)
-    assert net._no_batch == {(1, 3, 112, 112)}
-    for x, outs in zip(xs, got):
-        np.testing.assert_allclose(outs[0], net(x)[0], rtol=1e-5)
-
-
-def test_a_net_that_cannot_take_a_batch_runs_one_at_a_time(nets):
-    _, sface = nets
-
-    class Single(TorchNet):
-        def _forward(self, x, batch=1):
-            if x.shape[0] > 1:
-                raise RuntimeError("shape mismatch")
-            return super()._forward(x, batch)
-
-    net = Single(sface.path)
-    rng = np.random.default_rng(5)
     xs = [rng.random((1, 3, 112, 112), dtype=np.float32) for _ in range(3)]
     got = net.run_many(xs)
     assert net._no_batch == {(1, 3, 112, 112)}
