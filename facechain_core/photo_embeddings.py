@@ -39,6 +39,10 @@ class Recent:
             while len(self._held) > self._size:
                 self._held.popitem(last=False)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._held.clear()
+
 
 _cache = Recent(256)  # photos remembered (a few hundred 128-512 floats: well under a megabyte)
 
