@@ -6,8 +6,9 @@
 Cases: a template into photos of the same person and of others, with and without the person's reference
 photos, each in threads only and with two helper processes. Each tree runs in a process of its own and writes
 every fused image, mask and report line; then they are compared. Prints one JSON line: how many outputs, and
-the ones that differ. (On a GPU the nets round differently alone and in a batch; compare on the CPU, where a
-speed change must not change a pixel.) Set ``FACECHAIN_EMBEDDED_DIR`` when the old tree has no
+the ones that differ. (Compare on the CPU, where a speed change must not change a pixel; on a GPU the nets'
+rounding follows the kernels cuDNN picks, which a change of batch or shape may alter. One tree against itself
+on a GPU checks that its runs agree.) Set ``FACECHAIN_EMBEDDED_DIR`` when the old tree has no
 ``models/embedded`` of its own (a ``git archive`` has none).
 """
 

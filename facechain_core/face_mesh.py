@@ -210,11 +210,11 @@ def face_mesh(rgb: np.ndarray, keypoints) -> Mesh:
 
 def face_meshes(pairs: list[tuple[np.ndarray, object]], workers: int = 0) -> list[Mesh]:
     """``face_mesh`` of each (image, keypoints): with the net on the GPU, each pass of all the faces as one
-    batch; else side by side on the thread pool."""
+    batch (a lone face too); else side by side on the thread pool."""
     from .threads import parallel_map
 
     gpu = gpu_net("face_mesh")
-    if gpu is None or len(pairs) < 2:
+    if gpu is None or not pairs:
         return list(parallel_map(lambda p: face_mesh(p[0], p[1]), pairs, workers))
     rgbs = [rgb for rgb, _ in pairs]
 

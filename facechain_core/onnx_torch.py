@@ -249,6 +249,7 @@ class TorchNet:
         self._seen: set = set()
         self._batch_checked: set = set()  # input shapes whose first batch was checked against a single run
         self._no_batch: set = set()  # input shapes whose outputs did not keep the batch: run one at a time
+        self.pad_single = self.device.type == "cuda"  # run_many pads one input to a batch too: see BATCHES
 
     @staticmethod
     def _run(node: Node, xs: list, batch: int = 1):
@@ -337,6 +338,10 @@ class TorchNet:
     # runs of a shape (on an H200 a new input shape's first runs cost up to seconds: cuDNN picks and builds
     # its kernels); 8 run in ~0.6-0.9 ms, one in ~0.4
     BATCHES = (1, 8)
+    # On a GPU a lone input is padded to 8 as well (``pad_single``): a batch's kernels round differently from a
+    # single run's (TF32 convolutions), and FaceFusion checks a try alone or with others depending on when its
+    # blend arrived, so an image at a guard's edge was fused in one run and not in the next. Padded, an
+    # input's answer does not depend on what it ran with.
 
     def _forward(self, x, batch: int = 1):
         vals = dict(self._consts)
@@ -390,9 +395,10 @@ class TorchNet:
 
     def run_many(self, xs: list[np.ndarray]) -> list[list[np.ndarray]]:
         """``[self(x) for x in xs]``, inputs of one shape and type run as batches: one copy in, one run, one
-        copy out for up to 8 of them (padded to 8: ``BATCHES``; ``x`` as for ``__call__``; float NCHW inputs have a
-        batch of one each). The first batch of each input shape is checked against single runs of its first and
-        last input; a net whose outputs do not keep the batch (or that cannot take one) runs one at a time."""
+        copy out for up to 8 of them (padded to 8: ``BATCHES``; on a GPU a lone input too, ``pad_single``;
+        ``x`` as for ``__call__``; float NCHW inputs have a batch of one each). The first batch of each input
+        shape is checked against single runs of its first and last input; a net whose outputs do not keep the
+        batch (or that cannot take one) runs one at a time."""
         groups: dict = {}
         for i, x in enumerate(xs):
             groups.setdefault((tuple(np.shape(x)), np.asarray(x).dtype == np.uint8), []).append(i)
@@ -406,9 +412,10 @@ class TorchNet:
 
     def _batched(self, xs: list, shape: tuple) -> list[list[np.ndarray]]:
         one_each = len(shape) == 4  # float NCHW inputs of batch one
-        if len(xs) == 1 or (one_each and shape[0] != 1) or shape in self._no_batch:
+        alone = len(xs) == 1 and not self.pad_single
+        if alone or (one_each and shape[0] != 1) or shape in self._no_batch:
             return [self(x) for x in xs]
-        size = next(b for b in self.BATCHES if b >= len(xs))
+        size = next(b for b in self.BATCHES if b >= len(xs) and (b > 1 or not self.pad_single))
         padded = list(xs) + [xs[-1]] * (size - len(xs))
         stack = np.concatenate(padded) if one_each else np.stack(padded)
         checked = shape in self._batch_checked

@@ -157,11 +157,11 @@ def embed_face(rgb: np.ndarray, face: Face, backend: str = "embedded") -> np.nda
 
 
 def embed_faces(pairs: list[tuple[np.ndarray, Face]], backend: str = "embedded", workers: int = 0) -> list[np.ndarray]:
-    """``embed_face`` of each (image, face): with the embedded net on the GPU in batches, else side by side on
-    the thread pool."""
+    """``embed_face`` of each (image, face): with the embedded net on the GPU in batches (a lone pair too),
+    else side by side on the thread pool."""
     from .threads import parallel_map
 
-    if backend != "embedded" or len(pairs) < 2 or gpu_net("sface") is None:
+    if backend != "embedded" or not pairs or gpu_net("sface") is None:
         return list(parallel_map(lambda p: embed_face(p[0], p[1], backend), pairs, workers))
     return get_recogniser(backend).embed_many(pairs)
 
