@@ -16,7 +16,7 @@ from ..facechain_core.lora_format import kohya_metadata
 from ..facechain_core.train import (TrainSettings, check_free, defaults, lora_file, require_images,
                                      resolve_captions, save_lora, train_lora, weights_fingerprint)
 from ..facechain_core.train.memory import MEMORY_MODES
-from ..facechain_core.train.save import INPUTS_KEY, inputs_fingerprint, trained_from
+from ..facechain_core.train.save import INPUTS_KEY, REUSED, inputs_fingerprint, trained_from
 from ..facechain_core.train.settings import PRECISIONS
 from .comfy_backbone import apply_lora_file, comfy_backbone
 from .common import CATEGORY, TrainingProgress, show_pictures
@@ -121,9 +121,7 @@ class TrainFaceLoRA:
         base_hash = weights_fingerprint(backbone.unet.state_dict().items())
         fingerprint = inputs_fingerprint(images, caption_list, dataclasses.asdict(settings), base_hash)
         if path.is_file() and trained_from(path) == fingerprint:
-            summary = ("reused the saved file: it was trained from these photos, captions and settings on this "
-                       "base model (delete it, or change an input, to train again)")
-            return self._output(model, clip, path, token, summary)
+            return self._output(model, clip, path, token, REUSED)
         check_free(path, overwrite)
         progress = TrainingProgress(settings.steps, unique_id)
         with torch.inference_mode(False):

@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from facechain_core.files import write_atomic  # noqa: E402
+from facechain_core.train.save import REUSED  # noqa: E402  (TrainFaceLoRA's report when it trained nothing)
 from facechain_core.train.trainer import LOSS_CURVE  # noqa: E402  (the training report's loss-curve line)
 
 # (stage, heading, the class types an output node's images come through, nearest first)
@@ -35,6 +36,8 @@ STAGES = [
      ("FaceChainRTSRank",)),
 ]
 IMAGE_NODES = ("SaveImage", "PreviewImage")
+NO_LOSS = "no loss recorded"
+LORA_REUSED = "no training this run: the LoRA saved by an earlier run from the same inputs was reused"
 THUMB = 160
 
 
@@ -47,6 +50,7 @@ class RunReport:
     scores: list[str] = field(default_factory=list)  # one label per portrait
     reports: dict[str, str] = field(default_factory=dict)  # node title -> the text it showed
     notes: list[str] = field(default_factory=list)
+    loss_note: str = NO_LOSS  # what the loss box says when there is no curve
 
 
 def feed_chain(prompt: dict, node_id: str, depth: int = 3) -> tuple[str, ...]:
@@ -114,6 +118,8 @@ def collect(prompt: dict, entry: dict, fetch: Callable[[dict], bytes], photos: l
             run.reports[title_of(prompt, nid)] = text
             if node["class_type"] == "FaceChainTrainFaceLoRA":
                 run.losses = parse_losses(text)
+                if REUSED in text:
+                    run.loss_note = LORA_REUSED
             if node["class_type"] == "FaceChainRTSRank":
                 run.scores = portrait_scores(text, len(run.images.get("portraits", [])) or 99)
     run.scores = run.scores[:len(run.images.get("portraits", []))]
@@ -124,14 +130,15 @@ def _id_key(nid: str):
     return (0, int(nid), "") if nid.isdigit() else (1, 0, nid)
 
 
-def loss_plot(losses: list[float], width: int = 640, height: int = 220) -> Image.Image:
-    """The training loss per run of steps as a line on white, with its range and the step axis labelled."""
+def loss_plot(losses: list[float], width: int = 640, height: int = 220, note: str = NO_LOSS) -> Image.Image:
+    """The training loss per run of steps as a line on white, with its range and the step axis labelled
+    (``note`` in the box when there is none)."""
     im = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(im)
     left, right, top, bottom = 60, width - 15, 15, height - 35
     d.rectangle([left, top, right, bottom], outline=(120, 120, 120))
     if not losses:
-        d.text((left + 10, top + 10), "no loss recorded", fill="black")
+        d.text((left + 10, top + 10), note, fill="black")
         return im
     lo, hi = min(losses), max(losses)
     span = (hi - lo) or 1.0
@@ -168,7 +175,7 @@ def write(run: RunReport, out_dir: Path) -> tuple[Path, Path]:
             name = f"{stage}_{i + 1:02d}.png"
             write_atomic(img_dir / name, lambda p, b=blob: _png(b).save(p, format="PNG"))
             files.setdefault(stage, []).append(name)
-    plot = loss_plot(run.losses)
+    plot = loss_plot(run.losses, note=run.loss_note)
     write_atomic(img_dir / "loss.png", lambda p: plot.save(p, format="PNG"))
     html_path, png_path = out_dir / "report.html", out_dir / "report.png"
     page = render_html(run, files)

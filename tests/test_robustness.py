@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import FACES, REPO, TINY_CKPT, expect_node_error
+import run_report
+from conftest import ARTIFACTS, FACES, REPO, TINY_CKPT, expect_node_error
 from comfy_host import PromptError
 from test_train_lora import train_graph
 
@@ -148,10 +149,16 @@ def lora_report(entry) -> str:
 def test_a_deleted_lora_is_trained_again_and_an_identical_rerun_reuses_the_file(client, comfy_base):
     graph = train_graph("robust_again", samples=4)
     path = lora_folder(comfy_base) / "robust_again.safetensors"
-    client.run(graph)
+    first = client.run(graph)
     assert path.is_file()
     again = client.run(graph)  # the file appeared since the first run: the node runs, finds its own inputs
     assert "reused the saved file" in lora_report(again) and path.is_file()
+    # the run report's loss box says the LoRA was reused, not that no loss was recorded
+    trained, reused = (run_report.collect(graph, e, lambda img: b"", []) for e in (first, again))
+    assert trained.losses and trained.loss_note == run_report.NO_LOSS
+    assert not reused.losses and reused.loss_note == run_report.LORA_REUSED
+    ARTIFACTS.mkdir(exist_ok=True)
+    run_report.loss_plot(reused.losses, note=reused.loss_note).save(ARTIFACTS / "run_report_loss_reused.png")
     path.unlink()
     entry = client.run(graph)  # identical prompt, file gone: the host's cache must not answer
     assert path.is_file(), "the LoRA was deleted and the identical prompt did not train it again"

@@ -34,6 +34,11 @@ def lora_file(folder: str | os.PathLike, name: str) -> Path:
     return target
 
 
+# what TrainFaceLoRA reports when it finds the LoRA already trained from the same inputs (the run report reads it)
+REUSED = ("reused the saved file: it was trained from these photos, captions and settings on this base model "
+          "(delete it, or change an input, to train again)")
+
+
 def check_free(path: Path, overwrite: bool, reusable: bool = False) -> None:
     """Refuse to replace an existing LoRA unless asked; ``reusable``: unless it is one of ours, which the
     caller may find was trained from the same inputs (then it is reused, not replaced)."""
