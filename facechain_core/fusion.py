@@ -657,9 +657,6 @@ def fuse_images(images: list[np.ndarray], template: np.ndarray, settings: Fusion
     return result
 
 
-SPECULATE_CORES = 8  # with at least this many cores an image's remaining tries all run at once
-
-
 def start_all(rgbs: list, found: list, tpl: Template, s: FusionSettings) -> list:
     """``start_fusing`` of every image (as ``_looks`` found it), side by side: each thread sends its image's warp,
     colour work and blends to a helper process (and goes on), or does the warp and colour work itself. (Sent
@@ -675,9 +672,9 @@ def run_tries(jobs: list, tpl: Template, s: FusionSettings) -> None:
     helpers still work on the rest. After a failed first try: every remaining rung at once where there are
     cores to spare (the slowest image then costs one more round, not one per try), else the next rung, each
     image stopping at the first that passes; either schedule picks the same try. (With the nets on a GPU a
-    check runs alone or in a batch as the blends come, and TF32 rounds the two apart: an image at a guard's
-    very edge can go either way.)"""
-    speculate = (os.cpu_count() or 2) >= SPECULATE_CORES
+    check that comes alone is padded to the batch the others run in, ``TorchNet.pad_single``: TF32 rounds a
+    batch and a single run apart, and an image at a guard's very edge would otherwise go either way.)"""
+    speculate = (os.cpu_count() or 2) >= fg.settings_data()["all_tries_min_cores"]
     todo = [(j, 0) for j in jobs if isinstance(j, _Fusing)]
     while todo:
         ready = [(j, i) for j, i in todo if j.parts is None or j.parts.has(i)]
