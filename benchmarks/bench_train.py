@@ -111,8 +111,8 @@ CONFIGS = {
     "comfy_defaults_lora_half": ("comfy_fp16", dict(samples=2000, lora_compute="activations")),
     "comfy_b4_lora_half_cl": ("comfy_fp16", dict(lora_compute="activations", channels_last=True)),
     "comfy_b4_compile_cl": ("comfy_fp16", dict(compile=True, channels_last=True)),
-    # the node's path at the batch `memory: auto` picks on an H200, all else at its defaults (but cuDNN's
-    # autotuning, which main() turns on for every configuration here)
+    # the node's path at the batch `memory: auto` picks on an H200, all else at its defaults (cuDNN's autotuning
+    # too, unless --cudnn-benchmark: the runs before round four had it on for every configuration)
     "comfy_b8": ("comfy_fp16", dict(batch_size=8)),
     "comfy_b8_compile": ("comfy_fp16", dict(compile=True, batch_size=8)),
     "comfy_defaults_compile": ("comfy_fp16", dict(samples=2000, compile=True)),
@@ -364,6 +364,9 @@ def parse_args():
     ap.add_argument("--lr-check", type=int, default=0, help="samples for the equal-work batch/lr check (0: off)")
     ap.add_argument("--time-budget", type=float, default=420, help="skip what would start after this many s")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--cudnn-benchmark", action="store_true",
+                    help="cuDNN times its algorithms per shape for every configuration (as the runs before round "
+                         "four did); off by default, as the node trains (cudnn_benchmark false)")
     ap.add_argument("--cpu-smoke", action="store_true", help="check the script on the CPU (tiny UNet, tiny sizes)")
     return ap.parse_args()
 
@@ -443,10 +446,10 @@ def main() -> None:
     print(json.dumps(env), flush=True)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark  # a configuration's cudnn_benchmark can still turn it on
     images = {args.size: synthetic_faces(args.images, args.size)}
     results = {"command": shlex.join(sys.orig_argv), "env": env, "size": args.size, "images": args.images,
-               "configs": {}}
+               "cudnn_benchmark": args.cudnn_benchmark, "configs": {}}
     backbones = Backbones(args.comfyui)
 
     ref = None

@@ -87,10 +87,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=TrainSettings().batch_size)
     ap.add_argument("--set", nargs="*", default=[], help="training settings, e.g. channels_last=true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN times its algorithms per shape "
+                    "(as the profiles before round four did); off by default, as the node trains")
     args = ap.parse_args()
     print("command:", " ".join([sys.executable] + sys.argv), flush=True)
     torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     images = bt.synthetic_faces(10, 512)
     backbone = bt.Backbones(args.comfyui).get("comfy_fp16")["backbone"]
     changes = {"batch_size": args.batch, **parse_sets(args.set)}

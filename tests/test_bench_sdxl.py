@@ -23,6 +23,7 @@ def test_sdxl_configs_build_and_train_on_the_cpu(tmp_path):
     assert proc.stdout.startswith(f"command: {' '.join(cmd)}\n")
     result = json.loads(out.read_text())
     assert "reference" not in result and "diffusers" not in result["env"]  # SDXL runs need neither
+    assert result["cudnn_benchmark"] is False  # as the node trains, unless --cudnn-benchmark
     for name, memory in (("sdxl_node_defaults", "auto (fit the card)"), ("sdxl_as_set", "as set")):
         r = result["configs"][name]
         assert "error" not in r, r
