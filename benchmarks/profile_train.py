@@ -110,7 +110,8 @@ def main() -> None:
     for name, t in prof["top_kernels"]:
         print(f"    {t:7.3f} ms  {name[:110]}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"settings": changes, "profile": prof, "graphs": graphs}, indent=1))
+        out = {"settings": changes, "cudnn_benchmark": args.cudnn_benchmark, "profile": prof, "graphs": graphs}
+        Path(args.json).write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -84,13 +84,14 @@ class YuNetDetector:
                 _, rows = self._net.detect(bgr)
         return _faces(rows)
 
-    def detect_many(self, rgbs: list[np.ndarray]) -> list[list[Face]]:
-        """``[self.detect(rgb) for rgb in rgbs]``; with the net on the GPU, images of one size as one batch."""
+    def detect_many(self, rgbs: list[np.ndarray], same_batch: bool = False) -> list[list[Face]]:
+        """``[self.detect(rgb) for rgb in rgbs]``; with the net on the GPU, images of one size as one batch
+        (``same_batch``: see ``TorchNet.run_many``)."""
         gpu = gpu_net("yunet")
         if gpu is None:
             return [self.detect(rgb) for rgb in rgbs]
         padded = [self._padded(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)) for rgb in rgbs]
-        return [_faces(self._rows(gpu, outs, x.shape[1])) for x, outs in zip(padded, gpu.run_many(padded))]
+        return [_faces(self._rows(gpu, outs, x.shape[1])) for x, outs in zip(padded, gpu.run_many(padded, same_batch))]
 
     def _detect_on(self, net, bgr: np.ndarray) -> np.ndarray:
         padded = self._padded(bgr)

@@ -208,19 +208,19 @@ def face_mesh(rgb: np.ndarray, keypoints) -> Mesh:
     return Mesh(xy, z, presence)
 
 
-def face_meshes(pairs: list[tuple[np.ndarray, object]], workers: int = 0) -> list[Mesh]:
+def face_meshes(pairs: list[tuple[np.ndarray, object]], workers: int = 0, same_batch: bool = False) -> list[Mesh]:
     """``face_mesh`` of each (image, keypoints): with the net on the GPU, each pass of all the faces as one
-    batch (a lone face too); else side by side on the thread pool."""
+    batch (``same_batch``: see ``TorchNet.run_many``); else side by side on the thread pool."""
     from .threads import parallel_map
 
     gpu = gpu_net("face_mesh")
-    if gpu is None or not pairs:
+    if gpu is None or len(pairs) < (1 if same_batch else 2):
         return list(parallel_map(lambda p: face_mesh(p[0], p[1]), pairs, workers))
     rgbs = [rgb for rgb, _ in pairs]
 
     def run(where: list) -> list:
         crops = [_crop(rgb, *w) for rgb, w in zip(rgbs, where)]
-        outs = gpu.run_many([_blob(crop) for crop, _ in crops])
+        outs = gpu.run_many([_blob(crop) for crop, _ in crops], same_batch)
         return [_in_image(*_answer(*_marks_and_score({o.size: o for o in out})), m, w[1])
                 for out, (_, m), w in zip(outs, crops, where)]
 

@@ -330,9 +330,11 @@ def _after_checks(checks: list[_Check], tpl: Template, detector: str = "embedded
             live.append(n)
     again = [n for n in live if checks[n].eyes_moved]
     faces = {n: checks[n].face for n in live}
-    for n, found in zip(again, detect_faces_many([checks[n].out for n in again], detector, workers=workers)):
+    # same_batch: a check's answer must not depend on which other tries' blends had arrived with it
+    for n, found in zip(again, detect_faces_many([checks[n].out for n in again], detector, workers=workers,
+                                                 same_batch=True)):
         faces[n] = _nearest(found, checks[n].face)
-    vecs = dict(zip(live, embed_faces([(checks[n].out, faces[n]) for n in live], workers=workers)))
+    vecs = dict(zip(live, embed_faces([(checks[n].out, faces[n]) for n in live], workers=workers, same_batch=True)))
     gain = d["guards"]["min_likeness_gain" if tpl.likeness_to == "template" else "min_likeness_gain_photos"]
     kept, afters = [], {n: tpl.likeness(vecs[n]) for n in live}
     for n in live:
@@ -343,7 +345,7 @@ def _after_checks(checks: list[_Check], tpl: Template, detector: str = "embedded
                       after, vecs[n])
         else:
             kept.append(n)
-    meshes = face_meshes([(checks[n].out, checks[n].face.keypoints) for n in kept], workers)
+    meshes = face_meshes([(checks[n].out, checks[n].face.keypoints) for n in kept], workers, same_batch=True)
     for n, mesh in zip(kept, meshes):
         c = checks[n]
         shift = fg.outline_shift(c.tgt, mesh.points, d["inner_face"]["inner_scale"])
@@ -672,7 +674,7 @@ def run_tries(jobs: list, tpl: Template, s: FusionSettings) -> None:
     helpers still work on the rest. After a failed first try: every remaining rung at once where there are
     cores to spare (the slowest image then costs one more round, not one per try), else the next rung, each
     image stopping at the first that passes; either schedule picks the same try. (With the nets on a GPU a
-    check that comes alone is padded to the batch the others run in, ``TorchNet.pad_single``: TF32 rounds a
+    check runs in a batch of 8 whether its blend came alone or with others, ``same_batch``: TF32 rounds a
     batch and a single run apart, and an image at a guard's very edge would otherwise go either way.)"""
     speculate = (os.cpu_count() or 2) >= fg.settings_data()["all_tries_min_cores"]
     todo = [(j, 0) for j in jobs if isinstance(j, _Fusing)]

@@ -249,7 +249,7 @@ class TorchNet:
         self._seen: set = set()
         self._batch_checked: set = set()  # input shapes whose first batch was checked against a single run
         self._no_batch: set = set()  # input shapes whose outputs did not keep the batch: run one at a time
-        self.pad_single = self.device.type == "cuda"  # run_many pads one input to a batch too: see BATCHES
+        self.pads = self.device.type == "cuda"  # run_many(..., same_batch=True) is honoured: see BATCHES
 
     @staticmethod
     def _run(node: Node, xs: list, batch: int = 1):
@@ -338,10 +338,11 @@ class TorchNet:
     # runs of a shape (on an H200 a new input shape's first runs cost up to seconds: cuDNN picks and builds
     # its kernels); 8 run in ~0.6-0.9 ms, one in ~0.4
     BATCHES = (1, 8)
-    # On a GPU a lone input is padded to 8 as well (``pad_single``): a batch's kernels round differently from a
-    # single run's (TF32 convolutions), and FaceFusion checks a try alone or with others depending on when its
-    # blend arrived, so an image at a guard's edge was fused in one run and not in the next. Padded, an
-    # input's answer does not depend on what it ran with.
+    # ``same_batch``: every input runs in a batch of 8, a lone one too. A batch's kernels round differently from
+    # a single run's (TF32 convolutions, on a GPU), and FaceFusion checks a try alone or with others depending
+    # on when its blend arrived, so an image at a guard's edge was fused in one run and not in the next. In
+    # one batch size, an input's answer does not depend on what it ran with. Only where the company varies
+    # from run to run: a new batch shape's first run costs ~2 s on an H200 (cuDNN), a single one ~40 ms.
 
     def _forward(self, x, batch: int = 1):
         vals = dict(self._consts)
@@ -393,12 +394,12 @@ class TorchNet:
         seen before runs as one CUDA graph."""
         return self._outputs(self._tensor(x), 1)
 
-    def run_many(self, xs: list[np.ndarray]) -> list[list[np.ndarray]]:
+    def run_many(self, xs: list[np.ndarray], same_batch: bool = False) -> list[list[np.ndarray]]:
         """``[self(x) for x in xs]``, inputs of one shape and type run as batches: one copy in, one run, one
-        copy out for up to 8 of them (padded to 8: ``BATCHES``; on a GPU a lone input too, ``pad_single``;
-        ``x`` as for ``__call__``; float NCHW inputs have a batch of one each). The first batch of each input
-        shape is checked against single runs of its first and last input; a net whose outputs do not keep the
-        batch (or that cannot take one) runs one at a time."""
+        copy out for up to 8 of them (padded to 8: ``BATCHES``; ``same_batch``: every one in a batch of 8, a lone
+        input too, where ``pads``, on a GPU; ``x`` as for ``__call__``; float NCHW inputs have a batch of one
+        each). The first batch of each input shape is checked against single runs of its first and last input;
+        a net whose outputs do not keep the batch (or that cannot take one) runs one at a time."""
         groups: dict = {}
         for i, x in enumerate(xs):
             groups.setdefault((tuple(np.shape(x)), np.asarray(x).dtype == np.uint8), []).append(i)
@@ -406,16 +407,16 @@ class TorchNet:
         for (shape, _), idx in groups.items():
             for start in range(0, len(idx), self.BATCHES[-1]):
                 part = idx[start:start + self.BATCHES[-1]]
-                for i, o in zip(part, self._batched([xs[i] for i in part], shape)):
+                for i, o in zip(part, self._batched([xs[i] for i in part], shape, same_batch and self.pads)):
                     out[i] = o
         return out
 
-    def _batched(self, xs: list, shape: tuple) -> list[list[np.ndarray]]:
+    def _batched(self, xs: list, shape: tuple, same_batch: bool = False) -> list[list[np.ndarray]]:
         one_each = len(shape) == 4  # float NCHW inputs of batch one
-        alone = len(xs) == 1 and not self.pad_single
-        if alone or (one_each and shape[0] != 1) or shape in self._no_batch:
+        if (len(xs) == 1 and not same_batch) or (one_each and shape[0] != 1) or shape in self._no_batch:
             return [self(x) for x in xs]
-        size = next(b for b in self.BATCHES if b >= len(xs) and (b > 1 or not self.pad_single))
+        # one size for every group when the answers must not depend on the company (see BATCHES)
+        size = self.BATCHES[-1] if same_batch else next(b for b in self.BATCHES if b >= len(xs))
         padded = list(xs) + [xs[-1]] * (size - len(xs))
         stack = np.concatenate(padded) if one_each else np.stack(padded)
         checked = shape in self._batch_checked

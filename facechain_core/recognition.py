@@ -80,14 +80,15 @@ class SFaceRecogniser:
             return _normalise(self._sf.feature(crop))
         return _normalise(self._forward(crop))
 
-    def embed_many(self, pairs: list[tuple[np.ndarray, Face]]) -> list[np.ndarray]:
-        """``embed`` of each (image, face); with the net on the GPU, as batches of crops."""
+    def embed_many(self, pairs: list[tuple[np.ndarray, Face]], same_batch: bool = False) -> list[np.ndarray]:
+        """``embed`` of each (image, face); with the net on the GPU, as batches of crops (``same_batch``: see
+        ``TorchNet.run_many``)."""
         gpu = gpu_net("sface")
         if gpu is None:
             return [self.embed(rgb, face) for rgb, face in pairs]
         blobs = [sface_blob(self._sf.alignCrop(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), face_row(face)))
                  for rgb, face in pairs]
-        return [_normalise(outs[0]) for outs in gpu.run_many(blobs)]
+        return [_normalise(outs[0]) for outs in gpu.run_many(blobs, same_batch)]
 
 
 class ArcFaceOnnxRecogniser:
@@ -156,14 +157,15 @@ def embed_face(rgb: np.ndarray, face: Face, backend: str = "embedded") -> np.nda
     return get_recogniser(backend).embed(rgb, face)
 
 
-def embed_faces(pairs: list[tuple[np.ndarray, Face]], backend: str = "embedded", workers: int = 0) -> list[np.ndarray]:
-    """``embed_face`` of each (image, face): with the embedded net on the GPU in batches (a lone pair too),
-    else side by side on the thread pool."""
+def embed_faces(pairs: list[tuple[np.ndarray, Face]], backend: str = "embedded", workers: int = 0,
+                same_batch: bool = False) -> list[np.ndarray]:
+    """``embed_face`` of each (image, face): with the embedded net on the GPU in batches (``same_batch``: see
+    ``TorchNet.run_many``), else side by side on the thread pool."""
     from .threads import parallel_map
 
-    if backend != "embedded" or not pairs or gpu_net("sface") is None:
+    if backend != "embedded" or len(pairs) < (1 if same_batch else 2) or gpu_net("sface") is None:
         return list(parallel_map(lambda p: embed_face(p[0], p[1], backend), pairs, workers))
-    return get_recogniser(backend).embed_many(pairs)
+    return get_recogniser(backend).embed_many(pairs, same_batch)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -99,16 +99,16 @@ def detect_faces_per_thread(rgb: np.ndarray, backend: str = "embedded",
 
 
 def detect_faces_many(rgbs: list[np.ndarray], backend: str = "embedded", max_side: int | None = DETECT_MAX_SIDE,
-                      workers: int = 0) -> list[list[Face]]:
+                      workers: int = 0, same_batch: bool = False) -> list[list[Face]]:
     """``detect_faces_per_thread`` of each image: with the embedded net on the GPU in batches (up to 8 images of
-    one size in a run; a lone image too, as a padded batch), else side by side on the thread pool."""
+    one size in a run; ``same_batch``: see ``TorchNet.run_many``), else side by side on the thread pool."""
     from .detect import YuNetDetector
     from .onnx_torch import gpu_net
 
-    if backend != "embedded" or not rgbs or gpu_net("yunet") is None:
+    if backend != "embedded" or len(rgbs) < (1 if same_batch else 2) or gpu_net("yunet") is None:
         return list(parallel_map(lambda rgb: detect_faces_per_thread(rgb, backend, max_side), rgbs, workers))
     work = [_working(rgb, max_side) for rgb in rgbs]
-    found = per_thread("yunet", YuNetDetector).detect_many([rgb for rgb, _ in work])
+    found = per_thread("yunet", YuNetDetector).detect_many([rgb for rgb, _ in work], same_batch)
     return [_scaled_back(faces, k) for faces, (_, k) in zip(found, work)]
 
 

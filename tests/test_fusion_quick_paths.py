@@ -194,6 +194,13 @@ def test_after_checks_together_decide_as_each_alone_and_either_schedule_picks_th
     for c, (why, after, vec) in zip(checks, together):
         why1, after1, vec1 = fusion._after_checks([c], tpl)[0]
         assert (why, after) == (why1, after1) and (vec is None) == (vec1 is None)
+    asked = []  # the checks ask each net for one batch size whatever the company (TorchNet.run_many's same_batch)
+    for name in ("detect_faces_many", "embed_faces", "face_meshes"):
+        monkeypatch.setattr(fusion, name, lambda *a, _f=getattr(fusion, name), _n=name, **k: (
+            asked.append((_n, k.get("same_batch"))), _f(*a, **k))[1])
+    fusion._after_checks(checks, tpl, workers=2)
+    assert {n for n, _ in asked} == {"detect_faces_many", "embed_faces", "face_meshes"}, asked
+    assert all(same is True for _, same in asked), asked
     alone = [fusion.fuse_one(rgb, f[0], tpl, s, f[1]) for rgb, f in zip(images, found)]
     for cores in (1, 64):
         monkeypatch.setattr(fusion.os, "cpu_count", lambda: cores)

@@ -312,35 +312,44 @@ def test_the_many_forms_find_embed_and_mesh_as_the_single_ones(nets, mesh_torch,
         assert abs(got.presence - want.presence) < 1e-4
 
 
-def test_on_a_gpu_a_lone_input_runs_padded_so_its_answer_does_not_depend_on_its_company(nets, mesh_torch,
-                                                                                         monkeypatch):
-    """``pad_single`` (on by itself on a GPU, set here on the CPU nets): one input goes through the batch of 8
-    like any other, and the many-forms send a lone image there too, so an input's answer is the same bytes
-    whether it ran alone or with others (FaceFusion checks a try alone or with the tries that arrived with it)."""
+def test_same_batch_runs_a_lone_input_padded_so_its_answer_does_not_depend_on_its_company(nets, mesh_torch,
+                                                                                          monkeypatch):
+    """``same_batch`` (honoured where ``pads``: on a GPU; set here on the CPU nets), as FaceFusion's after-checks
+    ask it: every input runs in a batch of 8, a lone one too, so an input's answer is the same bytes whether it
+    ran alone or with others (a check runs alone or with the tries that arrived with it). Without it a lone
+    input still runs alone."""
     from facechain_core import face_mesh as fm
     from facechain_core.recognition import embed_faces
     from facechain_core.threads import detect_faces_many
 
     yunet, sface = nets
-    assert not yunet.pad_single  # the CPU's default: a lone input runs alone
+    assert not yunet.pads  # the CPU's default: same_batch is not honoured there
     monkeypatch.setattr("facechain_core.detect.gpu_net", {"yunet": yunet}.get)
     monkeypatch.setattr("facechain_core.onnx_torch.gpu_net", {"yunet": yunet, "sface": sface,
                                                               "face_mesh": mesh_torch}.get)
     monkeypatch.setattr("facechain_core.recognition.gpu_net", {"sface": sface}.get)
     monkeypatch.setattr(fm, "gpu_net", {"face_mesh": mesh_torch}.get)
+    rgbs = [cv2.resize(load_photo(p), (320, 320)) for p in PHOTOS[:3]]
+    pairs = [(rgb, faces[0]) for rgb, faces in zip(rgbs, detect_faces_many(rgbs))]
+    kps = [(rgb, f.keypoints) for rgb, f in pairs]
     batches = []
     for net in (yunet, sface, mesh_torch):
-        monkeypatch.setattr(net, "pad_single", True)
+        monkeypatch.setattr(net, "pads", True)
         monkeypatch.setattr(net, "_outputs", lambda x, batch, capture=False, _o=net._outputs: (
             batches.append(batch), _o(x, batch, capture))[1])
-    rgbs = [cv2.resize(load_photo(p), (320, 320)) for p in PHOTOS[:3]]
-    alone = detect_faces_many(rgbs[:1])
-    together = detect_faces_many(rgbs[2:] + rgbs[:1])
-    assert batches and set(batches) == {8}, batches  # every run a batch of 8, the lone one too
+    # each shape's first batch is also checked against single runs: run them all once before counting
+    detect_faces_many(rgbs, same_batch=True), embed_faces(pairs, same_batch=True)
+    fm.face_meshes(kps, same_batch=True)
+    batches.clear()
+
+    alone = detect_faces_many(rgbs[:1], same_batch=True)
+    together = detect_faces_many(rgbs[2:] + rgbs[:1], same_batch=True)
     assert np.array_equal(alone[0][0].keypoints, together[1][0].keypoints)
-    pairs = [(rgb, faces[0]) for rgb, faces in zip(rgbs, detect_faces_many(rgbs))]
-    assert np.array_equal(embed_faces(pairs[:1])[0], embed_faces(pairs[1:] + pairs[:1])[-1])
-    kps = [(rgb, f.keypoints) for rgb, f in pairs]
-    one, many = fm.face_meshes(kps[:1])[0], fm.face_meshes(kps[::-1])[-1]
+    assert np.array_equal(embed_faces(pairs[:1], same_batch=True)[0],
+                          embed_faces(pairs[1:] + pairs[:1], same_batch=True)[-1])
+    one, many = fm.face_meshes(kps[:1], same_batch=True)[0], fm.face_meshes(kps[::-1], same_batch=True)[-1]
     assert np.array_equal(one.points, many.points) and one.presence == many.presence
-    assert set(batches) == {8}, batches
+    assert batches and set(batches) == {8}, batches  # every run a batch of 8, the lone ones too
+    batches.clear()
+    detect_faces_many(rgbs[:1]), embed_faces(pairs[:1]), fm.face_meshes(kps[:1])
+    assert batches and set(batches) == {1}, batches  # not asked: a lone input runs alone
