@@ -155,7 +155,8 @@ def test_a_template_looked_at_once_is_not_looked_at_again_and_keeps_no_reference
     meshed = []
     real = fusion.face_meshes
     monkeypatch.setattr(fusion, "face_meshes",
-                        lambda pairs, workers=0: meshed.append(len(pairs)) or real(pairs, workers))
+                        lambda pairs, workers=0, same_batch=False: meshed.append(len(pairs)) or real(pairs, workers,
+                                                                                            same_batch))
     settings = fusion.FusionSettings(workers=1, processes=0)
     first = fusion.fuse_images(images, template, settings, references=refs)
     assert "person's 1 photo" in " ".join(f.note for f in first.images if f.fused)
