@@ -214,7 +214,7 @@ def face_meshes(pairs: list[tuple[np.ndarray, object]], workers: int = 0, same_b
     from .threads import parallel_map
 
     gpu = gpu_net("face_mesh")
-    if gpu is None or len(pairs) < (1 if same_batch else 2):
+    if gpu is None:
         return list(parallel_map(lambda p: face_mesh(p[0], p[1]), pairs, workers))
     rgbs = [rgb for rgb, _ in pairs]
 

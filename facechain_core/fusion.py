@@ -676,7 +676,7 @@ def run_tries(jobs: list, tpl: Template, s: FusionSettings) -> None:
     image stopping at the first that passes; either schedule picks the same try. (With the nets on a GPU a
     check runs in a batch of 8 whether its blend came alone or with others, ``same_batch``: TF32 rounds a
     batch and a single run apart, and an image at a guard's very edge would otherwise go either way.)"""
-    speculate = (os.cpu_count() or 2) >= fg.settings_data()["all_tries_min_cores"]
+    speculate = (os.cpu_count() or 2) >= fg.settings_data()["all_tries_at_once"]["min_cores"]
     todo = [(j, 0) for j in jobs if isinstance(j, _Fusing)]
     while todo:
         ready = [(j, i) for j, i in todo if j.parts is None or j.parts.has(i)]

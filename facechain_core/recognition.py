@@ -163,7 +163,7 @@ def embed_faces(pairs: list[tuple[np.ndarray, Face]], backend: str = "embedded",
     ``TorchNet.run_many``), else side by side on the thread pool."""
     from .threads import parallel_map
 
-    if backend != "embedded" or len(pairs) < (1 if same_batch else 2) or gpu_net("sface") is None:
+    if backend != "embedded" or gpu_net("sface") is None:
         return list(parallel_map(lambda p: embed_face(p[0], p[1], backend), pairs, workers))
     return get_recogniser(backend).embed_many(pairs, same_batch)
 

@@ -105,7 +105,7 @@ def detect_faces_many(rgbs: list[np.ndarray], backend: str = "embedded", max_sid
     from .detect import YuNetDetector
     from .onnx_torch import gpu_net
 
-    if backend != "embedded" or len(rgbs) < (1 if same_batch else 2) or gpu_net("yunet") is None:
+    if backend != "embedded" or gpu_net("yunet") is None:
         return list(parallel_map(lambda rgb: detect_faces_per_thread(rgb, backend, max_side), rgbs, workers))
     work = [_working(rgb, max_side) for rgb in rgbs]
     found = per_thread("yunet", YuNetDetector).detect_many([rgb for rgb, _ in work], same_batch)
