@@ -114,6 +114,16 @@ CONFIGS = {
     # the node's path at the batch `memory: auto` picks on an H200, all else at its defaults (cuDNN's autotuning
     # too, unless --cudnn-benchmark: the runs before round four had it on for every configuration)
     "comfy_b8": ("comfy_fp16", dict(batch_size=8)),
+    # round five: the LoRA product fused into the base layers (lora_compute "fused") and the host's training-only
+    # forwards (fast_frozen_layers), each alone and neither (the defaults before)
+    "comfy_b8_before": ("comfy_fp16", dict(batch_size=8, lora_compute="activations", fast_frozen_layers=False)),
+    "comfy_b8_fused_only": ("comfy_fp16", dict(batch_size=8, fast_frozen_layers=False)),
+    "comfy_b8_fast_only": ("comfy_fp16", dict(batch_size=8, lora_compute="activations")),
+    "comfy_b8_cl": ("comfy_fp16", dict(batch_size=8, channels_last=True)),
+    # the node as it trains by default: 2000 samples, memory "auto" (batch 8 on an H200); and before round five
+    "comfy_node_defaults": ("comfy_fp16", dict(samples=2000, memory=AUTO)),
+    "comfy_node_defaults_before": ("comfy_fp16", dict(samples=2000, memory=AUTO, lora_compute="activations",
+                                                      fast_frozen_layers=False)),
     "comfy_b8_compile": ("comfy_fp16", dict(compile=True, batch_size=8)),
     "comfy_defaults_compile": ("comfy_fp16", dict(samples=2000, compile=True)),
     "comfy_defaults_fp16_weights_fp16": ("comfy_fp16", dict(samples=2000, precision="fp16")),
@@ -287,7 +297,10 @@ class Backbones:
         import comfy.ops
         from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
+        from bench_generate import pack_module
         from tiny_checkpoint import SD15_UNET
+
+        cb = pack_module("nodes.comfy_backbone")  # the node's own host patches
 
         cfg = dict(SD15_UNET)  # a copy: the CPU smoke run shrinks it
         nrb = list(cfg["num_res_blocks"])
@@ -311,7 +324,8 @@ class Backbones:
                             predict_noise=predict_noise, alphas_cumprod=db.alphas_cumprod(),
                             device=torch.device(DEVICE), encode_images=encode_images, encode_text=encode_text,
                             text_encoders=[te], size_multiple=8 * 2 ** (len(cfg["channel_mult"]) - 1),
-                            prepare=db.offloader(vae, te, DEVICE))
+                            prepare=db.offloader(vae, te, DEVICE),
+                            plain_linear=cb.plain_linear, fast_layers=lambda: cb.fast_frozen_layers(unet))
         return {"backbone": backbone, "unet": unet, "vae": vae, "text": te}
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 
 import comfy.model_management
 import comfy.sd
@@ -102,7 +103,22 @@ def comfy_backbone(model, clip, vae, image_hw: tuple[int, int]) -> Backbone:
                     encode_images=encode_images, encode_text=encode_text, text_encoders=text_encoders,
                     size_multiple=8 * 2 ** (len(unet_config["channel_mult"]) - 1), prepare=prepare,
                     extra_frozen=[m for m in (getattr(base, "embedder", None),) if m is not None],
-                    training_context=lambda train_te: _out_of_place_clip_layers(clip.cond_stage_model, train_te))
+                    training_context=lambda train_te: _out_of_place_clip_layers(clip.cond_stage_model, train_te),
+                    plain_linear=plain_linear, fast_layers=lambda: fast_frozen_layers(unet))
+
+
+def plain_linear(m) -> bool:
+    """Whether ``m`` computes ``F.linear(x, weight, bias)`` and nothing else: torch's Linear, or ComfyUI's
+    when it neither casts its weights per call nor has weight or bias functions (LoRA patches applied on the
+    fly, low-VRAM offloading). The trainer's fused LoRA product bypasses such a layer's forward."""
+    import comfy.ops
+
+    if not isinstance(m, torch.nn.Linear):
+        return False
+    if type(m).forward is torch.nn.Linear.forward:
+        return True
+    return (type(m).forward is comfy.ops.disable_weight_init.Linear.forward and not m.comfy_cast_weights
+            and not m.weight_function and not m.bias_function)
 
 
 @contextmanager
@@ -137,3 +153,107 @@ def apply_lora_file(model, clip, path):
     """The LoRA file as it is on disk applied at strength 1, through the same calls as the stock LoraLoader."""
     lora = comfy.utils.load_torch_file(str(path), safe_load=True)
     return comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
+
+
+def _plain_conv1x1(m) -> bool:
+    """A 1x1 convolution (stride 1, no padding, one group) that computes ``F.conv2d`` and nothing else."""
+    import comfy.ops
+
+    if not isinstance(m, torch.nn.Conv2d) or tuple(m.kernel_size) != (1, 1) or tuple(m.stride) != (1, 1) \
+            or tuple(m.padding) != (0, 0) or tuple(m.dilation) != (1, 1) or m.groups != 1:
+        return False
+    if type(m).forward is torch.nn.Conv2d.forward:
+        return True
+    return (type(m).forward is comfy.ops.disable_weight_init.Conv2d.forward and not m.comfy_cast_weights
+            and not m.weight_function and not m.bias_function)
+
+
+def _projection(m):
+    """(weight [out, in], bias) of a plain 1x1 convolution or linear layer, else None."""
+    if plain_linear(m) or _plain_conv1x1(m):
+        return m.weight.flatten(1), m.bias
+    return None
+
+
+def _geglu_forward(m):
+    """GEGLU as two matrix multiplies, one per half of its projection's weight, instead of one whose output is
+    split: the value and the gate come out contiguous, so the GELU and the product (and their backward) run
+    the vectorised kernels, and backward needs no concatenation of the two halves' gradients."""
+    from comfy.ldm.modules.attention import GEGLU
+
+    def forward(x):
+        p = m.proj
+        if not plain_linear(p):
+            return GEGLU.forward(m, x)
+        half = p.weight.shape[0] // 2
+        w, b = p.weight, p.bias
+        value = F.linear(x, w[:half], None if b is None else b[:half])
+        gate = F.linear(x, w[half:], None if b is None else b[half:])
+        return value * F.gelu(gate)
+
+    return forward
+
+
+def _spatial_transformer_forward(m):
+    """SpatialTransformer with its projections in and out as batched matrix multiplies on the feature map's
+    own memory: (positions x channels) is the NCHW map read transposed, so neither the copy to the
+    transformer's layout and back nor cuDNN's NCHW-to-NHWC conversions for the 1x1 convolutions are needed.
+    The same arithmetic as ComfyUI's forward (attention.py, SpatialTransformer.forward)."""
+    from comfy.ldm.modules.attention import SpatialTransformer
+
+    def forward(x, context=None, transformer_options={}):
+        proj_in, proj_out = _projection(m.proj_in), _projection(m.proj_out)
+        if proj_in is None or proj_out is None or x.ndim != 4:
+            return SpatialTransformer.forward(m, x, context=context, transformer_options=transformer_options)
+        if not isinstance(context, list):
+            context = [context] * len(m.transformer_blocks)
+        b, c, h, w = x.shape
+        transformer_options["activations_shape"] = list(x.shape)
+        (w_in, b_in), (w_out, b_out) = proj_in, proj_out
+        # [b, hw, c] viewed from NCHW (each batch's matrix column-major, which the batched multiply reads as it
+        # is) or from NHWC (row-major)
+        t = torch.matmul(m.norm(x).flatten(2).transpose(1, 2), w_in.t())
+        if b_in is not None:
+            t = t + b_in
+        for i, block in enumerate(m.transformer_blocks):
+            transformer_options["block_index"] = i
+            t = block(t, context=context[i], transformer_options=transformer_options)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            # back to NHWC, as the map came: [hw, inner] @ [inner, c] per batch, added to the residual (and bias)
+            # by the multiply
+            residual = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+            residual = residual if b_out is None else residual + b_out
+            out = torch.baddbmm(residual, t, w_out.t().expand(b, *w_out.t().shape))
+            return out.view(b, h, w, c).permute(0, 3, 1, 2)
+        # back to NCHW: [c, inner] @ [inner, hw] per batch, added to the residual (and bias) by the multiply
+        residual = x.flatten(2) if b_out is None else x.flatten(2) + b_out[:, None]
+        out = torch.baddbmm(residual, w_out.expand(b, *w_out.shape), t.transpose(1, 2))
+        return out.view(b, c, h, w)
+
+    return forward
+
+
+@contextmanager
+def fast_frozen_layers(unet):
+    """Training-only forwards for frozen layers whose stock forwards move more memory than they compute (see
+    ``_geglu_forward`` and ``_spatial_transformer_forward``); each instance gets its own, removed on exit. A
+    layer whose projections are not plain (a LoRA adapter, weights cast per call) runs its stock forward."""
+    from comfy.ldm.modules.attention import GEGLU, SpatialTransformer
+
+    patched = []
+    for mod in unet.modules():
+        if "forward" in mod.__dict__:
+            continue
+        if type(mod) is GEGLU:
+            mod.forward = _geglu_forward(mod)
+        elif type(mod) is SpatialTransformer:
+            mod.forward = _spatial_transformer_forward(mod)
+        else:
+            continue
+        patched.append(mod)
+    try:
+        yield len(patched)
+    finally:
+        for mod in patched:
+            mod.__dict__.pop("forward", None)
+

@@ -16,7 +16,7 @@ because other nodes of the same graph keep using them. Three reversible steps, e
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.utils.checkpoint
@@ -71,7 +71,7 @@ def _fresh_targets(root: torch.nn.Module, targets: Iterable[str]) -> list[str]:
             if any(name == t or name.endswith("." + t) for t in targets)]
 
 
-PRODUCTS = ("fp32", "activations", "autocast")  # where lora_adapters computes the LoRA product
+PRODUCTS = ("fp32", "activations", "autocast", "fused")  # where lora_adapters computes the LoRA product
 
 
 class _CastWeightLinear(torch.nn.Linear):
@@ -84,14 +84,75 @@ class _CastWeightLinear(torch.nn.Linear):
         return torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)
 
 
+class _FusedLoRALinear(torch.autograd.Function):
+    """``x @ W.T + b + scale * (x @ A.T) @ B.T`` for a frozen ``W``, ``b`` in one function: the LoRA output is
+    added by the second matrix multiply itself (``addmm_``), and in backward the LoRA's share of the input's
+    gradient is added the same way. peft's forward writes the LoRA output, scales it and adds it to the base
+    output (three passes over the layer's output), and autograd sums the two gradients of the input in a
+    fourth; for the UNet's attention projections those passes cost more than the rank-4 products themselves.
+    ``A``, ``B``: the float32 factors, cast to the activations' dtype on the way in (as "activations" does)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, scale: float):
+        a_h, b_h = a.to(x.dtype), (b * scale).to(x.dtype)
+        x2 = x.reshape(-1, x.shape[-1])
+        h = x2 @ a_h.t()
+        y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+        y.addmm_(h, b_h.t())
+        ctx.save_for_backward(x2, h, weight, a_h, b_h)
+        ctx.scale, ctx.shape = scale, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, h, weight, a_h, b_h = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        gh = g @ b_h  # the gradient reaching the rank-r middle (scale included in b_h)
+        grad_a = (gh.t() @ x2).float()
+        grad_b = ((g.t() @ h) * ctx.scale).float()
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ weight).addmm_(gh, a_h).view(ctx.shape)
+        return grad_x, None, None, grad_a, grad_b, None
+
+
+def _is_plain_linear(m: torch.nn.Module) -> bool:
+    """True for a linear layer whose forward is ``F.linear(x, weight, bias)``: ``torch.nn.Linear`` itself, or a
+    host's subclass that says so (``Backbone.plain_linear``)."""
+    return type(m).forward is torch.nn.Linear.forward
+
+
+def _fused_forward(m, plain: Callable[[torch.nn.Module], bool]):
+    """The forward of the peft layer ``m`` through ``_FusedLoRALinear`` where that is the same computation (one
+    active adapter, no dropout, a plain frozen linear base in the activations' dtype, no autocast); peft's own
+    forward otherwise."""
+    peft_forward = m.forward
+
+    def forward(x, *args, **kwargs):
+        base = m.base_layer
+        if (args or kwargs or m.merged or m.disable_adapters or list(m.active_adapters) != [ADAPTER]
+                or not isinstance(m.lora_dropout[ADAPTER], torch.nn.Identity) or not plain(base)
+                or x.dtype != base.weight.dtype or base.weight.requires_grad
+                or torch.is_autocast_enabled(x.device.type)):
+            return peft_forward(x, *args, **kwargs)
+        return _FusedLoRALinear.apply(x, base.weight, base.bias, m.lora_A[ADAPTER].weight,
+                                      m.lora_B[ADAPTER].weight, float(m.scaling[ADAPTER]))
+
+    return forward
+
+
 @contextmanager
 def lora_adapters(root: torch.nn.Module, targets: Iterable[str], rank: int, alpha: float, seed: int,
-                  product: str = "fp32") -> Iterator[list[torch.nn.Parameter]]:
+                  product: str = "fp32", plain_linear: Callable[[torch.nn.Module], bool] | None = None
+                  ) -> Iterator[list[torch.nn.Parameter]]:
     """Add LoRA adapters to the ``targets`` of ``root``; yields the trainable parameters (float32).
 
     ``product``, where the LoRA product is computed: "fp32" (peft casts the activations to the factors'
     float32), "activations" (the factors are cast to the activations' dtype: half-precision activations stay
-    half) or "autocast" (left to autocast, which picks each matmul's precision)."""
+    half), "autocast" (left to autocast, which picks each matmul's precision) or "fused" (as "activations",
+    with the product added inside the base layer's matrix multiplies: ``_FusedLoRALinear``; where that does
+    not apply, a layer runs as "activations"). ``plain_linear``: which base layers compute ``F.linear`` only
+    (the host's own linear classes may; default: ``torch.nn.Linear`` itself)."""
     from peft import LoraConfig, inject_adapter_in_model
 
     if product not in PRODUCTS:
@@ -113,7 +174,7 @@ def lora_adapters(root: torch.nn.Module, targets: Iterable[str], rank: int, alph
         for _, m in _lora_modules(root):
             for sub in (m.lora_A[ADAPTER], m.lora_B[ADAPTER]):
                 sub.float()
-                if product == "activations" and type(sub) is torch.nn.Linear:
+                if product in ("activations", "fused") and type(sub) is torch.nn.Linear:
                     sub.__class__ = _CastWeightLinear
                 for p in sub.parameters():
                     p.requires_grad_(True)
@@ -121,6 +182,8 @@ def lora_adapters(root: torch.nn.Module, targets: Iterable[str], rank: int, alph
             # peft casts the activations to float32 only for "fp32": under autocast the matmuls pick their own
             # precision (a cast first would only add memory traffic), and "activations" casts the factors instead
             m.cast_input_dtype_enabled = product == "fp32"
+            if product == "fused":
+                m.forward = _fused_forward(m, plain_linear or _is_plain_linear)
         yield params
     finally:
         remove_lora(root)

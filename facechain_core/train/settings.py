@@ -14,6 +14,11 @@ ATTENTION_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "efficient": "EF
                       "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
 
 
+# where the LoRA product is computed: see lora_layers.lora_adapters ("fp32" and "activations" matter for half
+# precision runs only; "fused" adds it inside the base layers' matrix multiplies wherever it can)
+LORA_COMPUTE = ("fused", "activations", "fp32")
+
+
 def defaults() -> dict:
     return data_files.settings("train_defaults.json")
 
@@ -48,8 +53,9 @@ class TrainSettings:
     compile_mode: str = _default("compile_mode")  # torch.compile mode; "reduce-overhead" adds CUDA graphs
     channels_last: bool = _default("channels_last")  # convolutions in NHWC layout (conv weights copied for the run)
     attention_backend: str = _default("attention_backend")  # SDPA kernel: auto, flash, efficient, cudnn, math
-    lora_compute: str = _default("lora_compute")  # half-precision runs: LoRA product in "fp32" or "activations" dtype
+    lora_compute: str = _default("lora_compute")  # LORA_COMPUTE: fused, or (half precision) "fp32"/"activations" dtype
     compile_cache: bool = _default("compile_cache")  # keep torch.compile's results on disk between runs
+    fast_frozen_layers: bool = _default("fast_frozen_layers")  # host's training-only forwards: Backbone.fast_layers
     cudnn_benchmark: bool = _default("cudnn_benchmark")  # let cuDNN time its convolution algorithms per shape
     weight_decay: float = _default("weight_decay")
     adam_betas: tuple = _default("adam_betas")
@@ -92,8 +98,8 @@ class TrainSettings:
         if not isinstance(self.attention_backend, str) or self.attention_backend not in ATTENTION_BACKENDS:
             problems.append(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)} "
                             f"(got {self.attention_backend!r})")
-        if self.lora_compute not in ("fp32", "activations"):
-            problems.append(f"lora_compute must be fp32 or activations (got {self.lora_compute!r})")
+        if self.lora_compute not in LORA_COMPUTE:
+            problems.append(f"lora_compute must be one of {', '.join(LORA_COMPUTE)} (got {self.lora_compute!r})")
         if self.lr_schedule not in ("cosine", "constant"):
             problems.append(f"lr_schedule must be cosine or constant (got {self.lr_schedule!r})")
         if problems:

@@ -49,6 +49,11 @@ class Backbone:
     extra_frozen: Sequence[torch.nn.Module] = ()  # other host modules the forward touches (borrowed too)
     # a context manager factory entered around training, given train_text_encoder (host-specific patches)
     training_context: Optional[Callable[[bool], ContextManager]] = None
+    # which of the host's linear layers compute F.linear(x, weight, bias) and nothing else (the fused LoRA
+    # product bypasses their forward); None: torch.nn.Linear itself only
+    plain_linear: Optional[Callable[[torch.nn.Module], bool]] = None
+    # a context manager factory: training-only forwards for the host's frozen layers (fast_frozen_layers)
+    fast_layers: Optional[Callable[[], ContextManager]] = None
 
 
 LOSS_CURVE = "loss curve (mean per run of steps):"  # the report line a plot reads back
@@ -242,26 +247,31 @@ class LoRATrainer:
         """The host's patches, borrowed weights, LoRA adapters and checkpointing, undone when ``stack`` closes
         (in reverse order, on success, error or Cancel alike). Returns (UNet params, text encoder params)."""
         s, b = self.settings, self.backbone
-        # the LoRA product: left to autocast where it runs; else in the activations' half precision when asked
-        # (lora_compute "activations"), else peft casts the activations to the factors' float32
+        # the LoRA product: left to autocast where it runs; else fused into the base layers' matrix multiplies
+        # (lora_compute "fused"), or in the activations' half precision when asked ("activations"), else peft
+        # casts the activations to the factors' float32
         if self.use_autocast:
             product = "autocast"
+        elif s.lora_compute == "fused" and (self.compute_dtype is not None or self.weight_dtype == torch.float32):
+            product = "fused"
         elif self.compute_dtype is not None and s.lora_compute == "activations":
             product = "activations"
         else:
             product = "fp32"
         if b.training_context:
             stack.enter_context(b.training_context(s.train_text_encoder))
+        if s.fast_frozen_layers and b.fast_layers:
+            stack.enter_context(b.fast_layers())
         stack.enter_context(borrowed_weights(b.unet, *b.text_encoders, *b.extra_frozen))
         unet_params = stack.enter_context(lora_adapters(b.unet, s.unet_targets, s.rank, s.lora_alpha, s.seed,
-                                                        product))
+                                                        product, b.plain_linear))
         stack.enter_context(gradient_checkpointing(
             b.unet, s.gradient_checkpointing or s.high_res_checkpoint_tokens > 0, s.checkpoint_blocks,
             0 if s.gradient_checkpointing else s.high_res_checkpoint_tokens))
         te_params = []
         for k, te in enumerate(text_encoders):
             te_params += stack.enter_context(lora_adapters(te, s.text_encoder_targets, s.rank, s.lora_alpha,
-                                                           s.seed + 1 + k, product))
+                                                           s.seed + 1 + k, product, b.plain_linear))
         return unet_params, te_params
 
     def enter_speed_switches(self, stack: ExitStack) -> None:

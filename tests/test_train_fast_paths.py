@@ -1,0 +1,215 @@
+"""The trainer's two speed paths that must not change what is trained: the LoRA product fused into the base
+layers' matrix multiplies (``lora_compute: fused``) and ComfyUI's frozen layers run by training-only forwards
+(``fast_frozen_layers``: GEGLU as two multiplies, SpatialTransformer's projections on the feature map's own
+memory). Each is checked against the stock computation on real modules: the same outputs, the same gradients,
+the modules given back as they were, and the stock path taken wherever the fast one does not apply."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from conftest import load_pack, tiny_checkpoint
+from facechain_core.train import TrainSettings, train_lora
+from facechain_core.train import lora_layers
+from facechain_core.train.lora_layers import borrowed_weights, lora_adapters
+
+
+def _factors_random(params, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:  # lora_B starts at zero: make the product count
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def _run(net, x, product, plain=None):
+    """Output, input gradient and factor gradients of ``net`` with LoRA on its layer "0"."""
+    x = x.clone().requires_grad_(True)
+    with lora_adapters(net, ["0"], 4, 8, 0, product=product, plain_linear=plain) as params:
+        _factors_random(params)
+        out = net(x)
+        out.float().square().mean().backward()
+        return out.detach().float(), x.grad.float(), [p.grad.clone() for p in params]
+
+
+def _count_fused(monkeypatch):
+    calls = []
+    apply = lora_layers._FusedLoRALinear.apply
+    monkeypatch.setattr(lora_layers._FusedLoRALinear, "apply", lambda *a: (calls.append(1), apply(*a))[1])
+    return calls
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_lora_gives_peft_outputs_and_gradients(monkeypatch, dtype, tol, bias):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 48, bias=bias)).to(dtype).requires_grad_(False)
+    x = torch.randn(2, 5, 32, dtype=dtype)
+    peft = _run(net, x, "activations")
+    calls = _count_fused(monkeypatch)
+    fused = _run(net, x, "fused")
+    assert calls == [1]  # the fused function ran, once
+    scale = peft[0].abs().max()
+    assert (fused[0] - peft[0]).abs().max() <= tol * scale
+    assert (fused[1] - peft[1]).abs().max() <= tol * peft[1].abs().max()
+    for a, b in zip(fused[2], peft[2]):
+        assert a.dtype == torch.float32 and a.abs().sum() > 0
+        assert (a - b).abs().max() <= tol * b.abs().max()
+    assert type(net[0]) is torch.nn.Linear and "forward" not in net[0].__dict__  # given back as it was
+
+
+def test_fused_lora_leaves_what_it_cannot_fuse_to_peft(monkeypatch):
+    class Doubling(torch.nn.Linear):  # a host layer whose forward is more than F.linear
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 16)
+    calls = _count_fused(monkeypatch)
+    net = torch.nn.Sequential(Doubling(16, 16)).requires_grad_(False)
+    assert torch.allclose(_run(net, x, "fused")[0], _run(net, x, "activations")[0])
+    assert calls == []  # not a plain linear: peft's forward, which calls the layer's own
+    # a host that says its subclass is plain gets the fused path
+    net = torch.nn.Sequential(Doubling(16, 16)).requires_grad_(False)
+    _run(net, x, "fused", plain=lambda m: isinstance(m, torch.nn.Linear))
+    assert calls == [1]
+    calls.clear()
+    net = torch.nn.Sequential(torch.nn.Linear(16, 16)).requires_grad_(False)
+    with lora_adapters(net, ["0"], 4, 4, 0, product="fused") as params:
+        _factors_random(params)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast picks dtypes per op: peft's forward
+            under_autocast = net(x)
+        assert calls == [] and under_autocast.dtype == torch.bfloat16
+        net(x)
+        assert calls == [1]
+
+
+def test_fused_is_the_default_and_other_values_are_a_clear_error():
+    from facechain_core.errors import FaceChainError
+
+    assert TrainSettings().lora_compute == "fused" and TrainSettings().fast_frozen_layers is True
+    with pytest.raises(FaceChainError, match="lora_compute must be one of fused, activations, fp32"):
+        TrainSettings().with_(lora_compute="fast").validate()
+
+
+# ComfyUI's own modules, in process on the CPU
+
+
+@pytest.fixture(scope="module")
+def comfy_backbone_module():
+    pack = load_pack()
+    return importlib.import_module(pack.__name__ + ".nodes.comfy_backbone")
+
+
+def _unet_grads(unet, run, cb, fast: bool):
+    with borrowed_weights(unet), lora_adapters(unet, ["to_q", "to_k", "to_v", "to_out.0"], 4, 4, 0,
+                                               product="fused", plain_linear=cb.plain_linear) as params:
+        _factors_random(params)
+        with (cb.fast_frozen_layers(unet) if fast else _nothing()) as patched:
+            out = run()
+            out.float().square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in params], patched
+
+
+class _nothing:
+    def __enter__(self):
+        return 0
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _same(a, b, rel=1e-5):
+    return float((a - b).abs().max()) <= rel * float(b.abs().max())
+
+
+def test_fast_frozen_layers_train_the_same_on_comfyui_sd15(comfy_backbone_module):
+    """SD1.5's 1x1-convolution projections (the tiny checkpoint's UNet, as ComfyUI loads it)."""
+    import comfy.sd
+    from comfy.ldm.modules.attention import GEGLU, SpatialTransformer
+
+    cb = comfy_backbone_module
+    model = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint()), output_vae=False, output_clip=False)[0]
+    unet = model.model.diffusion_model
+    assert any(isinstance(m, SpatialTransformer) and not m.use_linear for m in unet.modules())
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():  # the checkpoint's projection biases are zeros: make them count
+        for m in unet.modules():
+            for proj in ([m.proj_in, m.proj_out] if isinstance(m, SpatialTransformer) else
+                         [m.proj] if isinstance(m, GEGLU) else []):
+                proj.bias.copy_(torch.randn(proj.bias.shape, generator=g) * 0.1)
+    x, t, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10.0, 700.0]), torch.randn(2, 77, 768, generator=g)
+
+    def run(x=x):
+        return unet(x, t, context=ctx, transformer_options={})
+
+    stock = _unet_grads(unet, run, cb, fast=False)
+    fast = _unet_grads(unet, run, cb, fast=True)
+    n_layers = sum(isinstance(m, (GEGLU, SpatialTransformer)) for m in unet.modules())
+    assert fast[2] == n_layers > 0
+    assert _same(fast[0], stock[0]) and all(_same(a, b) for a, b in zip(fast[1], stock[1]))
+    assert not any("forward" in m.__dict__ for m in unet.modules())  # every instance given back
+    # channels-last feature maps come back channels-last, with the same values
+    nhwc = _unet_grads(unet, lambda: run(x.contiguous(memory_format=torch.channels_last)), cb, fast=True)
+    assert _same(nhwc[0], stock[0]) and all(_same(a, b) for a, b in zip(nhwc[1], stock[1]))
+    # a projection that is not a plain layer (weights cast per call) leaves its block to the stock forward
+    st = next(m for m in unet.modules() if isinstance(m, SpatialTransformer))
+    st.proj_in.comfy_cast_weights = True
+    try:
+        calls = []
+        stock_forward = SpatialTransformer.forward
+        SpatialTransformer.forward = lambda *a, **k: (calls.append(1), stock_forward(*a, **k))[1]
+        try:
+            cast = _unet_grads(unet, run, cb, fast=True)
+        finally:
+            SpatialTransformer.forward = stock_forward
+    finally:
+        st.proj_in.comfy_cast_weights = False
+    assert calls == [1] and _same(cast[0], stock[0])
+
+
+def test_fast_frozen_layers_train_the_same_on_comfyui_sdxl(comfy_backbone_module):
+    """SDXL's linear projections (ComfyUI's SDXL model class, tiny)."""
+    from comfy.ldm.modules.attention import SpatialTransformer
+
+    from test_train_sdxl import tiny_sdxl
+
+    cb = comfy_backbone_module
+    unet = tiny_sdxl().model.diffusion_model
+    assert any(isinstance(m, SpatialTransformer) and m.use_linear for m in unet.modules())
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10.0, 700.0])
+    ctx, y = torch.randn(2, 77, 2048, generator=g), torch.randn(2, 2816, generator=g)
+
+    def run():
+        return unet(x, t, context=ctx, y=y, transformer_options={})
+
+    stock = _unet_grads(unet, run, cb, fast=False)
+    fast = _unet_grads(unet, run, cb, fast=True)
+    assert fast[2] > 0
+    assert _same(fast[0], stock[0]) and all(_same(a, b) for a, b in zip(fast[1], stock[1]))
+
+
+@pytest.mark.host  # slow layer: two short trainings of the tiny checkpoint
+def test_the_node_backbone_trains_the_same_loras_with_and_without_the_fast_paths(comfy_backbone_module):
+    """Through the node's own backbone (as TrainFaceLoRA builds it): the defaults (fused product, fast frozen
+    layers) and the stock computation give the same losses and the same LoRA."""
+    import comfy.sd
+
+    model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint()), output_vae=True,
+                                                             output_clip=True)[:3]
+    backbone = comfy_backbone_module.comfy_backbone(model, clip, vae, (64, 64))
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(4, 64, 64, 3, generator=g)
+    captions = ["a photo of fcsks"] * 4
+    runs = {}
+    for name, changes in (("defaults", {}), ("stock", dict(lora_compute="activations", fast_frozen_layers=False))):
+        runs[name] = train_lora(backbone, images, captions, TrainSettings().with_(samples=12, batch_size=2, **changes))
+    a, b = runs["defaults"], runs["stock"]
+    assert len(a.losses) == len(b.losses) == 6
+    assert max(abs(p - q) for p, q in zip(a.losses, b.losses)) < 1e-5, (a.losses, b.losses)
+    assert a.lora.keys() == b.lora.keys()
+    assert all(_same(a.lora[k].float(), b.lora[k].float(), rel=1e-3) for k in a.lora if a.lora[k].abs().max() > 0)
+    assert not any("forward" in m.__dict__ for m in backbone.unet.modules())
