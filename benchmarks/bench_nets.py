@@ -2,6 +2,7 @@
 
     python benchmarks/bench_nets.py                 # on a CUDA machine: YuNet, SFace and the face mesh
     python benchmarks/bench_nets.py --device cpu    # smoke test (torch on the CPU, no CUDA graphs)
+    python benchmarks/bench_nets.py --first-runs    # a new input shape's first runs, in fresh processes
 
 The nets are the pack's own TorchNet programs of the embedded files (``onnx_torch``), as FaceFusion and RTSRank
 run them on a GPU: YuNet on a 512x512 portrait (uint8, turned into the net's input on the device), SFace on its
@@ -11,6 +12,11 @@ run them on a GPU: YuNet on a 512x512 portrait (uint8, turned into the net's inp
   ``copy_out``;
 - ``serial8``: eight calls one after another; ``threads8``: eight threads asking the one net at once (its lock
   queues them); ``batch8``: the eight in one ``run_many`` (one copy in, one run, one copy out).
+
+``--first-runs``: each of ``FIRST_RUN_CASES`` (a net, a batch size, a side) run three times as a new shape, then
+as a CUDA graph; once with the pack's convolutions (depthwise ones by PyTorch's own kernel, ``onnx_torch._conv2d``)
+and once with cuDNN's for every convolution, each in a fresh process, plus the largest difference between the
+two paths' outputs (relative to the output's largest value).
 
 Prints one JSON line. Needs only torch and the embedded model files (``FACECHAIN_EMBEDDED_DIR``).
 """
@@ -29,9 +35,15 @@ NETS = {"yunet": ((512, 512, 3), "uint8"), "sface": ((1, 3, 112, 112), "float32"
         "face_mesh": ((1, 3, 192, 192), "float32")}
 
 
+FIRST_RUN_CASES = (("yunet", 8, 512), ("yunet", 8, 640), ("yunet", 1, 512), ("sface", 8, 112), ("face_mesh", 8, 192))
+CONV_PATHS = ("pack", "cudnn")  # --first-runs: the pack's convolutions, or F.conv2d (cuDNN) for all of them
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test")
+    ap.add_argument("--first-runs", action="store_true", help="first runs of new shapes, in fresh processes")
+    ap.add_argument("--conv-path", choices=CONV_PATHS, help=argparse.SUPPRESS)  # one fresh process's part
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--nets", default=",".join(NETS), help="comma-separated: " + ", ".join(NETS))
     return ap.parse_args(argv)
@@ -102,6 +114,67 @@ def one_net(name: str, device: str, repeats: int) -> dict:
     return row
 
 
+def _all_conv2d(x, w, bias, stride, padding, dilation, groups):
+    import torch.nn.functional as F
+
+    return F.conv2d(x, w, bias, stride, padding, dilation, groups)
+
+
+def first_runs(device: str, path: str, repeats: int) -> dict:
+    """This process's first three runs of each case (ms), its CUDA-graph call (median ms), and the largest
+    difference of its outputs from the other convolution path's."""
+    import numpy as np
+    import torch
+
+    import facechain_core.onnx_torch as ot
+    from facechain_core import model_store
+
+    pack_conv = ot._conv2d
+    ot._conv2d = pack_conv if path == "pack" else _all_conv2d
+    other = _all_conv2d if path == "pack" else pack_conv
+    if device == "cuda":
+        torch.zeros(1, device=device)
+        torch.cuda.synchronize()
+    nets, rows, rng = {}, [], np.random.default_rng(0)
+
+    def run(net, x, b):
+        with torch.inference_mode():
+            out = net._forward(net._as_input(net._tensor(x).to(device)), b)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    for name, batch, side in FIRST_RUN_CASES:
+        net = nets.get(name) or nets.setdefault(name, ot.TorchNet(model_store.embedded_path(name), device))
+        x = rng.integers(0, 256, (batch, side, side, 3), dtype=np.uint8)
+        first = []
+        for _ in range(3):
+            t = time.perf_counter()
+            mine = run(net, x, batch)
+            first.append(round((time.perf_counter() - t) * 1000, 1))
+        call = median_ms(lambda: net._outputs(net._tensor(x), batch, capture=True), repeats)
+        ot._conv2d, keep = other, ot._conv2d
+        theirs = run(net, x, batch)
+        ot._conv2d = keep
+        diff = max(float((a - b).abs().max() / (b.abs().max() + 1e-6)) for a, b in zip(mine, theirs))
+        rows.append({"net": name, "batch": batch, "side": side, "first_runs_ms": first, "call_ms": call,
+                     "max_rel_diff": diff})
+    return {"path": path, "cases": rows}
+
+
+def first_runs_fresh(args) -> dict:
+    """``first_runs`` for each convolution path, each in a fresh process (a process plans a shape once)."""
+    import subprocess
+    import sys
+
+    out = {}
+    for path in CONV_PATHS:
+        cmd = [sys.executable, __file__, "--device", args.device, "--repeats", str(args.repeats), "--conv-path", path]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out[path] = json.loads(done.stdout.strip().splitlines()[-1])["cases"]
+    return out
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     check_imports(["torch", "numpy"])
@@ -109,7 +182,14 @@ def main(argv=None) -> None:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU here: run with --device cpu for a smoke test")
+    if args.conv_path:
+        print(json.dumps(first_runs(args.device, args.conv_path, args.repeats)), flush=True)
+        return
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
+    if args.first_runs:
+        result["first_runs"] = first_runs_fresh(args)
+        print(json.dumps(result), flush=True)
+        return
     for name in [n.strip() for n in args.nets.split(",") if n.strip()]:
         if name not in NETS:
             raise SystemExit(f"unknown net {name!r}; choose from {', '.join(NETS)}")

@@ -275,8 +275,8 @@ class TorchNet:
             x = xs[0]
             if pads[:2] != pads[2:]:
                 x, pads = F.pad(x, (pads[1], pads[3], pads[0], pads[2])), [0, 0]
-            return [F.conv2d(x, xs[1], xs[2] if len(xs) > 2 else None, list(a.get("strides", [1, 1])),
-                             pads[:2], list(a.get("dilations", [1, 1])), int(a.get("group", 1)))]
+            return [_conv2d(x, xs[1], xs[2] if len(xs) > 2 else None, list(a.get("strides", [1, 1])),
+                            pads[:2], list(a.get("dilations", [1, 1])), int(a.get("group", 1)))]
         if op == "BatchNormalization":
             return [F.batch_norm(xs[0], xs[3], xs[4], xs[1], xs[2], False, 0.0, float(a.get("epsilon", 1e-5)))]
         if op == "PRelu":
@@ -319,8 +319,8 @@ class TorchNet:
             else:
                 if a.get("same"):
                     x = _same_padding(x, a["stride"], a["dilation"], xs[1].shape[2:], 0.0)
-                y = F.conv2d(x, xs[1], xs[2] if len(xs) > 2 and xs[2] is not None else None, list(a["stride"]),
-                             0, list(a["dilation"]), x.shape[1] if a["depthwise"] else 1)
+                y = _conv2d(x, xs[1], xs[2] if len(xs) > 2 and xs[2] is not None else None, list(a["stride"]),
+                            [0, 0], list(a["dilation"]), x.shape[1] if a["depthwise"] else 1)
             return [_activation(y, a.get("act", 0))]
         if op == "TFAdd":
             return [_activation(xs[0] + xs[1], a.get("act", 0))]
@@ -486,6 +486,19 @@ def _uint8():
     import torch
 
     return torch.uint8
+
+
+def _conv2d(x, w, bias, stride: list, padding: list, dilation: list, groups: int):
+    """``F.conv2d``, but a depthwise convolution on a GPU runs PyTorch's own depthwise kernel, not cuDNN's: on an
+    H200 cuDNN took 1.5-2.7 s to plan a net's first run at each new input shape (YuNet, SFace), PyTorch's
+    kernel needs no planning (a new shape's first run ~40 ms), for ~10 % more time per run. Asked for
+    directly: turning cuDNN off around the call would flip a process-wide switch under other threads."""
+    import torch
+    import torch.nn.functional as F
+
+    if x.is_cuda and groups > 1 and groups == x.shape[1] and w.shape[1] == 1 and x.dtype == torch.float32:
+        return torch.ops.aten._conv_depthwise2d(x, w, list(w.shape[2:]), bias, stride, padding, dilation)
+    return F.conv2d(x, w, bias, stride, padding, dilation, groups)
 
 
 def _same_padding(x, stride, dilation, kernel, fill: float):
