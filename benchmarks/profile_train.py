@@ -46,12 +46,38 @@ def kind_of(name: str) -> str:
     return "element-wise/other"
 
 
-def profile(backbone, images, settings: TrainSettings, wait: int, active: int) -> dict:
-    """Profile ``active`` eager steps after ``wait`` steps; returns ms per step by kind and the top kernels."""
+SOURCES = ("comfy/", "peft/", "facechain_core/", "nodes/", "diffusers/")  # frames a kernel is charged to
+
+
+def by_source(events, active: int, on_cuda: bool) -> list:
+    """Kernel time per step charged to (the innermost frame of the host's or this pack's code, the op): ops
+    run by autograd's engine have no Python frames and are charged to their backward function instead."""
+    out = defaultdict(float)
+    for e in events:
+        t = (getattr(e, "self_device_time_total", 0) if on_cuda else e.self_cpu_time_total) or 0
+        if not t or e.device_type != torch.autograd.DeviceType.CPU:
+            continue
+        frames, event = [], e
+        while len(frames) < 2 and event is not None:  # the op's two innermost frames of those sources
+            if event.name.startswith("autograd::engine::evaluate_function:"):
+                frames.append("backward " + event.name.split(":")[-1].strip())
+                break
+            # Python frames are the op's parent events (with_stack)
+            frames += [f for f in [event.name, *(event.stack or [])] if any(s in f for s in SOURCES)][:2 - len(frames)]
+            event = event.cpu_parent
+        key = f"{' < '.join(frames) or '?'} | {e.name}"
+        out[key] += t / 1000 / active
+    return sorted(out.items(), key=lambda kv: -kv[1])[:40]
+
+
+def profile(backbone, images, settings: TrainSettings, wait: int, active: int, stacks: bool = False) -> dict:
+    """Profile ``active`` eager steps after ``wait`` steps; returns ms per step by kind and the top kernels
+    (``stacks``: also by source line, ``by_source``)."""
     captions = [bt.CAPTIONS[i % len(bt.CAPTIONS)] for i in range(images.shape[0])]
     schedule = torch.profiler.schedule(wait=wait, warmup=2, active=active, repeat=1)
-    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                              torch.profiler.ProfilerActivity.CUDA], schedule=schedule)
+    on_cuda = torch.cuda.is_available()
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_cuda else [])
+    prof = torch.profiler.profile(activities=activities, schedule=schedule, with_stack=stacks)
     caching = len(images) * (2 if settings.flip else 1)
     marks = []
 
@@ -69,8 +95,11 @@ def profile(backbone, images, settings: TrainSettings, wait: int, active: int) -
             by_kind[kind_of(e.key)] += t / 1000 / active
             by_name[e.key] += t / 1000 / active
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:25]
-    return {"ms_per_step_by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
-            "gpu_ms_per_step": sum(by_kind.values()), "top_kernels": top}
+    out = {"ms_per_step_by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+           "gpu_ms_per_step": sum(by_kind.values()), "top_kernels": top}
+    if stacks:
+        out["by_source"] = by_source(prof.events(), active, on_cuda)
+    return out
 
 
 def parse_sets(pairs: list[str]) -> dict:
@@ -87,6 +116,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=TrainSettings().batch_size)
     ap.add_argument("--set", nargs="*", default=[], help="training settings, e.g. channels_last=true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--stacks", action="store_true", help="also charge kernel time to source lines")
     ap.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN times its algorithms per shape "
                     "(as the profiles before round four did); off by default, as the node trains")
     args = ap.parse_args()
@@ -97,7 +127,7 @@ def main() -> None:
     backbone = bt.Backbones(args.comfyui).get("comfy_fp16")["backbone"]
     changes = {"batch_size": args.batch, **parse_sets(args.set)}
     eager = TrainSettings().with_(**changes, cuda_graphs=False, samples=args.batch * 12)
-    prof = profile(backbone, images, eager, wait=4, active=5)
+    prof = profile(backbone, images, eager, wait=4, active=5, stacks=args.stacks)
     graphs = bt.run_ours(backbone, images, TrainSettings().with_(**changes, samples=args.batch * 40))
     ms = graphs["ms_per_sample"]
     share = UNET_TFLOP_PER_SAMPLE / (ms / 1000) / PEAK_TFLOPS
@@ -109,6 +139,8 @@ def main() -> None:
         print(f"  {kind:20s} {t:7.2f} ms/step  {100 * t / prof['gpu_ms_per_step']:5.1f} %")
     for name, t in prof["top_kernels"]:
         print(f"    {t:7.3f} ms  {name[:110]}")
+    for name, t in prof.get("by_source", []):
+        print(f"    {t:7.3f} ms  {name[-150:]}")
     if args.json:
         out = {"settings": changes, "cudnn_benchmark": args.cudnn_benchmark, "profile": prof, "graphs": graphs}
         Path(args.json).write_text(json.dumps(out, indent=1))
