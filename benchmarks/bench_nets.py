@@ -13,10 +13,11 @@ run them on a GPU: YuNet on a 512x512 portrait (uint8, turned into the net's inp
 - ``serial8``: eight calls one after another; ``threads8``: eight threads asking the one net at once (its lock
   queues them); ``batch8``: the eight in one ``run_many`` (one copy in, one run, one copy out).
 
-``--first-runs``: each of ``FIRST_RUN_CASES`` (a net, a batch size, a side) run three times as a new shape, then
-as a CUDA graph; once with the pack's convolutions (depthwise ones by PyTorch's own kernel, ``onnx_torch._conv2d``)
-and once with cuDNN's for every convolution, each in a fresh process, plus the largest difference between the
-two paths' outputs (relative to the output's largest value).
+``--first-runs``: each of ``FIRST_RUN_CASES`` (a net, a batch size, a side; uint8 images in) run three times as a
+new shape, then as a CUDA graph; once as the pack runs them (the images turned into an NCHW float input:
+``TorchNet._as_input``) and once with the NCHW view of the images' channels-last memory, as before round five
+(on a GPU that sends every convolution to cuDNN, depthwise ones too), each in a fresh process, plus the largest
+difference between the two ways' outputs (relative to the output's largest value).
 
 Prints one JSON line. Needs only torch and the embedded model files (``FACECHAIN_EMBEDDED_DIR``).
 """
@@ -36,14 +37,14 @@ NETS = {"yunet": ((512, 512, 3), "uint8"), "sface": ((1, 3, 112, 112), "float32"
 
 
 FIRST_RUN_CASES = (("yunet", 8, 512), ("yunet", 8, 640), ("yunet", 1, 512), ("sface", 8, 112), ("face_mesh", 8, 192))
-CONV_PATHS = ("pack", "cudnn")  # --first-runs: the pack's convolutions, or F.conv2d (cuDNN) for all of them
+CONV_PATHS = ("pack", "nhwc")  # --first-runs: the pack's NCHW input, or the channels-last view (before round five)
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test")
     ap.add_argument("--first-runs", action="store_true", help="first runs of new shapes, in fresh processes")
-    ap.add_argument("--conv-path", choices=CONV_PATHS, help=argparse.SUPPRESS)  # one fresh process's part
+    ap.add_argument("--conv-path", choices=CONV_PATHS, help=argparse.SUPPRESS)  # one fresh process's way
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--nets", default=",".join(NETS), help="comma-separated: " + ", ".join(NETS))
     return ap.parse_args(argv)
@@ -114,24 +115,26 @@ def one_net(name: str, device: str, repeats: int) -> dict:
     return row
 
 
-def _all_conv2d(x, w, bias, stride, padding, dilation, groups):
-    import torch.nn.functional as F
-
-    return F.conv2d(x, w, bias, stride, padding, dilation, groups)
+def _nhwc_input(x):
+    """Round four's ``TorchNet._as_input``: the float copy keeps the permuted view's channels-last strides."""
+    if x.dtype.is_floating_point:
+        return x
+    return x.permute(2, 0, 1)[None].float() if x.dim() == 3 else x.permute(0, 3, 1, 2).float()
 
 
 def first_runs(device: str, path: str, repeats: int) -> dict:
     """This process's first three runs of each case (ms), its CUDA-graph call (median ms), and the largest
-    difference of its outputs from the other convolution path's."""
+    difference of its outputs from the other way's."""
     import numpy as np
     import torch
 
     import facechain_core.onnx_torch as ot
     from facechain_core import model_store
 
-    pack_conv = ot._conv2d
-    ot._conv2d = pack_conv if path == "pack" else _all_conv2d
-    other = _all_conv2d if path == "pack" else pack_conv
+    pack_input = ot.TorchNet.__dict__["_as_input"]
+    ways = {"pack": pack_input, "nhwc": staticmethod(_nhwc_input)}
+    ot.TorchNet._as_input = ways[path]
+    other = ways["nhwc" if path == "pack" else "pack"]
     if device == "cuda":
         torch.zeros(1, device=device)
         torch.cuda.synchronize()
@@ -153,9 +156,9 @@ def first_runs(device: str, path: str, repeats: int) -> dict:
             mine = run(net, x, batch)
             first.append(round((time.perf_counter() - t) * 1000, 1))
         call = median_ms(lambda: net._outputs(net._tensor(x), batch, capture=True), repeats)
-        ot._conv2d, keep = other, ot._conv2d
+        ot.TorchNet._as_input, keep = other, ot.TorchNet.__dict__["_as_input"]
         theirs = run(net, x, batch)
-        ot._conv2d = keep
+        ot.TorchNet._as_input = keep
         diff = max(float((a - b).abs().max() / (b.abs().max() + 1e-6)) for a, b in zip(mine, theirs))
         rows.append({"net": name, "batch": batch, "side": side, "first_runs_ms": first, "call_ms": call,
                      "max_rel_diff": diff})
@@ -170,7 +173,9 @@ def first_runs_fresh(args) -> dict:
     out = {}
     for path in CONV_PATHS:
         cmd = [sys.executable, __file__, "--device", args.device, "--repeats", str(args.repeats), "--conv-path", path]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"--conv-path {path} failed:\n{done.stderr[-4000:]}")
         out[path] = json.loads(done.stdout.strip().splitlines()[-1])["cases"]
     return out
 

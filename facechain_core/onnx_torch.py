@@ -275,8 +275,8 @@ class TorchNet:
             x = xs[0]
             if pads[:2] != pads[2:]:
                 x, pads = F.pad(x, (pads[1], pads[3], pads[0], pads[2])), [0, 0]
-            return [_conv2d(x, xs[1], xs[2] if len(xs) > 2 else None, list(a.get("strides", [1, 1])),
-                            pads[:2], list(a.get("dilations", [1, 1])), int(a.get("group", 1)))]
+            return [F.conv2d(x, xs[1], xs[2] if len(xs) > 2 else None, list(a.get("strides", [1, 1])),
+                             pads[:2], list(a.get("dilations", [1, 1])), int(a.get("group", 1)))]
         if op == "BatchNormalization":
             return [F.batch_norm(xs[0], xs[3], xs[4], xs[1], xs[2], False, 0.0, float(a.get("epsilon", 1e-5)))]
         if op == "PRelu":
@@ -319,8 +319,8 @@ class TorchNet:
             else:
                 if a.get("same"):
                     x = _same_padding(x, a["stride"], a["dilation"], xs[1].shape[2:], 0.0)
-                y = _conv2d(x, xs[1], xs[2] if len(xs) > 2 and xs[2] is not None else None, list(a["stride"]),
-                            [0, 0], list(a["dilation"]), x.shape[1] if a["depthwise"] else 1)
+                y = F.conv2d(x, xs[1], xs[2] if len(xs) > 2 and xs[2] is not None else None, list(a["stride"]),
+                             0, list(a["dilation"]), x.shape[1] if a["depthwise"] else 1)
             return [_activation(y, a.get("act", 0))]
         if op == "TFAdd":
             return [_activation(xs[0] + xs[1], a.get("act", 0))]
@@ -356,10 +356,17 @@ class TorchNet:
     def _as_input(x):
         """A uint8 HxWxC image (or a stack of them, BxHxWxC) becomes the net's float NCHW input on the device
         itself (the conversion a CPU would do on a ~3 MB array, here part of the graph); float NCHW input is
-        taken as it is."""
+        taken as it is. On a GPU the float copy is laid out NCHW: the permuted view keeps the image's
+        channels-last strides, and a channels-last input sends every convolution of the net to cuDNN,
+        depthwise ones too, which on an H200 took 1.5-2.7 s to plan each new input shape's first run (YuNet);
+        in NCHW PyTorch's own depthwise kernel runs them, with nothing to plan. (A CPU runs the net about twice
+        as fast channels-last.)"""
+        import torch
+
         if x.dtype != _uint8():
             return x
-        return x.permute(2, 0, 1)[None].float() if x.dim() == 3 else x.permute(0, 3, 1, 2).float()
+        nchw = x.permute(2, 0, 1)[None] if x.dim() == 3 else x.permute(0, 3, 1, 2)
+        return nchw.to(torch.float32, memory_format=torch.contiguous_format if x.is_cuda else torch.preserve_format)
 
     def _capture(self, shape: tuple, dtype, batch: int):
         """A CUDA graph of the whole net for one input shape: a replay launches every kernel at once (run
@@ -486,19 +493,6 @@ def _uint8():
     import torch
 
     return torch.uint8
-
-
-def _conv2d(x, w, bias, stride: list, padding: list, dilation: list, groups: int):
-    """``F.conv2d``, but a depthwise convolution on a GPU runs PyTorch's own depthwise kernel, not cuDNN's: on an
-    H200 cuDNN took 1.5-2.7 s to plan a net's first run at each new input shape (YuNet, SFace), PyTorch's
-    kernel needs no planning (a new shape's first run ~40 ms), for ~10 % more time per run. Asked for
-    directly: turning cuDNN off around the call would flip a process-wide switch under other threads."""
-    import torch
-    import torch.nn.functional as F
-
-    if x.is_cuda and groups > 1 and groups == x.shape[1] and w.shape[1] == 1 and x.dtype == torch.float32:
-        return torch.ops.aten._conv_depthwise2d(x, w, list(w.shape[2:]), bias, stride, padding, dilation)
-    return F.conv2d(x, w, bias, stride, padding, dilation, groups)
 
 
 def _same_padding(x, stride, dilation, kernel, fill: float):

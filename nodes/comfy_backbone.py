@@ -10,11 +10,13 @@ import torch
 import torch.nn.functional as F
 
 import comfy.model_management
+import comfy.ops
 import comfy.sd
 import comfy.utils
 
 from ..facechain_core.errors import FaceChainError
 from ..facechain_core.train import Backbone
+from ..facechain_core.train.lora_layers import runs_plain_forward
 
 # ComfyUI's model config classes whose UNet, noise schedule and LoRA keys this trainer handles.
 ARCHITECTURES = {"SD15": "sd15", "SDXL": "sdxl", "SSD1B": "sdxl", "Segmind_Vega": "sdxl",
@@ -110,10 +112,9 @@ def comfy_backbone(model, clip, vae, image_hw: tuple[int, int]) -> Backbone:
 def plain_linear(m) -> bool:
     """Whether ``m`` computes ``F.linear(x, weight, bias)`` and nothing else: torch's Linear, or ComfyUI's
     when it neither casts its weights per call nor has weight or bias functions (LoRA patches applied on the
-    fly, low-VRAM offloading). The trainer's fused LoRA product bypasses such a layer's forward."""
-    import comfy.ops
-
-    if not isinstance(m, torch.nn.Linear):
+    fly, low-VRAM offloading), called without hooks. The trainer's fused LoRA product and the training-only
+    forwards bypass such a layer's forward."""
+    if not isinstance(m, torch.nn.Linear) or not runs_plain_forward(m):
         return False
     if type(m).forward is torch.nn.Linear.forward:
         return True
@@ -157,10 +158,9 @@ def apply_lora_file(model, clip, path):
 
 def _plain_conv1x1(m) -> bool:
     """A 1x1 convolution (stride 1, no padding, one group) that computes ``F.conv2d`` and nothing else."""
-    import comfy.ops
-
     if not isinstance(m, torch.nn.Conv2d) or tuple(m.kernel_size) != (1, 1) or tuple(m.stride) != (1, 1) \
-            or tuple(m.padding) != (0, 0) or tuple(m.dilation) != (1, 1) or m.groups != 1:
+            or tuple(m.padding) != (0, 0) or tuple(m.dilation) != (1, 1) or m.groups != 1 \
+            or not runs_plain_forward(m):
         return False
     if type(m).forward is torch.nn.Conv2d.forward:
         return True
@@ -203,7 +203,9 @@ def _spatial_transformer_forward(m):
 
     def forward(x, context=None, transformer_options={}):
         proj_in, proj_out = _projection(m.proj_in), _projection(m.proj_out)
-        if proj_in is None or proj_out is None or x.ndim != 4:
+        # under autocast the stock projections cast inside the convolution or linear, bias included; the sums
+        # here would not, and the blocks would get float32
+        if proj_in is None or proj_out is None or x.ndim != 4 or torch.is_autocast_enabled(x.device.type):
             return SpatialTransformer.forward(m, x, context=context, transformer_options=transformer_options)
         if not isinstance(context, list):
             context = [context] * len(m.transformer_blocks)
@@ -241,17 +243,17 @@ def fast_frozen_layers(unet):
     from comfy.ldm.modules.attention import GEGLU, SpatialTransformer
 
     patched = []
-    for mod in unet.modules():
-        if "forward" in mod.__dict__:
-            continue
-        if type(mod) is GEGLU:
-            mod.forward = _geglu_forward(mod)
-        elif type(mod) is SpatialTransformer:
-            mod.forward = _spatial_transformer_forward(mod)
-        else:
-            continue
-        patched.append(mod)
     try:
+        for mod in unet.modules():
+            if "forward" in mod.__dict__:
+                continue
+            if type(mod) is GEGLU:
+                mod.forward = _geglu_forward(mod)
+            elif type(mod) is SpatialTransformer:
+                mod.forward = _spatial_transformer_forward(mod)
+            else:
+                continue
+            patched.append(mod)
         yield len(patched)
     finally:
         for mod in patched:

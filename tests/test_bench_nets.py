@@ -16,7 +16,7 @@ def test_the_net_timings_and_the_batch_agree_with_single_calls(capsys):
     assert row["batch_kept"] and row["batch_max_diff"] < 1e-4  # the batch's answers are the single calls'
 
 
-def test_first_runs_time_each_case_in_fresh_processes_for_both_convolution_paths(capsys):
+def test_first_runs_time_each_case_in_fresh_processes_both_ways(capsys):
     bench_nets.main(["--device", "cpu", "--repeats", "1", "--first-runs"])
     runs = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["first_runs"]
     assert set(runs) == set(bench_nets.CONV_PATHS)
@@ -24,5 +24,5 @@ def test_first_runs_time_each_case_in_fresh_processes_for_both_convolution_paths
         assert [(r["net"], r["batch"], r["side"]) for r in rows] == list(bench_nets.FIRST_RUN_CASES)
         for r in rows:
             assert len(r["first_runs_ms"]) == 3 and min(r["first_runs_ms"]) > 0 and r["call_ms"] > 0
-            # on the CPU both paths are F.conv2d (PyTorch's depthwise kernel is a GPU one): the same outputs
-            assert r["max_rel_diff"] < 1e-6, (path, r)
+            # the same net on the same images, its input laid out two ways: the same outputs but for rounding
+            assert r["max_rel_diff"] < 1e-4, (path, r)

@@ -6,6 +6,7 @@ the modules given back as they were, and the stock path taken wherever the fast 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import pytest
@@ -86,6 +87,19 @@ def test_fused_lora_leaves_what_it_cannot_fuse_to_peft(monkeypatch):
         assert calls == [1]
 
 
+def test_fused_lora_scales_the_up_factors_gradient_before_summing_it():
+    """fp16 with a loss scaler's large gradients and a LoRA scale below 1: the sum of unscaled products would
+    overflow where peft's order (scale, then sum) does not."""
+    x = torch.ones(64, 4, dtype=torch.float16)
+    w = torch.zeros(8, 4, dtype=torch.float16)
+    a = torch.ones(2, 4, requires_grad=True)  # h = x @ a.T = 4 everywhere
+    b = torch.ones(8, 2, requires_grad=True)
+    y = lora_layers._FusedLoRALinear.apply(x, w, None, a, b, 0.25)
+    y.backward(torch.full_like(y, 300.0))  # 64 rows x 300 x 4 = 76800 > fp16's 65504; x 0.25 = 19200
+    assert torch.isfinite(b.grad).all() and torch.allclose(b.grad, torch.full_like(b.grad, 19200.0))
+    assert torch.isfinite(a.grad).all()
+
+
 def test_fused_is_the_default_and_other_values_are_a_clear_error():
     from facechain_core.errors import FaceChainError
 
@@ -103,34 +117,54 @@ def comfy_backbone_module():
     return importlib.import_module(pack.__name__ + ".nodes.comfy_backbone")
 
 
-def _unet_grads(unet, run, cb, fast: bool):
+class _Calls:
+    """Counts calls of the fused LoRA function and of the stock GEGLU and SpatialTransformer forwards."""
+
+    def __init__(self, monkeypatch):
+        from comfy.ldm.modules.attention import GEGLU, SpatialTransformer
+
+        self.counts = {"fused": 0, "GEGLU": 0, "SpatialTransformer": 0}
+        apply = lora_layers._FusedLoRALinear.apply
+        monkeypatch.setattr(lora_layers._FusedLoRALinear, "apply", lambda *a: (self._hit("fused"), apply(*a))[1])
+        for cls in (GEGLU, SpatialTransformer):
+            stock = cls.forward
+            monkeypatch.setattr(cls, "forward", lambda *a, _s=stock, _n=cls.__name__, **k: (self._hit(_n),
+                                                                                          _s(*a, **k))[1])
+
+    def _hit(self, name):
+        self.counts[name] += 1
+
+    def take(self) -> dict:
+        out, self.counts = self.counts, dict.fromkeys(self.counts, 0)
+        return out
+
+
+def _unet_grads(unet, run, cb, fast: bool, autocast: bool = False):
     with borrowed_weights(unet), lora_adapters(unet, ["to_q", "to_k", "to_v", "to_out.0"], 4, 4, 0,
                                                product="fused", plain_linear=cb.plain_linear) as params:
         _factors_random(params)
-        with (cb.fast_frozen_layers(unet) if fast else _nothing()) as patched:
+        with cb.fast_frozen_layers(unet) if fast else contextlib.nullcontext(0) as patched, \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             out = run()
             out.float().square().mean().backward()
         return out.detach(), [p.grad.clone() for p in params], patched
 
 
-class _nothing:
-    def __enter__(self):
-        return 0
-
-    def __exit__(self, *exc):
-        return False
+def _lora_layers(unet) -> int:
+    return sum(name.endswith(("to_q", "to_k", "to_v", "to_out.0")) for name, _ in unet.named_modules())
 
 
 def _same(a, b, rel=1e-5):
     return float((a - b).abs().max()) <= rel * float(b.abs().max())
 
 
-def test_fast_frozen_layers_train_the_same_on_comfyui_sd15(comfy_backbone_module):
+def test_fast_frozen_layers_train_the_same_on_comfyui_sd15(comfy_backbone_module, monkeypatch):
     """SD1.5's 1x1-convolution projections (the tiny checkpoint's UNet, as ComfyUI loads it)."""
     import comfy.sd
-    from comfy.ldm.modules.attention import GEGLU, SpatialTransformer
+    from comfy.ldm.modules.attention import BasicTransformerBlock, GEGLU, SpatialTransformer
 
     cb = comfy_backbone_module
+    calls = _Calls(monkeypatch)
     model = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint()), output_vae=False, output_clip=False)[0]
     unet = model.model.diffusion_model
     assert any(isinstance(m, SpatialTransformer) and not m.use_linear for m in unet.modules())
@@ -146,37 +180,55 @@ def test_fast_frozen_layers_train_the_same_on_comfyui_sd15(comfy_backbone_module
         return unet(x, t, context=ctx, transformer_options={})
 
     stock = _unet_grads(unet, run, cb, fast=False)
+    n_geglu = sum(isinstance(m, GEGLU) for m in unet.modules())
+    n_st = sum(isinstance(m, SpatialTransformer) for m in unet.modules())
+    # ComfyUI's own linear layers take the fused LoRA product, in both runs
+    assert calls.take() == {"fused": _lora_layers(unet), "GEGLU": n_geglu, "SpatialTransformer": n_st}
     fast = _unet_grads(unet, run, cb, fast=True)
-    n_layers = sum(isinstance(m, (GEGLU, SpatialTransformer)) for m in unet.modules())
-    assert fast[2] == n_layers > 0
+    assert fast[2] == n_geglu + n_st > 0
+    assert calls.take() == {"fused": _lora_layers(unet), "GEGLU": 0, "SpatialTransformer": 0}  # no fallback
     assert _same(fast[0], stock[0]) and all(_same(a, b) for a, b in zip(fast[1], stock[1]))
     assert not any("forward" in m.__dict__ for m in unet.modules())  # every instance given back
+    # under autocast the transformer falls back to ComfyUI's forward: its blocks get the autocast dtype
+    seen, block_forward = [], BasicTransformerBlock.forward
+    # (recorded in the class's forward: a hook would itself turn the fast paths off)
+    monkeypatch.setattr(BasicTransformerBlock, "forward",
+                        lambda self, x, *a, **k: (seen.append(x.dtype), block_forward(self, x, *a, **k))[1])
+    stock_bf16 = _unet_grads(unet, run, cb, fast=False, autocast=True)
+    fast_bf16 = _unet_grads(unet, run, cb, fast=True, autocast=True)
+    monkeypatch.setattr(BasicTransformerBlock, "forward", block_forward)
+    assert seen and set(seen) == {torch.bfloat16}
+    assert calls.take()["SpatialTransformer"] == 2 * n_st
+    assert _same(fast_bf16[0], stock_bf16[0], rel=2e-2)
     # channels-last feature maps come back channels-last, with the same values
     nhwc = _unet_grads(unet, lambda: run(x.contiguous(memory_format=torch.channels_last)), cb, fast=True)
     assert _same(nhwc[0], stock[0]) and all(_same(a, b) for a, b in zip(nhwc[1], stock[1]))
-    # a projection that is not a plain layer (weights cast per call) leaves its block to the stock forward
+    # a projection that is not a plain layer (weights cast per call, or a hook) leaves its block to the stock
+    # forward
     st = next(m for m in unet.modules() if isinstance(m, SpatialTransformer))
+    calls.take()
     st.proj_in.comfy_cast_weights = True
     try:
-        calls = []
-        stock_forward = SpatialTransformer.forward
-        SpatialTransformer.forward = lambda *a, **k: (calls.append(1), stock_forward(*a, **k))[1]
-        try:
-            cast = _unet_grads(unet, run, cb, fast=True)
-        finally:
-            SpatialTransformer.forward = stock_forward
+        cast = _unet_grads(unet, run, cb, fast=True)
     finally:
         st.proj_in.comfy_cast_weights = False
-    assert calls == [1] and _same(cast[0], stock[0])
+    assert calls.take()["SpatialTransformer"] == 1 and _same(cast[0], stock[0])
+    hook = st.proj_out.register_forward_hook(lambda m, args, out: out)
+    try:
+        hooked = _unet_grads(unet, run, cb, fast=True)
+    finally:
+        hook.remove()
+    assert calls.take()["SpatialTransformer"] == 1 and _same(hooked[0], stock[0])
 
 
-def test_fast_frozen_layers_train_the_same_on_comfyui_sdxl(comfy_backbone_module):
+def test_fast_frozen_layers_train_the_same_on_comfyui_sdxl(comfy_backbone_module, monkeypatch):
     """SDXL's linear projections (ComfyUI's SDXL model class, tiny)."""
     from comfy.ldm.modules.attention import SpatialTransformer
 
     from test_train_sdxl import tiny_sdxl
 
     cb = comfy_backbone_module
+    calls = _Calls(monkeypatch)
     unet = tiny_sdxl().model.diffusion_model
     assert any(isinstance(m, SpatialTransformer) and m.use_linear for m in unet.modules())
     g = torch.Generator().manual_seed(0)
@@ -187,8 +239,10 @@ def test_fast_frozen_layers_train_the_same_on_comfyui_sdxl(comfy_backbone_module
         return unet(x, t, context=ctx, y=y, transformer_options={})
 
     stock = _unet_grads(unet, run, cb, fast=False)
+    assert calls.take()["fused"] == _lora_layers(unet)
     fast = _unet_grads(unet, run, cb, fast=True)
     assert fast[2] > 0
+    assert calls.take() == {"fused": _lora_layers(unet), "GEGLU": 0, "SpatialTransformer": 0}
     assert _same(fast[0], stock[0]) and all(_same(a, b) for a, b in zip(fast[1], stock[1]))
 
 

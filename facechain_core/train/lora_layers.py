@@ -108,18 +108,30 @@ class _FusedLoRALinear(torch.autograd.Function):
         x2, h, weight, a_h, b_h = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
         gh = g @ b_h  # the gradient reaching the rank-r middle (scale included in b_h)
-        grad_a = (gh.t() @ x2).float()
-        grad_b = ((g.t() @ h) * ctx.scale).float()
-        grad_x = None
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[3]:
+            grad_a = (gh.t() @ x2).float()
+        if ctx.needs_input_grad[4]:  # scaled before the sum, as peft's order is: a half sum can overflow
+            grad_b = (g.t() @ (h * ctx.scale)).float()
         if ctx.needs_input_grad[0]:
             grad_x = (g @ weight).addmm_(gh, a_h).view(ctx.shape)
         return grad_x, None, None, grad_a, grad_b, None
 
 
+def runs_plain_forward(m: torch.nn.Module) -> bool:
+    """No hook and no per-instance forward stands between a call of ``m`` and its class's forward (a fast path
+    that computes the class's forward itself would skip them)."""
+    from torch.nn.modules import module as nn_module
+
+    return (not m._forward_hooks and not m._forward_pre_hooks and "forward" not in m.__dict__
+            and not getattr(nn_module, "_global_forward_hooks", None)
+            and not getattr(nn_module, "_global_forward_pre_hooks", None))
+
+
 def _is_plain_linear(m: torch.nn.Module) -> bool:
-    """True for a linear layer whose forward is ``F.linear(x, weight, bias)``: ``torch.nn.Linear`` itself, or a
-    host's subclass that says so (``Backbone.plain_linear``)."""
-    return type(m).forward is torch.nn.Linear.forward
+    """True for ``torch.nn.Linear`` itself, called without hooks: its forward is ``F.linear(x, weight, bias)``
+    (a host with linear classes of its own passes its own test, ``Backbone.plain_linear``)."""
+    return type(m).forward is torch.nn.Linear.forward and runs_plain_forward(m)
 
 
 def _fused_forward(m, plain: Callable[[torch.nn.Module], bool]):
@@ -133,6 +145,7 @@ def _fused_forward(m, plain: Callable[[torch.nn.Module], bool]):
         if (args or kwargs or m.merged or m.disable_adapters or list(m.active_adapters) != [ADAPTER]
                 or not isinstance(m.lora_dropout[ADAPTER], torch.nn.Identity) or not plain(base)
                 or x.dtype != base.weight.dtype or base.weight.requires_grad
+                or (base.bias is not None and base.bias.requires_grad)
                 or torch.is_autocast_enabled(x.device.type)):
             return peft_forward(x, *args, **kwargs)
         return _FusedLoRALinear.apply(x, base.weight, base.bias, m.lora_A[ADAPTER].weight,
@@ -197,6 +210,7 @@ def remove_lora(root: torch.nn.Module) -> None:
 
     wrapped = [(name, m) for name, m in root.named_modules() if isinstance(m, LoraLayer)]
     for name, m in wrapped:
+        m.__dict__.pop("forward", None)  # the fused forward (it refers to the wrapper: freed without a cycle)
         parent_name, _, child = name.rpartition(".")
         parent = root.get_submodule(parent_name) if parent_name else root
         setattr(parent, child, m.get_base_layer())
