@@ -148,7 +148,9 @@ def first_runs(device: str, path: str, repeats: int) -> dict:
         return out
 
     for name, batch, side in FIRST_RUN_CASES:
-        net = nets.get(name) or nets.setdefault(name, ot.TorchNet(model_store.embedded_path(name), device))
+        if name not in nets:
+            nets[name] = ot.TorchNet(model_store.embedded_path(name), device)
+        net = nets[name]
         x = rng.integers(0, 256, (batch, side, side, 3), dtype=np.uint8)
         first = []
         for _ in range(3):

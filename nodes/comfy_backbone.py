@@ -109,17 +109,21 @@ def comfy_backbone(model, clip, vae, image_hw: tuple[int, int]) -> Backbone:
                     plain_linear=plain_linear, fast_layers=lambda: fast_frozen_layers(unet))
 
 
-def plain_linear(m) -> bool:
-    """Whether ``m`` computes ``F.linear(x, weight, bias)`` and nothing else: torch's Linear, or ComfyUI's
-    when it neither casts its weights per call nor has weight or bias functions (LoRA patches applied on the
-    fly, low-VRAM offloading), called without hooks. The trainer's fused LoRA product and the training-only
-    forwards bypass such a layer's forward."""
-    if not isinstance(m, torch.nn.Linear) or not runs_plain_forward(m):
+def _plain(m, torch_class, comfy_class) -> bool:
+    """Whether ``m`` (a ``torch_class``) computes its torch forward and nothing else: torch's class itself, or
+    ComfyUI's ``comfy_class`` when it neither casts its weights per call nor has weight or bias functions (LoRA
+    patches applied on the fly, low-VRAM offloading); either called without hooks."""
+    if not isinstance(m, torch_class) or not runs_plain_forward(m):
         return False
-    if type(m).forward is torch.nn.Linear.forward:
-        return True
-    return (type(m).forward is comfy.ops.disable_weight_init.Linear.forward and not m.comfy_cast_weights
-            and not m.weight_function and not m.bias_function)
+    return type(m).forward is torch_class.forward or (
+        type(m).forward is comfy_class.forward and not m.comfy_cast_weights and not m.weight_function
+        and not m.bias_function)
+
+
+def plain_linear(m) -> bool:
+    """Whether ``m`` computes ``F.linear(x, weight, bias)`` and nothing else (``_plain``). The trainer's fused
+    LoRA product and the training-only forwards bypass such a layer's forward."""
+    return _plain(m, torch.nn.Linear, comfy.ops.disable_weight_init.Linear)
 
 
 @contextmanager
@@ -158,14 +162,9 @@ def apply_lora_file(model, clip, path):
 
 def _plain_conv1x1(m) -> bool:
     """A 1x1 convolution (stride 1, no padding, one group) that computes ``F.conv2d`` and nothing else."""
-    if not isinstance(m, torch.nn.Conv2d) or tuple(m.kernel_size) != (1, 1) or tuple(m.stride) != (1, 1) \
-            or tuple(m.padding) != (0, 0) or tuple(m.dilation) != (1, 1) or m.groups != 1 \
-            or not runs_plain_forward(m):
-        return False
-    if type(m).forward is torch.nn.Conv2d.forward:
-        return True
-    return (type(m).forward is comfy.ops.disable_weight_init.Conv2d.forward and not m.comfy_cast_weights
-            and not m.weight_function and not m.bias_function)
+    return (isinstance(m, torch.nn.Conv2d) and tuple(m.kernel_size) == (1, 1) and tuple(m.stride) == (1, 1)
+            and tuple(m.padding) == (0, 0) and tuple(m.dilation) == (1, 1) and m.groups == 1
+            and _plain(m, torch.nn.Conv2d, comfy.ops.disable_weight_init.Conv2d))
 
 
 def _projection(m):
