@@ -120,6 +120,12 @@ CONFIGS = {
     "comfy_b8_fused_only": ("comfy_fp16", dict(batch_size=8, fast_frozen_layers=False)),
     "comfy_b8_fast_only": ("comfy_fp16", dict(batch_size=8, lora_compute="activations")),
     "comfy_b8_cl": ("comfy_fp16", dict(batch_size=8, channels_last=True)),
+    # round six: GroupNorm (+SiLU) by the pack's layout-keeping kernels, with and without channels-last
+    "comfy_b8_gn_off": ("comfy_fp16", dict(batch_size=8, group_norm_kernels=False)),
+    "comfy_b8_cl_gn_off": ("comfy_fp16", dict(batch_size=8, channels_last=True, group_norm_kernels=False)),
+    "comfy_b8_nchw": ("comfy_fp16", dict(batch_size=8, channels_last=False)),
+    "comfy_node_defaults_r5": ("comfy_fp16", dict(samples=2000, memory=AUTO, group_norm_kernels=False)),
+    "sdxl_node_defaults_r5": ("comfy_sdxl_fp16", dict(memory=AUTO, group_norm_kernels=False)),
     # the node as it trains by default: 2000 samples, memory "auto" (batch 8 on an H200); and before round five
     "comfy_node_defaults": ("comfy_fp16", dict(samples=2000, memory=AUTO)),
     "comfy_node_defaults_before": ("comfy_fp16", dict(samples=2000, memory=AUTO, lora_compute="activations",
@@ -325,7 +331,8 @@ class Backbones:
                             device=torch.device(DEVICE), encode_images=encode_images, encode_text=encode_text,
                             text_encoders=[te], size_multiple=8 * 2 ** (len(cfg["channel_mult"]) - 1),
                             prepare=db.offloader(vae, te, DEVICE),
-                            plain_linear=cb.plain_linear, fast_layers=lambda: cb.fast_frozen_layers(unet))
+                            plain_linear=cb.plain_linear,
+                            fast_layers=lambda group_norm_kernels=True: cb.fast_frozen_layers(unet, group_norm_kernels))
         return {"backbone": backbone, "unet": unet, "vae": vae, "text": te}
 
 

@@ -15,7 +15,7 @@ import comfy.sd
 import comfy.utils
 
 from ..facechain_core.errors import FaceChainError
-from ..facechain_core.train import Backbone
+from ..facechain_core.train import Backbone, group_norm
 from ..facechain_core.train.lora_layers import runs_plain_forward
 
 # ComfyUI's model config classes whose UNet, noise schedule and LoRA keys this trainer handles.
@@ -106,7 +106,8 @@ def comfy_backbone(model, clip, vae, image_hw: tuple[int, int]) -> Backbone:
                     size_multiple=8 * 2 ** (len(unet_config["channel_mult"]) - 1), prepare=prepare,
                     extra_frozen=[m for m in (getattr(base, "embedder", None),) if m is not None],
                     training_context=lambda train_te: _out_of_place_clip_layers(clip.cond_stage_model, train_te),
-                    plain_linear=plain_linear, fast_layers=lambda: fast_frozen_layers(unet))
+                    plain_linear=plain_linear,
+                    fast_layers=lambda group_norm_kernels=True: fast_frozen_layers(unet, group_norm_kernels))
 
 
 def _plain(m, torch_class, comfy_class) -> bool:
@@ -234,22 +235,59 @@ def _spatial_transformer_forward(m):
     return forward
 
 
+def _plain_group_norm(m) -> bool:
+    return _plain(m, torch.nn.GroupNorm, comfy.ops.disable_weight_init.GroupNorm)
+
+
+def _group_norm_forward(m):
+    """GroupNorm through the pack's kernels, which keep the map's memory layout (``group_norm``)."""
+    def forward(x):
+        return group_norm.group_norm(x, m.num_groups, m.weight, m.bias, m.eps)
+
+    return forward
+
+
+def _norm_silu_forward(seq):
+    """A Sequential that starts with a GroupNorm and a SiLU (ResBlock's in and out layers, the UNet's output
+    head): the two run as one pass of the pack's kernels, the rest as they are."""
+    norm, rest = seq[0], list(seq)[2:]
+
+    def forward(x):
+        h = group_norm.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=True)
+        for layer in rest:
+            h = layer(h)
+        return h
+
+    return forward
+
+
+def _norm_silu_sequential(m) -> bool:
+    return (type(m) is torch.nn.Sequential and runs_plain_forward(m) and len(m) >= 2
+            and _plain_group_norm(m[0]) and type(m[1]) is torch.nn.SiLU and runs_plain_forward(m[1]))
+
+
 @contextmanager
-def fast_frozen_layers(unet):
+def fast_frozen_layers(unet, group_norm_kernels: bool = True):
     """Training-only forwards for frozen layers whose stock forwards move more memory than they compute (see
-    ``_geglu_forward`` and ``_spatial_transformer_forward``); each instance gets its own, removed on exit. A
-    layer whose projections are not plain (a LoRA adapter, weights cast per call) runs its stock forward."""
+    ``_geglu_forward``, ``_spatial_transformer_forward``, and with ``group_norm_kernels`` the GroupNorms, with the
+    SiLU after them where there is one); each instance gets its own, removed on exit. A layer whose projections
+    are not plain (a LoRA adapter, weights cast per call) runs its stock forward."""
     from comfy.ldm.modules.attention import GEGLU, SpatialTransformer
 
-    patched = []
+    patched, heads = [], set()  # heads: the GroupNorms that run inside their Sequential's forward
     try:
-        for mod in unet.modules():
-            if "forward" in mod.__dict__:
+        for mod in unet.modules():  # a Sequential comes before its layers
+            if "forward" in mod.__dict__ or id(mod) in heads:
                 continue
             if type(mod) is GEGLU:
                 mod.forward = _geglu_forward(mod)
             elif type(mod) is SpatialTransformer:
                 mod.forward = _spatial_transformer_forward(mod)
+            elif group_norm_kernels and _norm_silu_sequential(mod):
+                mod.forward = _norm_silu_forward(mod)
+                heads.add(id(mod[0]))
+            elif group_norm_kernels and _plain_group_norm(mod):
+                mod.forward = _group_norm_forward(mod)
             else:
                 continue
             patched.append(mod)
@@ -257,4 +295,3 @@ def fast_frozen_layers(unet):
     finally:
         for mod in patched:
             mod.__dict__.pop("forward", None)
-

@@ -150,24 +150,40 @@ def test_clip_tokenizer_comes_from_installed_files_or_a_clear_error(monkeypatch)
         db.tokenizer.cache_clear()
 
 
-def test_channels_last_swaps_conv_weights_for_the_run_and_gives_the_originals_back():
+def test_channels_last_converts_conv_weights_in_their_memory_for_the_run_and_gives_them_back():
     from facechain_core.train.speed import channels_last
 
     with torch.inference_mode():  # as ComfyUI loads its models
-        net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3), torch.nn.Linear(3, 3), torch.nn.Conv2d(8, 4, 1))
+        net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3), torch.nn.Linear(3, 3), torch.nn.Conv2d(8, 4, 1),
+                                  torch.nn.Conv2d(4, 4, 3))
+        net[3].weight = torch.nn.Parameter(torch.randn(4, 8, 3, 3)[:, ::2])  # neither layout
     originals = [m.weight for m in net]
+    values, strides = [w.clone() for w in originals], [w.stride() for w in originals]
     x = torch.randn(2, 4, 9, 9)
     with torch.no_grad():
-        expected = net[2](net[0](x))
+        expected = net[3](net[2](net[0](x)))
     with channels_last(net, True) as swapped:
-        assert swapped == 2
-        assert net[0].weight.is_contiguous(memory_format=torch.channels_last)
-        assert net[1].weight is originals[1]
-        got = net[2](net[0](x.contiguous(memory_format=torch.channels_last)))
+        assert swapped == 2  # a 1x1 convolution's weight is both layouts already: left as it is
+        for i in (0, 2, 3):
+            assert net[i].weight.is_contiguous(memory_format=torch.channels_last)
+        # rewritten where it was (no second copy of the convolutions); the odd one gets a copy
+        assert net[0].weight.data_ptr() == originals[0].data_ptr()
+        assert net[3].weight.data_ptr() != originals[3].data_ptr()
+        assert net[1].weight is originals[1] and net[2].weight is originals[2]
+        with torch.no_grad():
+            got = net[3](net[2](net[0](x.contiguous(memory_format=torch.channels_last))))
     assert torch.allclose(got, expected, atol=1e-5)
-    assert [m.weight for m in net] == originals
+    assert all(m.weight is w for m, w in zip(net, originals))
+    assert all(torch.equal(w, v) and w.stride() == st for w, v, st in zip(originals, values, strides))
     with channels_last(net, False) as swapped:
         assert swapped == 0
+    # an error inside the run still writes every weight back
+    try:
+        with channels_last(net, True):
+            raise RuntimeError("cancelled")
+    except RuntimeError:
+        pass
+    assert all(m.weight is w and torch.equal(w, v) for m, w, v in zip(net, originals, values))
 
 
 def test_every_attention_backend_name_is_a_torch_backend_and_math_runs_here():

@@ -51,11 +51,14 @@ class TrainSettings:
     # recomputed (0: none); 4096 = the 64x64 latents of a 512 px image
     high_res_checkpoint_tokens: int = _default("high_res_checkpoint_tokens")
     compile_mode: str = _default("compile_mode")  # torch.compile mode; "reduce-overhead" adds CUDA graphs
-    channels_last: bool = _default("channels_last")  # convolutions in NHWC layout (conv weights copied for the run)
+    # convolutions in NHWC layout (conv weights rewritten for the run); "auto": when the GroupNorm kernels run
+    channels_last: bool | str = _default("channels_last")
     attention_backend: str = _default("attention_backend")  # SDPA kernel: auto, flash, efficient, cudnn, math
     lora_compute: str = _default("lora_compute")  # LORA_COMPUTE: fused, or (half precision) "fp32"/"activations" dtype
     compile_cache: bool = _default("compile_cache")  # keep torch.compile's results on disk between runs
     fast_frozen_layers: bool = _default("fast_frozen_layers")  # host's training-only forwards: Backbone.fast_layers
+    # with fast_frozen_layers: GroupNorm (and a SiLU after it) by the pack's kernels, in the map's own layout
+    group_norm_kernels: bool = _default("group_norm_kernels")
     cudnn_benchmark: bool = _default("cudnn_benchmark")  # let cuDNN time its convolution algorithms per shape
     weight_decay: float = _default("weight_decay")
     adam_betas: tuple = _default("adam_betas")
@@ -100,6 +103,8 @@ class TrainSettings:
                             f"(got {self.attention_backend!r})")
         if self.lora_compute not in LORA_COMPUTE:
             problems.append(f"lora_compute must be one of {', '.join(LORA_COMPUTE)} (got {self.lora_compute!r})")
+        if self.channels_last not in (True, False, "auto"):
+            problems.append(f"channels_last must be true, false or auto (got {self.channels_last!r})")
         if self.lr_schedule not in ("cosine", "constant"):
             problems.append(f"lr_schedule must be cosine or constant (got {self.lr_schedule!r})")
         if problems:

@@ -20,7 +20,7 @@ import torch
 from ..errors import FaceChainError
 from ..lora_format import kohya_state_dict
 from ..progress import LossesFn, ProgressFn, no_progress
-from . import speed
+from . import group_norm, speed
 from .captions import require_images
 from .lora_layers import borrowed_weights, gradient_checkpointing, lora_adapters, lora_weights
 from .memory import size_to_card, table as memory_table
@@ -53,7 +53,7 @@ class Backbone:
     # product bypasses their forward); None: torch.nn.Linear itself only
     plain_linear: Optional[Callable[[torch.nn.Module], bool]] = None
     # a context manager factory: training-only forwards for the host's frozen layers (fast_frozen_layers)
-    fast_layers: Optional[Callable[[], ContextManager]] = None
+    fast_layers: Optional[Callable[..., ContextManager]] = None
 
 
 LOSS_CURVE = "loss curve (mean per run of steps):"  # the report line a plot reads back
@@ -261,7 +261,7 @@ class LoRATrainer:
         if b.training_context:
             stack.enter_context(b.training_context(s.train_text_encoder))
         if s.fast_frozen_layers and b.fast_layers:
-            stack.enter_context(b.fast_layers())
+            stack.enter_context(b.fast_layers(group_norm_kernels=s.group_norm_kernels))
         stack.enter_context(borrowed_weights(b.unet, *b.text_encoders, *b.extra_frozen))
         unet_params = stack.enter_context(lora_adapters(b.unet, s.unet_targets, s.rank, s.lora_alpha, s.seed,
                                                         product, b.plain_linear))
@@ -274,6 +274,15 @@ class LoRATrainer:
                                                            s.seed + 1 + k, product, b.plain_linear))
         return unet_params, te_params
 
+    def channels_last(self) -> bool:
+        """NHWC convolutions: as set, or with "auto" when GroupNorm runs by the pack's layout-keeping kernels
+        (PyTorch's own GroupNorm gives NCHW back, and cuDNN would convert around every convolution)."""
+        s = self.settings
+        if s.channels_last != "auto":
+            return bool(s.channels_last)
+        return bool(s.fast_frozen_layers and s.group_norm_kernels and self.backbone.fast_layers
+                    and group_norm.available(self.device))
+
     def enter_speed_switches(self, stack: ExitStack) -> None:
         """Attention kernel, NHWC convolutions and the on-disk compile cache, as the settings ask (CUDA only)."""
         s = self.settings
@@ -281,7 +290,7 @@ class LoRATrainer:
             return
         stack.enter_context(speed.attention_backend(s.attention_backend))
         stack.enter_context(speed.cudnn_benchmark(s.cudnn_benchmark))
-        self.nhwc = stack.enter_context(speed.channels_last(self.backbone.unet, s.channels_last)) > 0
+        self.nhwc = stack.enter_context(speed.channels_last(self.backbone.unet, self.channels_last())) > 0
         if s.compile:
             stack.enter_context(speed.compile_cache(s.compile_cache))
 

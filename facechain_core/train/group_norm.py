@@ -1,0 +1,349 @@
+"""GroupNorm, optionally followed by SiLU, as Triton kernels that read and write the feature map in its own
+memory layout (NCHW or channels-last NHWC), for training a frozen UNet.
+
+Why: PyTorch's GroupNorm gives NCHW back whatever it is given, so a channels-last UNet pays cuDNN's
+NHWC conversions around every convolution; and GroupNorm followed by SiLU is three passes over the map
+forward and three backward, with both the norm's input and its output kept for backward. Here forward
+reads the map twice (statistics, then the normalised and activated map) and backward twice (the two group
+sums the gradient needs, then the input's gradient); only the input and two numbers per group are kept.
+The norm's weight and bias must be frozen (no gradients for them are computed): the trainer's UNet is.
+
+Each program reads a tile of positions x channels, long along the layout's contiguous axis (channels in
+NHWC, positions in NCHW), and keeps per-channel partial sums; a small kernel per group adds them up in a
+fixed order, so results do not depend on scheduling. Statistics are taken in float32 about a shift (the
+group's first element) so the variance does not cancel away.
+
+Triton ships with PyTorch on Linux; where it is missing, or for a tensor it does not handle, ``usable``
+says no and the caller keeps PyTorch's own GroupNorm. ``TRITON_INTERPRET=1`` runs the kernels on the CPU
+(slowly), which is how the CPU tests check them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton (e.g. Windows without triton-windows): PyTorch's GroupNorm is used
+    triton = None
+
+TILE_POSITIONS, TILE_CHANNELS = 32, 64  # a program's tile; the layout's contiguous axis is read whole
+ALIGN = 16  # bytes: the kernels' tensors start at multiples of this (a fresh allocation always does)
+TARGET_PROGRAMS = 1024  # programs to aim for over the map (a few per multiprocessor)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TL = {} if triton is None else {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(device: torch.device) -> bool:
+    """Whether the kernels can run on ``device`` at all (Triton present; a GPU, or the interpreter on a CPU)."""
+    return triton is not None and (device.type == "cuda" or (_interpreting() and device.type == "cpu"))
+
+
+def usable(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
+    """Whether the kernels handle this call; otherwise use ``F.group_norm``."""
+    if x.ndim < 3 or x.dtype not in _DTYPES or x.numel() >= 2 ** 31 or x.numel() == 0:
+        return False
+    if not available(x.device):
+        return False
+    if torch.is_autocast_enabled(x.device.type):  # autocast runs GroupNorm in float32: leave it to PyTorch
+        return False
+    if any(p is not None and (p.requires_grad or p.device != x.device or p.dtype not in _DTYPES
+                              or tuple(p.shape) != (x.shape[1],) or not p.is_contiguous() or p.data_ptr() % ALIGN)
+           for p in (weight, bias)):
+        return False
+    return x.data_ptr() % ALIGN == 0 and _layout(x) is not None
+
+
+def _layout(x: torch.Tensor):
+    """(stride of a sample, stride of a channel, stride of a position) if the positions of each channel lie at
+    one stride (contiguous NCHW, or channels-last), else None."""
+    n, c = x.shape[:2]
+    hw = x[0, 0].numel()
+    if x.is_contiguous():
+        return c * hw, hw, 1
+    if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return c * hw, 1, c
+    if x.ndim == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return c * hw, 1, c
+    return None
+
+
+if triton is not None:
+    # integers that only count things: not specialised on, so one compiled kernel serves every shape (Triton
+    # would otherwise compile again for each value that is 1 or a multiple of 16, on a machine's first run)
+    _SHAPE_ONLY = ["G", "cpg", "count", "splits"]
+
+    @triton.jit
+    def _ptr(address, dtype: tl.constexpr):
+        # tensors come in as addresses (see _address), 16-byte aligned (see usable): saying so lets Triton
+        # use vector loads and stores, which it cannot infer through the cast
+        return tl.multiple_of(address.to(tl.pointer_type(dtype)), 16)
+
+    @triton.jit
+    def _tile(split, cblock, chunk, BP: tl.constexpr, BC: tl.constexpr):
+        # the tile's channels, and its first positions (chunks are whole tiles)
+        return cblock * BC + tl.arange(0, BC), split * chunk + tl.arange(0, BP)
+
+    @triton.jit
+    def _column_stats(STATS, n, c, cmask, cpg, G):
+        g = c // cpg
+        mean = tl.load(STATS + (n * G + g) * 2, mask=cmask, other=0.0)
+        rstd = tl.load(STATS + (n * G + g) * 2 + 1, mask=cmask, other=0.0)
+        return mean, rstd
+
+    @triton.jit(do_not_specialize=_SHAPE_ONLY)
+    def _fwd_sums(X, PART, HW, C, cpg, chunk, splits, sn, sc, shw, XT: tl.constexpr, BP: tl.constexpr,
+                  BC: tl.constexpr):
+        X, PART = _ptr(X, XT), _ptr(PART, tl.float32)
+        # per channel, over this program's positions: the sum and the sum of squares of x - shift (shift: the
+        # first element of the channel's group), float32
+        row = tl.program_id(0)  # n * splits + split
+        cblock = tl.program_id(1)
+        n = row // splits
+        split = row % splits
+        c, p0 = _tile(split, cblock, chunk, BP, BC)
+        cmask = c < C
+        shift = tl.load(X + n * sn + (c // cpg) * cpg * sc, mask=cmask, other=0.0).to(tl.float32)
+        acc = tl.zeros([BP, BC], tl.float32)
+        acc2 = tl.zeros([BP, BC], tl.float32)
+        for off in range(0, chunk, BP):
+            p = p0 + off
+            mask = (p < HW)[:, None] & cmask[None, :]
+            x = tl.load(X + n * sn + p[:, None] * shw + c[None, :] * sc, mask=mask, other=0.0).to(tl.float32)
+            d = tl.where(mask, x - shift[None, :], 0.0)
+            acc += d
+            acc2 += d * d
+        out = row * C + c
+        tl.store(PART + out * 2, tl.sum(acc, axis=0), mask=cmask)
+        tl.store(PART + out * 2 + 1, tl.sum(acc2, axis=0), mask=cmask)
+
+    @triton.jit(do_not_specialize=_SHAPE_ONLY)
+    def _fwd_finish(X, PART, STATS, G, C, cpg, count, splits, sn, sc, eps, XT: tl.constexpr, SP: tl.constexpr,
+                    CP: tl.constexpr):
+        X, PART, STATS = _ptr(X, XT), _ptr(PART, tl.float32), _ptr(STATS, tl.float32)
+        # per group: mean and 1/std from the partial sums of its channels
+        row = tl.program_id(0)  # n * G + g
+        n = row // G
+        g = row % G
+        s = tl.arange(0, SP)
+        j = tl.arange(0, CP)
+        mask = (s < splits)[:, None] & (j < cpg)[None, :]
+        at = ((n * splits + s)[:, None] * C + g * cpg + j[None, :]) * 2
+        total = tl.sum(tl.sum(tl.load(PART + at, mask=mask, other=0.0), axis=1), axis=0)
+        total2 = tl.sum(tl.sum(tl.load(PART + at + 1, mask=mask, other=0.0), axis=1), axis=0)
+        shift = tl.load(X + n * sn + g * cpg * sc).to(tl.float32)
+        d_mean = total / count
+        var = tl.maximum(total2 / count - d_mean * d_mean, 0.0)
+        tl.store(STATS + row * 2, shift + d_mean)
+        tl.store(STATS + row * 2 + 1, 1.0 / tl.sqrt(var + eps))
+
+    @triton.jit
+    def _affine(W, B, c, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+        if HAS_W:
+            w = tl.load(W + c, mask=cmask, other=1.0).to(tl.float32)
+        else:
+            w = tl.full(c.shape, 1.0, tl.float32)
+        if HAS_B:
+            b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
+        else:
+            b = tl.zeros(c.shape, tl.float32)
+        return w, b
+
+    @triton.jit(do_not_specialize=_SHAPE_ONLY)
+    def _fwd_apply(X, Y, W, B, STATS, HW, C, G, cpg, chunk, splits, sn, sc, shw, XT: tl.constexpr,
+                   WT: tl.constexpr, BT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                   SILU: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
+        X, Y, W, B, STATS = _ptr(X, XT), _ptr(Y, XT), _ptr(W, WT), _ptr(B, BT), _ptr(STATS, tl.float32)
+        row = tl.program_id(0)
+        cblock = tl.program_id(1)
+        n = row // splits
+        split = row % splits
+        c, p0 = _tile(split, cblock, chunk, BP, BC)
+        cmask = c < C
+        mean, rstd = _column_stats(STATS, n, c, cmask, cpg, G)
+        w, b = _affine(W, B, c, cmask, HAS_W, HAS_B)
+        scale = rstd * w
+        shift = b - mean * scale
+        for off in range(0, chunk, BP):
+            p = p0 + off
+            mask = (p < HW)[:, None] & cmask[None, :]
+            ptr = n * sn + p[:, None] * shw + c[None, :] * sc
+            y = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32) * scale[None, :] + shift[None, :]
+            if SILU:
+                y = y * tl.sigmoid(y)
+            tl.store(Y + ptr, y.to(XT), mask=mask)
+
+    @triton.jit
+    def _grad_z(x, dy, mean, rstd, w, b, SILU: tl.constexpr):
+        # the normalised input, and the gradient reaching it (through SiLU when fused)
+        xhat = (x - mean[None, :]) * rstd[None, :]
+        if SILU:
+            z = xhat * w[None, :] + b[None, :]
+            sig = tl.sigmoid(z)
+            dy = dy * sig * (1.0 + z * (1.0 - sig))
+        return xhat, dy * w[None, :]
+
+    @triton.jit(do_not_specialize=_SHAPE_ONLY)
+    def _bwd_sums(X, DY, W, B, STATS, PART, HW, C, G, cpg, chunk, splits, sn, sc, shw, XT: tl.constexpr,
+                  WT: tl.constexpr, BT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                  SILU: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
+        X, DY, W, B = _ptr(X, XT), _ptr(DY, XT), _ptr(W, WT), _ptr(B, BT)
+        STATS, PART = _ptr(STATS, tl.float32), _ptr(PART, tl.float32)
+        # per channel, over this program's positions: the sums of dxhat and of dxhat * xhat
+        row = tl.program_id(0)
+        cblock = tl.program_id(1)
+        n = row // splits
+        split = row % splits
+        c, p0 = _tile(split, cblock, chunk, BP, BC)
+        cmask = c < C
+        mean, rstd = _column_stats(STATS, n, c, cmask, cpg, G)
+        w, b = _affine(W, B, c, cmask, HAS_W, HAS_B)
+        acc = tl.zeros([BP, BC], tl.float32)
+        acc2 = tl.zeros([BP, BC], tl.float32)
+        for off in range(0, chunk, BP):
+            p = p0 + off
+            mask = (p < HW)[:, None] & cmask[None, :]
+            ptr = n * sn + p[:, None] * shw + c[None, :] * sc
+            x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + ptr, mask=mask, other=0.0).to(tl.float32)
+            xhat, dxhat = _grad_z(x, dy, mean, rstd, w, b, SILU)
+            acc += tl.where(mask, dxhat, 0.0)
+            acc2 += tl.where(mask, dxhat * xhat, 0.0)
+        out = row * C + c
+        tl.store(PART + out * 2, tl.sum(acc, axis=0), mask=cmask)
+        tl.store(PART + out * 2 + 1, tl.sum(acc2, axis=0), mask=cmask)
+
+    @triton.jit(do_not_specialize=_SHAPE_ONLY)
+    def _bwd_finish(PART, COEF, G, C, cpg, count, splits, SP: tl.constexpr, CP: tl.constexpr):
+        PART, COEF = _ptr(PART, tl.float32), _ptr(COEF, tl.float32)
+        # per group: the means of dxhat and of dxhat * xhat
+        row = tl.program_id(0)
+        n = row // G
+        g = row % G
+        s = tl.arange(0, SP)
+        j = tl.arange(0, CP)
+        mask = (s < splits)[:, None] & (j < cpg)[None, :]
+        at = ((n * splits + s)[:, None] * C + g * cpg + j[None, :]) * 2
+        tl.store(COEF + row * 2, tl.sum(tl.sum(tl.load(PART + at, mask=mask, other=0.0), axis=1), axis=0) / count)
+        tl.store(COEF + row * 2 + 1,
+                 tl.sum(tl.sum(tl.load(PART + at + 1, mask=mask, other=0.0), axis=1), axis=0) / count)
+
+    @triton.jit(do_not_specialize=_SHAPE_ONLY)
+    def _bwd_apply(X, DY, DX, W, B, STATS, COEF, HW, C, G, cpg, chunk, splits, sn, sc, shw, XT: tl.constexpr,
+                   WT: tl.constexpr, BT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                   SILU: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
+        X, DY, DX, W, B = _ptr(X, XT), _ptr(DY, XT), _ptr(DX, XT), _ptr(W, WT), _ptr(B, BT)
+        STATS, COEF = _ptr(STATS, tl.float32), _ptr(COEF, tl.float32)
+        row = tl.program_id(0)
+        cblock = tl.program_id(1)
+        n = row // splits
+        split = row % splits
+        c, p0 = _tile(split, cblock, chunk, BP, BC)
+        cmask = c < C
+        mean, rstd = _column_stats(STATS, n, c, cmask, cpg, G)
+        c1, c2 = _column_stats(COEF, n, c, cmask, cpg, G)
+        w, b = _affine(W, B, c, cmask, HAS_W, HAS_B)
+        for off in range(0, chunk, BP):
+            p = p0 + off
+            mask = (p < HW)[:, None] & cmask[None, :]
+            ptr = n * sn + p[:, None] * shw + c[None, :] * sc
+            x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + ptr, mask=mask, other=0.0).to(tl.float32)
+            xhat, dxhat = _grad_z(x, dy, mean, rstd, w, b, SILU)
+            dx = rstd[None, :] * (dxhat - c1[None, :] - xhat * c2[None, :])
+            tl.store(DX + ptr, dx.to(XT), mask=mask)
+
+
+def _plan(x: torch.Tensor, groups: int) -> dict:
+    """Grid and block sizes: tiles of positions x channels, long along the layout's contiguous axis, and
+    each sample's positions split into chunks so there are about TARGET_PROGRAMS programs."""
+    n, c = x.shape[:2]
+    hw = x[0, 0].numel()
+    sn, sc, shw = _layout(x)
+    bp, bc = (TILE_POSITIONS, TILE_CHANNELS) if sc == 1 else (TILE_CHANNELS, TILE_POSITIONS)
+    bc = min(bc, triton.next_power_of_2(c))
+    cblocks = -(-c // bc)
+    splits = max(1, min(-(-TARGET_PROGRAMS // (n * cblocks)), -(-hw // bp), 64))
+    chunk = -(-(-(-hw // splits)) // bp) * bp  # whole tiles per program
+    splits = -(-hw // chunk)
+    cpg = c // groups
+    return dict(n=n, c=c, hw=hw, cpg=cpg, count=cpg * hw, sn=sn, sc=sc, shw=shw, BP=bp, BC=bc,
+                cblocks=cblocks, splits=splits, chunk=chunk, SP=max(2, triton.next_power_of_2(splits)),
+                CP=max(2, triton.next_power_of_2(cpg)))
+
+
+def _address(t: torch.Tensor) -> int:
+    """Tensors go to the kernels as plain addresses. Triton checks each tensor argument's pointer with the
+    driver, and that check fails for memory allocated while a CUDA graph is captured under the
+    cudaMallocAsync allocator, which ComfyUI turns on by default: the trainer's graph would break."""
+    return t.data_ptr()
+
+
+def _dtypes(x, weight, bias) -> dict:
+    return dict(XT=_TL[x.dtype], WT=_TL[(weight if weight is not None else x).dtype],
+                BT=_TL[(bias if bias is not None else x).dtype])
+
+
+class _GroupNormAct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, groups, weight, bias, eps, silu):
+        k = _plan(x, groups)
+        grid = (k["n"] * k["splits"], k["cblocks"])
+        part = torch.empty(k["n"] * k["splits"] * k["c"] * 2, device=x.device, dtype=torch.float32)
+        stats = torch.empty(k["n"] * groups * 2, device=x.device, dtype=torch.float32)
+        y = torch.empty_like(x)
+        # an absent weight or bias is never read: x's address stands in
+        xa, wa, ba = _address(x), _address(weight if weight is not None else x), _address(bias if bias is not None
+                                                                                        else x)
+        types = _dtypes(x, weight, bias)
+        layout = (k["sn"], k["sc"], k["shw"])
+        _fwd_sums[grid](xa, _address(part), k["hw"], k["c"], k["cpg"], k["chunk"], k["splits"], *layout,
+                        XT=types["XT"], BP=k["BP"], BC=k["BC"])
+        _fwd_finish[(k["n"] * groups,)](xa, _address(part), _address(stats), groups, k["c"], k["cpg"], k["count"],
+                                        k["splits"], k["sn"], k["sc"], float(eps), XT=types["XT"], SP=k["SP"],
+                                        CP=k["CP"])
+        _fwd_apply[grid](xa, _address(y), wa, ba, _address(stats), k["hw"], k["c"], groups, k["cpg"], k["chunk"],
+                         k["splits"], *layout, **types, HAS_W=weight is not None, HAS_B=bias is not None,
+                         SILU=silu, BP=k["BP"], BC=k["BC"])
+        ctx.save_for_backward(x, weight, bias, stats)
+        ctx.groups, ctx.silu = groups, silu
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, stats = ctx.saved_tensors
+        groups = ctx.groups
+        k = _plan(x, groups)
+        if dy.stride() != x.stride() or dy.data_ptr() % ALIGN:  # both read through x's strides, aligned
+            dy = torch.empty_like(x).copy_(dy)
+        grid = (k["n"] * k["splits"], k["cblocks"])
+        part = torch.empty(k["n"] * k["splits"] * k["c"] * 2, device=x.device, dtype=torch.float32)
+        coef = torch.empty(k["n"] * groups * 2, device=x.device, dtype=torch.float32)
+        dx = torch.empty_like(x)
+        xa, wa, ba = _address(x), _address(weight if weight is not None else x), _address(bias if bias is not None
+                                                                                        else x)
+        flags = dict(**_dtypes(x, weight, bias), HAS_W=weight is not None, HAS_B=bias is not None, SILU=ctx.silu,
+                     BP=k["BP"], BC=k["BC"])
+        tail = (k["hw"], k["c"], groups, k["cpg"], k["chunk"], k["splits"], k["sn"], k["sc"], k["shw"])
+        _bwd_sums[grid](xa, _address(dy), wa, ba, _address(stats), _address(part), *tail, **flags)
+        _bwd_finish[(k["n"] * groups,)](_address(part), _address(coef), groups, k["c"], k["cpg"], k["count"],
+                                        k["splits"], SP=k["SP"], CP=k["CP"])
+        _bwd_apply[grid](xa, _address(dy), _address(dx), wa, ba, _address(stats), _address(coef), *tail, **flags)
+        return dx, None, None, None, None, None
+
+
+def group_norm(x: torch.Tensor, groups: int, weight=None, bias=None, eps: float = 1e-5,
+               silu: bool = False) -> torch.Tensor:
+    """``F.group_norm`` (then ``F.silu`` when ``silu``), in ``x``'s own layout; PyTorch's when not ``usable``."""
+    if x.shape[1] % groups == 0 and usable(x, weight, bias):
+        return _GroupNormAct.apply(x, groups, weight, bias, eps, silu)
+    y = F.group_norm(x, groups, weight, bias, eps)
+    return F.silu(y) if silu else y

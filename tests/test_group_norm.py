@@ -1,0 +1,91 @@
+"""The pack's GroupNorm (+SiLU) kernels (facechain_core/train/group_norm.py): run by Triton's interpreter on the
+CPU against PyTorch (float64), alone and inside the tiny ComfyUI UNet; where they cannot run, PyTorch's own
+GroupNorm; and the trainer's channels_last "auto" that follows them. Their speed is measured on a GPU by
+benchmarks/bench_group_norm.py and bench_train.py, not here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from facechain_core.train import group_norm as gn
+from facechain_core.train.settings import TrainSettings
+
+SCRIPT = Path(__file__).resolve().parent / "group_norm_interpreted.py"
+TOLERANCE = {"float32": 1e-5, "float16": 3e-3, "bfloat16": 2e-2}
+
+
+def _interpreted(part: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "FACECHAIN_EMBEDDED_DIR"}
+    env["TRITON_INTERPRET"] = "1"
+    run = subprocess.run([sys.executable, str(SCRIPT), part], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_the_kernels_give_pytorchs_groupnorm_and_its_gradient_in_the_maps_own_layout():
+    cases = _interpreted("kernels")["cases"]
+    assert len(cases) == 8
+    for c in cases:
+        assert c["same_layout"], c
+        assert c["out_err"] < TOLERANCE[c["dtype"]], c
+        assert c["grad_err"] < TOLERANCE[c["dtype"]], c
+    # the mean-far-from-zero case would lose its variance to cancellation without the shift
+    assert any(c["offset"] > 0 and c["out_err"] < 1e-4 for c in cases)
+
+
+@pytest.mark.host  # slow layer: ComfyUI's UNet through the interpreter
+def test_the_comfyui_unet_trains_the_same_with_every_groupnorm_on_the_kernels():
+    r = _interpreted("unet")
+    assert r["norms"] > 0 and r["kernel_calls"] == r["norms"] and r["kernel_calls_stock"] == 0, r
+    assert r["out_err"] < 1e-4 and r["grad_err"] < 1e-4 and r["grads"] > 0, r
+    assert r["nhwc_out"] == [True, True] and r["patched_left"] == 0, r
+
+
+def test_where_the_kernels_cannot_run_pytorchs_groupnorm_runs(monkeypatch):
+    x = torch.randn(2, 8, 4, 4)
+    w, b = torch.randn(8), torch.randn(8)
+    assert not gn.available(torch.device("cpu")) and not gn.usable(x, w, b)  # a CPU without the interpreter
+    assert torch.equal(gn.group_norm(x, 4, w, b, 1e-5, silu=True), F.silu(F.group_norm(x, 4, w, b, 1e-5)))
+    assert torch.equal(gn.group_norm(x, 4, w, b), F.group_norm(x, 4, w, b))
+    # where they can run, each case they do not handle still goes to PyTorch
+    monkeypatch.setattr(gn, "available", lambda device: True)
+    assert gn.usable(x, w, b) and gn.usable(x.contiguous(memory_format=torch.channels_last), None, None)
+    assert not gn.usable(x, w.clone().requires_grad_(), b)  # no gradients for the norm's own weights
+    assert not gn.usable(x.transpose(2, 3), w, b)  # neither NCHW nor channels-last
+    assert not gn.usable(x.long(), None, None) and not gn.usable(x[:, :, 0, 0], w, b)
+    assert not gn.usable(x, w[:4], b)  # a weight per channel, or the kernels would read past it
+    assert not gn.usable(x.flatten()[1:].view(1, -1)[..., :127].reshape(1, 127, 1), None, None)  # misaligned
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast computes GroupNorm in float32
+        assert not gn.usable(x, w, b)
+
+
+def test_channels_last_auto_follows_the_groupnorm_kernels(monkeypatch):
+    from facechain_core.train.trainer import Backbone, LoRATrainer
+
+    assert TrainSettings().channels_last == "auto" and TrainSettings().group_norm_kernels is True
+    with pytest.raises(Exception, match="channels_last must be true, false or auto"):
+        TrainSettings().with_(channels_last="yes").validate()
+    unet = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3))
+    fields = dict(arch="sd15", unet=unet, unet_naming="ldm", num_res_blocks=[1], predict_noise=None,
+                  alphas_cumprod=torch.ones(10), device=torch.device("cpu"), encode_images=None,
+                  encode_text=None, text_encoders=[], size_multiple=8)
+
+    def nhwc(settings, fast_layers):
+        return LoRATrainer(Backbone(**fields, fast_layers=fast_layers), settings).channels_last()
+
+    on = TrainSettings()
+    assert not nhwc(on, lambda **k: None)  # the CPU: no kernels, so NCHW
+    monkeypatch.setattr(gn, "available", lambda device: True)
+    assert nhwc(on, lambda **k: None)
+    assert not nhwc(on, None)  # a backbone without the host's fast layers keeps PyTorch's GroupNorm
+    assert not nhwc(on.with_(group_norm_kernels=False), lambda **k: None)
+    assert not nhwc(on.with_(fast_frozen_layers=False), lambda **k: None)
+    assert nhwc(on.with_(channels_last=True), None) and not nhwc(on.with_(channels_last=False), lambda **k: None)
