@@ -249,12 +249,14 @@ def _group_norm_forward(m):
 
 def _norm_silu_forward(seq):
     """A Sequential that starts with a GroupNorm and a SiLU (ResBlock's in and out layers, the UNet's output
-    head): the two run as one pass of the pack's kernels, the rest as they are."""
-    norm, rest = seq[0], list(seq)[2:]
-
+    head): the two run as one pass of the pack's kernels, the rest as they are. Its layers are looked up at
+    each call (LoRA adapters put in later replace them), and it runs stock when it no longer starts so."""
     def forward(x):
+        if not _norm_silu_sequential(seq):
+            return torch.nn.Sequential.forward(seq, x)
+        norm = seq[0]
         h = group_norm.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=True)
-        for layer in rest:
+        for layer in list(seq)[2:]:
             h = layer(h)
         return h
 
@@ -262,7 +264,8 @@ def _norm_silu_forward(seq):
 
 
 def _norm_silu_sequential(m) -> bool:
-    return (type(m) is torch.nn.Sequential and runs_plain_forward(m) and len(m) >= 2
+    """A Sequential (called without hooks) whose first two layers are a plain GroupNorm and a SiLU."""
+    return (type(m) is torch.nn.Sequential and not (m._forward_hooks or m._forward_pre_hooks) and len(m) >= 2
             and _plain_group_norm(m[0]) and type(m[1]) is torch.nn.SiLU and runs_plain_forward(m[1]))
 
 
@@ -271,10 +274,11 @@ def fast_frozen_layers(unet, group_norm_kernels: bool = True):
     """Training-only forwards for frozen layers whose stock forwards move more memory than they compute (see
     ``_geglu_forward``, ``_spatial_transformer_forward``, and with ``group_norm_kernels`` the GroupNorms, with the
     SiLU after them where there is one); each instance gets its own, removed on exit. A layer whose projections
-    are not plain (a LoRA adapter, weights cast per call) runs its stock forward."""
+    are not plain (a LoRA adapter, weights cast per call) runs its stock forward. Yields how many layers were
+    given one, and how many of them are GroupNorms."""
     from comfy.ldm.modules.attention import GEGLU, SpatialTransformer
 
-    patched, heads = [], set()  # heads: the GroupNorms that run inside their Sequential's forward
+    patched, heads, norms = [], set(), 0  # heads: the GroupNorms that run inside their Sequential's forward
     try:
         for mod in unet.modules():  # a Sequential comes before its layers
             if "forward" in mod.__dict__ or id(mod) in heads:
@@ -285,13 +289,15 @@ def fast_frozen_layers(unet, group_norm_kernels: bool = True):
                 mod.forward = _spatial_transformer_forward(mod)
             elif group_norm_kernels and _norm_silu_sequential(mod):
                 mod.forward = _norm_silu_forward(mod)
-                heads.add(id(mod[0]))
+                heads.add(id(mod[0]))  # left stock: the Sequential's forward checks it is still plain
+                norms += 1
             elif group_norm_kernels and _plain_group_norm(mod):
                 mod.forward = _group_norm_forward(mod)
+                norms += 1
             else:
                 continue
             patched.append(mod)
-        yield len(patched)
+        yield {"layers": len(patched), "group_norms": norms}
     finally:
         for mod in patched:
             mod.__dict__.pop("forward", None)

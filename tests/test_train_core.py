@@ -177,6 +177,28 @@ def test_channels_last_converts_conv_weights_in_their_memory_for_the_run_and_giv
     assert all(torch.equal(w, v) and w.stride() == st for w, v, st in zip(originals, values, strides))
     with channels_last(net, False) as swapped:
         assert swapped == 0
+    with channels_last(net, True, torch.device("cuda")) as swapped:  # weights elsewhere than the run's device
+        assert swapped == 2 and net[0].weight.data_ptr() != originals[0].data_ptr()  # copied, not rewritten
+    with channels_last(net, True, "cpu") as swapped:
+        assert net[0].weight.data_ptr() == originals[0].data_ptr()
+    # a weight shared by two layers is rewritten once; two weight objects over one memory are copied
+    with torch.inference_mode():
+        shared = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.Conv2d(4, 4, 3, padding=1),
+                                     torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.Conv2d(4, 4, 3, padding=1))
+        shared[1].weight = shared[0].weight
+        shared[3].weight = torch.nn.Parameter(shared[2].weight.detach().view(4, 4, 3, 3))
+    before, objects = [m.weight.clone() for m in shared], [m.weight for m in shared]
+    with torch.no_grad():
+        expected = shared(x)
+    with channels_last(shared, True) as swapped:
+        assert swapped == 4 and shared[0].weight is shared[1].weight
+        assert shared[0].weight.data_ptr() == objects[0].data_ptr()  # rewritten where it is
+        assert shared[2].weight.data_ptr() != objects[2].data_ptr()  # copied
+        assert shared[3].weight.data_ptr() != objects[3].data_ptr()
+        with torch.no_grad():
+            got = shared(x.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert all(torch.equal(m.weight, v) for m, v in zip(shared, before))
     # an error inside the run still writes every weight back
     try:
         with channels_last(net, True):

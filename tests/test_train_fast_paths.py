@@ -194,7 +194,8 @@ def test_fast_frozen_layers_train_the_same_on_comfyui_sd15(comfy_backbone_module
     # ComfyUI's own linear layers take the fused LoRA product, in both runs
     assert calls.take() == {"fused": _lora_layers(unet), "GEGLU": n_geglu, "SpatialTransformer": n_st}
     fast = _unet_grads(unet, run, cb, fast=True)
-    assert fast[2] == n_geglu + n_st + _norm_forwards(unet) > n_geglu + n_st > 0
+    assert fast[2] == {"layers": n_geglu + n_st + _norm_forwards(unet), "group_norms": _norm_forwards(unet)}
+    assert n_geglu + n_st > 0 and _norm_forwards(unet) > 0
     assert calls.take() == {"fused": _lora_layers(unet), "GEGLU": 0, "SpatialTransformer": 0}  # no fallback
     assert _same(fast[0], stock[0]) and all(_same(a, b) for a, b in zip(fast[1], stock[1]))
     assert not any("forward" in m.__dict__ for m in unet.modules())  # every instance given back
@@ -230,6 +231,32 @@ def test_fast_frozen_layers_train_the_same_on_comfyui_sd15(comfy_backbone_module
     assert calls.take()["SpatialTransformer"] == 1 and _same(hooked[0], stock[0])
 
 
+def test_lora_put_in_after_the_fast_layers_still_trains_the_convolutions_inside_them(comfy_backbone_module):
+    """The trainer enters the fast layers before it puts the LoRA adapters in: a LoRA on the convolutions of a
+    GroupNorm + SiLU Sequential (ResBlock's in and out layers) replaces layers the patched forward calls, and
+    must be the one that runs."""
+    import comfy.sd
+
+    cb = comfy_backbone_module
+    model = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint()), output_vae=False, output_clip=False)[0]
+    unet = model.model.diffusion_model
+    g = torch.Generator().manual_seed(0)
+    x, t, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10.0, 700.0]), torch.randn(2, 77, 768, generator=g)
+    targets = ["to_q", "in_layers.2", "out_layers.3", "out.2"]
+    grads = {}
+    for fast in (False, True):
+        with borrowed_weights(unet), cb.fast_frozen_layers(unet) if fast else contextlib.nullcontext(0), \
+                lora_adapters(unet, targets, 4, 4, 0, product="fused", plain_linear=cb.plain_linear) as params:
+            _factors_random(params)
+            unet(x, t, context=ctx, transformer_options={}).square().mean().backward()
+            grads[fast] = [p.grad.clone() for p in params]
+    conv_factors = sum(p.ndim == 4 for p in params)
+    assert conv_factors > 0 and all(float(gr.abs().max()) > 0 for gr in grads[False])
+    assert len(grads[True]) == len(grads[False])
+    assert all(float(a.abs().max()) > 0 and _same(a, b) for a, b in zip(grads[True], grads[False]))
+    assert not any("forward" in m.__dict__ for m in unet.modules())
+
+
 def test_fast_frozen_layers_train_the_same_on_comfyui_sdxl(comfy_backbone_module, monkeypatch):
     """SDXL's linear projections (ComfyUI's SDXL model class, tiny)."""
     from comfy.ldm.modules.attention import SpatialTransformer
@@ -250,7 +277,7 @@ def test_fast_frozen_layers_train_the_same_on_comfyui_sdxl(comfy_backbone_module
     stock = _unet_grads(unet, run, cb, fast=False)
     assert calls.take()["fused"] == _lora_layers(unet)
     fast = _unet_grads(unet, run, cb, fast=True)
-    assert fast[2] > 0
+    assert fast[2]["layers"] > fast[2]["group_norms"] > 0
     assert calls.take() == {"fused": _lora_layers(unet), "GEGLU": 0, "SpatialTransformer": 0}
     assert _same(fast[0], stock[0]) and all(_same(a, b) for a, b in zip(fast[1], stock[1]))
 

@@ -21,6 +21,7 @@ says no and the caller keeps PyTorch's own GroupNorm. ``TRITON_INTERPRET=1`` run
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -47,13 +48,64 @@ def available(device: torch.device) -> bool:
     return triton is not None and (device.type == "cuda" or (_interpreting() and device.type == "cpu"))
 
 
+_WORKS: dict = {}  # (device, dtype) -> whether a first small run compiled, ran and matched PyTorch
+
+
+def works(device: torch.device, dtype: torch.dtype) -> bool:
+    """``available``, and a tiny forward and backward in ``dtype`` on ``device`` compiled, ran and gave
+    PyTorch's result, tried once per process (Triton can import yet fail to build or launch: an old GPU, no C
+    compiler for its launcher). Never tried while a CUDA graph is being captured: False then, until tried."""
+    device = torch.device(device)
+    key = (str(device), dtype)
+    if key not in _WORKS:
+        if not available(device) or dtype not in _DTYPES:
+            return False
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return False
+        _WORKS[key] = _try_once(device, dtype)
+    return _WORKS[key]
+
+
+def _try_once(device: torch.device, dtype: torch.dtype) -> bool:
+    import logging
+
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            g = torch.Generator(device="cpu").manual_seed(0)
+            # a UNet's first level in miniature (320 channels, 32 groups), so its compiled kernels serve there too
+            x0 = torch.randn(2, 320, 8, 8, generator=g).to(device=device, dtype=dtype)
+            w = (torch.rand(320, generator=g) + 0.5).to(device=device, dtype=dtype)
+            b = torch.randn(320, generator=g).to(device=device, dtype=dtype)
+            out = []
+            for run in (_GroupNormAct.apply, None):
+                x = x0.clone(memory_format=torch.channels_last).requires_grad_()
+                y = run(x, 32, w, b, 1e-5, True) if run else F.silu(F.group_norm(x.float(), 32, w.float(), b.float()))
+                y.float().square().sum().backward()
+                out.append((y.detach().float(), x.grad.float()))
+            (y1, g1), (y2, g2) = out
+            tol = 1e-4 if dtype == torch.float32 else 5e-2
+            ok = bool((y1 - y2).abs().max() <= tol * y2.abs().max() and (g1 - g2).abs().max() <= tol * g2.abs().max())
+        if not ok:
+            logging.warning("comfyui-facechain: the GroupNorm kernels gave wrong results on %s (%s); using "
+                            "PyTorch's GroupNorm", device, dtype)
+        return ok
+    except Exception as e:  # noqa: BLE001 - any failure to build or run them means: use PyTorch's
+        logging.warning("comfyui-facechain: the GroupNorm kernels cannot run on %s (%s): %s; using PyTorch's "
+                        "GroupNorm", device, dtype, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return False
+
+
 def usable(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
     """Whether the kernels handle this call; otherwise use ``F.group_norm``."""
     if x.ndim < 3 or x.dtype not in _DTYPES or x.numel() >= 2 ** 31 or x.numel() == 0:
         return False
-    if not available(x.device):
+    if x.shape[0] * x.shape[1] * 2 * 64 >= 2 ** 31:  # the partial sums' indices (64 chunks at most) stay int32
+        return False
+    if torch.compiler.is_compiling():  # under torch.compile: leave GroupNorm to it
         return False
     if torch.is_autocast_enabled(x.device.type):  # autocast runs GroupNorm in float32: leave it to PyTorch
+        return False
+    if not works(x.device, x.dtype):
         return False
     if any(p is not None and (p.requires_grad or p.device != x.device or p.dtype not in _DTYPES
                               or tuple(p.shape) != (x.shape[1],) or not p.is_contiguous() or p.data_ptr() % ALIGN)
@@ -287,32 +339,26 @@ def _address(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
+def _addresses(x, weight, bias) -> tuple:
+    """x's, the weight's and the bias's addresses; an absent weight or bias is never read: x's stands in."""
+    return tuple(_address(t if t is not None else x) for t in (x, weight, bias))
+
+
 def _dtypes(x, weight, bias) -> dict:
     return dict(XT=_TL[x.dtype], WT=_TL[(weight if weight is not None else x).dtype],
                 BT=_TL[(bias if bias is not None else x).dtype])
 
 
+def _on(device: torch.device):
+    """Kernels launch on the current device: make it the tensors' one."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+
+
 class _GroupNormAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, groups, weight, bias, eps, silu):
-        k = _plan(x, groups)
-        grid = (k["n"] * k["splits"], k["cblocks"])
-        part = torch.empty(k["n"] * k["splits"] * k["c"] * 2, device=x.device, dtype=torch.float32)
-        stats = torch.empty(k["n"] * groups * 2, device=x.device, dtype=torch.float32)
-        y = torch.empty_like(x)
-        # an absent weight or bias is never read: x's address stands in
-        xa, wa, ba = _address(x), _address(weight if weight is not None else x), _address(bias if bias is not None
-                                                                                        else x)
-        types = _dtypes(x, weight, bias)
-        layout = (k["sn"], k["sc"], k["shw"])
-        _fwd_sums[grid](xa, _address(part), k["hw"], k["c"], k["cpg"], k["chunk"], k["splits"], *layout,
-                        XT=types["XT"], BP=k["BP"], BC=k["BC"])
-        _fwd_finish[(k["n"] * groups,)](xa, _address(part), _address(stats), groups, k["c"], k["cpg"], k["count"],
-                                        k["splits"], k["sn"], k["sc"], float(eps), XT=types["XT"], SP=k["SP"],
-                                        CP=k["CP"])
-        _fwd_apply[grid](xa, _address(y), wa, ba, _address(stats), k["hw"], k["c"], groups, k["cpg"], k["chunk"],
-                         k["splits"], *layout, **types, HAS_W=weight is not None, HAS_B=bias is not None,
-                         SILU=silu, BP=k["BP"], BC=k["BC"])
+        with _on(x.device):
+            y, stats = _forward(x, groups, weight, bias, eps, silu)
         ctx.save_for_backward(x, weight, bias, stats)
         ctx.groups, ctx.silu = groups, silu
         return y
@@ -320,24 +366,48 @@ class _GroupNormAct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, stats = ctx.saved_tensors
-        groups = ctx.groups
-        k = _plan(x, groups)
-        if dy.stride() != x.stride() or dy.data_ptr() % ALIGN:  # both read through x's strides, aligned
-            dy = torch.empty_like(x).copy_(dy)
-        grid = (k["n"] * k["splits"], k["cblocks"])
-        part = torch.empty(k["n"] * k["splits"] * k["c"] * 2, device=x.device, dtype=torch.float32)
-        coef = torch.empty(k["n"] * groups * 2, device=x.device, dtype=torch.float32)
-        dx = torch.empty_like(x)
-        xa, wa, ba = _address(x), _address(weight if weight is not None else x), _address(bias if bias is not None
-                                                                                        else x)
-        flags = dict(**_dtypes(x, weight, bias), HAS_W=weight is not None, HAS_B=bias is not None, SILU=ctx.silu,
-                     BP=k["BP"], BC=k["BC"])
-        tail = (k["hw"], k["c"], groups, k["cpg"], k["chunk"], k["splits"], k["sn"], k["sc"], k["shw"])
-        _bwd_sums[grid](xa, _address(dy), wa, ba, _address(stats), _address(part), *tail, **flags)
-        _bwd_finish[(k["n"] * groups,)](_address(part), _address(coef), groups, k["c"], k["cpg"], k["count"],
-                                        k["splits"], SP=k["SP"], CP=k["CP"])
-        _bwd_apply[grid](xa, _address(dy), _address(dx), wa, ba, _address(stats), _address(coef), *tail, **flags)
+        with _on(x.device):
+            dx = _backward(x, dy, ctx.groups, weight, bias, stats, ctx.silu)
         return dx, None, None, None, None, None
+
+
+def _forward(x, groups, weight, bias, eps, silu):
+    k = _plan(x, groups)
+    grid = (k["n"] * k["splits"], k["cblocks"])
+    part = torch.empty(k["n"] * k["splits"] * k["c"] * 2, device=x.device, dtype=torch.float32)
+    stats = torch.empty(k["n"] * groups * 2, device=x.device, dtype=torch.float32)
+    y = torch.empty_like(x)
+    xa, wa, ba = _addresses(x, weight, bias)
+    types = _dtypes(x, weight, bias)
+    layout = (k["sn"], k["sc"], k["shw"])
+    _fwd_sums[grid](xa, _address(part), k["hw"], k["c"], k["cpg"], k["chunk"], k["splits"], *layout,
+                    XT=types["XT"], BP=k["BP"], BC=k["BC"])
+    _fwd_finish[(k["n"] * groups,)](xa, _address(part), _address(stats), groups, k["c"], k["cpg"], k["count"],
+                                    k["splits"], k["sn"], k["sc"], float(eps), XT=types["XT"], SP=k["SP"],
+                                    CP=k["CP"])
+    _fwd_apply[grid](xa, _address(y), wa, ba, _address(stats), k["hw"], k["c"], groups, k["cpg"], k["chunk"],
+                     k["splits"], *layout, **types, HAS_W=weight is not None, HAS_B=bias is not None,
+                     SILU=silu, BP=k["BP"], BC=k["BC"])
+    return y, stats
+
+
+def _backward(x, dy, groups, weight, bias, stats, silu):
+    k = _plan(x, groups)
+    if dy.stride() != x.stride() or dy.data_ptr() % ALIGN:  # both read through x's strides, aligned
+        dy = torch.empty_like(x).copy_(dy)
+    grid = (k["n"] * k["splits"], k["cblocks"])
+    part = torch.empty(k["n"] * k["splits"] * k["c"] * 2, device=x.device, dtype=torch.float32)
+    coef = torch.empty(k["n"] * groups * 2, device=x.device, dtype=torch.float32)
+    dx = torch.empty_like(x)
+    xa, wa, ba = _addresses(x, weight, bias)
+    flags = dict(**_dtypes(x, weight, bias), HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu,
+                 BP=k["BP"], BC=k["BC"])
+    tail = (k["hw"], k["c"], groups, k["cpg"], k["chunk"], k["splits"], k["sn"], k["sc"], k["shw"])
+    _bwd_sums[grid](xa, _address(dy), wa, ba, _address(stats), _address(part), *tail, **flags)
+    _bwd_finish[(k["n"] * groups,)](_address(part), _address(coef), groups, k["c"], k["cpg"], k["count"],
+                                    k["splits"], SP=k["SP"], CP=k["CP"])
+    _bwd_apply[grid](xa, _address(dy), _address(dx), wa, ba, _address(stats), _address(coef), *tail, **flags)
+    return dx
 
 
 def group_norm(x: torch.Tensor, groups: int, weight=None, bias=None, eps: float = 1e-5,

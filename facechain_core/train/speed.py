@@ -18,6 +18,8 @@ from typing import Iterator
 
 import torch
 
+from ..errors import FaceChainError
+
 
 def attention_backend(name: str):
     """``auto`` leaves PyTorch's own choice; otherwise only that SDPA backend is allowed (the names:
@@ -39,45 +41,86 @@ def _over(t: torch.Tensor, stride) -> torch.Tensor:
         return view.set_(t.untyped_storage(), t.storage_offset(), t.size(), stride)
 
 
-def _relayout_(t: torch.Tensor, src_stride, dst_stride) -> torch.Tensor:
-    """Rewrite ``t``'s memory from one layout to the other, in place (one weight's copy held meanwhile)."""
+def _relayout_(t: torch.Tensor, src_stride, dst_stride, scratch: torch.Tensor) -> torch.Tensor:
+    """Rewrite ``t``'s memory from one layout to the other, in place, through ``scratch`` (bytes, at least
+    ``t``'s size, allocated beforehand so that writing the weights back never needs new memory)."""
     with torch.inference_mode(False), torch.no_grad():
-        src = _over(t, src_stride)
+        tmp = scratch[:t.numel() * t.element_size()].view(t.dtype).as_strided(t.size(), dst_stride)
+        tmp.copy_(_over(t, src_stride))
         dst = _over(t, dst_stride)
-        dst.copy_(src.clone())
+        dst.copy_(tmp)
     return dst
 
 
+def _on(t: torch.Tensor, device) -> bool:
+    """``t`` is on ``device`` ("cuda" without an index meaning any GPU)."""
+    device = torch.device(device)
+    return t.device.type == device.type and (device.index is None or t.device.index == device.index)
+
+
+def _owns_its_memory(w: torch.Tensor) -> bool:
+    """Contiguous NCHW over the whole of its storage (not a view into a larger one)."""
+    return (w.is_contiguous() and w.storage_offset() == 0
+            and w.untyped_storage().nbytes() == w.numel() * w.element_size())
+
+
 @contextmanager
-def channels_last(root: torch.nn.Module, enabled: bool) -> Iterator[int]:
+def channels_last(root: torch.nn.Module, enabled: bool, device: torch.device | None = None) -> Iterator[int]:
     """Every 4-D Conv2d weight under ``root`` in NHWC layout for the run; yields how many were converted.
 
-    A contiguous weight is rewritten in its own memory (no second copy of the UNet's convolutions; the host
-    does not use the model while it trains) and written back to NCHW afterwards, its original parameter
-    object put back; any other weight gets an NHWC copy for the run."""
-    saved = []  # (module, original parameter, the NHWC tensor over its memory or None for a copy)
+    A weight on ``device`` (any device when None) that owns its memory is rewritten in that memory (no second
+    copy of the UNet's convolutions; the host does not use the model while it trains) and written back to NCHW
+    afterwards, its original parameter object put back; a weight shared by several layers is rewritten once.
+    Any other weight gets an NHWC copy for the run."""
+    saved = []  # (module, original parameter)
+    rewritten = []  # (original parameter, its NHWC view), to write back
+    done: dict = {}  # storage address -> (original parameter, NHWC parameter)
+    scratch: dict = {}  # device -> bytes for one weight
     try:
         if enabled:
-            for module in root.modules():
-                if isinstance(module, torch.nn.Conv2d) and module.weight is not None and module.weight.ndim == 4:
-                    w = module.weight
-                    if w.is_contiguous(memory_format=torch.channels_last):
-                        continue
-                    nhwc_stride = torch.empty_like(w, device="meta", memory_format=torch.channels_last).stride()
-                    if w.is_contiguous():
-                        nhwc = _relayout_(w, w.stride(), nhwc_stride)
-                        saved.append((module, w, nhwc))
-                    else:
-                        with torch.inference_mode(False):  # the host may have loaded inference tensors
-                            nhwc = w.detach().clone(memory_format=torch.channels_last)
-                        saved.append((module, w, None))
-                    module._parameters["weight"] = torch.nn.Parameter(nhwc, requires_grad=False)
+            convs = [m for m in root.modules() if isinstance(m, torch.nn.Conv2d) and m.weight is not None
+                     and m.weight.ndim == 4 and not m.weight.is_contiguous(memory_format=torch.channels_last)]
+            holders: dict = {}  # storage address -> the distinct weight objects over it
+            for m in convs:
+                holders.setdefault(m.weight.untyped_storage().data_ptr(), {})[id(m.weight)] = m.weight
+            # memory that two weight objects share is copied rather than rewritten under the other one
+            in_place = [ws.popitem()[1] for ws in holders.values() if len(ws) == 1]
+            in_place = [w for w in in_place if _owns_its_memory(w) and (device is None or _on(w, device))]
+            for w in in_place:
+                need = w.numel() * w.element_size()
+                if need > scratch.get(w.device, torch.empty(0)).numel():
+                    with torch.inference_mode(False):
+                        scratch[w.device] = torch.empty(need, dtype=torch.uint8, device=w.device)
+            for module in convs:
+                w = module.weight
+                key = w.untyped_storage().data_ptr()
+                if key in done:  # the same weight object in another layer
+                    nhwc = done[key][1]
+                elif any(w is t for t in in_place):
+                    stride = torch.empty_like(w, device="meta", memory_format=torch.channels_last).stride()
+                    view = _relayout_(w, w.stride(), stride, scratch[w.device])
+                    rewritten.append((w, view))
+                    nhwc = torch.nn.Parameter(view, requires_grad=False)
+                    done[key] = (w, nhwc)
+                else:
+                    with torch.inference_mode(False):  # the host may have loaded inference tensors
+                        nhwc = torch.nn.Parameter(w.detach().clone(memory_format=torch.channels_last),
+                                                  requires_grad=False)
+                saved.append((module, w))
+                module._parameters["weight"] = nhwc
         yield len(saved)
     finally:
-        for module, w, nhwc in reversed(saved):
-            if nhwc is not None:
-                _relayout_(w, nhwc.stride(), w.stride())
+        failed = None
+        for w, view in reversed(rewritten):
+            try:
+                _relayout_(w, view.stride(), w.stride(), scratch[w.device])
+            except Exception as e:  # noqa: BLE001 - write back every other weight before reporting it
+                failed = failed or e
+        for module, w in reversed(saved):
             module._parameters["weight"] = w
+        if failed is not None:
+            raise FaceChainError("Could not put the UNet's convolution weights back in their layout after training "
+                                 f"({failed}). Reload the checkpoint before using this model again.") from failed
 
 
 @contextmanager

@@ -52,7 +52,8 @@ class Backbone:
     # which of the host's linear layers compute F.linear(x, weight, bias) and nothing else (the fused LoRA
     # product bypasses their forward); None: torch.nn.Linear itself only
     plain_linear: Optional[Callable[[torch.nn.Module], bool]] = None
-    # a context manager factory: training-only forwards for the host's frozen layers (fast_frozen_layers)
+    # a context manager factory, given group_norm_kernels: training-only forwards for the host's frozen layers
+    # (fast_frozen_layers); it yields {"layers": patched, "group_norms": those of them that are GroupNorms}
     fast_layers: Optional[Callable[..., ContextManager]] = None
 
 
@@ -260,8 +261,12 @@ class LoRATrainer:
             product = "fp32"
         if b.training_context:
             stack.enter_context(b.training_context(s.train_text_encoder))
+        fast = {}
         if s.fast_frozen_layers and b.fast_layers:
-            stack.enter_context(b.fast_layers(group_norm_kernels=s.group_norm_kernels))
+            fast = stack.enter_context(b.fast_layers(group_norm_kernels=s.group_norm_kernels)) or {}
+        if self.on_cuda:  # after the fast layers, which say whether GroupNorm keeps the layout
+            nhwc = self.channels_last(fast.get("group_norms", 0))
+            self.nhwc = stack.enter_context(speed.channels_last(b.unet, nhwc, self.device)) > 0
         stack.enter_context(borrowed_weights(b.unet, *b.text_encoders, *b.extra_frozen))
         unet_params = stack.enter_context(lora_adapters(b.unet, s.unet_targets, s.rank, s.lora_alpha, s.seed,
                                                         product, b.plain_linear))
@@ -274,23 +279,24 @@ class LoRATrainer:
                                                            s.seed + 1 + k, product, b.plain_linear))
         return unet_params, te_params
 
-    def channels_last(self) -> bool:
-        """NHWC convolutions: as set, or with "auto" when GroupNorm runs by the pack's layout-keeping kernels
-        (PyTorch's own GroupNorm gives NCHW back, and cuDNN would convert around every convolution)."""
+    def channels_last(self, group_norms: int) -> bool:
+        """NHWC convolutions: as set, or with "auto" when the GroupNorms (``group_norms`` of them taken over by
+        the fast layers) will run by the pack's layout-keeping kernels: not under autocast, and only where the
+        kernels work on this device and dtype. PyTorch's own GroupNorm gives NCHW back, and cuDNN would then
+        convert around every convolution."""
         s = self.settings
         if s.channels_last != "auto":
             return bool(s.channels_last)
-        return bool(s.fast_frozen_layers and s.group_norm_kernels and self.backbone.fast_layers
-                    and group_norm.available(self.device))
+        return bool(group_norms > 0 and not self.use_autocast
+                    and group_norm.works(self.device, self.compute_dtype or self.weight_dtype))
 
     def enter_speed_switches(self, stack: ExitStack) -> None:
-        """Attention kernel, NHWC convolutions and the on-disk compile cache, as the settings ask (CUDA only)."""
+        """Attention kernel, cuDNN's autotuning and the on-disk compile cache, as the settings ask (CUDA only)."""
         s = self.settings
         if not self.on_cuda:
             return
         stack.enter_context(speed.attention_backend(s.attention_backend))
         stack.enter_context(speed.cudnn_benchmark(s.cudnn_benchmark))
-        self.nhwc = stack.enter_context(speed.channels_last(self.backbone.unet, self.channels_last())) > 0
         if s.compile:
             stack.enter_context(speed.compile_cache(s.compile_cache))
 
