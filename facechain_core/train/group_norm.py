@@ -20,6 +20,7 @@ says no and the caller keeps PyTorch's own GroupNorm. ``TRITON_INTERPRET=1`` run
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import nullcontext
 
@@ -67,8 +68,6 @@ def works(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _try_once(device: torch.device, dtype: torch.dtype) -> bool:
-    import logging
-
     try:
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
             g = torch.Generator(device="cpu").manual_seed(0)
