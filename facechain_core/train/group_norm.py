@@ -139,9 +139,26 @@ if triton is not None:
         return tl.multiple_of(address.to(tl.pointer_type(dtype)), 16)
 
     @triton.jit
-    def _tile(split, cblock, chunk, BP: tl.constexpr, BC: tl.constexpr):
-        # the tile's channels, and its first positions (chunks are whole tiles)
-        return cblock * BC + tl.arange(0, BC), split * chunk + tl.arange(0, BP)
+    def _tile(C, chunk, splits, BP: tl.constexpr, BC: tl.constexpr):
+        # this program's row of partial sums (n * splits + split), its sample, its channels and their mask,
+        # and its first positions (chunks are whole tiles)
+        row = tl.program_id(0)
+        c = tl.program_id(1) * BC + tl.arange(0, BC)
+        return row, row // splits, c, c < C, (row % splits) * chunk + tl.arange(0, BP)
+
+    @triton.jit
+    def _group_sums(PART, C, cpg, splits, G, SP: tl.constexpr, CP: tl.constexpr):
+        # this program's group (n * G + g) and the two sums over its channels' partial sums, in a fixed order
+        row = tl.program_id(0)
+        n = row // G
+        g = row % G
+        s = tl.arange(0, SP)
+        j = tl.arange(0, CP)
+        mask = (s < splits)[:, None] & (j < cpg)[None, :]
+        at = ((n * splits + s)[:, None] * C + g * cpg + j[None, :]) * 2
+        total = tl.sum(tl.sum(tl.load(PART + at, mask=mask, other=0.0), axis=1), axis=0)
+        total2 = tl.sum(tl.sum(tl.load(PART + at + 1, mask=mask, other=0.0), axis=1), axis=0)
+        return row, n, g, total, total2
 
     @triton.jit
     def _column_stats(STATS, n, c, cmask, cpg, G):
@@ -156,12 +173,7 @@ if triton is not None:
         X, PART = _ptr(X, XT), _ptr(PART, tl.float32)
         # per channel, over this program's positions: the sum and the sum of squares of x - shift (shift: the
         # first element of the channel's group), float32
-        row = tl.program_id(0)  # n * splits + split
-        cblock = tl.program_id(1)
-        n = row // splits
-        split = row % splits
-        c, p0 = _tile(split, cblock, chunk, BP, BC)
-        cmask = c < C
+        row, n, c, cmask, p0 = _tile(C, chunk, splits, BP, BC)
         shift = tl.load(X + n * sn + (c // cpg) * cpg * sc, mask=cmask, other=0.0).to(tl.float32)
         acc = tl.zeros([BP, BC], tl.float32)
         acc2 = tl.zeros([BP, BC], tl.float32)
@@ -181,15 +193,7 @@ if triton is not None:
                     CP: tl.constexpr):
         X, PART, STATS = _ptr(X, XT), _ptr(PART, tl.float32), _ptr(STATS, tl.float32)
         # per group: mean and 1/std from the partial sums of its channels
-        row = tl.program_id(0)  # n * G + g
-        n = row // G
-        g = row % G
-        s = tl.arange(0, SP)
-        j = tl.arange(0, CP)
-        mask = (s < splits)[:, None] & (j < cpg)[None, :]
-        at = ((n * splits + s)[:, None] * C + g * cpg + j[None, :]) * 2
-        total = tl.sum(tl.sum(tl.load(PART + at, mask=mask, other=0.0), axis=1), axis=0)
-        total2 = tl.sum(tl.sum(tl.load(PART + at + 1, mask=mask, other=0.0), axis=1), axis=0)
+        row, n, g, total, total2 = _group_sums(PART, C, cpg, splits, G, SP, CP)
         shift = tl.load(X + n * sn + g * cpg * sc).to(tl.float32)
         d_mean = total / count
         var = tl.maximum(total2 / count - d_mean * d_mean, 0.0)
@@ -213,12 +217,7 @@ if triton is not None:
                    WT: tl.constexpr, BT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                    SILU: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
         X, Y, W, B, STATS = _ptr(X, XT), _ptr(Y, XT), _ptr(W, WT), _ptr(B, BT), _ptr(STATS, tl.float32)
-        row = tl.program_id(0)
-        cblock = tl.program_id(1)
-        n = row // splits
-        split = row % splits
-        c, p0 = _tile(split, cblock, chunk, BP, BC)
-        cmask = c < C
+        row, n, c, cmask, p0 = _tile(C, chunk, splits, BP, BC)
         mean, rstd = _column_stats(STATS, n, c, cmask, cpg, G)
         w, b = _affine(W, B, c, cmask, HAS_W, HAS_B)
         scale = rstd * w
@@ -249,12 +248,7 @@ if triton is not None:
         X, DY, W, B = _ptr(X, XT), _ptr(DY, XT), _ptr(W, WT), _ptr(B, BT)
         STATS, PART = _ptr(STATS, tl.float32), _ptr(PART, tl.float32)
         # per channel, over this program's positions: the sums of dxhat and of dxhat * xhat
-        row = tl.program_id(0)
-        cblock = tl.program_id(1)
-        n = row // splits
-        split = row % splits
-        c, p0 = _tile(split, cblock, chunk, BP, BC)
-        cmask = c < C
+        row, n, c, cmask, p0 = _tile(C, chunk, splits, BP, BC)
         mean, rstd = _column_stats(STATS, n, c, cmask, cpg, G)
         w, b = _affine(W, B, c, cmask, HAS_W, HAS_B)
         acc = tl.zeros([BP, BC], tl.float32)
@@ -276,16 +270,9 @@ if triton is not None:
     def _bwd_finish(PART, COEF, G, C, cpg, count, splits, SP: tl.constexpr, CP: tl.constexpr):
         PART, COEF = _ptr(PART, tl.float32), _ptr(COEF, tl.float32)
         # per group: the means of dxhat and of dxhat * xhat
-        row = tl.program_id(0)
-        n = row // G
-        g = row % G
-        s = tl.arange(0, SP)
-        j = tl.arange(0, CP)
-        mask = (s < splits)[:, None] & (j < cpg)[None, :]
-        at = ((n * splits + s)[:, None] * C + g * cpg + j[None, :]) * 2
-        tl.store(COEF + row * 2, tl.sum(tl.sum(tl.load(PART + at, mask=mask, other=0.0), axis=1), axis=0) / count)
-        tl.store(COEF + row * 2 + 1,
-                 tl.sum(tl.sum(tl.load(PART + at + 1, mask=mask, other=0.0), axis=1), axis=0) / count)
+        row, n, g, total, total2 = _group_sums(PART, C, cpg, splits, G, SP, CP)
+        tl.store(COEF + row * 2, total / count)
+        tl.store(COEF + row * 2 + 1, total2 / count)
 
     @triton.jit(do_not_specialize=_SHAPE_ONLY)
     def _bwd_apply(X, DY, DX, W, B, STATS, COEF, HW, C, G, cpg, chunk, splits, sn, sc, shw, XT: tl.constexpr,
@@ -293,12 +280,7 @@ if triton is not None:
                    SILU: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
         X, DY, DX, W, B = _ptr(X, XT), _ptr(DY, XT), _ptr(DX, XT), _ptr(W, WT), _ptr(B, BT)
         STATS, COEF = _ptr(STATS, tl.float32), _ptr(COEF, tl.float32)
-        row = tl.program_id(0)
-        cblock = tl.program_id(1)
-        n = row // splits
-        split = row % splits
-        c, p0 = _tile(split, cblock, chunk, BP, BC)
-        cmask = c < C
+        row, n, c, cmask, p0 = _tile(C, chunk, splits, BP, BC)
         mean, rstd = _column_stats(STATS, n, c, cmask, cpg, G)
         c1, c2 = _column_stats(COEF, n, c, cmask, cpg, G)
         w, b = _affine(W, B, c, cmask, HAS_W, HAS_B)
