@@ -21,8 +21,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from facechain_core.train import group_norm as gn  # noqa: E402
 
-# (channels, side, followed by SiLU): every GroupNorm of SD1.5's UNet at 64x64 latents (ResBlocks: norm + SiLU;
-# SpatialTransformers: norm alone); repeats counted in COUNTS
+# (channels, side, followed by SiLU): each kind of GroupNorm in SD1.5's UNet at 64x64 latents, once (ResBlocks:
+# norm + SiLU; SpatialTransformers: norm alone). Times are eager calls, launches included: the trainer replays a
+# CUDA graph, so bench_train and profile_train measure what training gets
 SHAPES = [(320, 64, True), (320, 64, False), (640, 64, True), (960, 64, True), (320, 32, True),
           (640, 32, True), (640, 32, False), (960, 32, True), (1280, 32, True), (1920, 32, True),
           (640, 16, True), (1280, 16, True), (1280, 16, False), (1920, 16, True), (2560, 16, True),
