@@ -125,6 +125,14 @@ CONFIGS = {
     "comfy_b8_cl_gn_off": ("comfy_fp16", dict(batch_size=8, channels_last=True, group_norm_kernels=False)),
     "comfy_b8_nchw": ("comfy_fp16", dict(batch_size=8, channels_last=False)),
     "comfy_node_defaults_r5": ("comfy_fp16", dict(samples=2000, memory=AUTO, group_norm_kernels=False)),
+    # round seven: the LoRA merged into the weight where that moves less memory (lora_compute "merged") and GEGLU
+    # by the pack's kernels (geglu_kernels), each alone and neither (round six's defaults)
+    "comfy_b8_r6": ("comfy_fp16", dict(batch_size=8, lora_compute="fused", geglu_kernels=False)),
+    "comfy_b8_merged_only": ("comfy_fp16", dict(batch_size=8, geglu_kernels=False)),
+    "comfy_b8_geglu_only": ("comfy_fp16", dict(batch_size=8, lora_compute="fused")),
+    "comfy_node_defaults_r6": ("comfy_fp16", dict(samples=2000, memory=AUTO, lora_compute="fused",
+                                                  geglu_kernels=False)),
+    "sdxl_node_defaults_r6": ("comfy_sdxl_fp16", dict(memory=AUTO, lora_compute="fused", geglu_kernels=False)),
     "sdxl_node_defaults_r5": ("comfy_sdxl_fp16", dict(memory=AUTO, group_norm_kernels=False)),
     # the node as it trains by default: 2000 samples, memory "auto" (batch 8 on an H200); and before round five
     "comfy_node_defaults": ("comfy_fp16", dict(samples=2000, memory=AUTO)),
@@ -332,7 +340,7 @@ class Backbones:
                             text_encoders=[te], size_multiple=8 * 2 ** (len(cfg["channel_mult"]) - 1),
                             prepare=db.offloader(vae, te, DEVICE),
                             plain_linear=cb.plain_linear,
-                            fast_layers=lambda group_norm_kernels=True: cb.fast_frozen_layers(unet, group_norm_kernels))
+                            fast_layers=lambda **kernels: cb.fast_frozen_layers(unet, **kernels))
         return {"backbone": backbone, "unet": unet, "vae": vae, "text": te}
 
 

@@ -67,17 +67,19 @@ def by_source(events, active: int, on_cuda: bool) -> list:
             event = event.cpu_parent
         key = f"{' < '.join(frames) or '?'} | {e.name}"
         out[key] += t / 1000 / active
-    return sorted(out.items(), key=lambda kv: -kv[1])[:40]
+    return sorted(out.items(), key=lambda kv: -kv[1])[:60]
 
 
-def profile(backbone, images, settings: TrainSettings, wait: int, active: int, stacks: bool = False) -> dict:
+def profile(backbone, images, settings: TrainSettings, wait: int, active: int, stacks: bool = False,
+            shapes: bool = False) -> dict:
     """Profile ``active`` eager steps after ``wait`` steps; returns ms per step by kind and the top kernels
-    (``stacks``: also by source line, ``by_source``)."""
+    (``stacks``: also by source line, ``by_source``; ``shapes``: the top operators by their inputs' shapes,
+    ``by_shape``)."""
     captions = [bt.CAPTIONS[i % len(bt.CAPTIONS)] for i in range(images.shape[0])]
     schedule = torch.profiler.schedule(wait=wait, warmup=2, active=active, repeat=1)
     on_cuda = torch.cuda.is_available()
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_cuda else [])
-    prof = torch.profiler.profile(activities=activities, schedule=schedule, with_stack=stacks)
+    prof = torch.profiler.profile(activities=activities, schedule=schedule, with_stack=stacks, record_shapes=shapes)
     caching = len(images) * (2 if settings.flip else 1)
     marks = []
 
@@ -94,11 +96,18 @@ def profile(backbone, images, settings: TrainSettings, wait: int, active: int, s
         if e.device_type == torch.autograd.DeviceType.CUDA and t and not e.key.startswith("ProfilerStep"):
             by_kind[kind_of(e.key)] += t / 1000 / active
             by_name[e.key] += t / 1000 / active
-    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:25]
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:40]
     out = {"ms_per_step_by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
            "gpu_ms_per_step": sum(by_kind.values()), "top_kernels": top}
     if stacks:
         out["by_source"] = by_source(prof.events(), active, on_cuda)
+    if shapes:
+        rows = []
+        for e in prof.key_averages(group_by_input_shape=True):
+            t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+            if e.device_type == torch.autograd.DeviceType.CPU and t and e.key.startswith("aten::"):
+                rows.append((f"{e.key} {e.input_shapes}", t / 1000 / active))
+        out["by_shape"] = sorted(rows, key=lambda kv: -kv[1])[:60]
     return out
 
 
@@ -117,6 +126,7 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], help="training settings, e.g. channels_last=true")
     ap.add_argument("--json", default=None)
     ap.add_argument("--stacks", action="store_true", help="also charge kernel time to source lines")
+    ap.add_argument("--shapes", action="store_true", help="also list the top operators by their inputs' shapes")
     ap.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN times its algorithms per shape "
                     "(as the profiles before round four did); off by default, as the node trains")
     args = ap.parse_args()
@@ -127,7 +137,7 @@ def main() -> None:
     backbone = bt.Backbones(args.comfyui).get("comfy_fp16")["backbone"]
     changes = {"batch_size": args.batch, **parse_sets(args.set)}
     eager = TrainSettings().with_(**changes, cuda_graphs=False, samples=args.batch * 12)
-    prof = profile(backbone, images, eager, wait=4, active=5, stacks=args.stacks)
+    prof = profile(backbone, images, eager, wait=4, active=5, stacks=args.stacks, shapes=args.shapes)
     graphs = bt.run_ours(backbone, images, TrainSettings().with_(**changes, samples=args.batch * 40))
     ms = graphs["ms_per_sample"]
     share = UNET_TFLOP_PER_SAMPLE / (ms / 1000) / PEAK_TFLOPS
@@ -139,7 +149,7 @@ def main() -> None:
         print(f"  {kind:20s} {t:7.2f} ms/step  {100 * t / prof['gpu_ms_per_step']:5.1f} %")
     for name, t in prof["top_kernels"]:
         print(f"    {t:7.3f} ms  {name[:110]}")
-    for name, t in prof.get("by_source", []):
+    for name, t in prof.get("by_source", []) + prof.get("by_shape", []):
         print(f"    {t:7.3f} ms  {name[-150:]}")
     if args.json:
         out = {"settings": changes, "cudnn_benchmark": args.cudnn_benchmark, "profile": prof, "graphs": graphs}

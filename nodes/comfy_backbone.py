@@ -15,7 +15,7 @@ import comfy.sd
 import comfy.utils
 
 from ..facechain_core.errors import FaceChainError
-from ..facechain_core.train import Backbone, group_norm
+from ..facechain_core.train import Backbone, fused_add, geglu, group_norm
 from ..facechain_core.train.lora_layers import runs_plain_forward
 
 # ComfyUI's model config classes whose UNet, noise schedule and LoRA keys this trainer handles.
@@ -107,7 +107,8 @@ def comfy_backbone(model, clip, vae, image_hw: tuple[int, int]) -> Backbone:
                     extra_frozen=[m for m in (getattr(base, "embedder", None),) if m is not None],
                     training_context=lambda train_te: _out_of_place_clip_layers(clip.cond_stage_model, train_te),
                     plain_linear=plain_linear,
-                    fast_layers=lambda group_norm_kernels=True: fast_frozen_layers(unet, group_norm_kernels))
+                    fast_layers=lambda group_norm_kernels=True, geglu_kernels=True: fast_frozen_layers(
+                        unet, group_norm_kernels, geglu_kernels))
 
 
 def _plain(m, torch_class, comfy_class) -> bool:
@@ -175,16 +176,19 @@ def _projection(m):
     return None
 
 
-def _geglu_forward(m):
-    """GEGLU as two matrix multiplies, one per half of its projection's weight, instead of one whose output is
-    split: the value and the gate come out contiguous, so the GELU and the product (and their backward) run
-    the vectorised kernels, and backward needs no concatenation of the two halves' gradients."""
+def _geglu_forward(m, kernels: bool = True):
+    """GEGLU by the pack's kernels (``geglu``: one projection, one pass each way); where they do not run, as two
+    matrix multiplies, one per half of its projection's weight, instead of one whose output is split: the value
+    and the gate come out contiguous, so the GELU and the product (and their backward) run the vectorised
+    kernels, and backward needs no concatenation of the two halves' gradients."""
     from comfy.ldm.modules.attention import GEGLU
 
     def forward(x):
         p = m.proj
         if not plain_linear(p):
             return GEGLU.forward(m, x)
+        if kernels and geglu.usable(x, p.weight, p.bias):
+            return geglu.geglu(x, p.weight, p.bias)
         half = p.weight.shape[0] // 2
         w, b = p.weight, p.bias
         value = F.linear(x, w[:half], None if b is None else b[:half])
@@ -212,20 +216,27 @@ def _spatial_transformer_forward(m):
         b, c, h, w = x.shape
         transformer_options["activations_shape"] = list(x.shape)
         (w_in, b_in), (w_out, b_out) = proj_in, proj_out
-        # [b, hw, c] viewed from NCHW (each batch's matrix column-major, which the batched multiply reads as it
-        # is) or from NHWC (row-major)
-        t = torch.matmul(m.norm(x).flatten(2).transpose(1, 2), w_in.t())
-        if b_in is not None:
-            t = t + b_in
+        normed = m.norm(x)
+        nhwc = (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+                and normed.is_contiguous(memory_format=torch.channels_last))
+        if nhwc:  # (b * hw) x c, row-major: one multiply, the bias added by it
+            t2 = normed.permute(0, 2, 3, 1).reshape(b * h * w, c)
+            t = (torch.addmm(b_in, t2, w_in.t()) if b_in is not None else t2 @ w_in.t()).view(b, h * w, -1)
+        else:
+            # [b, hw, c] viewed from NCHW (each batch's matrix column-major, which the batched multiply reads as
+            # it is)
+            t = torch.matmul(normed.flatten(2).transpose(1, 2), w_in.t())
+            if b_in is not None:
+                t = t + b_in
         for i, block in enumerate(m.transformer_blocks):
             transformer_options["block_index"] = i
             t = block(t, context=context[i], transformer_options=transformer_options)
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            # back to NHWC, as the map came: [hw, inner] @ [inner, c] per batch, added to the residual (and bias)
-            # by the multiply
-            residual = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
-            residual = residual if b_out is None else residual + b_out
-            out = torch.baddbmm(residual, t, w_out.t().expand(b, *w_out.t().shape))
+        if nhwc:
+            # back to NHWC, as the map came: (b * hw) x inner @ inner x c with the bias added by the multiply,
+            # then the residual in one contiguous pass
+            t2 = t.reshape(b * h * w, t.shape[-1])
+            out = torch.addmm(b_out, t2, w_out.t()) if b_out is not None else t2 @ w_out.t()
+            out = out.add_(x.permute(0, 2, 3, 1).reshape(b * h * w, c))
             return out.view(b, h, w, c).permute(0, 3, 1, 2)
         # back to NCHW: [c, inner] @ [inner, hw] per batch, added to the residual (and bias) by the multiply
         residual = x.flatten(2) if b_out is None else x.flatten(2) + b_out[:, None]
@@ -263,6 +274,64 @@ def _norm_silu_forward(seq):
     return forward
 
 
+def _plain_conv(m) -> bool:
+    return (isinstance(m, torch.nn.Conv2d) and m.padding_mode == "zeros"
+            and _plain(m, torch.nn.Conv2d, comfy.ops.disable_weight_init.Conv2d))
+
+
+def _conv_without_bias(m, x):
+    return F.conv2d(x, m.weight, None, m.stride, m.padding, m.dilation, m.groups)
+
+
+def _resblock_parts(m):
+    """(in norm, in conv, out norm, out conv) of a ResBlock as SD1.5's and SDXL's are (norm, SiLU, convolution
+    in; time embedding added; norm, SiLU, dropout that drops nothing, convolution out; skip connection that is
+    nothing or a convolution), all plain; else None."""
+    i, o = m.in_layers, m.out_layers
+    if m.updown or m.use_scale_shift_norm or m.exchange_temb_dims:
+        return None
+    if not (_norm_silu_sequential(i) and len(i) == 3 and _plain_conv(i[2])):
+        return None
+    if not (_norm_silu_sequential(o) and len(o) == 4 and type(o[2]) is torch.nn.Dropout
+            and runs_plain_forward(o[2]) and (o[2].p == 0 or not o[2].training) and _plain_conv(o[3])):
+        return None
+    if not (type(m.skip_connection) is torch.nn.Identity or _plain_conv(m.skip_connection)):
+        return None
+    return i[0], i[2], o[0], o[3]
+
+
+def _resblock_forward(m):
+    """ResBlock's ``_forward`` with its additions folded into the pack's kernels: the in-convolution's bias and
+    the time embedding (one value per sample and channel) are added by the out-norm's kernel as it reads the map
+    (``group_norm(..., add=)``), and the out-convolution's bias (and the skip convolution's) by the one pass that
+    adds the skip connection (``fused_add``). Stock, each of those is a pass over the map of its own, and cuDNN's
+    convolutions leave their bias to a broadcast addition that is not vectorised on channels-last maps. The same
+    arithmetic as ComfyUI's (openaimodel.py, ResBlock._forward); blocks of another shape run that."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+
+    def forward(x, emb):
+        parts = _resblock_parts(m)
+        if parts is None or x.ndim != 4 or emb.ndim != 2 or torch.is_autocast_enabled(x.device.type):
+            return ResBlock._forward(m, x, emb)
+        in_norm, in_conv, out_norm, out_conv = parts
+        h = _conv_without_bias(in_conv, group_norm.group_norm(x, in_norm.num_groups, in_norm.weight, in_norm.bias,
+                                                               in_norm.eps, silu=True))
+        add = None if m.emb_layers is None else m.emb_layers(emb).type(h.dtype)
+        if in_conv.bias is not None:
+            add = in_conv.bias.to(h.dtype).expand(h.shape[:2]) if add is None else add + in_conv.bias.to(h.dtype)
+        h = group_norm.group_norm(h, out_norm.num_groups, out_norm.weight, out_norm.bias, out_norm.eps, silu=True,
+                                  add=None if add is None else add.contiguous())
+        h = _conv_without_bias(out_conv, h)
+        skip, bias = x, out_conv.bias
+        if type(m.skip_connection) is not torch.nn.Identity:
+            skip = _conv_without_bias(m.skip_connection, x)
+            b = m.skip_connection.bias
+            bias = b if bias is None else bias if b is None else bias + b.to(bias.dtype)
+        return fused_add.add(skip, h, None if bias is None else bias.to(h.dtype))
+
+    return forward
+
+
 def _norm_silu_sequential(m) -> bool:
     """A Sequential (called without hooks) whose first two layers are a plain GroupNorm and a SiLU."""
     return (type(m) is torch.nn.Sequential and not (m._forward_hooks or m._forward_pre_hooks) and len(m) >= 2
@@ -270,21 +339,27 @@ def _norm_silu_sequential(m) -> bool:
 
 
 @contextmanager
-def fast_frozen_layers(unet, group_norm_kernels: bool = True):
+def fast_frozen_layers(unet, group_norm_kernels: bool = True, geglu_kernels: bool = True):
     """Training-only forwards for frozen layers whose stock forwards move more memory than they compute (see
     ``_geglu_forward``, ``_spatial_transformer_forward``, and with ``group_norm_kernels`` the GroupNorms, with the
-    SiLU after them where there is one); each instance gets its own, removed on exit. A layer whose projections
-    are not plain (a LoRA adapter, weights cast per call) runs its stock forward. Yields how many layers were
-    given one, and how many of them are GroupNorms."""
+    SiLU after them where there is one, and the ResBlocks' additions: ``_resblock_forward``); each instance gets
+    its own, removed on exit. A layer whose projections are not plain (a LoRA adapter, weights cast per call)
+    runs its stock forward. Yields how many layers were given one, how many of them are GroupNorms, and how many
+    ResBlocks fold their additions."""
     from comfy.ldm.modules.attention import GEGLU, SpatialTransformer
+    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
 
     patched, heads, norms = [], set(), 0  # heads: the GroupNorms that run inside their Sequential's forward
+    blocks = []  # ResBlocks given the folded _forward (their forward stays free for gradient checkpointing)
     try:
         for mod in unet.modules():  # a Sequential comes before its layers
+            if group_norm_kernels and type(mod) is ResBlock and "_forward" not in mod.__dict__:
+                mod._forward = _resblock_forward(mod)
+                blocks.append(mod)
             if "forward" in mod.__dict__ or id(mod) in heads:
                 continue
             if type(mod) is GEGLU:
-                mod.forward = _geglu_forward(mod)
+                mod.forward = _geglu_forward(mod, geglu_kernels)
             elif type(mod) is SpatialTransformer:
                 mod.forward = _spatial_transformer_forward(mod)
             elif group_norm_kernels and _norm_silu_sequential(mod):
@@ -297,7 +372,9 @@ def fast_frozen_layers(unet, group_norm_kernels: bool = True):
             else:
                 continue
             patched.append(mod)
-        yield {"layers": len(patched), "group_norms": norms}
+        yield {"layers": len(patched), "group_norms": norms, "res_blocks": len(blocks)}
     finally:
         for mod in patched:
             mod.__dict__.pop("forward", None)
+        for mod in blocks:
+            mod.__dict__.pop("_forward", None)

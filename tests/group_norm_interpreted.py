@@ -1,7 +1,8 @@
-"""Run by tests/test_group_norm.py in a process started with TRITON_INTERPRET=1 (Triton reads it when the kernels
-are defined): the pack's GroupNorm kernels, run by Triton's interpreter on the CPU, against PyTorch.
+"""Run by tests/test_group_norm.py and tests/test_train_kernels.py in a process started with TRITON_INTERPRET=1
+(Triton reads it when the kernels are defined): the pack's training kernels (GroupNorm, GEGLU, the ResBlock's
+fused addition), run by Triton's interpreter on the CPU, against PyTorch.
 
-    python tests/group_norm_interpreted.py kernels|unet
+    python tests/group_norm_interpreted.py kernels|unet|unet_blocks|more
 
 Prints one JSON object: what was compared and the largest differences found.
 """
@@ -64,10 +65,72 @@ def kernels() -> dict:
     return {"cases": cases}
 
 
-def unet() -> dict:
+def more() -> dict:
+    """GroupNorm of ``x + add`` (one value per sample and channel), GEGLU, and ``a + b + bias``, against float64
+    PyTorch: outputs and input gradients, both layouts and every dtype."""
+    from facechain_core.train import fused_add, geglu
+
+    g = torch.Generator().manual_seed(1)
+    cases = []
+    for shape, layout, dtype, offset in [((2, 64, 6, 6), "nhwc", torch.float32, 0.0),
+                                         ((2, 64, 5, 3), "nchw", torch.float32, 0.0),
+                                         ((1, 96, 4, 4), "nhwc", torch.float16, 0.0),
+                                         ((2, 32, 4, 4), "nhwc", torch.bfloat16, 0.0),
+                                         ((2, 32, 4, 4), "nhwc", torch.float32, 200.0)]:  # add >> the map's spread
+        x = (torch.randn(shape, generator=g) * 2).to(dtype)
+        x = x.contiguous(memory_format=torch.channels_last) if layout == "nhwc" else x
+        c = shape[1]
+        add = (torch.randn(shape[:2], generator=g) * 3 + offset).to(dtype)
+        w, b = (torch.randn(c, generator=g) + 1).to(dtype), torch.randn(c, generator=g).to(dtype)
+        dy = torch.randn(shape, generator=g).to(dtype)
+        assert gn.usable(x, w, b, add)
+        xk, xr = x.clone().requires_grad_(), x.detach().double().requires_grad_()
+        yk = gn.group_norm(xk, 16, w, b, 1e-5, True, add=add)
+        yr = F.silu(F.group_norm(xr + add.double()[:, :, None, None], 16, w.double(), b.double(), 1e-5))
+        yk.backward(dy)
+        yr.backward(dy.double())
+        cases.append({"kind": "group_norm_add", "shape": list(shape), "layout": layout, "offset": offset,
+                      "dtype": str(dtype).split(".")[-1], "same_layout": yk.stride() == x.stride(),
+                      "out_err": _rel(yk.detach(), yr.detach()), "grad_err": _rel(xk.grad, xr.grad)})
+        other = torch.randn(shape, generator=g).to(dtype)
+        other = other.contiguous(memory_format=torch.channels_last) if layout == "nhwc" else other
+        bias = torch.randn(c, generator=g).to(dtype)
+        assert fused_add.usable(x, other, bias)
+        ak, bk = x.clone().requires_grad_(), other.clone().requires_grad_()
+        out = fused_add.add(ak, bk, bias)
+        ref = x.double() + other.double() + bias.double()[None, :, None, None]
+        out.backward(dy)
+        cases.append({"kind": "add_bias", "shape": list(shape), "layout": layout, "dtype": str(dtype).split(".")[-1],
+                      "same_layout": out.stride() == x.stride(), "out_err": _rel(out.detach(), ref),
+                      "grad_err": max(_rel(ak.grad, dy), _rel(bk.grad, dy))})
+    for tokens, width, hidden, dtype, bias in [((2, 7), 32, 64, torch.float32, True),
+                                                ((3, 5), 48, 40, torch.float32, False),
+                                                ((2, 9), 64, 128, torch.float16, True),
+                                                ((1, 33), 32, 272, torch.bfloat16, True)]:  # hidden over a tile
+        x = torch.randn(*tokens, width, generator=g).to(dtype)
+        w = (torch.randn(2 * hidden, width, generator=g) * 0.2).to(dtype)
+        b = (torch.randn(2 * hidden, generator=g) * 0.5).to(dtype) if bias else None
+        dy = torch.randn(*tokens, hidden, generator=g).to(dtype)
+        assert geglu.usable(x, w, b)
+        xk, xr = x.clone().requires_grad_(), x.detach().double().requires_grad_()
+        yk = geglu.geglu(xk, w, b)
+        yr = geglu.reference(xr, w.double(), None if b is None else b.double())
+        yk.backward(dy)
+        yr.backward(dy.double())
+        cases.append({"kind": "geglu", "shape": [*tokens, width, hidden], "dtype": str(dtype).split(".")[-1],
+                      "bias": bias, "same_layout": tuple(yk.shape) == tuple(yr.shape),
+                      "out_err": _rel(yk.detach(), yr.detach()), "grad_err": _rel(xk.grad, xr.grad)})
+    return {"cases": cases}
+
+
+def unet(blocks: bool = False) -> dict:
     """The tiny ComfyUI SD1.5 UNet, channels-last, LoRA on its attention: stock forwards and PyTorch's
     GroupNorm, against the training-only forwards with the kernels; outputs and LoRA gradients, and how many
-    GroupNorms the kernels ran."""
+    GroupNorms the kernels ran. Without ``blocks`` a LoRA on each ResBlock's first convolution too (so those
+    blocks run their stock ``_forward``, their norms on the kernels); with ``blocks`` the attention alone, as the
+    trainer's defaults are, so every ResBlock folds its additions into the kernels (``_resblock_forward``),
+    GEGLU runs its kernels and the adapters are merged into the weights (``lora_compute: merged``); the stock run
+    is then ComfyUI's forwards with peft's product in the activations' dtype."""
     import importlib
 
     from conftest import load_pack, tiny_checkpoint
@@ -88,24 +151,37 @@ def unet() -> dict:
             if isinstance(m, torch.nn.GroupNorm):
                 m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
                 m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
-    x = torch.randn(2, 4, 8, 8, generator=g).contiguous(memory_format=torch.channels_last)
+    # with blocks: latents big enough that the first level's adapters are merged (its tokens outweigh the weight),
+    # the lower levels' not (``_merge_pays``)
+    side = 16 if blocks else 8
+    x = torch.randn(2, 4, side, side, generator=g).contiguous(memory_format=torch.channels_last)
     t, ctx = torch.tensor([10.0, 700.0]), torch.randn(2, 77, 768, generator=g)
-    assert pack_gn.works(x.device, x.dtype)  # the first small run, before counting
-    calls = {"n": 0}
-    apply = pack_gn._GroupNormAct.apply
+    assert pack_gn.works(x.device, x.dtype)  # the first small runs, before counting
+    assert importlib.import_module(pack.__name__ + ".facechain_core.train.geglu").works(x.device, x.dtype)
+    kernels_of = {"norm": (pack_gn, "_GroupNormAct"),
+                  "add": (importlib.import_module(pack.__name__ + ".facechain_core.train.fused_add"), "_AddBias"),
+                  "geglu": (importlib.import_module(pack.__name__ + ".facechain_core.train.geglu"), "_GEGLU"),
+                  "merged": (sys.modules[lora_adapters.__module__], "_MergedLoRALinear")}
+    calls = {name: 0 for name in kernels_of}
+    stock_apply = {name: getattr(mod, cls).apply for name, (mod, cls) in kernels_of.items()}
 
-    def counted(*a):
-        calls["n"] += 1
-        return apply(*a)
+    def counted(name):
+        def apply(*a):
+            calls[name] += 1
+            return stock_apply[name](*a)
+        return apply
 
-    pack_gn._GroupNormAct.apply = counted
-    runs = {}
+    for name, (mod, cls) in kernels_of.items():
+        getattr(mod, cls).apply = counted(name)
+    targets = ["to_q", "to_k", "to_v", "to_out.0"] + ([] if blocks else ["in_layers.2"])
+    runs, folded = {}, 0
     for name, kernels in (("stock", False), ("kernels", True)):
+        fast = cb.fast_frozen_layers(net, group_norm_kernels=kernels) if kernels else contextlib.nullcontext()
+        product = ("merged" if kernels else "activations") if blocks else "fused"
         # in the trainer's order: the fast layers, the NHWC weights, the borrowed weights, the adapters
-        with cb.fast_frozen_layers(net, group_norm_kernels=kernels) if kernels else contextlib.nullcontext(), \
-                channels_last(net, True), borrowed_weights(net), \
-                lora_adapters(net, ["to_q", "to_k", "to_v", "to_out.0", "in_layers.2"], 4, 4, 0, product="fused",
-                              plain_linear=cb.plain_linear) as params:
+        with fast as patched, channels_last(net, True), borrowed_weights(net), \
+                lora_adapters(net, targets, 4, 4, 0, product=product, plain_linear=cb.plain_linear) as params:
+            folded = max(folded, (patched or {}).get("res_blocks", 0))
             for p in params:  # up factors start at zero: give them values so gradients reach every factor
                 with torch.no_grad():
                     p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
@@ -113,14 +189,21 @@ def unet() -> dict:
             out.float().square().mean().backward()
             runs[name] = (out.detach(), [p.grad.clone() for p in params],
                           out.is_contiguous(memory_format=torch.channels_last))
-    pack_gn._GroupNormAct.apply = apply
-    norms = sum(isinstance(m, torch.nn.GroupNorm) for m in net.modules())
+    for name, (mod, cls) in kernels_of.items():
+        getattr(mod, cls).apply = stock_apply[name]
+    from comfy.ldm.modules.attention import GEGLU
+    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+
     (o1, g1, cl1), (o2, g2, cl2) = runs["stock"], runs["kernels"]
-    return {"norms": norms, "kernel_calls": calls["n"], "out_err": _rel(o2, o1),
+    return {"norms": sum(isinstance(m, torch.nn.GroupNorm) for m in net.modules()), "kernel_calls": calls["norm"],
+            "res_blocks": sum(type(m) is ResBlock for m in net.modules()), "folded": folded, "add_calls": calls["add"],
+            "gegLUs": sum(type(m) is GEGLU for m in net.modules()), "geglu_calls": calls["geglu"],
+            "merged_calls": calls["merged"], "out_err": _rel(o2, o1),
             "grad_err": max(_rel(a, b) for a, b in zip(g2, g1)), "grads": len(g1), "nhwc_out": [cl1, cl2],
-            "patched_left": sum("forward" in m.__dict__ for m in net.modules())}
+            "patched_left": sum("forward" in m.__dict__ or "_forward" in m.__dict__ for m in net.modules())}
 
 
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    print(json.dumps({"kernels": kernels, "unet": unet}[sys.argv[1]]()))
+    print(json.dumps({"kernels": kernels, "unet": unet, "unet_blocks": lambda: unet(blocks=True),
+                      "more": more}[sys.argv[1]]()))

@@ -100,11 +100,65 @@ def test_fused_lora_scales_the_up_factors_gradient_before_summing_it():
     assert torch.isfinite(a.grad).all()
 
 
-def test_fused_is_the_default_and_other_values_are_a_clear_error():
+def _count(monkeypatch, cls):
+    calls = []
+    apply = cls.apply
+    monkeypatch.setattr(cls, "apply", lambda *a: (calls.append(1), apply(*a))[1])
+    return calls
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_merged_lora_gives_peft_outputs_and_gradients(monkeypatch, bias):
+    """Enough tokens for the weight's size: the adapter is merged into the weight for the step, and the output,
+    the input's gradient and both factors' gradients are peft's."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 48, bias=bias)).requires_grad_(False)
+    x = torch.randn(4, 50, 32)
+    peft = _run(net, x, "activations")
+    merged_calls = _count(monkeypatch, lora_layers._MergedLoRALinear)
+    fused_calls = _count(monkeypatch, lora_layers._FusedLoRALinear)
+    merged = _run(net, x, "merged")
+    assert merged_calls == [1] and fused_calls == []
+    assert (merged[0] - peft[0]).abs().max() <= 1e-5 * peft[0].abs().max()
+    assert (merged[1] - peft[1]).abs().max() <= 1e-5 * peft[1].abs().max()
+    for a, b in zip(merged[2], peft[2]):
+        assert a.dtype == torch.float32 and a.abs().sum() > 0
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+    assert type(net[0]) is torch.nn.Linear and "forward" not in net[0].__dict__  # given back as it was
+
+
+def test_merging_is_chosen_per_layer_where_it_moves_less_memory(monkeypatch):
+    """Few tokens for a large weight (a cross-attention's text tokens, the lowest level), or bfloat16 weights
+    (whose rounding would swallow the adapter's first small steps): the rank-r product, fused, instead."""
+    big = torch.nn.Linear(256, 256).requires_grad_(False)
+    assert lora_layers._merge_pays(torch.randn(8, 100, 256), big.weight)  # 800 tokens for 256 x 256
+    assert not lora_layers._merge_pays(torch.randn(2, 77, 256), big.weight)  # 154 tokens
+    assert not lora_layers._merge_pays(torch.randn(8, 100, 256).bfloat16(), big.weight.bfloat16())
+    merged_calls = _count(monkeypatch, lora_layers._MergedLoRALinear)
+    fused_calls = _count(monkeypatch, lora_layers._FusedLoRALinear)
+    torch.manual_seed(0)
+    few = _run(torch.nn.Sequential(big), torch.randn(2, 77, 256), "merged")
+    assert merged_calls == [] and fused_calls == [1] and all(g.abs().sum() > 0 for g in few[2])
+
+
+def test_merged_lora_sums_its_gradient_in_float32():
+    """fp16 with a loss scaler's large gradients: the weight-shaped product summed over every token stays float32
+    (cuBLAS writes it so on a GPU), where a half-precision sum would overflow."""
+    x = torch.ones(64, 4, dtype=torch.float16)
+    w = torch.zeros(8, 4, dtype=torch.float16)
+    a = torch.ones(2, 4, requires_grad=True)
+    b = torch.ones(8, 2, requires_grad=True)
+    y = lora_layers._MergedLoRALinear.apply(x, w, None, a, b, 0.25)
+    y.backward(torch.full_like(y, 1200.0))  # M = 64 rows x 1200 = 76800 each, past fp16's 65504
+    assert torch.isfinite(b.grad).all() and torch.allclose(b.grad, torch.full_like(b.grad, 0.25 * 76800.0 * 4))
+    assert torch.isfinite(a.grad).all() and torch.allclose(a.grad, torch.full_like(a.grad, 0.25 * 76800.0 * 8))
+
+
+def test_merged_is_the_default_and_other_values_are_a_clear_error():
     from facechain_core.errors import FaceChainError
 
-    assert TrainSettings().lora_compute == "fused" and TrainSettings().fast_frozen_layers is True
-    with pytest.raises(FaceChainError, match="lora_compute must be one of fused, activations, fp32"):
+    assert TrainSettings().lora_compute == "merged" and TrainSettings().fast_frozen_layers is True
+    with pytest.raises(FaceChainError, match="lora_compute must be one of merged, fused, activations, fp32"):
         TrainSettings().with_(lora_compute="fast").validate()
 
 
@@ -194,11 +248,14 @@ def test_fast_frozen_layers_train_the_same_on_comfyui_sd15(comfy_backbone_module
     # ComfyUI's own linear layers take the fused LoRA product, in both runs
     assert calls.take() == {"fused": _lora_layers(unet), "GEGLU": n_geglu, "SpatialTransformer": n_st}
     fast = _unet_grads(unet, run, cb, fast=True)
-    assert fast[2] == {"layers": n_geglu + n_st + _norm_forwards(unet), "group_norms": _norm_forwards(unet)}
-    assert n_geglu + n_st > 0 and _norm_forwards(unet) > 0
+    n_res = sum(type(m).__name__ == "ResBlock" for m in unet.modules())
+    assert fast[2] == {"layers": n_geglu + n_st + _norm_forwards(unet), "group_norms": _norm_forwards(unet),
+                       "res_blocks": n_res}
+    assert n_geglu + n_st > 0 and _norm_forwards(unet) > 0 and n_res > 0
     assert calls.take() == {"fused": _lora_layers(unet), "GEGLU": 0, "SpatialTransformer": 0}  # no fallback
+    # (the ResBlocks' folded additions run PyTorch's operations here, the kernels in test_train_kernels)
     assert _same(fast[0], stock[0]) and all(_same(a, b) for a, b in zip(fast[1], stock[1]))
-    assert not any("forward" in m.__dict__ for m in unet.modules())  # every instance given back
+    assert not any("forward" in m.__dict__ or "_forward" in m.__dict__ for m in unet.modules())  # given back
     # under autocast the transformer falls back to ComfyUI's forward: its blocks get the autocast dtype
     seen, block_forward = [], BasicTransformerBlock.forward
     # (recorded in the class's forward: a hook would itself turn the fast paths off)

@@ -36,6 +36,7 @@ except ImportError:  # no Triton (e.g. Windows without triton-windows): PyTorch'
 TILE_POSITIONS, TILE_CHANNELS = 32, 64  # a program's tile; the layout's contiguous axis is read whole
 ALIGN = 16  # bytes: the kernels' tensors start at multiples of this (a fresh allocation always does)
 TARGET_PROGRAMS = 1024  # programs to aim for over the map (a few per multiprocessor)
+NUM_WARPS = 4  # per program of the tiled kernels
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TL = {} if triton is None else {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -94,7 +95,8 @@ def _try_once(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
-def usable(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
+def usable(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+           add: torch.Tensor | None = None) -> bool:
     """Whether the kernels handle this call; otherwise use ``F.group_norm``."""
     if x.ndim < 3 or x.dtype not in _DTYPES or x.numel() >= 2 ** 31 or x.numel() == 0:
         return False
@@ -109,6 +111,10 @@ def usable(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | No
     if any(p is not None and (p.requires_grad or p.device != x.device or p.dtype not in _DTYPES
                               or tuple(p.shape) != (x.shape[1],) or not p.is_contiguous() or p.data_ptr() % ALIGN)
            for p in (weight, bias)):
+        return False
+    if add is not None and (add.requires_grad or add.device != x.device or add.dtype not in _DTYPES
+                            or tuple(add.shape) != tuple(x.shape[:2]) or not add.is_contiguous()
+                            or add.data_ptr() % ALIGN):
         return False
     return x.data_ptr() % ALIGN == 0 and _layout(x) is not None
 
@@ -161,6 +167,14 @@ if triton is not None:
         return row, n, g, total, total2
 
     @triton.jit
+    def _added(ADD, n, C, c, cmask, HAS_ADD: tl.constexpr):
+        # the per-sample, per-channel value added to the map before the norm (a ResBlock's time embedding and
+        # its convolution's bias), float32; zeros without one
+        if HAS_ADD:
+            return tl.load(ADD + n * C + c, mask=cmask, other=0.0).to(tl.float32)
+        return tl.zeros(c.shape, tl.float32)
+
+    @triton.jit
     def _column_stats(STATS, n, c, cmask, cpg, G):
         g = c // cpg
         mean = tl.load(STATS + (n * G + g) * 2, mask=cmask, other=0.0)
@@ -168,20 +182,23 @@ if triton is not None:
         return mean, rstd
 
     @triton.jit(do_not_specialize=_SHAPE_ONLY)
-    def _fwd_sums(X, PART, HW, C, cpg, chunk, splits, sn, sc, shw, XT: tl.constexpr, BP: tl.constexpr,
-                  BC: tl.constexpr):
-        X, PART = _ptr(X, XT), _ptr(PART, tl.float32)
+    def _fwd_sums(X, ADD, PART, HW, C, cpg, chunk, splits, sn, sc, shw, XT: tl.constexpr, AT: tl.constexpr,
+                  HAS_ADD: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
+        X, ADD, PART = _ptr(X, XT), _ptr(ADD, AT), _ptr(PART, tl.float32)
         # per channel, over this program's positions: the sum and the sum of squares of x - shift (shift: the
         # first element of the channel's group), float32
         row, n, c, cmask, p0 = _tile(C, chunk, splits, BP, BC)
-        shift = tl.load(X + n * sn + (c // cpg) * cpg * sc, mask=cmask, other=0.0).to(tl.float32)
+        added = _added(ADD, n, C, c, cmask, HAS_ADD)
+        first = (c // cpg) * cpg
+        shift = (tl.load(X + n * sn + first * sc, mask=cmask, other=0.0).to(tl.float32)
+                 + _added(ADD, n, C, first, cmask, HAS_ADD))
         acc = tl.zeros([BP, BC], tl.float32)
         acc2 = tl.zeros([BP, BC], tl.float32)
         for off in range(0, chunk, BP):
             p = p0 + off
             mask = (p < HW)[:, None] & cmask[None, :]
             x = tl.load(X + n * sn + p[:, None] * shw + c[None, :] * sc, mask=mask, other=0.0).to(tl.float32)
-            d = tl.where(mask, x - shift[None, :], 0.0)
+            d = tl.where(mask, x + added[None, :] - shift[None, :], 0.0)
             acc += d
             acc2 += d * d
         out = row * C + c
@@ -189,12 +206,14 @@ if triton is not None:
         tl.store(PART + out * 2 + 1, tl.sum(acc2, axis=0), mask=cmask)
 
     @triton.jit(do_not_specialize=_SHAPE_ONLY)
-    def _fwd_finish(X, PART, STATS, G, C, cpg, count, splits, sn, sc, eps, XT: tl.constexpr, SP: tl.constexpr,
-                    CP: tl.constexpr):
-        X, PART, STATS = _ptr(X, XT), _ptr(PART, tl.float32), _ptr(STATS, tl.float32)
+    def _fwd_finish(X, ADD, PART, STATS, G, C, cpg, count, splits, sn, sc, eps, XT: tl.constexpr,
+                    AT: tl.constexpr, HAS_ADD: tl.constexpr, SP: tl.constexpr, CP: tl.constexpr):
+        X, ADD, PART, STATS = _ptr(X, XT), _ptr(ADD, AT), _ptr(PART, tl.float32), _ptr(STATS, tl.float32)
         # per group: mean and 1/std from the partial sums of its channels
         row, n, g, total, total2 = _group_sums(PART, C, cpg, splits, G, SP, CP)
         shift = tl.load(X + n * sn + g * cpg * sc).to(tl.float32)
+        if HAS_ADD:
+            shift += tl.load(ADD + n * C + g * cpg).to(tl.float32)
         d_mean = total / count
         var = tl.maximum(total2 / count - d_mean * d_mean, 0.0)
         tl.store(STATS + row * 2, shift + d_mean)
@@ -213,15 +232,17 @@ if triton is not None:
         return w, b
 
     @triton.jit(do_not_specialize=_SHAPE_ONLY)
-    def _fwd_apply(X, Y, W, B, STATS, HW, C, G, cpg, chunk, splits, sn, sc, shw, XT: tl.constexpr,
-                   WT: tl.constexpr, BT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                   SILU: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
-        X, Y, W, B, STATS = _ptr(X, XT), _ptr(Y, XT), _ptr(W, WT), _ptr(B, BT), _ptr(STATS, tl.float32)
+    def _fwd_apply(X, ADD, Y, W, B, STATS, HW, C, G, cpg, chunk, splits, sn, sc, shw, XT: tl.constexpr,
+                   AT: tl.constexpr, WT: tl.constexpr, BT: tl.constexpr, HAS_ADD: tl.constexpr,
+                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, BP: tl.constexpr,
+                   BC: tl.constexpr):
+        X, ADD, Y, W, B = _ptr(X, XT), _ptr(ADD, AT), _ptr(Y, XT), _ptr(W, WT), _ptr(B, BT)
+        STATS = _ptr(STATS, tl.float32)
         row, n, c, cmask, p0 = _tile(C, chunk, splits, BP, BC)
         mean, rstd = _column_stats(STATS, n, c, cmask, cpg, G)
         w, b = _affine(W, B, c, cmask, HAS_W, HAS_B)
         scale = rstd * w
-        shift = b - mean * scale
+        shift = b + (_added(ADD, n, C, c, cmask, HAS_ADD) - mean) * scale
         for off in range(0, chunk, BP):
             p = p0 + off
             mask = (p < HW)[:, None] & cmask[None, :]
@@ -242,14 +263,16 @@ if triton is not None:
         return xhat, dy * w[None, :]
 
     @triton.jit(do_not_specialize=_SHAPE_ONLY)
-    def _bwd_sums(X, DY, W, B, STATS, PART, HW, C, G, cpg, chunk, splits, sn, sc, shw, XT: tl.constexpr,
-                  WT: tl.constexpr, BT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                  SILU: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
-        X, DY, W, B = _ptr(X, XT), _ptr(DY, XT), _ptr(W, WT), _ptr(B, BT)
+    def _bwd_sums(X, ADD, DY, W, B, STATS, PART, HW, C, G, cpg, chunk, splits, sn, sc, shw, XT: tl.constexpr,
+                  AT: tl.constexpr, WT: tl.constexpr, BT: tl.constexpr, HAS_ADD: tl.constexpr,
+                  HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, BP: tl.constexpr,
+                  BC: tl.constexpr):
+        X, ADD, DY, W, B = _ptr(X, XT), _ptr(ADD, AT), _ptr(DY, XT), _ptr(W, WT), _ptr(B, BT)
         STATS, PART = _ptr(STATS, tl.float32), _ptr(PART, tl.float32)
         # per channel, over this program's positions: the sums of dxhat and of dxhat * xhat
         row, n, c, cmask, p0 = _tile(C, chunk, splits, BP, BC)
         mean, rstd = _column_stats(STATS, n, c, cmask, cpg, G)
+        mean -= _added(ADD, n, C, c, cmask, HAS_ADD)  # (x + added) - mean
         w, b = _affine(W, B, c, cmask, HAS_W, HAS_B)
         acc = tl.zeros([BP, BC], tl.float32)
         acc2 = tl.zeros([BP, BC], tl.float32)
@@ -275,13 +298,15 @@ if triton is not None:
         tl.store(COEF + row * 2 + 1, total2 / count)
 
     @triton.jit(do_not_specialize=_SHAPE_ONLY)
-    def _bwd_apply(X, DY, DX, W, B, STATS, COEF, HW, C, G, cpg, chunk, splits, sn, sc, shw, XT: tl.constexpr,
-                   WT: tl.constexpr, BT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                   SILU: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
-        X, DY, DX, W, B = _ptr(X, XT), _ptr(DY, XT), _ptr(DX, XT), _ptr(W, WT), _ptr(B, BT)
+    def _bwd_apply(X, ADD, DY, DX, W, B, STATS, COEF, HW, C, G, cpg, chunk, splits, sn, sc, shw,
+                   XT: tl.constexpr, AT: tl.constexpr, WT: tl.constexpr, BT: tl.constexpr, HAS_ADD: tl.constexpr,
+                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, BP: tl.constexpr,
+                   BC: tl.constexpr):
+        X, ADD, DY, DX, W, B = _ptr(X, XT), _ptr(ADD, AT), _ptr(DY, XT), _ptr(DX, XT), _ptr(W, WT), _ptr(B, BT)
         STATS, COEF = _ptr(STATS, tl.float32), _ptr(COEF, tl.float32)
         row, n, c, cmask, p0 = _tile(C, chunk, splits, BP, BC)
         mean, rstd = _column_stats(STATS, n, c, cmask, cpg, G)
+        mean -= _added(ADD, n, C, c, cmask, HAS_ADD)  # (x + added) - mean
         c1, c2 = _column_stats(COEF, n, c, cmask, cpg, G)
         w, b = _affine(W, B, c, cmask, HAS_W, HAS_B)
         for off in range(0, chunk, BP):
@@ -337,42 +362,44 @@ def _on(device: torch.device):
 
 class _GroupNormAct(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, groups, weight, bias, eps, silu):
+    def forward(ctx, x, groups, weight, bias, eps, silu, add=None):
         with _on(x.device):
-            y, stats = _forward(x, groups, weight, bias, eps, silu)
-        ctx.save_for_backward(x, weight, bias, stats)
+            y, stats = _forward(x, groups, weight, bias, eps, silu, add)
+        ctx.save_for_backward(x, weight, bias, stats, add)
         ctx.groups, ctx.silu = groups, silu
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, stats = ctx.saved_tensors
+        x, weight, bias, stats, add = ctx.saved_tensors
         with _on(x.device):
-            dx = _backward(x, dy, ctx.groups, weight, bias, stats, ctx.silu)
-        return dx, None, None, None, None, None
+            dx = _backward(x, dy, ctx.groups, weight, bias, stats, ctx.silu, add)
+        return dx, None, None, None, None, None, None
 
 
-def _forward(x, groups, weight, bias, eps, silu):
+def _forward(x, groups, weight, bias, eps, silu, add=None):
     k = _plan(x, groups)
     grid = (k["n"] * k["splits"], k["cblocks"])
     part = torch.empty(k["n"] * k["splits"] * k["c"] * 2, device=x.device, dtype=torch.float32)
     stats = torch.empty(k["n"] * groups * 2, device=x.device, dtype=torch.float32)
     y = torch.empty_like(x)
     xa, wa, ba = _addresses(x, weight, bias)
+    aa, at = _address(add if add is not None else x), _TL[(add if add is not None else x).dtype]
     types = _dtypes(x, weight, bias)
     layout = (k["sn"], k["sc"], k["shw"])
-    _fwd_sums[grid](xa, _address(part), k["hw"], k["c"], k["cpg"], k["chunk"], k["splits"], *layout,
-                    XT=types["XT"], BP=k["BP"], BC=k["BC"])
-    _fwd_finish[(k["n"] * groups,)](xa, _address(part), _address(stats), groups, k["c"], k["cpg"], k["count"],
-                                    k["splits"], k["sn"], k["sc"], float(eps), XT=types["XT"], SP=k["SP"],
-                                    CP=k["CP"])
-    _fwd_apply[grid](xa, _address(y), wa, ba, _address(stats), k["hw"], k["c"], groups, k["cpg"], k["chunk"],
-                     k["splits"], *layout, **types, HAS_W=weight is not None, HAS_B=bias is not None,
-                     SILU=silu, BP=k["BP"], BC=k["BC"])
+    _fwd_sums[grid](xa, aa, _address(part), k["hw"], k["c"], k["cpg"], k["chunk"], k["splits"], *layout,
+                    XT=types["XT"], AT=at, HAS_ADD=add is not None, BP=k["BP"], BC=k["BC"], num_warps=NUM_WARPS)
+    _fwd_finish[(k["n"] * groups,)](xa, aa, _address(part), _address(stats), groups, k["c"], k["cpg"],
+                                    k["count"], k["splits"], k["sn"], k["sc"], float(eps), XT=types["XT"], AT=at,
+                                    HAS_ADD=add is not None, SP=k["SP"], CP=k["CP"])
+    _fwd_apply[grid](xa, aa, _address(y), wa, ba, _address(stats), k["hw"], k["c"], groups, k["cpg"],
+                     k["chunk"], k["splits"], *layout, **types, AT=at, HAS_ADD=add is not None,
+                     HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, BP=k["BP"], BC=k["BC"],
+                     num_warps=NUM_WARPS)
     return y, stats
 
 
-def _backward(x, dy, groups, weight, bias, stats, silu):
+def _backward(x, dy, groups, weight, bias, stats, silu, add=None):
     k = _plan(x, groups)
     if dy.stride() != x.stride() or dy.data_ptr() % ALIGN:  # both read through x's strides, aligned
         dy = torch.empty_like(x).copy_(dy)
@@ -381,20 +408,27 @@ def _backward(x, dy, groups, weight, bias, stats, silu):
     coef = torch.empty(k["n"] * groups * 2, device=x.device, dtype=torch.float32)
     dx = torch.empty_like(x)
     xa, wa, ba = _addresses(x, weight, bias)
-    flags = dict(**_dtypes(x, weight, bias), HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu,
-                 BP=k["BP"], BC=k["BC"])
+    aa = _address(add if add is not None else x)
+    flags = dict(**_dtypes(x, weight, bias), AT=_TL[(add if add is not None else x).dtype], HAS_ADD=add is not None,
+                 HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, BP=k["BP"], BC=k["BC"])
     tail = (k["hw"], k["c"], groups, k["cpg"], k["chunk"], k["splits"], k["sn"], k["sc"], k["shw"])
-    _bwd_sums[grid](xa, _address(dy), wa, ba, _address(stats), _address(part), *tail, **flags)
+    _bwd_sums[grid](xa, aa, _address(dy), wa, ba, _address(stats), _address(part), *tail, **flags,
+                    num_warps=NUM_WARPS)
     _bwd_finish[(k["n"] * groups,)](_address(part), _address(coef), groups, k["c"], k["cpg"], k["count"],
                                     k["splits"], SP=k["SP"], CP=k["CP"])
-    _bwd_apply[grid](xa, _address(dy), _address(dx), wa, ba, _address(stats), _address(coef), *tail, **flags)
+    _bwd_apply[grid](xa, aa, _address(dy), _address(dx), wa, ba, _address(stats), _address(coef), *tail, **flags,
+                     num_warps=NUM_WARPS)
     return dx
 
 
 def group_norm(x: torch.Tensor, groups: int, weight=None, bias=None, eps: float = 1e-5,
-               silu: bool = False) -> torch.Tensor:
-    """``F.group_norm`` (then ``F.silu`` when ``silu``), in ``x``'s own layout; PyTorch's when not ``usable``."""
-    if x.shape[1] % groups == 0 and usable(x, weight, bias):
-        return _GroupNormAct.apply(x, groups, weight, bias, eps, silu)
+               silu: bool = False, add: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.group_norm`` (then ``F.silu`` when ``silu``) of ``x``, or of ``x + add`` with ``add`` one value per
+    sample and channel (``[N, C]``, added before the norm without writing the sum), in ``x``'s own layout;
+    PyTorch's when not ``usable``."""
+    if x.shape[1] % groups == 0 and usable(x, weight, bias, add):
+        return _GroupNormAct.apply(x, groups, weight, bias, eps, silu, add)
+    if add is not None:
+        x = x + add.reshape(*add.shape, *[1] * (x.ndim - 2)).to(x.dtype)
     y = F.group_norm(x, groups, weight, bias, eps)
     return F.silu(y) if silu else y

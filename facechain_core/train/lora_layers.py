@@ -71,7 +71,7 @@ def _fresh_targets(root: torch.nn.Module, targets: Iterable[str]) -> list[str]:
             if any(name == t or name.endswith("." + t) for t in targets)]
 
 
-PRODUCTS = ("fp32", "activations", "autocast", "fused")  # where lora_adapters computes the LoRA product
+PRODUCTS = ("fp32", "activations", "autocast", "fused", "merged")  # where lora_adapters computes the LoRA product
 
 
 class _CastWeightLinear(torch.nn.Linear):
@@ -118,6 +118,64 @@ class _FusedLoRALinear(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None
 
 
+def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` as float32 from half-precision inputs: cuBLAS accumulates in float32 and writes that, without
+    rounding to half first (a sum over every token of a batch can pass fp16's 65504 under a loss scaler)."""
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except TypeError:  # a PyTorch without mm's out_dtype: the argument is refused before any work is done
+            pass
+    return a.float() @ b.float()
+
+
+class _MergedLoRALinear(torch.autograd.Function):
+    """``x @ (W + scale * B @ A).T + b`` for a frozen ``W``, ``b``: the adapter is merged into a copy of the
+    weight for the step (out x in values, a rank-r product added by one small multiply), so forward is one
+    matrix multiply over the activations instead of three (``_FusedLoRALinear``), and backward two: the input's
+    gradient ``g @ W'`` and ``M = g.T @ x`` (float32), from which both factors' gradients follow by small
+    multiplies (``scale * M @ A.T`` and ``scale * B.T @ M``). The rank-r products over every token that they
+    replace read the activations or their gradient again each (five of them) at a few percent of the chip's
+    speed. The merged weight is rounded to the weight's dtype once, as ComfyUI rounds it when it applies the
+    trained LoRA; used for float16 and float32 weights only (bfloat16 would round the adapter's early, small
+    steps too coarsely)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, scale: float):
+        a_h, b_h = a.to(x.dtype), (b * scale).to(x.dtype)
+        merged = torch.addmm(weight, b_h, a_h)  # W + scale * B @ A, summed in float32 and rounded once
+        x2 = x.reshape(-1, x.shape[-1])
+        y = torch.addmm(bias, x2, merged.t()) if bias is not None else x2 @ merged.t()
+        ctx.save_for_backward(x2, merged, a_h, b_h)
+        ctx.scale, ctx.shape = scale, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, merged, a_h, b_h = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            m = _mm_float32(g.t(), x2)  # [out, in]: the base weight's gradient, were it trained
+            if ctx.needs_input_grad[3]:
+                grad_a = b_h.float().t() @ m  # scale is in b_h
+            if ctx.needs_input_grad[4]:
+                grad_b = (m @ a_h.float().t()) * ctx.scale
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ merged).view(ctx.shape)
+        return grad_x, None, None, grad_a, grad_b, None
+
+
+def _merge_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether merging the adapter into the weight moves less memory than the rank-r products over the tokens:
+    the merge costs about 16 bytes per weight value (the merged copy, M, and the two reads of M), the rank-r
+    products about 6 more per token and feature than the merged path's passes. Shapes are fixed in a run, so a
+    CUDA graph sees one choice per layer."""
+    out_f, in_f = weight.shape
+    tokens = x.numel() // max(1, in_f)
+    return weight.dtype in (torch.float16, torch.float32) and 3 * tokens * (in_f + out_f) > 8 * in_f * out_f
+
+
 def runs_plain_forward(m: torch.nn.Module) -> bool:
     """No hook and no per-instance forward stands between a call of ``m`` and its class's forward (a fast path
     that computes the class's forward itself would skip them)."""
@@ -134,10 +192,11 @@ def _is_plain_linear(m: torch.nn.Module) -> bool:
     return type(m).forward is torch.nn.Linear.forward and runs_plain_forward(m)
 
 
-def _fused_forward(m, plain: Callable[[torch.nn.Module], bool]):
+def _fused_forward(m, plain: Callable[[torch.nn.Module], bool], merge: bool = False):
     """The forward of the peft layer ``m`` through ``_FusedLoRALinear`` where that is the same computation (one
-    active adapter, no dropout, a plain frozen linear base in the activations' dtype, no autocast); peft's own
-    forward otherwise."""
+    active adapter, no dropout, a plain frozen linear base in the activations' dtype, no autocast), or with
+    ``merge`` through ``_MergedLoRALinear`` where that moves less memory (``_merge_pays``); peft's own forward
+    otherwise."""
     peft_forward = m.forward
 
     def forward(x, *args, **kwargs):
@@ -148,8 +207,9 @@ def _fused_forward(m, plain: Callable[[torch.nn.Module], bool]):
                 or (base.bias is not None and base.bias.requires_grad)
                 or torch.is_autocast_enabled(x.device.type)):
             return peft_forward(x, *args, **kwargs)
-        return _FusedLoRALinear.apply(x, base.weight, base.bias, m.lora_A[ADAPTER].weight,
-                                      m.lora_B[ADAPTER].weight, float(m.scaling[ADAPTER]))
+        fn = _MergedLoRALinear if merge and _merge_pays(x, base.weight) else _FusedLoRALinear
+        return fn.apply(x, base.weight, base.bias, m.lora_A[ADAPTER].weight, m.lora_B[ADAPTER].weight,
+                        float(m.scaling[ADAPTER]))
 
     return forward
 
@@ -162,10 +222,12 @@ def lora_adapters(root: torch.nn.Module, targets: Iterable[str], rank: int, alph
 
     ``product``, where the LoRA product is computed: "fp32" (peft casts the activations to the factors'
     float32), "activations" (the factors are cast to the activations' dtype: half-precision activations stay
-    half), "autocast" (left to autocast, which picks each matmul's precision) or "fused" (as "activations",
+    half), "autocast" (left to autocast, which picks each matmul's precision), "fused" (as "activations",
     with the product added inside the base layer's matrix multiplies: ``_FusedLoRALinear``; where that does
-    not apply, a layer runs as "activations"). ``plain_linear``: which base layers compute ``F.linear`` only
-    (the host's own linear classes may; default: ``torch.nn.Linear`` itself)."""
+    not apply, a layer runs as "activations") or "merged" (as "fused", but layers with many tokens for their
+    weight's size multiply by the weight with the adapter merged in: ``_MergedLoRALinear``). ``plain_linear``:
+    which base layers compute ``F.linear`` only (the host's own linear classes may; default: ``torch.nn.Linear``
+    itself)."""
     from peft import LoraConfig, inject_adapter_in_model
 
     if product not in PRODUCTS:
@@ -187,7 +249,7 @@ def lora_adapters(root: torch.nn.Module, targets: Iterable[str], rank: int, alph
         for _, m in _lora_modules(root):
             for sub in (m.lora_A[ADAPTER], m.lora_B[ADAPTER]):
                 sub.float()
-                if product in ("activations", "fused") and type(sub) is torch.nn.Linear:
+                if product in ("activations", "fused", "merged") and type(sub) is torch.nn.Linear:
                     sub.__class__ = _CastWeightLinear
                 for p in sub.parameters():
                     p.requires_grad_(True)
@@ -195,8 +257,8 @@ def lora_adapters(root: torch.nn.Module, targets: Iterable[str], rank: int, alph
             # peft casts the activations to float32 only for "fp32": under autocast the matmuls pick their own
             # precision (a cast first would only add memory traffic), and "activations" casts the factors instead
             m.cast_input_dtype_enabled = product == "fp32"
-            if product == "fused":
-                m.forward = _fused_forward(m, plain_linear or _is_plain_linear)
+            if product in ("fused", "merged"):
+                m.forward = _fused_forward(m, plain_linear or _is_plain_linear, merge=product == "merged")
         yield params
     finally:
         remove_lora(root)

@@ -15,8 +15,9 @@ ATTENTION_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "efficient": "EF
 
 
 # where the LoRA product is computed: see lora_layers.lora_adapters ("fp32" and "activations" matter for half
-# precision runs only; "fused" adds it inside the base layers' matrix multiplies wherever it can)
-LORA_COMPUTE = ("fused", "activations", "fp32")
+# precision runs only; "fused" adds it inside the base layers' matrix multiplies wherever it can, "merged" also
+# merges it into a copy of the weight for each step where that moves less memory)
+LORA_COMPUTE = ("merged", "fused", "activations", "fp32")
 
 
 def defaults() -> dict:
@@ -54,11 +55,12 @@ class TrainSettings:
     # convolutions in NHWC layout (conv weights rewritten for the run); "auto": when the GroupNorm kernels run
     channels_last: bool | str = _default("channels_last")
     attention_backend: str = _default("attention_backend")  # SDPA kernel: auto, flash, efficient, cudnn, math
-    lora_compute: str = _default("lora_compute")  # LORA_COMPUTE: fused, or (half precision) "fp32"/"activations" dtype
+    lora_compute: str = _default("lora_compute")  # LORA_COMPUTE: merged, fused, or (half precision) fp32/activations
     compile_cache: bool = _default("compile_cache")  # keep torch.compile's results on disk between runs
     fast_frozen_layers: bool = _default("fast_frozen_layers")  # host's training-only forwards: Backbone.fast_layers
     # with fast_frozen_layers: GroupNorm (and a SiLU after it) by the pack's kernels, in the map's own layout
     group_norm_kernels: bool = _default("group_norm_kernels")
+    geglu_kernels: bool = _default("geglu_kernels")  # with fast_frozen_layers: GEGLU by the pack's kernels
     cudnn_benchmark: bool = _default("cudnn_benchmark")  # let cuDNN time its convolution algorithms per shape
     weight_decay: float = _default("weight_decay")
     adam_betas: tuple = _default("adam_betas")

@@ -52,7 +52,8 @@ class Backbone:
     # which of the host's linear layers compute F.linear(x, weight, bias) and nothing else (the fused LoRA
     # product bypasses their forward); None: torch.nn.Linear itself only
     plain_linear: Optional[Callable[[torch.nn.Module], bool]] = None
-    # a context manager factory, given group_norm_kernels: training-only forwards for the host's frozen layers
+    # a context manager factory, given group_norm_kernels and geglu_kernels (keywords): training-only forwards for
+    # the host's frozen layers
     # (fast_frozen_layers); it yields {"layers": patched, "group_norms": those of them that are GroupNorms}
     fast_layers: Optional[Callable[..., ContextManager]] = None
 
@@ -248,13 +249,14 @@ class LoRATrainer:
         """The host's patches, borrowed weights, LoRA adapters and checkpointing, undone when ``stack`` closes
         (in reverse order, on success, error or Cancel alike). Returns (UNet params, text encoder params)."""
         s, b = self.settings, self.backbone
-        # the LoRA product: left to autocast where it runs; else fused into the base layers' matrix multiplies
-        # (lora_compute "fused"), or in the activations' half precision when asked ("activations"), else peft
-        # casts the activations to the factors' float32
+        # the LoRA product: left to autocast where it runs; else merged into the weight or fused into the base
+        # layers' matrix multiplies (lora_compute "merged", "fused"), or in the activations' half precision when
+        # asked ("activations"), else peft casts the activations to the factors' float32
         if self.use_autocast:
             product = "autocast"
-        elif s.lora_compute == "fused" and (self.compute_dtype is not None or self.weight_dtype == torch.float32):
-            product = "fused"
+        elif s.lora_compute in ("merged", "fused") and (self.compute_dtype is not None
+                                                         or self.weight_dtype == torch.float32):
+            product = s.lora_compute
         elif self.compute_dtype is not None and s.lora_compute == "activations":
             product = "activations"
         else:
@@ -263,7 +265,8 @@ class LoRATrainer:
             stack.enter_context(b.training_context(s.train_text_encoder))
         fast = {}
         if s.fast_frozen_layers and b.fast_layers:
-            fast = stack.enter_context(b.fast_layers(group_norm_kernels=s.group_norm_kernels)) or {}
+            fast = stack.enter_context(b.fast_layers(group_norm_kernels=s.group_norm_kernels,
+                                                     geglu_kernels=s.geglu_kernels)) or {}
         if self.on_cuda:  # after the fast layers, which say whether GroupNorm keeps the layout
             nhwc = self.channels_last(fast.get("group_norms", 0))
             self.nhwc = stack.enter_context(speed.channels_last(b.unet, nhwc, self.device)) > 0

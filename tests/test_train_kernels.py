@@ -1,0 +1,101 @@
+"""Round seven's training kernels: GEGLU in one projection and one pass each way (facechain_core/train/geglu.py),
+GroupNorm of ``x + add`` (the ResBlock's time embedding and convolution bias folded into the norm) and the
+ResBlock's ``skip + h + bias`` in one pass (fused_add.py). Run by Triton's interpreter on the CPU against float64
+PyTorch, alone and inside the tiny ComfyUI UNet in the trainer's order; where they cannot run, PyTorch's own
+computation. Their speed is measured on a GPU by benchmarks/bench_train.py and profile_train.py, not here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from facechain_core.train import fused_add, geglu
+from facechain_core.train import group_norm as gn
+from facechain_core.train.settings import TrainSettings
+from test_group_norm import TOLERANCE, _interpreted
+
+
+def test_the_kernels_give_pytorchs_results_and_gradients():
+    cases = _interpreted("more")["cases"]
+    kinds = [c["kind"] for c in cases]
+    assert kinds.count("group_norm_add") == 5 and kinds.count("add_bias") == 5 and kinds.count("geglu") == 4
+    for c in cases:
+        assert c["same_layout"], c
+        assert c["out_err"] < TOLERANCE[c["dtype"]], c
+        assert c["grad_err"] < TOLERANCE[c["dtype"]], c
+    # the added values far larger than the map's spread: the norm's shift includes them, or the variance is lost
+    assert any(c["kind"] == "group_norm_add" and c["offset"] > 0 and c["out_err"] < 1e-4 for c in cases)
+
+
+@pytest.mark.host  # slow layer: ComfyUI's UNet through the interpreter
+def test_the_comfyui_unet_trains_the_same_with_its_resblocks_and_geglus_on_the_kernels():
+    """The trainer's defaults on ComfyUI's tiny SD1.5 UNet (LoRA on the attention, merged where it pays, fast
+    layers, channels-last): every ResBlock folds its additions into the kernels, every GEGLU runs its kernels,
+    and the output and the LoRA gradients are ComfyUI's stock forwards' with peft's product."""
+    r = _interpreted("unet_blocks")
+    assert r["res_blocks"] > 0 and r["folded"] == r["res_blocks"] and r["add_calls"] == r["res_blocks"], r
+    assert r["norms"] > 0 and r["kernel_calls"] == r["norms"], r
+    assert r["gegLUs"] > 0 and r["geglu_calls"] == r["gegLUs"], r
+    assert r["merged_calls"] > 0, r  # the first level's adapters are merged, the lower levels' are not
+    assert r["out_err"] < 1e-4 and r["grad_err"] < 1e-4 and r["grads"] > 0, r
+    assert r["nhwc_out"] == [True, True] and r["patched_left"] == 0, r
+
+
+def test_where_the_kernels_cannot_run_pytorch_computes_the_same():
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 5, 16), torch.randn(64, 16) * 0.2, torch.randn(64) * 0.1
+    assert not geglu.usable(x, w, b)  # a CPU without the interpreter
+    value, gate = F.linear(x, w, b).chunk(2, dim=-1)
+    assert torch.equal(geglu.geglu(x, w, b), value * F.gelu(gate))
+    m = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    other, bias = torch.randn_like(m), torch.randn(8)
+    assert not fused_add.usable(m, other, bias)
+    assert torch.equal(fused_add.add(m, other, bias), m + other + bias[None, :, None, None])
+    add = torch.randn(2, 8)
+    assert torch.equal(gn.group_norm(m, 4, None, None, 1e-5, silu=True, add=add),
+                       F.silu(F.group_norm(m + add[:, :, None, None], 4, None, None, 1e-5)))
+
+
+def test_each_case_the_kernels_do_not_handle_goes_to_pytorch(monkeypatch):
+    monkeypatch.setattr(gn, "works", lambda device, dtype: True)
+    monkeypatch.setattr(geglu, "works", lambda device, dtype: True)
+    monkeypatch.setattr(fused_add, "_group_norm_works", lambda device, dtype: True)
+    x, w, b = torch.randn(2, 5, 16), torch.randn(64, 16), torch.randn(64)
+    assert geglu.usable(x, w, b) and geglu.usable(x, w, None)
+    assert not geglu.usable(x, w.clone().requires_grad_(), b)  # the projection must be frozen
+    assert not geglu.usable(x, torch.randn(36, 16), None)  # halves of 18: not 16-byte aligned rows
+    assert not geglu.usable(x, torch.randn(63, 16), None) and not geglu.usable(x, w.half(), b.half())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast picks each op's precision: leave it to PyTorch
+        assert not geglu.usable(x, w, b)
+    m = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    assert fused_add.usable(m, torch.randn_like(m), torch.randn(8)) and fused_add.usable(m, m.clone(), None)
+    assert not fused_add.usable(m, m.contiguous(), None)  # the two maps in different layouts
+    assert not fused_add.usable(m, torch.randn_like(m), torch.randn(8, requires_grad=True))
+    assert not fused_add.usable(m, torch.randn_like(m), torch.randn(4))
+    assert not fused_add.usable(m[:, :, :2], m[:, :, :2].clone(), None)  # neither NCHW nor channels-last
+    ok = torch.randn(2, 8)
+    assert gn.usable(m, None, None, ok)
+    assert not gn.usable(m, None, None, ok.t().contiguous().t())  # not contiguous
+    assert not gn.usable(m, None, None, torch.randn(2, 4)) and not gn.usable(m, None, None, ok.requires_grad_())
+
+
+def test_a_geglu_kernel_that_fails_its_first_run_is_not_used(monkeypatch):
+    monkeypatch.setattr(geglu, "available", lambda device: True)
+    monkeypatch.setattr(geglu, "_WORKS", {})
+
+    def broken(*args):
+        raise RuntimeError("PTX JIT compilation failed")
+
+    monkeypatch.setattr(geglu._GEGLU, "apply", broken)
+    x, w = torch.randn(2, 5, 16), torch.randn(64, 16)
+    assert not geglu.works(x.device, x.dtype) and not geglu.usable(x, w, None)
+    monkeypatch.setattr(geglu, "_WORKS", {})
+    monkeypatch.setattr(geglu._GEGLU, "apply", lambda x, w, b: geglu.reference(x, w, b) * 1.5)  # wrong results
+    assert not geglu.works(x.device, x.dtype)
+    value, gate = F.linear(x, w).chunk(2, dim=-1)
+    assert torch.equal(geglu.geglu(x, w), value * F.gelu(gate))
+
+
+def test_geglu_kernels_are_a_default_setting():
+    assert TrainSettings().geglu_kernels is True and TrainSettings().with_(geglu_kernels=False).geglu_kernels is False
