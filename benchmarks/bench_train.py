@@ -126,7 +126,8 @@ CONFIGS = {
     "comfy_b8_nchw": ("comfy_fp16", dict(batch_size=8, channels_last=False)),
     "comfy_node_defaults_r5": ("comfy_fp16", dict(samples=2000, memory=AUTO, group_norm_kernels=False)),
     # round seven: the LoRA merged into the weight where that moves less memory (lora_compute "merged") and GEGLU
-    # by the pack's kernels (geglu_kernels), each alone and neither (round six's defaults)
+    # by the pack's kernels (geglu_kernels), each alone and neither (round six's LoRA and GEGLU paths; the folded
+    # ResBlock and SpatialTransformer additions have no switch: they come with group_norm_kernels)
     "comfy_b8_r6": ("comfy_fp16", dict(batch_size=8, lora_compute="fused", geglu_kernels=False)),
     "comfy_b8_merged_only": ("comfy_fp16", dict(batch_size=8, geglu_kernels=False)),
     "comfy_b8_geglu_only": ("comfy_fp16", dict(batch_size=8, lora_compute="fused")),

@@ -217,9 +217,9 @@ def _spatial_transformer_forward(m):
         transformer_options["activations_shape"] = list(x.shape)
         (w_in, b_in), (w_out, b_out) = proj_in, proj_out
         normed = m.norm(x)
-        nhwc = (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-                and normed.is_contiguous(memory_format=torch.channels_last))
-        if nhwc:  # (b * hw) x c, row-major: one multiply, the bias added by it
+        nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        if nhwc and normed.is_contiguous(memory_format=torch.channels_last):
+            # (b * hw) x c, row-major: one multiply, the bias added by it
             t2 = normed.permute(0, 2, 3, 1).reshape(b * h * w, c)
             t = (torch.addmm(b_in, t2, w_in.t()) if b_in is not None else t2 @ w_in.t()).view(b, h * w, -1)
         else:
@@ -295,7 +295,8 @@ def _resblock_parts(m):
     if not (_norm_silu_sequential(o) and len(o) == 4 and type(o[2]) is torch.nn.Dropout
             and runs_plain_forward(o[2]) and (o[2].p == 0 or not o[2].training) and _plain_conv(o[3])):
         return None
-    if not (type(m.skip_connection) is torch.nn.Identity or _plain_conv(m.skip_connection)):
+    skip = m.skip_connection
+    if not ((type(skip) is torch.nn.Identity and runs_plain_forward(skip)) or _plain_conv(skip)):
         return None
     return i[0], i[2], o[0], o[3]
 
@@ -345,7 +346,7 @@ def fast_frozen_layers(unet, group_norm_kernels: bool = True, geglu_kernels: boo
     SiLU after them where there is one, and the ResBlocks' additions: ``_resblock_forward``); each instance gets
     its own, removed on exit. A layer whose projections are not plain (a LoRA adapter, weights cast per call)
     runs its stock forward. Yields how many layers were given one, how many of them are GroupNorms, and how many
-    ResBlocks fold their additions."""
+    ResBlocks were given the folded ``_forward`` (each still runs ComfyUI's where ``_resblock_parts`` says no)."""
     from comfy.ldm.modules.attention import GEGLU, SpatialTransformer
     from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
 

@@ -103,6 +103,21 @@ def more() -> dict:
         cases.append({"kind": "add_bias", "shape": list(shape), "layout": layout, "dtype": str(dtype).split(".")[-1],
                       "same_layout": out.stride() == x.stride(), "out_err": _rel(out.detach(), ref),
                       "grad_err": max(_rel(ak.grad, dy), _rel(bk.grad, dy))})
+    # an addition that needs a gradient (a LoRA before it): added first, the kernels still run on the sum
+    x = torch.randn(2, 32, 4, 4, generator=g).contiguous(memory_format=torch.channels_last)
+    add = torch.randn(2, 32, generator=g).requires_grad_()
+    w, b, dy = torch.randn(32, generator=g) + 1, torch.randn(32, generator=g), torch.randn(2, 32, 4, 4, generator=g)
+    assert not gn.usable(x, w, b, add)
+    xk, xr = x.clone().requires_grad_(), x.detach().double().requires_grad_()
+    yk = gn.group_norm(xk, 8, w, b, 1e-5, True, add=add)
+    add_r = add.detach().double().requires_grad_()
+    yr = F.silu(F.group_norm(xr + add_r[:, :, None, None], 8, w.double(), b.double(), 1e-5))
+    yk.backward(dy)
+    yr.backward(dy.double())
+    kernel = "GroupNormAct" in type(yk.grad_fn).__name__
+    cases.append({"kind": "group_norm_add_grad", "dtype": "float32", "kernel": kernel,
+                  "same_layout": yk.stride() == x.stride(), "out_err": _rel(yk.detach(), yr.detach()),
+                  "grad_err": max(_rel(xk.grad, xr.grad), _rel(add.grad, add_r.grad))})
     for tokens, width, hidden, dtype, bias in [((2, 7), 32, 64, torch.float32, True),
                                                 ((3, 5), 48, 40, torch.float32, False),
                                                 ((2, 9), 64, 128, torch.float16, True),
@@ -111,6 +126,8 @@ def more() -> dict:
         w = (torch.randn(2 * hidden, width, generator=g) * 0.2).to(dtype)
         b = (torch.randn(2 * hidden, generator=g) * 0.5).to(dtype) if bias else None
         dy = torch.randn(*tokens, hidden, generator=g).to(dtype)
+        if not bias:  # a gradient arriving as a strided view: copied before the kernel reads it
+            dy = torch.randn(*tokens, 2 * hidden, generator=g).to(dtype)[..., ::2]
         assert geglu.usable(x, w, b)
         xk, xr = x.clone().requires_grad_(), x.detach().double().requires_grad_()
         yk = geglu.geglu(xk, w, b)
@@ -158,6 +175,7 @@ def unet(blocks: bool = False) -> dict:
     t, ctx = torch.tensor([10.0, 700.0]), torch.randn(2, 77, 768, generator=g)
     assert pack_gn.works(x.device, x.dtype)  # the first small runs, before counting
     assert importlib.import_module(pack.__name__ + ".facechain_core.train.geglu").works(x.device, x.dtype)
+    assert importlib.import_module(pack.__name__ + ".facechain_core.train.fused_add").works(x.device, x.dtype)
     kernels_of = {"norm": (pack_gn, "_GroupNormAct"),
                   "add": (importlib.import_module(pack.__name__ + ".facechain_core.train.fused_add"), "_AddBias"),
                   "geglu": (importlib.import_module(pack.__name__ + ".facechain_core.train.geglu"), "_GEGLU"),

@@ -107,23 +107,25 @@ def _count(monkeypatch, cls):
     return calls
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_merged_lora_gives_peft_outputs_and_gradients(monkeypatch, bias):
+def test_merged_lora_gives_peft_outputs_and_gradients(monkeypatch, bias, dtype, tol):
     """Enough tokens for the weight's size: the adapter is merged into the weight for the step, and the output,
-    the input's gradient and both factors' gradients are peft's."""
+    the input's gradient and both factors' gradients are peft's (in float16 up to the merged weight's rounding,
+    which ComfyUI's own merge of the trained LoRA has too)."""
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(32, 48, bias=bias)).requires_grad_(False)
-    x = torch.randn(4, 50, 32)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 48, bias=bias)).to(dtype).requires_grad_(False)
+    x = torch.randn(4, 50, 32, dtype=dtype)
     peft = _run(net, x, "activations")
     merged_calls = _count(monkeypatch, lora_layers._MergedLoRALinear)
     fused_calls = _count(monkeypatch, lora_layers._FusedLoRALinear)
     merged = _run(net, x, "merged")
     assert merged_calls == [1] and fused_calls == []
-    assert (merged[0] - peft[0]).abs().max() <= 1e-5 * peft[0].abs().max()
-    assert (merged[1] - peft[1]).abs().max() <= 1e-5 * peft[1].abs().max()
+    assert (merged[0] - peft[0]).abs().max() <= tol * peft[0].abs().max()
+    assert (merged[1] - peft[1]).abs().max() <= tol * peft[1].abs().max()
     for a, b in zip(merged[2], peft[2]):
         assert a.dtype == torch.float32 and a.abs().sum() > 0
-        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+        assert (a - b).abs().max() <= tol * b.abs().max()
     assert type(net[0]) is torch.nn.Linear and "forward" not in net[0].__dict__  # given back as it was
 
 
@@ -337,6 +339,75 @@ def test_fast_frozen_layers_train_the_same_on_comfyui_sdxl(comfy_backbone_module
     assert fast[2]["layers"] > fast[2]["group_norms"] > 0
     assert calls.take() == {"fused": _lora_layers(unet), "GEGLU": 0, "SpatialTransformer": 0}
     assert _same(fast[0], stock[0]) and all(_same(a, b) for a, b in zip(fast[1], stock[1]))
+
+
+def _res_block(channels=32, out_channels=32, dropout=0.0):
+    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+
+    torch.manual_seed(0)
+    block = ResBlock(channels, 64, dropout, out_channels=out_channels, operations=comfy_ops())
+    with torch.no_grad():
+        for name, p in block.named_parameters():  # ComfyUI's classes leave their weights uninitialised
+            p.copy_(torch.randn(p.shape) * 0.1 + (1.0 if name in ("in_layers.0.weight", "out_layers.0.weight") else 0))
+    return block.requires_grad_(False)
+
+
+def comfy_ops():
+    import comfy.ops
+
+    return comfy.ops.disable_weight_init
+
+
+@pytest.mark.parametrize("out_channels", [32, 64])  # skip connection: nothing, or a 1x1 convolution
+def test_a_resblock_with_its_additions_folded_computes_comfyuis_block(comfy_backbone_module, out_channels):
+    """The folded ``_forward`` (conv biases and time embedding added by the norm and the last addition) gives
+    ComfyUI's output and input gradient, in the map's layout; blocks it does not handle run ComfyUI's own."""
+    cb = comfy_backbone_module
+    block = _res_block(out_channels=out_channels)
+    x = torch.randn(2, 32, 6, 6).contiguous(memory_format=torch.channels_last)
+    emb = torch.randn(2, 64)
+    outs = []
+    for fast in (False, True):
+        xi = x.clone().requires_grad_()
+        with cb.fast_frozen_layers(block) if fast else contextlib.nullcontext() as patched:
+            out = block(xi, emb)
+            out.square().sum().backward()
+        outs.append((out.detach(), xi.grad, patched))
+    (o1, g1, _), (o2, g2, patched) = outs
+    assert patched["res_blocks"] == 1 and "_forward" not in block.__dict__
+    assert _same(o2, o1) and _same(g2, g1) and o2.is_contiguous(memory_format=torch.channels_last)
+    # what the folded forward refuses: ComfyUI's _forward runs instead
+    assert cb._resblock_parts(block) is not None
+    hooked = _res_block()
+    hooked.skip_connection.register_forward_hook(lambda *a: None)
+    assert cb._resblock_parts(hooked) is None
+    hooked = _res_block()
+    hooked.in_layers[2].register_forward_pre_hook(lambda *a: None)
+    assert cb._resblock_parts(hooked) is None
+    dropping = _res_block(dropout=0.1).train()
+    assert cb._resblock_parts(dropping) is None and cb._resblock_parts(dropping.eval()) is not None
+    scale_shift = _res_block()
+    scale_shift.use_scale_shift_norm = True
+    assert cb._resblock_parts(scale_shift) is None
+
+
+def test_the_spatial_transformer_keeps_a_channels_last_map_with_pytorchs_groupnorm(comfy_backbone_module):
+    """channels_last on with the GroupNorm kernels off: the transformer's input norm gives NCHW, its output still
+    goes back channels-last as the map came (and equals ComfyUI's)."""
+    import comfy.sd
+    from comfy.ldm.modules.attention import SpatialTransformer
+
+    cb = comfy_backbone_module
+    model = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint()), output_vae=False, output_clip=False)[0]
+    st = next(m for m in model.model.diffusion_model.modules() if isinstance(m, SpatialTransformer))
+    c = st.norm.num_channels
+    x = torch.randn(2, c, 4, 4).contiguous(memory_format=torch.channels_last)
+    ctx = torch.randn(2, 77, 768)
+    with torch.no_grad():
+        stock = st(x, context=ctx)
+        with cb.fast_frozen_layers(st, group_norm_kernels=False):
+            fast = st(x, context=ctx)
+    assert fast.is_contiguous(memory_format=torch.channels_last) and _same(fast, stock, 1e-4)
 
 
 @pytest.mark.host  # slow layer: two short trainings of the tiny checkpoint

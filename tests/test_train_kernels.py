@@ -20,6 +20,7 @@ def test_the_kernels_give_pytorchs_results_and_gradients():
     cases = _interpreted("more")["cases"]
     kinds = [c["kind"] for c in cases]
     assert kinds.count("group_norm_add") == 5 and kinds.count("add_bias") == 5 and kinds.count("geglu") == 4
+    assert [c["kernel"] for c in cases if c["kind"] == "group_norm_add_grad"] == [True]
     for c in cases:
         assert c["same_layout"], c
         assert c["out_err"] < TOLERANCE[c["dtype"]], c
@@ -60,7 +61,7 @@ def test_where_the_kernels_cannot_run_pytorch_computes_the_same():
 def test_each_case_the_kernels_do_not_handle_goes_to_pytorch(monkeypatch):
     monkeypatch.setattr(gn, "works", lambda device, dtype: True)
     monkeypatch.setattr(geglu, "works", lambda device, dtype: True)
-    monkeypatch.setattr(fused_add, "_group_norm_works", lambda device, dtype: True)
+    monkeypatch.setattr(fused_add, "works", lambda device, dtype: True)
     x, w, b = torch.randn(2, 5, 16), torch.randn(64, 16), torch.randn(64)
     assert geglu.usable(x, w, b) and geglu.usable(x, w, None)
     assert not geglu.usable(x, w.clone().requires_grad_(), b)  # the projection must be frozen
@@ -71,6 +72,7 @@ def test_each_case_the_kernels_do_not_handle_goes_to_pytorch(monkeypatch):
     m = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
     assert fused_add.usable(m, torch.randn_like(m), torch.randn(8)) and fused_add.usable(m, m.clone(), None)
     assert not fused_add.usable(m, m.contiguous(), None)  # the two maps in different layouts
+    assert not fused_add.usable(m[:0], m[:0].clone(), None)  # an empty batch
     assert not fused_add.usable(m, torch.randn_like(m), torch.randn(8, requires_grad=True))
     assert not fused_add.usable(m, torch.randn_like(m), torch.randn(4))
     assert not fused_add.usable(m[:, :, :2], m[:, :, :2].clone(), None)  # neither NCHW nor channels-last
@@ -95,6 +97,37 @@ def test_a_geglu_kernel_that_fails_its_first_run_is_not_used(monkeypatch):
     assert not geglu.works(x.device, x.dtype)
     value, gate = F.linear(x, w).chunk(2, dim=-1)
     assert torch.equal(geglu.geglu(x, w), value * F.gelu(gate))
+
+
+def test_an_addition_kernel_that_fails_its_first_run_is_not_used(monkeypatch):
+    monkeypatch.setattr(fused_add, "available", lambda device: True)
+    monkeypatch.setattr(fused_add, "_WORKS", {})
+
+    def broken(*args):
+        raise RuntimeError("PTX JIT compilation failed")
+
+    monkeypatch.setattr(fused_add._AddBias, "apply", broken)
+    m = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    other, bias = torch.randn_like(m), torch.randn(8)
+    assert not fused_add.works(m.device, m.dtype) and not fused_add.usable(m, other, bias)
+    assert torch.equal(fused_add.add(m, other, bias), m + other + bias[None, :, None, None])
+    monkeypatch.setattr(fused_add, "_WORKS", {})
+    monkeypatch.setattr(fused_add._AddBias, "apply", lambda a, b, bias: a + b)  # the bias forgotten
+    assert not fused_add.works(m.device, m.dtype)
+
+
+def test_an_addition_that_needs_a_gradient_is_added_before_the_norm():
+    """A LoRA on a ResBlock's time-embedding layer: the addition needs a gradient, which the kernels do not
+    give; it is added to the map first, and its gradient is PyTorch's."""
+    torch.manual_seed(0)
+    m = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    add = torch.randn(2, 8, requires_grad=True)
+    y = gn.group_norm(m, 4, None, None, 1e-5, silu=True, add=add)
+    y.square().sum().backward()
+    add_ref = add.detach().clone().requires_grad_()
+    F.silu(F.group_norm(m + add_ref[:, :, None, None], 4)).square().sum().backward()
+    assert torch.allclose(add.grad, add_ref.grad, atol=1e-6) and add.grad.abs().sum() > 0
+    assert y.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_geglu_kernels_are_a_default_setting():

@@ -8,9 +8,11 @@ Triton, the address passing and the interpreter for the CPU tests as in ``group_
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from .group_norm import ALIGN, _DTYPES, _TL, _address, _layout, _on, triton, works as _group_norm_works
+from .group_norm import ALIGN, _DTYPES, _TL, _address, _layout, _on, available, triton
 
 if triton is not None:
     import triton.language as tl
@@ -20,21 +22,61 @@ if triton is not None:
 BLOCK = 2048  # elements per program
 
 
+_WORKS: dict = {}  # (device, dtype) -> whether a first small run compiled, ran and matched PyTorch
+
+
+def works(device: torch.device, dtype: torch.dtype) -> bool:
+    """``available``, and a small sum in ``dtype`` on ``device`` compiled, ran and gave PyTorch's result, tried
+    once per process; never tried while a CUDA graph is being captured."""
+    device = torch.device(device)
+    key = (str(device), dtype)
+    if key not in _WORKS:
+        if not available(device) or dtype not in _DTYPES:
+            return False
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return False
+        _WORKS[key] = _try_once(device, dtype)
+    return _WORKS[key]
+
+
+def _try_once(device: torch.device, dtype: torch.dtype) -> bool:
+    try:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        ok = True
+        for channels_last in (True, False):
+            a, b = (torch.randn(2, 320, 4, 4, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+            if channels_last:
+                a, b = a.contiguous(memory_format=torch.channels_last), b.contiguous(memory_format=torch.channels_last)
+            bias = torch.randn(320, generator=g).to(device=device, dtype=dtype)
+            with torch.inference_mode(False), torch.autocast(device.type, enabled=False):
+                out = _AddBias.apply(a, b, bias).float()
+            ref = a.float() + b.float() + bias.float()[None, :, None, None]
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            ok = ok and out.stride() == a.stride() and bool((out - ref).abs().max() <= tol * ref.abs().max())
+        if not ok:
+            logging.warning("comfyui-facechain: the ResBlock addition kernel gave wrong results on %s (%s); using "
+                            "PyTorch's additions", device, dtype)
+        return ok
+    except Exception as e:  # noqa: BLE001 - any failure to build or run it means: use PyTorch's
+        logging.warning("comfyui-facechain: the ResBlock addition kernel cannot run on %s (%s): %s; using "
+                        "PyTorch's additions", device, dtype, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return False
+
+
 def usable(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether ``add`` runs the kernel for these tensors (same shape, dtype, device and layout, a 4-D map)."""
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled(a.device.type):
+        return False  # leave it to torch.compile, or to autocast's per-op precision
     if a.ndim != 4 or a.shape != b.shape or a.dtype != b.dtype or a.device != b.device or a.dtype not in _DTYPES:
         return False
-    if a.stride() != b.stride() or _layout(a) is None or a.numel() >= 2 ** 31 or a.numel() == 0:
+    if a.numel() == 0 or a.numel() >= 2 ** 31 or a.stride() != b.stride() or _layout(a) is None:
         return False
     if a.data_ptr() % ALIGN or b.data_ptr() % ALIGN:
         return False
     if bias is not None and (bias.requires_grad or bias.device != a.device or bias.dtype not in _DTYPES
                              or tuple(bias.shape) != (a.shape[1],) or not bias.is_contiguous()):
         return False
-    if torch.compiler.is_compiling() or torch.is_autocast_enabled(a.device.type):
-        return False
-    # the same Triton build and device as the GroupNorm kernels, which a ResBlock uses beside this one
-    return _group_norm_works(a.device, a.dtype)
+    return works(a.device, a.dtype)
 
 
 if triton is not None:

@@ -426,9 +426,10 @@ def group_norm(x: torch.Tensor, groups: int, weight=None, bias=None, eps: float 
     """``F.group_norm`` (then ``F.silu`` when ``silu``) of ``x``, or of ``x + add`` with ``add`` one value per
     sample and channel (``[N, C]``, added before the norm without writing the sum), in ``x``'s own layout;
     PyTorch's when not ``usable``."""
+    if add is not None and not (x.shape[1] % groups == 0 and usable(x, weight, bias, add)):
+        # an addition the kernels cannot take (one needing a gradient, say): added first, in x's layout
+        x, add = x + add.reshape(*add.shape, *[1] * (x.ndim - 2)).to(x.dtype), None
     if x.shape[1] % groups == 0 and usable(x, weight, bias, add):
         return _GroupNormAct.apply(x, groups, weight, bias, eps, silu, add)
-    if add is not None:
-        x = x + add.reshape(*add.shape, *[1] * (x.ndim - 2)).to(x.dtype)
     y = F.group_norm(x, groups, weight, bias, eps)
     return F.silu(y) if silu else y

@@ -118,14 +118,18 @@ class _FusedLoRALinear(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None
 
 
+_MM_OUT_DTYPE: dict = {}  # device type -> whether torch.mm(..., out_dtype=float32) runs there (half inputs)
+
+
 def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` as float32 from half-precision inputs: cuBLAS accumulates in float32 and writes that, without
-    rounding to half first (a sum over every token of a batch can pass fp16's 65504 under a loss scaler)."""
-    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+    rounding to half first (a sum over every token of a batch can pass fp16's 65504 under a loss scaler). Where
+    PyTorch refuses ``out_dtype`` (older versions, other backends), the inputs are cast first, from then on."""
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and _MM_OUT_DTYPE.get(a.device.type, True):
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
-        except TypeError:  # a PyTorch without mm's out_dtype: the argument is refused before any work is done
-            pass
+        except (TypeError, RuntimeError, NotImplementedError):  # refused before any work is done
+            _MM_OUT_DTYPE[a.device.type] = False
     return a.float() @ b.float()
 
 

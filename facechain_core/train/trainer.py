@@ -53,8 +53,8 @@ class Backbone:
     # product bypasses their forward); None: torch.nn.Linear itself only
     plain_linear: Optional[Callable[[torch.nn.Module], bool]] = None
     # a context manager factory, given group_norm_kernels and geglu_kernels (keywords): training-only forwards for
-    # the host's frozen layers
-    # (fast_frozen_layers); it yields {"layers": patched, "group_norms": those of them that are GroupNorms}
+    # the host's frozen layers (fast_frozen_layers); it yields {"layers": patched, "group_norms": those of them that
+    # are GroupNorms, ...}
     fast_layers: Optional[Callable[..., ContextManager]] = None
 
 
