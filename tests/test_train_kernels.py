@@ -82,38 +82,36 @@ def test_each_case_the_kernels_do_not_handle_goes_to_pytorch(monkeypatch):
     assert not gn.usable(m, None, None, torch.randn(2, 4)) and not gn.usable(m, None, None, ok.requires_grad_())
 
 
-def test_a_geglu_kernel_that_fails_its_first_run_is_not_used(monkeypatch):
-    monkeypatch.setattr(geglu, "available", lambda device: True)
-    monkeypatch.setattr(geglu, "_WORKS", {})
+def _refused_first_runs(monkeypatch, module, function, wrong, device, dtype):
+    """A Triton that imports but cannot build or run ``module``'s kernels, then one whose kernels give wrong
+    results: each is found out by the first small run (``works`` False), from a fresh per-process record."""
+    monkeypatch.setattr(module, "available", lambda device: True)
 
     def broken(*args):
         raise RuntimeError("PTX JIT compilation failed")
 
-    monkeypatch.setattr(geglu._GEGLU, "apply", broken)
+    for apply in (broken, wrong):
+        monkeypatch.setattr(module, "_WORKS", {})
+        monkeypatch.setattr(function, "apply", apply)
+        assert not module.works(device, dtype)
+
+
+def test_a_geglu_kernel_that_fails_its_first_run_is_not_used(monkeypatch):
     x, w = torch.randn(2, 5, 16), torch.randn(64, 16)
-    assert not geglu.works(x.device, x.dtype) and not geglu.usable(x, w, None)
-    monkeypatch.setattr(geglu, "_WORKS", {})
-    monkeypatch.setattr(geglu._GEGLU, "apply", lambda x, w, b: geglu.reference(x, w, b) * 1.5)  # wrong results
-    assert not geglu.works(x.device, x.dtype)
+    _refused_first_runs(monkeypatch, geglu, geglu._GEGLU,
+                        lambda x, w, b: geglu.reference(x, w, b) * 1.5, x.device, x.dtype)  # wrong results
+    assert not geglu.usable(x, w, None)
     value, gate = F.linear(x, w).chunk(2, dim=-1)
     assert torch.equal(geglu.geglu(x, w), value * F.gelu(gate))
 
 
 def test_an_addition_kernel_that_fails_its_first_run_is_not_used(monkeypatch):
-    monkeypatch.setattr(fused_add, "available", lambda device: True)
-    monkeypatch.setattr(fused_add, "_WORKS", {})
-
-    def broken(*args):
-        raise RuntimeError("PTX JIT compilation failed")
-
-    monkeypatch.setattr(fused_add._AddBias, "apply", broken)
     m = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
     other, bias = torch.randn_like(m), torch.randn(8)
-    assert not fused_add.works(m.device, m.dtype) and not fused_add.usable(m, other, bias)
+    _refused_first_runs(monkeypatch, fused_add, fused_add._AddBias, lambda a, b, bias: a + b,  # the bias forgotten
+                        m.device, m.dtype)
+    assert not fused_add.usable(m, other, bias)
     assert torch.equal(fused_add.add(m, other, bias), m + other + bias[None, :, None, None])
-    monkeypatch.setattr(fused_add, "_WORKS", {})
-    monkeypatch.setattr(fused_add._AddBias, "apply", lambda a, b, bias: a + b)  # the bias forgotten
-    assert not fused_add.works(m.device, m.dtype)
 
 
 def test_an_addition_that_needs_a_gradient_is_added_before_the_norm():

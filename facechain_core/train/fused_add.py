@@ -8,11 +8,9 @@ Triton, the address passing and the interpreter for the CPU tests as in ``group_
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
-from .group_norm import ALIGN, _DTYPES, _TL, _address, _layout, _on, available, triton
+from .group_norm import ALIGN, _DTYPES, _TL, _address, _layout, _on, available, close, probed, triton
 
 if triton is not None:
     import triton.language as tl
@@ -26,41 +24,22 @@ _WORKS: dict = {}  # (device, dtype) -> whether a first small run compiled, ran 
 
 
 def works(device: torch.device, dtype: torch.dtype) -> bool:
-    """``available``, and a small sum in ``dtype`` on ``device`` compiled, ran and gave PyTorch's result, tried
-    once per process; never tried while a CUDA graph is being captured."""
-    device = torch.device(device)
-    key = (str(device), dtype)
-    if key not in _WORKS:
-        if not available(device) or dtype not in _DTYPES:
-            return False
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return False
-        _WORKS[key] = _try_once(device, dtype)
-    return _WORKS[key]
+    """``available``, and a small sum in ``dtype`` on ``device`` gave PyTorch's result in both layouts
+    (``group_norm.probed``)."""
+    return probed(_WORKS, "ResBlock addition", device, dtype, _try_once, available(torch.device(device)))
 
 
 def _try_once(device: torch.device, dtype: torch.dtype) -> bool:
-    try:
-        g = torch.Generator(device="cpu").manual_seed(0)
-        ok = True
-        for channels_last in (True, False):
-            a, b = (torch.randn(2, 320, 4, 4, generator=g).to(device=device, dtype=dtype) for _ in range(2))
-            if channels_last:
-                a, b = a.contiguous(memory_format=torch.channels_last), b.contiguous(memory_format=torch.channels_last)
-            bias = torch.randn(320, generator=g).to(device=device, dtype=dtype)
-            with torch.inference_mode(False), torch.autocast(device.type, enabled=False):
-                out = _AddBias.apply(a, b, bias).float()
-            ref = a.float() + b.float() + bias.float()[None, :, None, None]
-            tol = 1e-5 if dtype == torch.float32 else 2e-2
-            ok = ok and out.stride() == a.stride() and bool((out - ref).abs().max() <= tol * ref.abs().max())
-        if not ok:
-            logging.warning("comfyui-facechain: the ResBlock addition kernel gave wrong results on %s (%s); using "
-                            "PyTorch's additions", device, dtype)
-        return ok
-    except Exception as e:  # noqa: BLE001 - any failure to build or run it means: use PyTorch's
-        logging.warning("comfyui-facechain: the ResBlock addition kernel cannot run on %s (%s): %s; using "
-                        "PyTorch's additions", device, dtype, str(e).splitlines()[0] if str(e) else type(e).__name__)
-        return False
+    g = torch.Generator(device="cpu").manual_seed(0)
+    ok = True
+    for layout in (torch.channels_last, torch.contiguous_format):
+        a, b = (torch.randn(2, 320, 4, 4, generator=g).to(device=device, dtype=dtype).contiguous(memory_format=layout)
+                for _ in range(2))
+        bias = torch.randn(320, generator=g).to(device=device, dtype=dtype)
+        out = _AddBias.apply(a, b, bias)
+        ok = ok and out.stride() == a.stride() and close(out, a.float() + b.float() + bias.float()[None, :, None, None],
+                                                         dtype)
+    return ok
 
 
 def usable(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> bool:

@@ -15,12 +15,10 @@ the caller should keep PyTorch's own computation instead.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 
-from .group_norm import ALIGN, _DTYPES, _TL, _address, _on, available, triton
+from .group_norm import ALIGN, _DTYPES, _TL, _address, _on, available, close, probed, triton
 
 if triton is not None:
     import triton.language as tl
@@ -33,17 +31,9 @@ _WORKS: dict = {}  # (device, dtype) -> whether a first small run compiled, ran 
 
 
 def works(device: torch.device, dtype: torch.dtype) -> bool:
-    """``available``, and a small forward and backward in ``dtype`` on ``device`` compiled, ran and gave
-    PyTorch's result, tried once per process; never tried while a CUDA graph is being captured."""
-    device = torch.device(device)
-    key = (str(device), dtype)
-    if key not in _WORKS:
-        if not available(device) or dtype not in _DTYPES:
-            return False
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return False
-        _WORKS[key] = _try_once(device, dtype)
-    return _WORKS[key]
+    """``available``, and a small forward and backward in ``dtype`` on ``device`` gave PyTorch's result
+    (``group_norm.probed``)."""
+    return probed(_WORKS, "GEGLU", device, dtype, _try_once, available(torch.device(device)))
 
 
 def reference(x, weight, bias):
@@ -53,30 +43,19 @@ def reference(x, weight, bias):
 
 
 def _try_once(device: torch.device, dtype: torch.dtype) -> bool:
-    try:
-        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
-            g = torch.Generator(device="cpu").manual_seed(0)
-            # a first transformer level in miniature (320 wide, 1280 hidden), so its kernels serve there too
-            x0 = torch.randn(2, 24, 320, generator=g).to(device=device, dtype=dtype)
-            w = (torch.randn(2560, 320, generator=g) * 0.05).to(device=device, dtype=dtype)
-            b = (torch.randn(2560, generator=g) * 0.1).to(device=device, dtype=dtype)
-            out = []
-            for run in (_GEGLU.apply, None):
-                x = x0.clone().requires_grad_()
-                y = run(x, w, b) if run else reference(x.float(), w.float(), b.float())
-                y.float().square().sum().backward()
-                out.append((y.detach().float(), x.grad.float()))
-            (y1, g1), (y2, g2) = out
-            tol = 1e-4 if dtype == torch.float32 else 5e-2
-            ok = bool((y1 - y2).abs().max() <= tol * y2.abs().max() and (g1 - g2).abs().max() <= tol * g2.abs().max())
-        if not ok:
-            logging.warning("comfyui-facechain: the GEGLU kernels gave wrong results on %s (%s); using PyTorch's "
-                            "GEGLU", device, dtype)
-        return ok
-    except Exception as e:  # noqa: BLE001 - any failure to build or run them means: use PyTorch's
-        logging.warning("comfyui-facechain: the GEGLU kernels cannot run on %s (%s): %s; using PyTorch's GEGLU",
-                        device, dtype, str(e).splitlines()[0] if str(e) else type(e).__name__)
-        return False
+    g = torch.Generator(device="cpu").manual_seed(0)
+    # a first transformer level in miniature (320 wide, 1280 hidden), so its kernels serve there too
+    x0 = torch.randn(2, 24, 320, generator=g).to(device=device, dtype=dtype)
+    w = (torch.randn(2560, 320, generator=g) * 0.05).to(device=device, dtype=dtype)
+    b = (torch.randn(2560, generator=g) * 0.1).to(device=device, dtype=dtype)
+    out = []
+    for run in (_GEGLU.apply, None):
+        x = x0.clone().requires_grad_()
+        y = run(x, w, b) if run else reference(x.float(), w.float(), b.float())
+        y.float().square().sum().backward()
+        out.append((y.detach(), x.grad))
+    (y1, g1), (y2, g2) = out
+    return close(y1, y2, dtype) and close(g1, g2, dtype)
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:

@@ -50,49 +50,62 @@ def available(device: torch.device) -> bool:
     return triton is not None and (device.type == "cuda" or (_interpreting() and device.type == "cpu"))
 
 
+def probed(cache: dict, what: str, device: torch.device, dtype: torch.dtype, trial, ready: bool) -> bool:
+    """Whether a kernel family (``what``, for the log) runs right on ``device`` in ``dtype``: ``ready`` (Triton
+    and a device it runs on: ``available``), and ``trial(device, dtype)`` (a small first run compared with
+    PyTorch) returned True, tried once per process and kept in ``cache`` (Triton can import yet fail to build or
+    launch: an old GPU, no C compiler for its launcher). Never tried while a CUDA graph is being captured: False
+    then, until tried. Any failure is logged once, and PyTorch's computation is used from then on."""
+    device = torch.device(device)
+    key = (str(device), dtype)
+    if key not in cache:
+        if not ready or dtype not in _DTYPES:
+            return False
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return False
+        try:
+            with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+                ok = bool(trial(device, dtype))
+            if not ok:
+                logging.warning("comfyui-facechain: the %s kernels gave wrong results on %s (%s); using PyTorch's "
+                                "computation", what, device, dtype)
+        except Exception as e:  # noqa: BLE001 - any failure to build or run them means: use PyTorch's
+            logging.warning("comfyui-facechain: the %s kernels cannot run on %s (%s): %s; using PyTorch's "
+                            "computation", what, device, dtype, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            ok = False
+        cache[key] = ok
+    return cache[key]
+
+
+def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
+    """A first run's result against PyTorch's: within 1e-4 (float32) or 5e-2 (half) of its largest value."""
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    return bool((got.float() - want.float()).abs().max() <= tol * want.float().abs().max())
+
+
 _WORKS: dict = {}  # (device, dtype) -> whether a first small run compiled, ran and matched PyTorch
 
 
 def works(device: torch.device, dtype: torch.dtype) -> bool:
-    """``available``, and a tiny forward and backward in ``dtype`` on ``device`` compiled, ran and gave
-    PyTorch's result, tried once per process (Triton can import yet fail to build or launch: an old GPU, no C
-    compiler for its launcher). Never tried while a CUDA graph is being captured: False then, until tried."""
-    device = torch.device(device)
-    key = (str(device), dtype)
-    if key not in _WORKS:
-        if not available(device) or dtype not in _DTYPES:
-            return False
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return False
-        _WORKS[key] = _try_once(device, dtype)
-    return _WORKS[key]
+    """``available``, and a tiny forward and backward in ``dtype`` on ``device`` gave PyTorch's result
+    (``probed``)."""
+    return probed(_WORKS, "GroupNorm", device, dtype, _try_once, available(torch.device(device)))
 
 
 def _try_once(device: torch.device, dtype: torch.dtype) -> bool:
-    try:
-        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
-            g = torch.Generator(device="cpu").manual_seed(0)
-            # a UNet's first level in miniature (320 channels, 32 groups), so its compiled kernels serve there too
-            x0 = torch.randn(2, 320, 8, 8, generator=g).to(device=device, dtype=dtype)
-            w = (torch.rand(320, generator=g) + 0.5).to(device=device, dtype=dtype)
-            b = torch.randn(320, generator=g).to(device=device, dtype=dtype)
-            out = []
-            for run in (_GroupNormAct.apply, None):
-                x = x0.clone(memory_format=torch.channels_last).requires_grad_()
-                y = run(x, 32, w, b, 1e-5, True) if run else F.silu(F.group_norm(x.float(), 32, w.float(), b.float()))
-                y.float().square().sum().backward()
-                out.append((y.detach().float(), x.grad.float()))
-            (y1, g1), (y2, g2) = out
-            tol = 1e-4 if dtype == torch.float32 else 5e-2
-            ok = bool((y1 - y2).abs().max() <= tol * y2.abs().max() and (g1 - g2).abs().max() <= tol * g2.abs().max())
-        if not ok:
-            logging.warning("comfyui-facechain: the GroupNorm kernels gave wrong results on %s (%s); using "
-                            "PyTorch's GroupNorm", device, dtype)
-        return ok
-    except Exception as e:  # noqa: BLE001 - any failure to build or run them means: use PyTorch's
-        logging.warning("comfyui-facechain: the GroupNorm kernels cannot run on %s (%s): %s; using PyTorch's "
-                        "GroupNorm", device, dtype, str(e).splitlines()[0] if str(e) else type(e).__name__)
-        return False
+    g = torch.Generator(device="cpu").manual_seed(0)
+    # a UNet's first level in miniature (320 channels, 32 groups), so its compiled kernels serve there too
+    x0 = torch.randn(2, 320, 8, 8, generator=g).to(device=device, dtype=dtype)
+    w = (torch.rand(320, generator=g) + 0.5).to(device=device, dtype=dtype)
+    b = torch.randn(320, generator=g).to(device=device, dtype=dtype)
+    out = []
+    for run in (_GroupNormAct.apply, None):
+        x = x0.clone(memory_format=torch.channels_last).requires_grad_()
+        y = run(x, 32, w, b, 1e-5, True) if run else F.silu(F.group_norm(x.float(), 32, w.float(), b.float()))
+        y.float().square().sum().backward()
+        out.append((y.detach(), x.grad))
+    (y1, g1), (y2, g2) = out
+    return close(y1, y2, dtype) and close(g1, g2, dtype)
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -181,6 +194,12 @@ if triton is not None:
         rstd = tl.load(STATS + (n * G + g) * 2 + 1, mask=cmask, other=0.0)
         return mean, rstd
 
+    @triton.jit
+    def _norm_stats(STATS, ADD, n, C, c, cmask, cpg, G, HAS_ADD: tl.constexpr):
+        # each channel's group mean less the channel's addition (x - it = (x + added) - mean), and 1/std
+        mean, rstd = _column_stats(STATS, n, c, cmask, cpg, G)
+        return mean - _added(ADD, n, C, c, cmask, HAS_ADD), rstd
+
     @triton.jit(do_not_specialize=_SHAPE_ONLY)
     def _fwd_sums(X, ADD, PART, HW, C, cpg, chunk, splits, sn, sc, shw, XT: tl.constexpr, AT: tl.constexpr,
                   HAS_ADD: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
@@ -239,10 +258,10 @@ if triton is not None:
         X, ADD, Y, W, B = _ptr(X, XT), _ptr(ADD, AT), _ptr(Y, XT), _ptr(W, WT), _ptr(B, BT)
         STATS = _ptr(STATS, tl.float32)
         row, n, c, cmask, p0 = _tile(C, chunk, splits, BP, BC)
-        mean, rstd = _column_stats(STATS, n, c, cmask, cpg, G)
+        mean, rstd = _norm_stats(STATS, ADD, n, C, c, cmask, cpg, G, HAS_ADD)
         w, b = _affine(W, B, c, cmask, HAS_W, HAS_B)
         scale = rstd * w
-        shift = b + (_added(ADD, n, C, c, cmask, HAS_ADD) - mean) * scale
+        shift = b - mean * scale
         for off in range(0, chunk, BP):
             p = p0 + off
             mask = (p < HW)[:, None] & cmask[None, :]
@@ -262,6 +281,13 @@ if triton is not None:
             dy = dy * sig * (1.0 + z * (1.0 - sig))
         return xhat, dy * w[None, :]
 
+    @triton.jit
+    def _grad_at(X, DY, ptr, mask, mean, rstd, w, b, SILU: tl.constexpr):
+        # a tile's normalised input and the gradient reaching it, read from the map and its gradient
+        x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + ptr, mask=mask, other=0.0).to(tl.float32)
+        return _grad_z(x, dy, mean, rstd, w, b, SILU)
+
     @triton.jit(do_not_specialize=_SHAPE_ONLY)
     def _bwd_sums(X, ADD, DY, W, B, STATS, PART, HW, C, G, cpg, chunk, splits, sn, sc, shw, XT: tl.constexpr,
                   AT: tl.constexpr, WT: tl.constexpr, BT: tl.constexpr, HAS_ADD: tl.constexpr,
@@ -271,8 +297,7 @@ if triton is not None:
         STATS, PART = _ptr(STATS, tl.float32), _ptr(PART, tl.float32)
         # per channel, over this program's positions: the sums of dxhat and of dxhat * xhat
         row, n, c, cmask, p0 = _tile(C, chunk, splits, BP, BC)
-        mean, rstd = _column_stats(STATS, n, c, cmask, cpg, G)
-        mean -= _added(ADD, n, C, c, cmask, HAS_ADD)  # (x + added) - mean
+        mean, rstd = _norm_stats(STATS, ADD, n, C, c, cmask, cpg, G, HAS_ADD)
         w, b = _affine(W, B, c, cmask, HAS_W, HAS_B)
         acc = tl.zeros([BP, BC], tl.float32)
         acc2 = tl.zeros([BP, BC], tl.float32)
@@ -280,9 +305,7 @@ if triton is not None:
             p = p0 + off
             mask = (p < HW)[:, None] & cmask[None, :]
             ptr = n * sn + p[:, None] * shw + c[None, :] * sc
-            x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + ptr, mask=mask, other=0.0).to(tl.float32)
-            xhat, dxhat = _grad_z(x, dy, mean, rstd, w, b, SILU)
+            xhat, dxhat = _grad_at(X, DY, ptr, mask, mean, rstd, w, b, SILU)
             acc += tl.where(mask, dxhat, 0.0)
             acc2 += tl.where(mask, dxhat * xhat, 0.0)
         out = row * C + c
@@ -305,17 +328,14 @@ if triton is not None:
         X, ADD, DY, DX, W, B = _ptr(X, XT), _ptr(ADD, AT), _ptr(DY, XT), _ptr(DX, XT), _ptr(W, WT), _ptr(B, BT)
         STATS, COEF = _ptr(STATS, tl.float32), _ptr(COEF, tl.float32)
         row, n, c, cmask, p0 = _tile(C, chunk, splits, BP, BC)
-        mean, rstd = _column_stats(STATS, n, c, cmask, cpg, G)
-        mean -= _added(ADD, n, C, c, cmask, HAS_ADD)  # (x + added) - mean
+        mean, rstd = _norm_stats(STATS, ADD, n, C, c, cmask, cpg, G, HAS_ADD)
         c1, c2 = _column_stats(COEF, n, c, cmask, cpg, G)
         w, b = _affine(W, B, c, cmask, HAS_W, HAS_B)
         for off in range(0, chunk, BP):
             p = p0 + off
             mask = (p < HW)[:, None] & cmask[None, :]
             ptr = n * sn + p[:, None] * shw + c[None, :] * sc
-            x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + ptr, mask=mask, other=0.0).to(tl.float32)
-            xhat, dxhat = _grad_z(x, dy, mean, rstd, w, b, SILU)
+            xhat, dxhat = _grad_at(X, DY, ptr, mask, mean, rstd, w, b, SILU)
             dx = rstd[None, :] * (dxhat - c1[None, :] - xhat * c2[None, :])
             tl.store(DX + ptr, dx.to(XT), mask=mask)
 
