@@ -79,7 +79,7 @@ if triton is not None:
         tl.store(OUT + at, y.to(T), mask=mask)
 
 
-def _tiles(rows: int, cols: int) -> tuple[int, int]:
+def _tiles(cols: int) -> tuple[int, int]:
     """A tile of about BLOCK elements, as wide as the rows allow (up to 256)."""
     bl = min(256, triton.next_power_of_2(cols))
     return max(1, BLOCK // bl), bl
@@ -93,7 +93,7 @@ class _AddBias(torch.autograd.Function):
         hw = a.numel() // (n * c)
         channels_last = _layout(a)[1] == 1
         rows, cols = (n * hw, c) if channels_last else (n * c, hw)
-        br, bl = _tiles(rows, cols)
+        br, bl = _tiles(cols)
         with _on(a.device):
             _add_bias[(-(-rows // br), -(-cols // bl))](
                 _address(a), _address(b), _address(bias if bias is not None else a), _address(out), rows, cols, c,
