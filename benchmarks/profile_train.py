@@ -30,9 +30,11 @@ from facechain_core.train import TrainSettings, train_lora  # noqa: E402
 KINDS = [
     ("attention", r"flash|fmha|attention|sdpa|cudnn_generated_fort_native_sdpa"),
     ("optimizer", r"adam|multi_tensor|foreach|norm_kernel_cuda_impl|clip"),
-    ("norm", r"group_norm|GroupNorm|layer_norm|LayerNorm|welford|RowwiseMoments|ComputeFusedParams"),
+    # the pack's GroupNorm (_fwd_sums ... _bwd_apply) and LayerNorm (_ln_fwd, _ln_bwd) kernels too
+    ("norm", r"group_norm|GroupNorm|layer_norm|LayerNorm|welford|RowwiseMoments|ComputeFusedParams|^_ln_|"
+             r"^_(fwd|bwd)_(sums|finish|apply)$"),
     ("conv", r"conv|implicit_convolve|xmma_fprop|xmma_dgrad|xmma_wgrad|nhwc|nchw|dgrad|wgrad|fprop"),
-    ("matmul", r"gemm|sm90_xmma|cutlass|cublas|matmul|splitK"),
+    ("matmul", r"gemm|sm90_xmma|cutlass|cublas|matmul|splitK|nvjet"),  # nvjet: cuBLAS's own Hopper kernels
     ("copy/cast", r"copy|cast|convert|transpose|permute|contiguous"),
 ]
 PEAK_TFLOPS = 989.0  # H100/H200 SXM dense fp16/bf16 tensor-core peak
@@ -67,11 +69,11 @@ def by_source(events, active: int, on_cuda: bool) -> list:
             event = event.cpu_parent
         key = f"{' < '.join(frames) or '?'} | {e.name}"
         out[key] += t / 1000 / active
-    return sorted(out.items(), key=lambda kv: -kv[1])[:60]
+    return sorted(out.items(), key=lambda kv: -kv[1])[:120]
 
 
 def profile(backbone, images, settings: TrainSettings, wait: int, active: int, stacks: bool = False,
-            shapes: bool = False) -> dict:
+            shapes: bool = False, top_n: int = 40) -> dict:
     """Profile ``active`` eager steps after ``wait`` steps; returns ms per step by kind and the top kernels
     (``stacks``: also by source line, ``by_source``; ``shapes``: the top operators by their inputs' shapes,
     ``by_shape``)."""
@@ -96,7 +98,7 @@ def profile(backbone, images, settings: TrainSettings, wait: int, active: int, s
         if e.device_type == torch.autograd.DeviceType.CUDA and t and not e.key.startswith("ProfilerStep"):
             by_kind[kind_of(e.key)] += t / 1000 / active
             by_name[e.key] += t / 1000 / active
-    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:40]
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:top_n]
     out = {"ms_per_step_by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
            "gpu_ms_per_step": sum(by_kind.values()), "top_kernels": top}
     if stacks:
@@ -127,6 +129,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--stacks", action="store_true", help="also charge kernel time to source lines")
     ap.add_argument("--shapes", action="store_true", help="also list the top operators by their inputs' shapes")
+    ap.add_argument("--top", type=int, default=40, help="how many kernels to list by name")
     ap.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN times its algorithms per shape "
                     "(as the profiles before round four did); off by default, as the node trains")
     args = ap.parse_args()
@@ -137,7 +140,8 @@ def main() -> None:
     backbone = bt.Backbones(args.comfyui).get("comfy_fp16")["backbone"]
     changes = {"batch_size": args.batch, **parse_sets(args.set)}
     eager = TrainSettings().with_(**changes, cuda_graphs=False, samples=args.batch * 12)
-    prof = profile(backbone, images, eager, wait=4, active=5, stacks=args.stacks, shapes=args.shapes)
+    prof = profile(backbone, images, eager, wait=4, active=5, stacks=args.stacks, shapes=args.shapes,
+                   top_n=args.top)
     graphs = bt.run_ours(backbone, images, TrainSettings().with_(**changes, samples=args.batch * 40))
     ms = graphs["ms_per_sample"]
     share = UNET_TFLOP_PER_SAMPLE / (ms / 1000) / PEAK_TFLOPS
