@@ -135,6 +135,11 @@ CONFIGS = {
                                                   geglu_kernels=False)),
     "sdxl_node_defaults_r6": ("comfy_sdxl_fp16", dict(memory=AUTO, lora_compute="fused", geglu_kernels=False)),
     "sdxl_node_defaults_r5": ("comfy_sdxl_fp16", dict(memory=AUTO, group_norm_kernels=False)),
+    # round eight: the transformer blocks' residual additions and LayerNorms by the pack's kernels
+    # (layer_norm_kernels), off (round seven's defaults; the _r6 configurations above have them on)
+    "comfy_b8_r7": ("comfy_fp16", dict(batch_size=8, layer_norm_kernels=False)),
+    "comfy_node_defaults_r7": ("comfy_fp16", dict(samples=2000, memory=AUTO, layer_norm_kernels=False)),
+    "sdxl_node_defaults_r7": ("comfy_sdxl_fp16", dict(memory=AUTO, layer_norm_kernels=False)),
     # the node as it trains by default: 2000 samples, memory "auto" (batch 8 on an H200); and before round five
     "comfy_node_defaults": ("comfy_fp16", dict(samples=2000, memory=AUTO)),
     "comfy_node_defaults_before": ("comfy_fp16", dict(samples=2000, memory=AUTO, lora_compute="activations",

@@ -15,7 +15,7 @@ import comfy.sd
 import comfy.utils
 
 from ..facechain_core.errors import FaceChainError
-from ..facechain_core.train import Backbone, fused_add, geglu, group_norm
+from ..facechain_core.train import Backbone, fused_add, geglu, group_norm, layer_norm
 from ..facechain_core.train.lora_layers import runs_plain_forward
 
 # ComfyUI's model config classes whose UNet, noise schedule and LoRA keys this trainer handles.
@@ -107,8 +107,7 @@ def comfy_backbone(model, clip, vae, image_hw: tuple[int, int]) -> Backbone:
                     extra_frozen=[m for m in (getattr(base, "embedder", None),) if m is not None],
                     training_context=lambda train_te: _out_of_place_clip_layers(clip.cond_stage_model, train_te),
                     plain_linear=plain_linear,
-                    fast_layers=lambda group_norm_kernels=True, geglu_kernels=True: fast_frozen_layers(
-                        unet, group_norm_kernels, geglu_kernels))
+                    fast_layers=lambda **kernels: fast_frozen_layers(unet, **kernels))
 
 
 def _plain(m, torch_class, comfy_class) -> bool:
@@ -246,6 +245,41 @@ def _spatial_transformer_forward(m):
     return forward
 
 
+def _plain_layer_norm(m) -> bool:
+    return _plain(m, torch.nn.LayerNorm, comfy.ops.disable_weight_init.LayerNorm) and len(m.normalized_shape) == 1
+
+
+def _plain_transformer_block(m) -> bool:
+    """A BasicTransformerBlock as SD1.5's and SDXL's are (self-attention, cross-attention, feed-forward, each
+    after a plain LayerNorm and added to the residual stream). The block's own hooks still run around it."""
+    return (not m.ff_in and m.is_res and m.attn2 is not None
+            and not m.switch_temporal_ca_to_sa and all(_plain_layer_norm(n) for n in (m.norm1, m.norm2, m.norm3)))
+
+
+def _transformer_block_forward(m):
+    """BasicTransformerBlock with each residual addition and the LayerNorm after it as one pass of the pack's
+    kernels each way (``layer_norm.add_layer_norm``: forward writes the sum and its norm, backward adds the
+    residual stream's gradient as it writes the norm's input gradient). The same arithmetic as ComfyUI's
+    (attention.py, BasicTransformerBlock.forward) where no patches are set; with patches, under autocast, or for
+    a block of another shape, that runs."""
+    from comfy.ldm.modules.attention import BasicTransformerBlock
+
+    def forward(x, context=None, transformer_options={}):
+        if (transformer_options.get("patches") or transformer_options.get("patches_replace")
+                or torch.is_autocast_enabled(x.device.type) or not _plain_transformer_block(m)):
+            return BasicTransformerBlock.forward(m, x, context=context, transformer_options=transformer_options)
+        n1, n2, n3 = m.norm1, m.norm2, m.norm3
+        x, n = layer_norm.add_layer_norm(x, None, n1.weight, n1.bias, n1.eps)
+        n = m.attn1(n, context=context if m.disable_self_attn else None, value=None,
+                    transformer_options=transformer_options)
+        x, n = layer_norm.add_layer_norm(x, n, n2.weight, n2.bias, n2.eps)
+        n = m.attn2(n, context=context, value=None, transformer_options=transformer_options)
+        x, n = layer_norm.add_layer_norm(x, n, n3.weight, n3.bias, n3.eps)
+        return x + m.ff(n)
+
+    return forward
+
+
 def _plain_group_norm(m) -> bool:
     return _plain(m, torch.nn.GroupNorm, comfy.ops.disable_weight_init.GroupNorm)
 
@@ -340,18 +374,22 @@ def _norm_silu_sequential(m) -> bool:
 
 
 @contextmanager
-def fast_frozen_layers(unet, group_norm_kernels: bool = True, geglu_kernels: bool = True):
+def fast_frozen_layers(unet, group_norm_kernels: bool = True, geglu_kernels: bool = True,
+                       layer_norm_kernels: bool = True):
     """Training-only forwards for frozen layers whose stock forwards move more memory than they compute (see
-    ``_geglu_forward``, ``_spatial_transformer_forward``, and with ``group_norm_kernels`` the GroupNorms, with the
-    SiLU after them where there is one, and the ResBlocks' additions: ``_resblock_forward``); each instance gets
-    its own, removed on exit. A layer whose projections are not plain (a LoRA adapter, weights cast per call)
-    runs its stock forward. Yields how many layers were given one, how many of them are GroupNorms, and how many
-    ResBlocks were given the folded ``_forward`` (each still runs ComfyUI's where ``_resblock_parts`` says no)."""
-    from comfy.ldm.modules.attention import GEGLU, SpatialTransformer
+    ``_geglu_forward``, ``_spatial_transformer_forward``, with ``group_norm_kernels`` the GroupNorms, with the
+    SiLU after them where there is one, and the ResBlocks' additions: ``_resblock_forward``, with
+    ``layer_norm_kernels`` the transformer blocks' norms and residual additions: ``_transformer_block_forward``);
+    each instance gets its own, removed on exit. A layer whose projections are not plain (a LoRA adapter, weights
+    cast per call) runs its stock forward. Yields how many layers were given one, how many of them are GroupNorms
+    and how many transformer blocks, and how many ResBlocks were given the folded ``_forward`` (each still runs
+    ComfyUI's where ``_resblock_parts`` says no)."""
+    from comfy.ldm.modules.attention import GEGLU, BasicTransformerBlock, SpatialTransformer
     from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
 
     patched, heads, norms = [], set(), 0  # heads: the GroupNorms that run inside their Sequential's forward
     blocks = []  # ResBlocks given the folded _forward (their forward stays free for gradient checkpointing)
+    transformer_blocks = 0
     try:
         for mod in unet.modules():  # a Sequential comes before its layers
             if group_norm_kernels and type(mod) is ResBlock and "_forward" not in mod.__dict__:
@@ -363,6 +401,9 @@ def fast_frozen_layers(unet, group_norm_kernels: bool = True, geglu_kernels: boo
                 mod.forward = _geglu_forward(mod, geglu_kernels)
             elif type(mod) is SpatialTransformer:
                 mod.forward = _spatial_transformer_forward(mod)
+            elif layer_norm_kernels and type(mod) is BasicTransformerBlock:
+                mod.forward = _transformer_block_forward(mod)
+                transformer_blocks += 1
             elif group_norm_kernels and _norm_silu_sequential(mod):
                 mod.forward = _norm_silu_forward(mod)
                 heads.add(id(mod[0]))  # left stock: the Sequential's forward checks it is still plain
@@ -373,7 +414,8 @@ def fast_frozen_layers(unet, group_norm_kernels: bool = True, geglu_kernels: boo
             else:
                 continue
             patched.append(mod)
-        yield {"layers": len(patched), "group_norms": norms, "res_blocks": len(blocks)}
+        yield {"layers": len(patched), "group_norms": norms, "res_blocks": len(blocks),
+               "transformer_blocks": transformer_blocks}
     finally:
         for mod in patched:
             mod.__dict__.pop("forward", None)

@@ -1,6 +1,7 @@
 """Run by tests/test_group_norm.py and tests/test_train_kernels.py in a process started with TRITON_INTERPRET=1
 (Triton reads it when the kernels are defined): the pack's training kernels (GroupNorm, GEGLU, the ResBlock's
-fused addition), run by Triton's interpreter on the CPU, against PyTorch.
+fused addition, the transformer blocks' addition and LayerNorm), run by Triton's interpreter on the CPU, against
+PyTorch.
 
     python tests/group_norm_interpreted.py kernels|unet|unet_blocks|more
 
@@ -66,8 +67,8 @@ def kernels() -> dict:
 
 
 def more() -> dict:
-    """GroupNorm of ``x + add`` (one value per sample and channel), GEGLU, and ``a + b + bias``, against float64
-    PyTorch: outputs and input gradients, both layouts and every dtype."""
+    """GroupNorm of ``x + add`` (one value per sample and channel), GEGLU, ``a + b + bias`` and ``add_layer_norm``,
+    against float64 PyTorch: outputs and input gradients, both layouts and every dtype."""
     from facechain_core.train import fused_add, geglu
 
     g = torch.Generator().manual_seed(1)
@@ -137,7 +138,54 @@ def more() -> dict:
         cases.append({"kind": "geglu", "shape": [*tokens, width, hidden], "dtype": str(dtype).split(".")[-1],
                       "bias": bias, "same_layout": tuple(yk.shape) == tuple(yr.shape),
                       "out_err": _rel(yk.detach(), yr.detach()), "grad_err": _rel(xk.grad, xr.grad)})
+    cases += _layer_norm_cases(g)
     return {"cases": cases}
+
+
+def _layer_norm_cases(g: torch.Generator) -> list:
+    """``add_layer_norm``: the sum and its LayerNorm, and the gradients of both inputs, with and without the
+    sum, every dtype, rows narrower and wider than a power of two, a mean far from zero, a gradient arriving as
+    a strided view, and a gradient reaching the sum only."""
+    from facechain_core.train import layer_norm
+
+    cases = []
+    for shape, dtype, with_h, offset, strided in [((2, 7, 32), torch.float32, False, 0.0, False),
+                                                   ((3, 5, 40), torch.float32, True, 0.0, True),
+                                                   ((2, 9, 320), torch.float16, True, 0.0, False),
+                                                   ((4, 77), torch.bfloat16, True, 0.0, False),
+                                                   ((2, 3, 48), torch.float32, True, 300.0, False)]:
+        x = (torch.randn(shape, generator=g) * 2 + offset).to(dtype)
+        h = torch.randn(shape, generator=g).to(dtype) if with_h else None
+        n = shape[-1]
+        w, b = (torch.randn(n, generator=g) * 0.3 + 1).to(dtype), torch.randn(n, generator=g).to(dtype)
+        ds = torch.randn(shape, generator=g).to(dtype)
+        dy = torch.randn(shape, generator=g).to(dtype)
+        if strided:  # copied before the kernel reads it
+            dy = torch.randn(*shape[:-1], 2 * n, generator=g).to(dtype)[..., ::2]
+        assert layer_norm.usable(x, h, w, b)
+        xk = x.clone().requires_grad_()
+        hk = None if h is None else h.clone().requires_grad_()
+        xr = x.detach().double().requires_grad_()
+        hr = None if h is None else h.detach().double().requires_grad_()
+        sk, yk = layer_norm.add_layer_norm(xk, hk, w, b, 1e-5)
+        sr, yr = layer_norm.reference(xr, hr, w.double(), b.double(), 1e-5)
+        (sk.double() * ds.double()).sum().add((yk.double() * dy.double()).sum()).backward()
+        (sr * ds.double()).sum().add((yr * dy.double()).sum()).backward()
+        errs = [_rel(xk.grad, xr.grad)] + ([] if h is None else [_rel(hk.grad, hr.grad)])
+        cases.append({"kind": "layer_norm", "shape": list(shape), "dtype": str(dtype).split(".")[-1],
+                      "sum": with_h, "offset": offset, "kernel": "AddLayerNorm" in type(yk.grad_fn).__name__,
+                      "same_layout": sk.shape == x.shape and yk.is_contiguous(),
+                      "alias": h is None and sk.data_ptr() == xk.data_ptr(),
+                      "out_err": max(_rel(sk.detach(), sr.detach()), _rel(yk.detach(), yr.detach())),
+                      "grad_err": max(errs)})
+    # only the sum's gradient (a block whose norm output is not used): no kernel needed, the sum's passes through
+    x, h = torch.randn(2, 5, 32, generator=g).requires_grad_(), torch.randn(2, 5, 32, generator=g).requires_grad_()
+    s, _ = layer_norm.add_layer_norm(x, h, None, None, 1e-5)
+    ds = torch.randn(2, 5, 32, generator=g)
+    s.backward(ds)
+    cases.append({"kind": "layer_norm_sum_only", "dtype": "float32", "same_layout": True, "out_err": 0.0,
+                  "grad_err": max(_rel(x.grad, ds), _rel(h.grad, ds))})
+    return cases
 
 
 def unet(blocks: bool = False) -> dict:
@@ -146,8 +194,9 @@ def unet(blocks: bool = False) -> dict:
     GroupNorms the kernels ran. Without ``blocks`` a LoRA on each ResBlock's first convolution too (so those
     blocks run their stock ``_forward``, their norms on the kernels); with ``blocks`` the attention alone, as the
     trainer's defaults are, so every ResBlock folds its additions into the kernels (``_resblock_forward``),
-    GEGLU runs its kernels and the adapters are merged into the weights (``lora_compute: merged``); the stock run
-    is then ComfyUI's forwards with peft's product in the activations' dtype."""
+    GEGLU runs its kernels, each transformer block its three additions and LayerNorms
+    (``_transformer_block_forward``), and the adapters are merged into the weights (``lora_compute: merged``);
+    the stock run is then ComfyUI's forwards with peft's product in the activations' dtype."""
     import importlib
 
     from conftest import load_pack, tiny_checkpoint
@@ -176,7 +225,15 @@ def unet(blocks: bool = False) -> dict:
     assert pack_gn.works(x.device, x.dtype)  # the first small runs, before counting
     assert importlib.import_module(pack.__name__ + ".facechain_core.train.geglu").works(x.device, x.dtype)
     assert importlib.import_module(pack.__name__ + ".facechain_core.train.fused_add").works(x.device, x.dtype)
-    kernels_of = {"norm": (pack_gn, "_GroupNormAct"),
+    pack_ln = importlib.import_module(pack.__name__ + ".facechain_core.train.layer_norm")
+    assert pack_ln.works(x.device, x.dtype)
+    with torch.inference_mode():  # and the LayerNorms' too
+        for m in net.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
+    kernels_of = {"layer_norm": (pack_ln, "_AddLayerNorm"),
+                  "norm": (pack_gn, "_GroupNormAct"),
                   "add": (importlib.import_module(pack.__name__ + ".facechain_core.train.fused_add"), "_AddBias"),
                   "geglu": (importlib.import_module(pack.__name__ + ".facechain_core.train.geglu"), "_GEGLU"),
                   "merged": (sys.modules[lora_adapters.__module__], "_MergedLoRALinear")}
@@ -192,7 +249,7 @@ def unet(blocks: bool = False) -> dict:
     for name, (mod, cls) in kernels_of.items():
         getattr(mod, cls).apply = counted(name)
     targets = ["to_q", "to_k", "to_v", "to_out.0"] + ([] if blocks else ["in_layers.2"])
-    runs, folded = {}, 0
+    runs, folded, blocks_patched = {}, 0, 0
     for name, kernels in (("stock", False), ("kernels", True)):
         fast = cb.fast_frozen_layers(net, group_norm_kernels=kernels) if kernels else contextlib.nullcontext()
         product = ("merged" if kernels else "activations") if blocks else "fused"
@@ -200,6 +257,7 @@ def unet(blocks: bool = False) -> dict:
         with fast as patched, channels_last(net, True), borrowed_weights(net), \
                 lora_adapters(net, targets, 4, 4, 0, product=product, plain_linear=cb.plain_linear) as params:
             folded = max(folded, (patched or {}).get("res_blocks", 0))
+            blocks_patched = max(blocks_patched, (patched or {}).get("transformer_blocks", 0))
             for p in params:  # up factors start at zero: give them values so gradients reach every factor
                 with torch.no_grad():
                     p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
@@ -209,14 +267,16 @@ def unet(blocks: bool = False) -> dict:
                           out.is_contiguous(memory_format=torch.channels_last))
     for name, (mod, cls) in kernels_of.items():
         getattr(mod, cls).apply = stock_apply[name]
-    from comfy.ldm.modules.attention import GEGLU
+    from comfy.ldm.modules.attention import GEGLU, BasicTransformerBlock
     from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
 
     (o1, g1, cl1), (o2, g2, cl2) = runs["stock"], runs["kernels"]
     return {"norms": sum(isinstance(m, torch.nn.GroupNorm) for m in net.modules()), "kernel_calls": calls["norm"],
             "res_blocks": sum(type(m) is ResBlock for m in net.modules()), "folded": folded, "add_calls": calls["add"],
             "gegLUs": sum(type(m) is GEGLU for m in net.modules()), "geglu_calls": calls["geglu"],
-            "merged_calls": calls["merged"], "out_err": _rel(o2, o1),
+            "merged_calls": calls["merged"], "layer_norm_calls": calls["layer_norm"],
+            "transformer_blocks": sum(type(m) is BasicTransformerBlock for m in net.modules()),
+            "transformer_blocks_patched": blocks_patched, "out_err": _rel(o2, o1),
             "grad_err": max(_rel(a, b) for a, b in zip(g2, g1)), "grads": len(g1), "nhwc_out": [cl1, cl2],
             "patched_left": sum("forward" in m.__dict__ or "_forward" in m.__dict__ for m in net.modules())}
 

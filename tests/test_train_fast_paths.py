@@ -174,15 +174,16 @@ def comfy_backbone_module():
 
 
 class _Calls:
-    """Counts calls of the fused LoRA function and of the stock GEGLU and SpatialTransformer forwards."""
+    """Counts calls of the fused LoRA function and of the stock GEGLU, SpatialTransformer and
+    BasicTransformerBlock forwards."""
 
     def __init__(self, monkeypatch):
-        from comfy.ldm.modules.attention import GEGLU, SpatialTransformer
+        from comfy.ldm.modules.attention import GEGLU, BasicTransformerBlock, SpatialTransformer
 
-        self.counts = {"fused": 0, "GEGLU": 0, "SpatialTransformer": 0}
+        self.counts = {"fused": 0, "GEGLU": 0, "SpatialTransformer": 0, "BasicTransformerBlock": 0}
         apply = lora_layers._FusedLoRALinear.apply
         monkeypatch.setattr(lora_layers._FusedLoRALinear, "apply", lambda *a: (self._hit("fused"), apply(*a))[1])
-        for cls in (GEGLU, SpatialTransformer):
+        for cls in (GEGLU, SpatialTransformer, BasicTransformerBlock):
             stock = cls.forward
             monkeypatch.setattr(cls, "forward", lambda *a, _s=stock, _n=cls.__name__, **k: (self._hit(_n),
                                                                                           _s(*a, **k))[1])
@@ -248,14 +249,18 @@ def test_fast_frozen_layers_train_the_same_on_comfyui_sd15(comfy_backbone_module
     n_geglu = sum(isinstance(m, GEGLU) for m in unet.modules())
     n_st = sum(isinstance(m, SpatialTransformer) for m in unet.modules())
     # ComfyUI's own linear layers take the fused LoRA product, in both runs
-    assert calls.take() == {"fused": _lora_layers(unet), "GEGLU": n_geglu, "SpatialTransformer": n_st}
+    n_tb = sum(isinstance(m, BasicTransformerBlock) for m in unet.modules())
+    assert calls.take() == {"fused": _lora_layers(unet), "GEGLU": n_geglu, "SpatialTransformer": n_st,
+                            "BasicTransformerBlock": n_tb}
     fast = _unet_grads(unet, run, cb, fast=True)
     n_res = sum(type(m).__name__ == "ResBlock" for m in unet.modules())
-    assert fast[2] == {"layers": n_geglu + n_st + _norm_forwards(unet), "group_norms": _norm_forwards(unet),
-                       "res_blocks": n_res}
-    assert n_geglu + n_st > 0 and _norm_forwards(unet) > 0 and n_res > 0
-    assert calls.take() == {"fused": _lora_layers(unet), "GEGLU": 0, "SpatialTransformer": 0}  # no fallback
-    # (the ResBlocks' folded additions run PyTorch's operations here, the kernels in test_train_kernels)
+    assert fast[2] == {"layers": n_geglu + n_st + n_tb + _norm_forwards(unet), "group_norms": _norm_forwards(unet),
+                       "res_blocks": n_res, "transformer_blocks": n_tb}
+    assert n_geglu + n_st > 0 and _norm_forwards(unet) > 0 and n_res > 0 and n_tb > 0
+    assert calls.take() == {"fused": _lora_layers(unet), "GEGLU": 0, "SpatialTransformer": 0,
+                            "BasicTransformerBlock": 0}  # no fallback
+    # (the ResBlocks' folded additions and the transformer blocks' run PyTorch's operations here, the kernels in
+    # test_train_kernels)
     assert _same(fast[0], stock[0]) and all(_same(a, b) for a, b in zip(fast[1], stock[1]))
     assert not any("forward" in m.__dict__ or "_forward" in m.__dict__ for m in unet.modules())  # given back
     # under autocast the transformer falls back to ComfyUI's forward: its blocks get the autocast dtype
@@ -337,7 +342,8 @@ def test_fast_frozen_layers_train_the_same_on_comfyui_sdxl(comfy_backbone_module
     assert calls.take()["fused"] == _lora_layers(unet)
     fast = _unet_grads(unet, run, cb, fast=True)
     assert fast[2]["layers"] > fast[2]["group_norms"] > 0
-    assert calls.take() == {"fused": _lora_layers(unet), "GEGLU": 0, "SpatialTransformer": 0}
+    assert calls.take() == {"fused": _lora_layers(unet), "GEGLU": 0, "SpatialTransformer": 0,
+                            "BasicTransformerBlock": 0}
     assert _same(fast[0], stock[0]) and all(_same(a, b) for a, b in zip(fast[1], stock[1]))
 
 
@@ -389,6 +395,57 @@ def test_a_resblock_with_its_additions_folded_computes_comfyuis_block(comfy_back
     scale_shift = _res_block()
     scale_shift.use_scale_shift_norm = True
     assert cb._resblock_parts(scale_shift) is None
+
+
+def _transformer_block(disable_self_attn=False):
+    from comfy.ldm.modules.attention import BasicTransformerBlock
+
+    torch.manual_seed(0)
+    block = BasicTransformerBlock(32, 2, 16, context_dim=24, disable_self_attn=disable_self_attn,
+                                  operations=comfy_ops())
+    with torch.no_grad():
+        for name, p in block.named_parameters():  # ComfyUI's classes leave their weights uninitialised
+            norm_weight = ".norm" in "." + name and name.endswith("weight")
+            p.copy_(torch.randn(p.shape) * 0.2 + (1.0 if norm_weight else 0.0))
+    return block.requires_grad_(False)
+
+
+@pytest.mark.parametrize("disable_self_attn", [False, True])
+def test_a_transformer_block_with_its_norms_folded_computes_comfyuis_block(comfy_backbone_module, monkeypatch,
+                                                                           disable_self_attn):
+    """The training-only block (each residual addition and the LayerNorm after it as one call of
+    ``add_layer_norm``) gives ComfyUI's output and the gradients of its input and of the text context; with
+    patches set in transformer_options (as an IPAdapter or attention-coupling node sets them) ComfyUI's own
+    forward runs, so those patches still apply."""
+    from comfy.ldm.modules.attention import BasicTransformerBlock
+
+    cb = comfy_backbone_module
+    block = _transformer_block(disable_self_attn)
+    x, ctx = torch.randn(2, 10, 32), torch.randn(2, 7, 24)
+    stock_calls = []
+    stock = BasicTransformerBlock.forward
+    monkeypatch.setattr(BasicTransformerBlock, "forward",
+                        lambda self, *a, **k: (stock_calls.append(1), stock(self, *a, **k))[1])
+    runs = []
+    for fast, options in ((False, {}), (True, {}), (True, {"patches_replace": {"attn1": {("input", 1, 0): None}}})):
+        xi, ci = x.clone().requires_grad_(), ctx.clone().requires_grad_()
+        stock_calls.clear()
+        with cb.fast_frozen_layers(block) if fast else contextlib.nullcontext() as patched:
+            if options:  # a replace patch for another block: ComfyUI's forward runs and ignores it
+                out = block(xi, context=ci, transformer_options=options)
+            else:
+                out = block(xi, context=ci, transformer_options={})
+            (out.square().sum() + out.sum()).backward()
+        runs.append((out.detach(), xi.grad, ci.grad, len(stock_calls), patched))
+    (o1, gx1, gc1, n1, _), (o2, gx2, gc2, n2, patched), (o3, gx3, gc3, n3, _) = runs
+    assert patched["transformer_blocks"] == 1 and "forward" not in block.__dict__
+    assert (n1, n2, n3) == (1, 0, 1)
+    for o, gx, gc in ((o2, gx2, gc2), (o3, gx3, gc3)):
+        assert _same(o, o1) and _same(gx, gx1) and _same(gc, gc1)
+    assert cb._plain_transformer_block(block)
+    hooked = _transformer_block()
+    hooked.norm2.register_forward_hook(lambda *a: None)
+    assert not cb._plain_transformer_block(hooked)
 
 
 def test_the_spatial_transformer_keeps_a_channels_last_map_with_pytorchs_groupnorm(comfy_backbone_module):

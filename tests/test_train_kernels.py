@@ -1,8 +1,10 @@
-"""Round seven's training kernels: GEGLU in one projection and one pass each way (facechain_core/train/geglu.py),
-GroupNorm of ``x + add`` (the ResBlock's time embedding and convolution bias folded into the norm) and the
-ResBlock's ``skip + h + bias`` in one pass (fused_add.py). Run by Triton's interpreter on the CPU against float64
-PyTorch, alone and inside the tiny ComfyUI UNet in the trainer's order; where they cannot run, PyTorch's own
-computation. Their speed is measured on a GPU by benchmarks/bench_train.py and profile_train.py, not here."""
+"""Round seven's and eight's training kernels: GEGLU in one projection and one pass each way
+(facechain_core/train/geglu.py), GroupNorm of ``x + add`` (the ResBlock's time embedding and convolution bias
+folded into the norm), the ResBlock's ``skip + h + bias`` in one pass (fused_add.py), and the transformer
+blocks' residual addition with the LayerNorm after it (layer_norm.py). Run by Triton's interpreter on the CPU
+against float64 PyTorch, alone and inside the tiny ComfyUI UNet in the trainer's order; where they cannot run,
+PyTorch's own computation. Their speed is measured on a GPU by benchmarks/bench_train.py and profile_train.py,
+not here."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from facechain_core.train import fused_add, geglu
+from facechain_core.train import fused_add, geglu, layer_norm
 from facechain_core.train import group_norm as gn
 from facechain_core.train.settings import TrainSettings
 from test_group_norm import TOLERANCE, _interpreted
@@ -20,6 +22,9 @@ def test_the_kernels_give_pytorchs_results_and_gradients():
     cases = _interpreted("more")["cases"]
     kinds = [c["kind"] for c in cases]
     assert kinds.count("group_norm_add") == 5 and kinds.count("add_bias") == 5 and kinds.count("geglu") == 4
+    assert kinds.count("layer_norm") == 5 and kinds.count("layer_norm_sum_only") == 1
+    assert all(c["kernel"] for c in cases if c["kind"] == "layer_norm")
+    assert [c["alias"] for c in cases if c["kind"] == "layer_norm"] == [True, False, False, False, False]
     assert [c["kernel"] for c in cases if c["kind"] == "group_norm_add_grad"] == [True]
     for c in cases:
         assert c["same_layout"], c
@@ -27,14 +32,18 @@ def test_the_kernels_give_pytorchs_results_and_gradients():
         assert c["grad_err"] < TOLERANCE[c["dtype"]], c
     # the added values far larger than the map's spread: the norm's shift includes them, or the variance is lost
     assert any(c["kind"] == "group_norm_add" and c["offset"] > 0 and c["out_err"] < 1e-4 for c in cases)
+    assert any(c["kind"] == "layer_norm" and c["offset"] > 0 and c["out_err"] < 1e-4 for c in cases)
 
 
 @pytest.mark.host  # slow layer: ComfyUI's UNet through the interpreter
 def test_the_comfyui_unet_trains_the_same_with_its_resblocks_and_geglus_on_the_kernels():
     """The trainer's defaults on ComfyUI's tiny SD1.5 UNet (LoRA on the attention, merged where it pays, fast
     layers, channels-last): every ResBlock folds its additions into the kernels, every GEGLU runs its kernels,
-    and the output and the LoRA gradients are ComfyUI's stock forwards' with peft's product."""
+    every transformer block its additions and LayerNorms, and the output and the LoRA gradients are ComfyUI's
+    stock forwards' with peft's product."""
     r = _interpreted("unet_blocks")
+    assert r["transformer_blocks"] > 0 and r["transformer_blocks_patched"] == r["transformer_blocks"], r
+    assert r["layer_norm_calls"] == 3 * r["transformer_blocks"], r
     assert r["res_blocks"] > 0 and r["folded"] == r["res_blocks"] and r["add_calls"] == r["res_blocks"], r
     assert r["norms"] > 0 and r["kernel_calls"] == r["norms"], r
     assert r["gegLUs"] > 0 and r["geglu_calls"] == r["gegLUs"], r
@@ -56,12 +65,19 @@ def test_where_the_kernels_cannot_run_pytorch_computes_the_same():
     add = torch.randn(2, 8)
     assert torch.equal(gn.group_norm(m, 4, None, None, 1e-5, silu=True, add=add),
                        F.silu(F.group_norm(m + add[:, :, None, None], 4, None, None, 1e-5)))
+    t, h, lw, lb = torch.randn(2, 5, 16), torch.randn(2, 5, 16), torch.randn(16), torch.randn(16)
+    assert not layer_norm.usable(t, h, lw, lb)
+    s, y = layer_norm.add_layer_norm(t, h, lw, lb, 1e-5)
+    assert torch.equal(s, t + h) and torch.equal(y, F.layer_norm(t + h, (16,), lw, lb, 1e-5))
+    s, y = layer_norm.add_layer_norm(t, None, lw, lb, 1e-5)
+    assert s is t and torch.equal(y, F.layer_norm(t, (16,), lw, lb, 1e-5))
 
 
 def test_each_case_the_kernels_do_not_handle_goes_to_pytorch(monkeypatch):
     monkeypatch.setattr(gn, "works", lambda device, dtype: True)
     monkeypatch.setattr(geglu, "works", lambda device, dtype: True)
     monkeypatch.setattr(fused_add, "works", lambda device, dtype: True)
+    monkeypatch.setattr(layer_norm, "works", lambda device, dtype: True)
     x, w, b = torch.randn(2, 5, 16), torch.randn(64, 16), torch.randn(64)
     assert geglu.usable(x, w, b) and geglu.usable(x, w, None)
     assert not geglu.usable(x, w.clone().requires_grad_(), b)  # the projection must be frozen
@@ -80,6 +96,16 @@ def test_each_case_the_kernels_do_not_handle_goes_to_pytorch(monkeypatch):
     assert gn.usable(m, None, None, ok)
     assert not gn.usable(m, None, None, ok.t().contiguous().t())  # not contiguous
     assert not gn.usable(m, None, None, torch.randn(2, 4)) and not gn.usable(m, None, None, ok.requires_grad_())
+    t, lw = torch.randn(2, 5, 16), torch.randn(16)
+    assert layer_norm.usable(t, t.clone(), lw, lw) and layer_norm.usable(t, None, None, None)
+    assert not layer_norm.usable(t.transpose(0, 1), None, lw, lw)  # rows not contiguous
+    assert not layer_norm.usable(t, t.half(), lw, lw)  # the two inputs in different dtypes
+    assert not layer_norm.usable(t, None, lw.clone().requires_grad_(), None)  # the norm's weight must be frozen
+    assert not layer_norm.usable(t, None, torch.randn(8), None)  # a weight per value of the row
+    assert not layer_norm.usable(torch.randn(2, 9000), None, None, None)  # rows wider than a program reads
+    assert not layer_norm.usable(t[:0], None, None, None)  # nothing to normalise
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast runs LayerNorm in float32: leave it to PyTorch
+        assert not layer_norm.usable(t, None, lw, lw)
 
 
 def _refused_first_runs(monkeypatch, module, function, wrong, device, dtype):
@@ -114,6 +140,15 @@ def test_an_addition_kernel_that_fails_its_first_run_is_not_used(monkeypatch):
     assert torch.equal(fused_add.add(m, other, bias), m + other + bias[None, :, None, None])
 
 
+def test_a_layer_norm_kernel_that_fails_its_first_run_is_not_used(monkeypatch):
+    t, h, w = torch.randn(2, 5, 16), torch.randn(2, 5, 16), torch.randn(16)
+    _refused_first_runs(monkeypatch, layer_norm, layer_norm._AddLayerNorm,  # the residual forgotten
+                        lambda x, h, w, b, eps: layer_norm.reference(x, None, w, b, eps), t.device, t.dtype)
+    assert not layer_norm.usable(t, h, w, None)
+    s, y = layer_norm.add_layer_norm(t, h, w, None, 1e-5)
+    assert torch.equal(s, t + h) and torch.equal(y, F.layer_norm(t + h, (16,), w, None, 1e-5))
+
+
 def test_an_addition_that_needs_a_gradient_is_added_before_the_norm():
     """A LoRA on a ResBlock's time-embedding layer: the addition needs a gradient, which the kernels do not
     give; it is added to the map first, and its gradient is PyTorch's."""
@@ -130,3 +165,8 @@ def test_an_addition_that_needs_a_gradient_is_added_before_the_norm():
 
 def test_geglu_kernels_are_a_default_setting():
     assert TrainSettings().geglu_kernels is True and TrainSettings().with_(geglu_kernels=False).geglu_kernels is False
+
+
+def test_layer_norm_kernels_are_a_default_setting():
+    assert TrainSettings().layer_norm_kernels is True
+    assert TrainSettings().with_(layer_norm_kernels=False).layer_norm_kernels is False

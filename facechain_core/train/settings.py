@@ -61,6 +61,9 @@ class TrainSettings:
     # with fast_frozen_layers: GroupNorm (and a SiLU after it) by the pack's kernels, in the map's own layout
     group_norm_kernels: bool = _default("group_norm_kernels")
     geglu_kernels: bool = _default("geglu_kernels")  # with fast_frozen_layers: GEGLU by the pack's kernels
+    # with fast_frozen_layers: the transformer blocks' LayerNorms, with the residual additions before them, by the
+    # pack's kernels
+    layer_norm_kernels: bool = _default("layer_norm_kernels")
     cudnn_benchmark: bool = _default("cudnn_benchmark")  # let cuDNN time its convolution algorithms per shape
     weight_decay: float = _default("weight_decay")
     adam_betas: tuple = _default("adam_betas")
