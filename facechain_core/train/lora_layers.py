@@ -84,6 +84,11 @@ class _CastWeightLinear(torch.nn.Linear):
         return torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)
 
 
+def _scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
+    """``t * scale``, without a pass over ``t`` when the scale is 1 (alpha = rank, the default)."""
+    return t if scale == 1 else t * scale
+
+
 class _FusedLoRALinear(torch.autograd.Function):
     """``x @ W.T + b + scale * (x @ A.T) @ B.T`` for a frozen ``W``, ``b`` in one function: the LoRA output is
     added by the second matrix multiply itself (``addmm_``), and in backward the LoRA's share of the input's
@@ -94,7 +99,7 @@ class _FusedLoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, scale: float):
-        a_h, b_h = a.to(x.dtype), (b * scale).to(x.dtype)
+        a_h, b_h = a.to(x.dtype), _scaled(b, scale).to(x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
         h = x2 @ a_h.t()
         y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
@@ -112,7 +117,7 @@ class _FusedLoRALinear(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             grad_a = (gh.t() @ x2).float()
         if ctx.needs_input_grad[4]:  # scaled before the sum, as peft's order is: a half sum can overflow
-            grad_b = (g.t() @ (h * ctx.scale)).float()
+            grad_b = (g.t() @ _scaled(h, ctx.scale)).float()
         if ctx.needs_input_grad[0]:
             grad_x = (g @ weight).addmm_(gh, a_h).view(ctx.shape)
         return grad_x, None, None, grad_a, grad_b, None
@@ -146,7 +151,7 @@ class _MergedLoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, scale: float):
-        a_h, b_h = a.to(x.dtype), (b * scale).to(x.dtype)
+        a_h, b_h = a.to(x.dtype), _scaled(b, scale).to(x.dtype)
         merged = torch.addmm(weight, b_h, a_h)  # W + scale * B @ A, summed in float32 and rounded once
         x2 = x.reshape(-1, x.shape[-1])
         y = torch.addmm(bias, x2, merged.t()) if bias is not None else x2 @ merged.t()
@@ -164,7 +169,7 @@ class _MergedLoRALinear(torch.autograd.Function):
             if ctx.needs_input_grad[3]:
                 grad_a = b_h.float().t() @ m  # scale is in b_h
             if ctx.needs_input_grad[4]:
-                grad_b = (m @ a_h.float().t()) * ctx.scale
+                grad_b = _scaled(m @ a_h.float().t(), ctx.scale)
         if ctx.needs_input_grad[0]:
             grad_x = (g @ merged).view(ctx.shape)
         return grad_x, None, None, grad_a, grad_b, None
