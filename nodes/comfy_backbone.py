@@ -16,7 +16,7 @@ import comfy.utils
 
 from ..facechain_core.errors import FaceChainError
 from ..facechain_core.train import Backbone, fused_add, geglu, group_norm, layer_norm
-from ..facechain_core.train.lora_layers import runs_plain_forward
+from ..facechain_core.train.lora_layers import runs_plain_forward, without_hooks
 
 # ComfyUI's model config classes whose UNet, noise schedule and LoRA keys this trainer handles.
 ARCHITECTURES = {"SD15": "sd15", "SDXL": "sdxl", "SSD1B": "sdxl", "Segmind_Vega": "sdxl",
@@ -215,7 +215,11 @@ def _spatial_transformer_forward(m):
         b, c, h, w = x.shape
         transformer_options["activations_shape"] = list(x.shape)
         (w_in, b_in), (w_out, b_out) = proj_in, proj_out
-        normed = m.norm(x)
+        if _kernel_group_norm(m.norm):  # x passed on through the norm: the residual's gradient is added by it
+            n = m.norm
+            x, normed = group_norm.group_norm_and_input(x, n.num_groups, n.weight, n.bias, n.eps)
+        else:
+            normed = m.norm(x)
         nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         if nhwc and normed.is_contiguous(memory_format=torch.channels_last):
             # (b * hw) x c, row-major: one multiply, the bias added by it
@@ -289,7 +293,14 @@ def _group_norm_forward(m):
     def forward(x):
         return group_norm.group_norm(x, m.num_groups, m.weight, m.bias, m.eps)
 
+    forward.kernels = True  # see _kernel_group_norm
     return forward
+
+
+def _kernel_group_norm(m) -> bool:
+    """A GroupNorm that fast_frozen_layers gave the kernels' forward (``_group_norm_forward``), called without
+    hooks: a caller may run the kernels on its parameters itself (``group_norm_and_input``)."""
+    return getattr(m.__dict__.get("forward"), "kernels", False) and without_hooks(m)
 
 
 def _norm_silu_forward(seq):
@@ -339,9 +350,10 @@ def _resblock_forward(m):
     """ResBlock's ``_forward`` with its additions folded into the pack's kernels: the in-convolution's bias and
     the time embedding (one value per sample and channel) are added by the out-norm's kernel as it reads the map
     (``group_norm(..., add=)``), and the out-convolution's bias (and the skip convolution's) by the one pass that
-    adds the skip connection (``fused_add``). Stock, each of those is a pass over the map of its own, and cuDNN's
-    convolutions leave their bias to a broadcast addition that is not vectorised on channels-last maps. The same
-    arithmetic as ComfyUI's (openaimodel.py, ResBlock._forward); blocks of another shape run that."""
+    adds the skip connection (``fused_add``), whose gradient the in-norm's backward kernel adds to its own as it
+    writes the input's (``group_norm_and_input``). Stock, each of those is a pass over the map of its own, and
+    cuDNN's convolutions leave their bias to a broadcast addition that is not vectorised on channels-last maps. The
+    same arithmetic as ComfyUI's (openaimodel.py, ResBlock._forward); blocks of another shape run that."""
     from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
 
     def forward(x, emb):
@@ -349,8 +361,10 @@ def _resblock_forward(m):
         if parts is None or x.ndim != 4 or emb.ndim != 2 or torch.is_autocast_enabled(x.device.type):
             return ResBlock._forward(m, x, emb)
         in_norm, in_conv, out_norm, out_conv = parts
-        h = _conv_without_bias(in_conv, group_norm.group_norm(x, in_norm.num_groups, in_norm.weight, in_norm.bias,
-                                                               in_norm.eps, silu=True))
+        # x passed on through the in-norm to the skip connection: the kernels add the skip's gradient to the norm's
+        x, h = group_norm.group_norm_and_input(x, in_norm.num_groups, in_norm.weight, in_norm.bias, in_norm.eps,
+                                               silu=True)
+        h = _conv_without_bias(in_conv, h)
         add = None if m.emb_layers is None else m.emb_layers(emb).type(h.dtype)
         if in_conv.bias is not None:
             add = in_conv.bias.to(h.dtype).expand(h.shape[:2]) if add is None else add + in_conv.bias.to(h.dtype)

@@ -119,6 +119,21 @@ def more() -> dict:
     cases.append({"kind": "group_norm_add_grad", "dtype": "float32", "kernel": kernel,
                   "same_layout": yk.stride() == x.stride(), "out_err": _rel(yk.detach(), yr.detach()),
                   "grad_err": max(_rel(xk.grad, xr.grad), _rel(add.grad, add_r.grad))})
+    # the input passed on through the norm (a skip connection): its gradient added by the backward kernel
+    for layout, dtype in (("nhwc", torch.float32), ("nchw", torch.float16)):
+        x = torch.randn(2, 64, 5, 5, generator=g).to(dtype)
+        x = x.contiguous(memory_format=torch.channels_last) if layout == "nhwc" else x
+        w, b = (torch.randn(64, generator=g) + 1).to(dtype), torch.randn(64, generator=g).to(dtype)
+        dy, ds = (torch.randn(2, 64, 5, 5, generator=g).to(dtype) for _ in range(2))
+        xk, xr = x.clone().requires_grad_(), x.detach().double().requires_grad_()
+        sk, yk = gn.group_norm_and_input(xk, 16, w, b, 1e-5, silu=True)
+        yr = F.silu(F.group_norm(xr, 16, w.double(), b.double(), 1e-5))
+        ((sk.double() * ds.double()).sum() + (yk.double() * dy.double()).sum()).backward()
+        ((xr * ds.double()).sum() + (yr * dy.double()).sum()).backward()
+        cases.append({"kind": "group_norm_and_input", "layout": layout, "dtype": str(dtype).split(".")[-1],
+                      "kernel": "GroupNormAct" in type(yk.grad_fn).__name__ and sk.data_ptr() == xk.data_ptr(),
+                      "same_layout": yk.stride() == x.stride(), "out_err": _rel(yk.detach(), yr.detach()),
+                      "grad_err": _rel(xk.grad, xr.grad)})
     for tokens, width, hidden, dtype, bias in [((2, 7), 32, 64, torch.float32, True),
                                                 ((3, 5), 48, 40, torch.float32, False),
                                                 ((2, 9), 64, 128, torch.float16, True),

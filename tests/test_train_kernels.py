@@ -23,6 +23,7 @@ def test_the_kernels_give_pytorchs_results_and_gradients():
     kinds = [c["kind"] for c in cases]
     assert kinds.count("group_norm_add") == 5 and kinds.count("add_bias") == 5 and kinds.count("geglu") == 4
     assert kinds.count("layer_norm") == 5 and kinds.count("layer_norm_sum_only") == 1
+    assert [c["kernel"] for c in cases if c["kind"] == "group_norm_and_input"] == [True, True]
     assert all(c["kernel"] for c in cases if c["kind"] == "layer_norm")
     assert [c["alias"] for c in cases if c["kind"] == "layer_norm"] == [True, False, False, False, False]
     assert [c["kernel"] for c in cases if c["kind"] == "group_norm_add_grad"] == [True]
@@ -65,6 +66,8 @@ def test_where_the_kernels_cannot_run_pytorch_computes_the_same():
     add = torch.randn(2, 8)
     assert torch.equal(gn.group_norm(m, 4, None, None, 1e-5, silu=True, add=add),
                        F.silu(F.group_norm(m + add[:, :, None, None], 4, None, None, 1e-5)))
+    same, y = gn.group_norm_and_input(m, 4, None, None, 1e-5, silu=True)
+    assert same is m and torch.equal(y, F.silu(F.group_norm(m, 4, None, None, 1e-5)))
     t, h, lw, lb = torch.randn(2, 5, 16), torch.randn(2, 5, 16), torch.randn(16), torch.randn(16)
     assert not layer_norm.usable(t, h, lw, lb)
     s, y = layer_norm.add_layer_norm(t, h, lw, lb, 1e-5)

@@ -98,14 +98,20 @@ def _try_once(device: torch.device, dtype: torch.dtype) -> bool:
     x0 = torch.randn(2, 320, 8, 8, generator=g).to(device=device, dtype=dtype)
     w = (torch.rand(320, generator=g) + 0.5).to(device=device, dtype=dtype)
     b = torch.randn(320, generator=g).to(device=device, dtype=dtype)
-    out = []
-    for run in (_GroupNormAct.apply, None):
-        x = x0.clone(memory_format=torch.channels_last).requires_grad_()
-        y = run(x, 32, w, b, 1e-5, True) if run else F.silu(F.group_norm(x.float(), 32, w.float(), b.float()))
-        y.float().square().sum().backward()
-        out.append((y.detach(), x.grad))
-    (y1, g1), (y2, g2) = out
-    return close(y1, y2, dtype) and close(g1, g2, dtype)
+    ok = True
+    for with_input in (False, True):  # the norm alone, and with the input passed on (its gradient added)
+        out = []
+        for run in (_GroupNormAct.apply, None):
+            x = x0.clone(memory_format=torch.channels_last).requires_grad_()
+            if run:
+                s, y = run(x, 32, w, b, 1e-5, True, None, True) if with_input else (x, run(x, 32, w, b, 1e-5, True))
+            else:
+                s, y = x, F.silu(F.group_norm(x.float(), 32, w.float(), b.float()))
+            (y.float().square().sum() + (s.float().sum() if with_input else 0)).backward()
+            out.append((y.detach(), x.grad))
+        (y1, g1), (y2, g2) = out
+        ok = ok and close(y1, y2, dtype) and close(g1, g2, dtype)
+    return ok
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -321,11 +327,12 @@ if triton is not None:
         tl.store(COEF + row * 2 + 1, total2 / count)
 
     @triton.jit(do_not_specialize=_SHAPE_ONLY)
-    def _bwd_apply(X, ADD, DY, DX, W, B, STATS, COEF, HW, C, G, cpg, chunk, splits, sn, sc, shw,
+    def _bwd_apply(X, ADD, DY, DS, DX, W, B, STATS, COEF, HW, C, G, cpg, chunk, splits, sn, sc, shw,
                    XT: tl.constexpr, AT: tl.constexpr, WT: tl.constexpr, BT: tl.constexpr, HAS_ADD: tl.constexpr,
-                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, BP: tl.constexpr,
-                   BC: tl.constexpr):
+                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, HAS_DS: tl.constexpr,
+                   BP: tl.constexpr, BC: tl.constexpr):
         X, ADD, DY, DX, W, B = _ptr(X, XT), _ptr(ADD, AT), _ptr(DY, XT), _ptr(DX, XT), _ptr(W, WT), _ptr(B, BT)
+        DS = _ptr(DS, XT)
         STATS, COEF = _ptr(STATS, tl.float32), _ptr(COEF, tl.float32)
         row, n, c, cmask, p0 = _tile(C, chunk, splits, BP, BC)
         mean, rstd = _norm_stats(STATS, ADD, n, C, c, cmask, cpg, G, HAS_ADD)
@@ -337,6 +344,8 @@ if triton is not None:
             ptr = n * sn + p[:, None] * shw + c[None, :] * sc
             xhat, dxhat = _grad_at(X, DY, ptr, mask, mean, rstd, w, b, SILU)
             dx = rstd[None, :] * (dxhat - c1[None, :] - xhat * c2[None, :])
+            if HAS_DS:  # the gradient reaching the input by another way (a skip connection), added as dx is written
+                dx += tl.load(DS + ptr, mask=mask, other=0.0).to(tl.float32)
             tl.store(DX + ptr, dx.to(XT), mask=mask)
 
 
@@ -381,20 +390,31 @@ def _on(device: torch.device):
 
 
 class _GroupNormAct(torch.autograd.Function):
+    """The norm (then SiLU) of ``x``; with ``with_input`` ``(x, norm)``, ``x`` returned as an alias whose gradient
+    (a skip connection's, say) backward adds to the norm's as it writes the input's gradient, instead of autograd
+    adding the two in a pass of their own."""
+
     @staticmethod
-    def forward(ctx, x, groups, weight, bias, eps, silu, add=None):
+    def forward(ctx, x, groups, weight, bias, eps, silu, add=None, with_input=False):
         with _on(x.device):
             y, stats = _forward(x, groups, weight, bias, eps, silu, add)
         ctx.save_for_backward(x, weight, bias, stats, add)
-        ctx.groups, ctx.silu = groups, silu
+        ctx.groups, ctx.silu, ctx.with_input = groups, silu, with_input
+        if with_input:
+            ctx.set_materialize_grads(False)
+            return x, y
         return y
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, *grads):
+        ds, dy = grads if ctx.with_input else (None, grads[0])
         x, weight, bias, stats, add = ctx.saved_tensors
-        with _on(x.device):
-            dx = _backward(x, dy, ctx.groups, weight, bias, stats, ctx.silu, add)
-        return dx, None, None, None, None, None, None
+        if dy is None:
+            dx = ds
+        else:
+            with _on(x.device):
+                dx = _backward(x, dy, ctx.groups, weight, bias, stats, ctx.silu, add, ds)
+        return dx, None, None, None, None, None, None, None
 
 
 def _forward(x, groups, weight, bias, eps, silu, add=None):
@@ -419,10 +439,12 @@ def _forward(x, groups, weight, bias, eps, silu, add=None):
     return y, stats
 
 
-def _backward(x, dy, groups, weight, bias, stats, silu, add=None):
+def _backward(x, dy, groups, weight, bias, stats, silu, add=None, ds=None):
     k = _plan(x, groups)
     if dy.stride() != x.stride() or dy.data_ptr() % ALIGN:  # both read through x's strides, aligned
         dy = torch.empty_like(x).copy_(dy)
+    if ds is not None and (ds.stride() != x.stride() or ds.data_ptr() % ALIGN):
+        ds = torch.empty_like(x).copy_(ds)
     grid = (k["n"] * k["splits"], k["cblocks"])
     part = torch.empty(k["n"] * k["splits"] * k["c"] * 2, device=x.device, dtype=torch.float32)
     coef = torch.empty(k["n"] * groups * 2, device=x.device, dtype=torch.float32)
@@ -436,8 +458,8 @@ def _backward(x, dy, groups, weight, bias, stats, silu, add=None):
                     num_warps=NUM_WARPS)
     _bwd_finish[(k["n"] * groups,)](_address(part), _address(coef), groups, k["c"], k["cpg"], k["count"],
                                     k["splits"], SP=k["SP"], CP=k["CP"])
-    _bwd_apply[grid](xa, aa, _address(dy), _address(dx), wa, ba, _address(stats), _address(coef), *tail, **flags,
-                     num_warps=NUM_WARPS)
+    _bwd_apply[grid](xa, aa, _address(dy), _address(ds if ds is not None else dy), _address(dx), wa, ba,
+                     _address(stats), _address(coef), *tail, **flags, HAS_DS=ds is not None, num_warps=NUM_WARPS)
     return dx
 
 
@@ -453,3 +475,13 @@ def group_norm(x: torch.Tensor, groups: int, weight=None, bias=None, eps: float 
         return _GroupNormAct.apply(x, groups, weight, bias, eps, silu, add)
     y = F.group_norm(x, groups, weight, bias, eps)
     return F.silu(y) if silu else y
+
+
+def group_norm_and_input(x: torch.Tensor, groups: int, weight=None, bias=None, eps: float = 1e-5,
+                         silu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, group_norm(x, ...))`` for a map that is also used by another way (a skip connection): use the first
+    instead of ``x`` there, and the kernels' backward adds that way's gradient to the norm's as it writes the
+    input's (one pass less over the map). PyTorch's norm and ``x`` itself when not ``usable``."""
+    if x.shape[1] % groups == 0 and usable(x, weight, bias):
+        return _GroupNormAct.apply(x, groups, weight, bias, eps, silu, None, True)
+    return x, group_norm(x, groups, weight, bias, eps, silu)

@@ -185,14 +185,19 @@ def _merge_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return weight.dtype in (torch.float16, torch.float32) and 3 * tokens * (in_f + out_f) > 8 * in_f * out_f
 
 
+def without_hooks(m: torch.nn.Module) -> bool:
+    """No forward hook, of ``m`` or global, would run around a call of ``m``."""
+    from torch.nn.modules import module as nn_module
+
+    return (not m._forward_hooks and not m._forward_pre_hooks
+            and not getattr(nn_module, "_global_forward_hooks", None)
+            and not getattr(nn_module, "_global_forward_pre_hooks", None))
+
+
 def runs_plain_forward(m: torch.nn.Module) -> bool:
     """No hook and no per-instance forward stands between a call of ``m`` and its class's forward (a fast path
     that computes the class's forward itself would skip them)."""
-    from torch.nn.modules import module as nn_module
-
-    return (not m._forward_hooks and not m._forward_pre_hooks and "forward" not in m.__dict__
-            and not getattr(nn_module, "_global_forward_hooks", None)
-            and not getattr(nn_module, "_global_forward_pre_hooks", None))
+    return without_hooks(m) and "forward" not in m.__dict__
 
 
 def _is_plain_linear(m: torch.nn.Module) -> bool:
