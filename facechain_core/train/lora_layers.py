@@ -155,21 +155,23 @@ class _MergedLoRALinear(torch.autograd.Function):
         merged = torch.addmm(weight, b_h, a_h)  # W + scale * B @ A, summed in float32 and rounded once
         x2 = x.reshape(-1, x.shape[-1])
         y = torch.addmm(bias, x2, merged.t()) if bias is not None else x2 @ merged.t()
-        ctx.save_for_backward(x2, merged, a_h, b_h)
+        # backward's small products take the float32 factors themselves (their half copies differ by a rounding,
+        # ~5e-4 relative, and casting them back would be two more kernels per layer and step)
+        ctx.save_for_backward(x2, merged, a, b)
         ctx.scale, ctx.shape = scale, x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        x2, merged, a_h, b_h = ctx.saved_tensors
+        x2, merged, a, b = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
             m = _mm_float32(g.t(), x2)  # [out, in]: the base weight's gradient, were it trained
             if ctx.needs_input_grad[3]:
-                grad_a = b_h.float().t() @ m  # scale is in b_h
+                grad_a = _scaled(b.float().t() @ m, ctx.scale)
             if ctx.needs_input_grad[4]:
-                grad_b = _scaled(m @ a_h.float().t(), ctx.scale)
+                grad_b = _scaled(m @ a.float().t(), ctx.scale)
         if ctx.needs_input_grad[0]:
             grad_x = (g @ merged).view(ctx.shape)
         return grad_x, None, None, grad_a, grad_b, None
