@@ -136,7 +136,9 @@ CONFIGS = {
     "sdxl_node_defaults_r6": ("comfy_sdxl_fp16", dict(memory=AUTO, lora_compute="fused", geglu_kernels=False)),
     "sdxl_node_defaults_r5": ("comfy_sdxl_fp16", dict(memory=AUTO, group_norm_kernels=False)),
     # round eight: the transformer blocks' residual additions and LayerNorms by the pack's kernels
-    # (layer_norm_kernels), off (round seven's defaults; the _r6 configurations above have them on)
+    # (layer_norm_kernels), off (round seven's norms and additions; the round's other changes, the GroupNorm
+    # adding the skip connections' gradients and no scale-1 multiplies or factor casts in the merged layers, have
+    # no switch and are on in both; the _r6 configurations above have the LayerNorm kernels on)
     "comfy_b8_r7": ("comfy_fp16", dict(batch_size=8, layer_norm_kernels=False)),
     "comfy_node_defaults_r7": ("comfy_fp16", dict(samples=2000, memory=AUTO, layer_norm_kernels=False)),
     "sdxl_node_defaults_r7": ("comfy_sdxl_fp16", dict(memory=AUTO, layer_norm_kernels=False)),

@@ -114,7 +114,12 @@ def _plain(m, torch_class, comfy_class) -> bool:
     """Whether ``m`` (a ``torch_class``) computes its torch forward and nothing else: torch's class itself, or
     ComfyUI's ``comfy_class`` when it neither casts its weights per call nor has weight or bias functions (LoRA
     patches applied on the fly, low-VRAM offloading); either called without hooks."""
-    if not isinstance(m, torch_class) or not runs_plain_forward(m):
+    return runs_plain_forward(m) and _plain_class(m, torch_class, comfy_class)
+
+
+def _plain_class(m, torch_class, comfy_class) -> bool:
+    """``_plain`` but for the hooks and an instance forward: what the layer's class computes is torch's."""
+    if not isinstance(m, torch_class):
         return False
     return type(m).forward is torch_class.forward or (
         type(m).forward is comfy_class.forward and not m.comfy_cast_weights and not m.weight_function
@@ -201,7 +206,9 @@ def _spatial_transformer_forward(m):
     """SpatialTransformer with its projections in and out as batched matrix multiplies on the feature map's
     own memory: (positions x channels) is the NCHW map read transposed, so neither the copy to the
     transformer's layout and back nor cuDNN's NCHW-to-NHWC conversions for the 1x1 convolutions are needed.
-    The same arithmetic as ComfyUI's forward (attention.py, SpatialTransformer.forward)."""
+    Where its norm runs the pack's kernels, the map reaches the residual through the norm
+    (``group_norm_and_input``: the residual's gradient is added by the norm's backward kernel). The same
+    arithmetic as ComfyUI's forward (attention.py, SpatialTransformer.forward)."""
     from comfy.ldm.modules.attention import SpatialTransformer
 
     def forward(x, context=None, transformer_options={}):
@@ -281,6 +288,7 @@ def _transformer_block_forward(m):
         x, n = layer_norm.add_layer_norm(x, n, n3.weight, n3.bias, n3.eps)
         return x + m.ff(n)
 
+    forward.fast_layer = True  # gradient_checkpointing may still wrap it
     return forward
 
 
@@ -300,7 +308,8 @@ def _group_norm_forward(m):
 def _kernel_group_norm(m) -> bool:
     """A GroupNorm that fast_frozen_layers gave the kernels' forward (``_group_norm_forward``), called without
     hooks: a caller may run the kernels on its parameters itself (``group_norm_and_input``)."""
-    return getattr(m.__dict__.get("forward"), "kernels", False) and without_hooks(m)
+    return (getattr(m.__dict__.get("forward"), "kernels", False) and without_hooks(m)
+            and _plain_class(m, torch.nn.GroupNorm, comfy.ops.disable_weight_init.GroupNorm))
 
 
 def _norm_silu_forward(seq):

@@ -15,7 +15,7 @@ import torch
 from conftest import load_pack, tiny_checkpoint
 from facechain_core.train import TrainSettings, train_lora
 from facechain_core.train import lora_layers
-from facechain_core.train.lora_layers import borrowed_weights, lora_adapters
+from facechain_core.train.lora_layers import borrowed_weights, gradient_checkpointing, lora_adapters
 
 
 def _factors_random(params, seed=1):
@@ -416,7 +416,9 @@ def test_a_transformer_block_with_its_norms_folded_computes_comfyuis_block(comfy
     """The training-only block (each residual addition and the LayerNorm after it as one call of
     ``add_layer_norm``) gives ComfyUI's output and the gradients of its input and of the text context; with
     patches set in transformer_options (as an IPAdapter or attention-coupling node sets them) ComfyUI's own
-    forward runs, so those patches still apply."""
+    forward runs, so those patches still apply. (Here, without Triton's interpreter, ``add_layer_norm`` runs
+    PyTorch's operations: the block's wiring is what is checked; the kernels inside ComfyUI's UNet are checked
+    by test_train_kernels.)"""
     from comfy.ldm.modules.attention import BasicTransformerBlock
 
     cb = comfy_backbone_module
@@ -446,6 +448,35 @@ def test_a_transformer_block_with_its_norms_folded_computes_comfyuis_block(comfy
     hooked = _transformer_block()
     hooked.norm2.register_forward_hook(lambda *a: None)
     assert not cb._plain_transformer_block(hooked)
+
+
+def test_gradient_checkpointing_still_recomputes_a_transformer_block_with_its_fast_forward(comfy_backbone_module,
+                                                                                          monkeypatch):
+    """The trainer enters the fast layers before gradient checkpointing: a block given the training-only forward
+    is still wrapped (and recomputed in backward), with the same gradients, and each context gives back what it
+    found on exit."""
+    cb = comfy_backbone_module
+    block = _transformer_block()
+    x, ctx = torch.randn(2, 10, 32), torch.randn(2, 7, 24)
+
+    def grads():
+        xi = x.clone().requires_grad_()
+        block(xi, context=ctx, transformer_options={}).square().sum().backward()
+        return xi.grad
+
+    stock = grads()
+    recomputed = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                        lambda *a, **k: (recomputed.append(1), checkpoint(*a, **k))[1])
+    with cb.fast_frozen_layers(block) as patched:
+        fast_forward = block.__dict__["forward"]
+        with gradient_checkpointing(block, True) as wrapped:
+            assert wrapped == 1 and block.__dict__["forward"] is not fast_forward
+            checkpointed = grads()
+        assert block.__dict__["forward"] is fast_forward
+    assert patched["transformer_blocks"] == 1 and "forward" not in block.__dict__
+    assert recomputed == [1] and _same(checkpointed, stock)
 
 
 def test_the_spatial_transformer_keeps_a_channels_last_map_with_pytorchs_groupnorm(comfy_backbone_module):

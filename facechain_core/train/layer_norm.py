@@ -52,13 +52,22 @@ def _try_once(device: torch.device, dtype: torch.dtype) -> bool:
     x0, h0 = (torch.randn(2, 24, 320, generator=g).to(device=device, dtype=dtype) for _ in range(2))
     w = (torch.rand(320, generator=g) + 0.5).to(device=device, dtype=dtype)
     b = torch.randn(320, generator=g).to(device=device, dtype=dtype)
-    out = []
-    for run in (_AddLayerNorm.apply, None):
-        x, h = x0.clone().requires_grad_(), h0.clone().requires_grad_()
-        s, y = run(x, h, w, b, 1e-5) if run else reference(x.float(), h.float(), w.float(), b.float(), 1e-5)
-        (s.float().square().sum() * 0.5 + y.float().square().sum()).backward()
-        out.append((s.detach(), y.detach(), x.grad, h.grad))
-    return all(close(a, b, dtype) for a, b in zip(*out))
+    ok = True
+    # each kernel variant the blocks use: the sum and its norm, both reaching the loss (norm2, norm3); the norm of
+    # x alone, with x's own gradient added (norm1), and without it
+    for with_h, sum_in_loss in ((True, True), (False, True), (False, False)):
+        out = []
+        for run in (_AddLayerNorm.apply, None):
+            x = x0.clone().requires_grad_()
+            h = h0.clone().requires_grad_() if with_h else None
+            if run:
+                s, y = run(x, h, w, b, 1e-5)
+            else:
+                s, y = reference(x.float(), None if h is None else h.float(), w.float(), b.float(), 1e-5)
+            (y.float().square().sum() + (s.float().square().sum() * 0.5 if sum_in_loss else 0)).backward()
+            out.append((s.detach(), y.detach(), x.grad) + ((h.grad,) if with_h else ()))
+        ok = ok and all(close(a, b, dtype) for a, b in zip(*out))
+    return ok
 
 
 def usable(x: torch.Tensor, h: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:

@@ -319,11 +319,13 @@ def gradient_checkpointing(root: torch.nn.Module, enabled: bool, blocks: Iterabl
     With ``min_tokens`` only calls whose input has at least that many positions (H*W of a feature map,
     or the sequence length) are recomputed: the full-resolution blocks hold most of the activation
     memory for a small share of the compute. Shapes are fixed per run, so a CUDA graph sees one choice."""
-    patched = []
+    patched = []  # (module, the instance forward it had: a training-only fast forward, or None)
     blocks = set(blocks)
     if enabled:
         for m in root.modules():
-            if type(m).__name__ in blocks and "forward" not in m.__dict__:
+            own = m.__dict__.get("forward")
+            # a block's training-only forward (fast_frozen_layers marks them ``fast_layer``) is recomputed too
+            if type(m).__name__ in blocks and (own is None or getattr(own, "fast_layer", False)):
                 def forward(*args, _inner=m.forward, **kwargs):
                     if not torch.is_grad_enabled() or (min_tokens and _positions(args) < min_tokens):
                         return _inner(*args, **kwargs)
@@ -332,9 +334,12 @@ def gradient_checkpointing(root: torch.nn.Module, enabled: bool, blocks: Iterabl
                                                              preserve_rng_state=False, **kwargs)
 
                 m.forward = forward
-                patched.append(m)
+                patched.append((m, own))
     try:
         yield len(patched)
     finally:
-        for m in patched:
-            m.__dict__.pop("forward", None)
+        for m, own in patched:
+            if own is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = own
