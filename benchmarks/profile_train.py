@@ -35,7 +35,7 @@ KINDS = [
              r"^_(fwd|bwd)_(sums|finish|apply)$"),
     ("conv", r"conv|implicit_convolve|xmma_fprop|xmma_dgrad|xmma_wgrad|nhwc|nchw|dgrad|wgrad|fprop"),
     ("matmul", r"gemm|sm90_xmma|cutlass|cublas|matmul|splitK|nvjet"),  # nvjet: cuBLAS's own Hopper kernels
-    ("copy/cast", r"copy|cast|convert|transpose|permute|contiguous"),
+    ("copy/cast", r"copy|(?<!no)cast|convert|transpose|permute|contiguous"),  # not PyTorch's "_nocast" kernels
 ]
 PEAK_TFLOPS = 989.0  # H100/H200 SXM dense fp16/bf16 tensor-core peak
 UNET_TFLOP_PER_SAMPLE = 1.6  # forward 0.80 TFLOP at 64x64 latents plus the backward to the inputs
