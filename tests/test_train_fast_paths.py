@@ -512,10 +512,14 @@ def test_the_node_backbone_trains_the_same_loras_with_and_without_the_fast_paths
     captions = ["a photo of fcsks"] * 4
     runs = {}
     for name, changes in (("defaults", {}), ("stock", dict(lora_compute="activations", fast_frozen_layers=False))):
-        runs[name] = train_lora(backbone, images, captions, TrainSettings().with_(samples=12, batch_size=2, **changes))
+        settings = TrainSettings().with_(samples=12, batch_size=2, save_dtype="float32", **changes)
+        runs[name] = train_lora(backbone, images, captions, settings)
     a, b = runs["defaults"], runs["stock"]
     assert len(a.losses) == len(b.losses) == 6
     assert max(abs(p - q) for p, q in zip(a.losses, b.losses)) < 1e-5, (a.losses, b.losses)
     assert a.lora.keys() == b.lora.keys()
-    assert all(_same(a.lora[k].float(), b.lora[k].float(), rel=1e-3) for k in a.lora if a.lora[k].abs().max() > 0)
+    # Adam scales each step by the gradient's own size, so the two computations' float32 rounding (other orders of
+    # the same sums) moves a factor by up to ~1e-3 of its largest value after 6 steps (7.4e-4 seen on an AMD EPYC
+    # host; a wrong gradient moves it by its own size)
+    assert all(_same(a.lora[k], b.lora[k], rel=3e-3) for k in a.lora if a.lora[k].abs().max() > 0)
     assert not any("forward" in m.__dict__ for m in backbone.unet.modules())
