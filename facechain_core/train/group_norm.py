@@ -384,6 +384,11 @@ def _dtypes(x, weight, bias) -> dict:
                 BT=_TL[(bias if bias is not None else x).dtype])
 
 
+def _as_laid_out(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``t`` (a gradient arriving for ``x``) with ``x``'s strides and 16-byte aligned, copied only if it is not."""
+    return t if t.stride() == x.stride() and t.data_ptr() % ALIGN == 0 else torch.empty_like(x).copy_(t)
+
+
 def _on(device: torch.device):
     """Kernels launch on the current device: make it the tensors' one."""
     return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
@@ -441,10 +446,8 @@ def _forward(x, groups, weight, bias, eps, silu, add=None):
 
 def _backward(x, dy, groups, weight, bias, stats, silu, add=None, ds=None):
     k = _plan(x, groups)
-    if dy.stride() != x.stride() or dy.data_ptr() % ALIGN:  # both read through x's strides, aligned
-        dy = torch.empty_like(x).copy_(dy)
-    if ds is not None and (ds.stride() != x.stride() or ds.data_ptr() % ALIGN):
-        ds = torch.empty_like(x).copy_(ds)
+    dy = _as_laid_out(dy, x)  # gradients are read through x's strides
+    ds = None if ds is None else _as_laid_out(ds, x)
     grid = (k["n"] * k["splits"], k["cblocks"])
     part = torch.empty(k["n"] * k["splits"] * k["c"] * 2, device=x.device, dtype=torch.float32)
     coef = torch.empty(k["n"] * groups * 2, device=x.device, dtype=torch.float32)

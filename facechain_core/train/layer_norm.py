@@ -21,12 +21,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .group_norm import ALIGN, _DTYPES, _TL, _address, _on, available, close, probed, triton
+from .group_norm import ALIGN, _DTYPES, _TL, _address, _as_laid_out, _on, available, close, probed, triton
 
 if triton is not None:
     import triton.language as tl
 
-    from .group_norm import _ptr
+    from .group_norm import _affine, _ptr
 
 ELEMENTS = 4096  # values per program (whole rows: a tile of rows x the row width rounded up to a power of two)
 NUM_WARPS = 4
@@ -97,18 +97,6 @@ if triton is not None:
         mask = (rows < R)[:, None] & (cols < N)[None, :]
         return rows, cols, mask, rows[:, None] * N + cols[None, :]
 
-    @triton.jit
-    def _affine(W, B, cols, N, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
-        if HAS_W:
-            w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
-        else:
-            w = tl.full(cols.shape, 1.0, tl.float32)
-        if HAS_B:
-            b = tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)
-        else:
-            b = tl.zeros(cols.shape, tl.float32)
-        return w, b
-
     @triton.jit(do_not_specialize=["R"])
     def _ln_fwd(X, H, W, B, S, Y, STATS, R, N, eps, T: tl.constexpr, WT: tl.constexpr, BT: tl.constexpr,
              HAS_H: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr):
@@ -123,7 +111,7 @@ if triton is not None:
         mean = tl.sum(x, axis=1) / N
         xc = tl.where(mask, x - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + eps)
-        w, b = _affine(W, B, cols, N, HAS_W, HAS_B)
+        w, b = _affine(W, B, cols, cols < N, HAS_W, HAS_B)
         tl.store(Y + at, (xc * rstd[:, None] * w[None, :] + b[None, :]).to(T), mask=mask)
         tl.store(STATS + rows * 2, mean, mask=rows < R)
         tl.store(STATS + rows * 2 + 1, rstd, mask=rows < R)
@@ -138,7 +126,7 @@ if triton is not None:
         rstd = tl.load(STATS + rows * 2 + 1, mask=rows < R, other=0.0)
         xhat = tl.where(mask, (tl.load(S + at, mask=mask, other=0.0).to(tl.float32) - mean[:, None]) * rstd[:, None],
                         0.0)
-        w, _ = _affine(W, W, cols, N, HAS_W, False)
+        w, _ = _affine(W, W, cols, cols < N, HAS_W, False)
         wdy = tl.load(DY + at, mask=mask, other=0.0).to(tl.float32) * w[None, :]
         c1 = tl.sum(wdy * xhat, axis=1) / N
         c2 = tl.sum(wdy, axis=1) / N
@@ -151,10 +139,6 @@ if triton is not None:
 def _tile(n: int) -> tuple[int, int]:
     bn = triton.next_power_of_2(n)
     return max(1, ELEMENTS // bn), bn
-
-
-def _contiguous(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return t if t.is_contiguous() and t.data_ptr() % ALIGN == 0 else torch.empty_like(like).copy_(t)
 
 
 class _AddLayerNorm(torch.autograd.Function):
@@ -190,8 +174,8 @@ class _AddLayerNorm(torch.autograd.Function):
         else:
             n = s.shape[-1]
             rows = s.numel() // n
-            dy = _contiguous(dy, s)
-            ds = None if ds is None else _contiguous(ds, s)
+            dy = _as_laid_out(dy, s)
+            ds = None if ds is None else _as_laid_out(ds, s)
             dx = torch.empty_like(s)
             br, bn = _tile(n)
             w = weight if weight is not None else s
