@@ -16,7 +16,7 @@ import comfy.utils
 
 from ..facechain_core.errors import FaceChainError
 from ..facechain_core.train import Backbone, fused_add, geglu, group_norm, layer_norm
-from ..facechain_core.train.lora_layers import runs_plain_forward, without_hooks
+from ..facechain_core.train.lora_layers import runs_plain_forward, stacked_projection, without_hooks
 
 # ComfyUI's model config classes whose UNet, noise schedule and LoRA keys this trainer handles.
 ARCHITECTURES = {"SD15": "sd15", "SDXL": "sdxl", "SSD1B": "sdxl", "Segmind_Vega": "sdxl",
@@ -267,12 +267,32 @@ def _plain_transformer_block(m) -> bool:
             and not m.switch_temporal_ca_to_sa and all(_plain_layer_norm(n) for n in (m.norm1, m.norm2, m.norm3)))
 
 
-def _transformer_block_forward(m):
+def _self_attention(attn, x, transformer_options):
+    """``attn(x)`` for a self-attention (ComfyUI's CrossAttention without a context), with its q, k and v
+    projections as one multiply where their LoRA adapters merge (``lora_layers.stacked_projection``): q, k and v
+    are then column slices of one output (every attention function of ComfyUI reshapes them as it finds them,
+    PyTorch's SDPA takes them strided). The stock forward otherwise, and for an attention override a custom node
+    set (it may want contiguous inputs)."""
+    from comfy.ldm.modules import attention
+
+    if (runs_plain_forward(attn) and type(attn).forward is attention.CrossAttention.forward
+            and "optimized_attention_override" not in transformer_options):
+        qkv = stacked_projection(x, (attn.to_q, attn.to_k, attn.to_v))
+        if qkv is not None:
+            q, k, v = qkv.split(qkv.shape[-1] // 3, dim=-1)
+            out = attention.optimized_attention(q, k, v, attn.heads, attn_precision=attn.attn_precision,
+                                                transformer_options=transformer_options)
+            return attn.to_out(out)
+    return attn(x, context=None, value=None, transformer_options=transformer_options)
+
+
+def _transformer_block_forward(m, stack_qkv: bool = True):
     """BasicTransformerBlock with each residual addition and the LayerNorm after it as one pass of the pack's
     kernels each way (``layer_norm.add_layer_norm``: forward writes the sum and its norm, backward adds the
     residual stream's gradient as it writes the norm's input gradient). The same arithmetic as ComfyUI's
     (attention.py, BasicTransformerBlock.forward) where no patches are set; with patches, under autocast, or for
-    a block of another shape, that runs."""
+    a block of another shape, that runs. With ``stack_qkv`` the self-attention's projections are one multiply
+    where their adapters merge (``_self_attention``)."""
     from comfy.ldm.modules.attention import BasicTransformerBlock
 
     def forward(x, context=None, transformer_options={}):
@@ -281,8 +301,11 @@ def _transformer_block_forward(m):
             return BasicTransformerBlock.forward(m, x, context=context, transformer_options=transformer_options)
         n1, n2, n3 = m.norm1, m.norm2, m.norm3
         x, n = layer_norm.add_layer_norm(x, None, n1.weight, n1.bias, n1.eps)
-        n = m.attn1(n, context=context if m.disable_self_attn else None, value=None,
-                    transformer_options=transformer_options)
+        if m.disable_self_attn or not stack_qkv:
+            n = m.attn1(n, context=context if m.disable_self_attn else None, value=None,
+                        transformer_options=transformer_options)
+        else:
+            n = _self_attention(m.attn1, n, transformer_options)
         x, n = layer_norm.add_layer_norm(x, n, n2.weight, n2.bias, n2.eps)
         n = m.attn2(n, context=context, value=None, transformer_options=transformer_options)
         x, n = layer_norm.add_layer_norm(x, n, n3.weight, n3.bias, n3.eps)
@@ -398,11 +421,12 @@ def _norm_silu_sequential(m) -> bool:
 
 @contextmanager
 def fast_frozen_layers(unet, group_norm_kernels: bool = True, geglu_kernels: bool = True,
-                       layer_norm_kernels: bool = True):
+                       layer_norm_kernels: bool = True, stack_qkv: bool = True):
     """Training-only forwards for frozen layers whose stock forwards move more memory than they compute (see
     ``_geglu_forward``, ``_spatial_transformer_forward``, with ``group_norm_kernels`` the GroupNorms, with the
     SiLU after them where there is one, and the ResBlocks' additions: ``_resblock_forward``, with
-    ``layer_norm_kernels`` the transformer blocks' norms and residual additions: ``_transformer_block_forward``);
+    ``layer_norm_kernels`` the transformer blocks' norms and residual additions: ``_transformer_block_forward``,
+    there with ``stack_qkv`` the self-attention's q, k and v projections as one multiply);
     each instance gets its own, removed on exit. A layer whose projections are not plain (a LoRA adapter, weights
     cast per call) runs its stock forward. Yields how many layers were given one, how many of them are GroupNorms
     and how many transformer blocks, and how many ResBlocks were given the folded ``_forward`` (each still runs
@@ -425,7 +449,7 @@ def fast_frozen_layers(unet, group_norm_kernels: bool = True, geglu_kernels: boo
             elif type(mod) is SpatialTransformer:
                 mod.forward = _spatial_transformer_forward(mod)
             elif layer_norm_kernels and type(mod) is BasicTransformerBlock:
-                mod.forward = _transformer_block_forward(mod)
+                mod.forward = _transformer_block_forward(mod, stack_qkv)
                 transformer_blocks += 1
             elif group_norm_kernels and _norm_silu_sequential(mod):
                 mod.forward = _norm_silu_forward(mod)

@@ -210,7 +210,8 @@ def unet(blocks: bool = False) -> dict:
     blocks run their stock ``_forward``, their norms on the kernels); with ``blocks`` the attention alone, as the
     trainer's defaults are, so every ResBlock folds its additions into the kernels (``_resblock_forward``),
     GEGLU runs its kernels, each transformer block its three additions and LayerNorms
-    (``_transformer_block_forward``), and the adapters are merged into the weights (``lora_compute: merged``);
+    (``_transformer_block_forward``), and the adapters are merged into the weights (``lora_compute: merged``; a
+    self-attention's q, k and v as one multiply: ``stacked_projection``);
     the stock run is then ComfyUI's forwards with peft's product in the activations' dtype."""
     import importlib
 
@@ -251,7 +252,10 @@ def unet(blocks: bool = False) -> dict:
                   "norm": (pack_gn, "_GroupNormAct"),
                   "add": (importlib.import_module(pack.__name__ + ".facechain_core.train.fused_add"), "_AddBias"),
                   "geglu": (importlib.import_module(pack.__name__ + ".facechain_core.train.geglu"), "_GEGLU"),
-                  "merged": (sys.modules[lora_adapters.__module__], "_MergedLoRALinear")}
+                  "merged": (sys.modules[lora_adapters.__module__], "_MergedLoRALinear"),
+                  # the self-attentions' q, k, v as one multiply: called by the backbone, from the pack's copy
+                  "stacked": (importlib.import_module(pack.__name__ + ".facechain_core.train.lora_layers"),
+                              "_MergedLoRAStack")}
     calls = {name: 0 for name in kernels_of}
     stock_apply = {name: getattr(mod, cls).apply for name, (mod, cls) in kernels_of.items()}
 
@@ -289,7 +293,7 @@ def unet(blocks: bool = False) -> dict:
     return {"norms": sum(isinstance(m, torch.nn.GroupNorm) for m in net.modules()), "kernel_calls": calls["norm"],
             "res_blocks": sum(type(m) is ResBlock for m in net.modules()), "folded": folded, "add_calls": calls["add"],
             "gegLUs": sum(type(m) is GEGLU for m in net.modules()), "geglu_calls": calls["geglu"],
-            "merged_calls": calls["merged"], "layer_norm_calls": calls["layer_norm"],
+            "merged_calls": calls["merged"], "stacked_calls": calls["stacked"], "layer_norm_calls": calls["layer_norm"],
             "transformer_blocks": sum(type(m) is BasicTransformerBlock for m in net.modules()),
             "transformer_blocks_patched": blocks_patched, "out_err": _rel(o2, o1),
             "grad_err": max(_rel(a, b) for a, b in zip(g2, g1)), "grads": len(g1), "nhwc_out": [cl1, cl2],

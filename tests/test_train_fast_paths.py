@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import sys
 
 import pytest
 import torch
@@ -154,6 +155,79 @@ def test_merged_lora_sums_its_gradient_in_float32():
     y.backward(torch.full_like(y, 1200.0))  # M = 64 rows x 1200 = 76800 each, past fp16's 65504
     assert torch.isfinite(b.grad).all() and torch.allclose(b.grad, torch.full_like(b.grad, 0.25 * 76800.0 * 4))
     assert torch.isfinite(a.grad).all() and torch.allclose(a.grad, torch.full_like(a.grad, 0.25 * 76800.0 * 8))
+
+
+class _QKV(torch.nn.Module):
+    """Three projections of one input, as a self-attention's q, k and v."""
+
+    def __init__(self, dtype, bias=False, out_v=32):
+        super().__init__()
+        self.to_q, self.to_k = torch.nn.Linear(32, 32, bias=bias), torch.nn.Linear(32, 32, bias=bias)
+        self.to_v = torch.nn.Linear(32, out_v, bias=bias)
+        self.to(dtype).requires_grad_(False)
+
+    def layers(self):
+        return self.to_q, self.to_k, self.to_v
+
+
+def _qkv_run(net, x, product="merged", stacked=True, alpha=4):
+    """q, k, v side by side, the input's gradient and the factors' (a loss that mixes q, k and v)."""
+    x = x.clone().requires_grad_(True)
+    with lora_adapters(net, ["to_q", "to_k", "to_v"], 4, alpha, 0, product=product) as params:
+        _factors_random(params)
+        y = lora_layers.stacked_projection(x, net.layers()) if stacked else None
+        if y is None:
+            y = torch.cat([m(x) for m in net.layers()], dim=-1)
+        q, k, v = y.split([32, 32, y.shape[-1] - 64], dim=-1)
+        ((q * k).sum(-1, keepdim=True) * v).float().square().mean().backward()
+        return y.detach().float(), x.grad.float(), [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("alpha", [4, 8])  # LoRA scale 1 and 2
+def test_stacked_qkv_gives_each_layers_merged_outputs_and_gradients(monkeypatch, dtype, tol, bias, alpha):
+    """q, k and v as one multiply (``stacked_projection``) against each layer's own merged forward and peft's:
+    the same outputs, input gradient and factor gradients (float32; fp16 up to the merged weight's rounding)."""
+    torch.manual_seed(0)
+    net, x = _QKV(dtype, bias), torch.randn(4, 50, 32, dtype=dtype)
+    stacked_calls = _count(monkeypatch, lora_layers._MergedLoRAStack)
+    merged_calls = _count(monkeypatch, lora_layers._MergedLoRALinear)
+    stacked = _qkv_run(net, x, alpha=alpha)
+    assert stacked_calls == [1] and merged_calls == []
+    one_by_one = _qkv_run(net, x, stacked=False, alpha=alpha)
+    assert stacked_calls == [1] and merged_calls == [1, 1, 1]
+    peft = _qkv_run(net, x, product="activations", stacked=False, alpha=alpha)
+    for want, t in ((one_by_one, tol), (peft, tol)):
+        assert (stacked[0] - want[0]).abs().max() <= t * want[0].abs().max()
+        assert (stacked[1] - want[1]).abs().max() <= t * want[1].abs().max()
+        for a, b in zip(stacked[2], want[2]):
+            assert a.dtype == torch.float32 and a.abs().sum() > 0
+            assert (a - b).abs().max() <= t * b.abs().max()
+    assert all(type(m) is torch.nn.Linear and "forward" not in m.__dict__ for m in net.layers())
+
+
+def test_stacked_qkv_is_refused_where_one_layer_would_compute_otherwise(monkeypatch):
+    """None (the caller then runs each layer) for layers of different shapes, a hooked layer, the fused product,
+    too few tokens for merging, or a bias on some layers only."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 50, 32)
+    stacked_calls = _count(monkeypatch, lora_layers._MergedLoRAStack)
+    for net, product, inp in ((_QKV(torch.float32, out_v=48), "merged", x), (_QKV(torch.float32), "fused", x),
+                              (_QKV(torch.float32), "merged", x[:1, :10])):
+        with lora_adapters(net, ["to_q", "to_k", "to_v"], 4, 4, 0, product=product):
+            assert lora_layers.stacked_projection(inp, net.layers()) is None
+    net = _QKV(torch.float32)
+    net.to_v.bias = torch.nn.Parameter(torch.zeros(32), requires_grad=False)
+    with lora_adapters(net, ["to_q", "to_k", "to_v"], 4, 4, 0, product="merged"):
+        assert lora_layers.stacked_projection(x, net.layers()) is None
+    net = _QKV(torch.float32)
+    with lora_adapters(net, ["to_q", "to_k", "to_v"], 4, 4, 0, product="merged"):
+        hook = net.to_k.register_forward_hook(lambda m, args, out: out)
+        assert lora_layers.stacked_projection(x, net.layers()) is None
+        hook.remove()
+        assert lora_layers.stacked_projection(x, net.layers()) is not None
+    assert stacked_calls == [1]
 
 
 def test_merged_is_the_default_and_other_values_are_a_clear_error():
@@ -448,6 +522,44 @@ def test_a_transformer_block_with_its_norms_folded_computes_comfyuis_block(comfy
     hooked = _transformer_block()
     hooked.norm2.register_forward_hook(lambda *a: None)
     assert not cb._plain_transformer_block(hooked)
+
+
+def test_a_fast_transformer_block_runs_its_self_attentions_projections_as_one(comfy_backbone_module, monkeypatch):
+    """LoRA merged on the attention, as the trainer's defaults train: in the training-only block the
+    self-attention's q, k and v are one multiply (``stacked_projection``), with ComfyUI's output and the same
+    gradients for the input and every factor; with ``stack_qkv`` off, or an attention override a custom node set
+    in transformer_options, each projection runs its own forward."""
+    cb = comfy_backbone_module
+    block = _transformer_block()
+    x, ctx = torch.randn(4, 64, 32), torch.randn(4, 7, 24)  # 256 tokens: the self-attention's adapters merge
+    # (the pack's copy of lora_layers, which the backbone calls)
+    stacked = _count(monkeypatch, sys.modules[cb.stacked_projection.__module__]._MergedLoRAStack)
+    overridden = []
+
+    def override(func, *args, **kwargs):
+        overridden.append(args[0].is_contiguous())
+        return func(*args, **kwargs)
+
+    def run(fast, stack=True, options=None):
+        xi = x.clone().requires_grad_()
+        with cb.fast_frozen_layers(block, stack_qkv=stack) if fast else contextlib.nullcontext(), \
+                lora_adapters(block, ["to_q", "to_k", "to_v", "to_out.0"], 4, 4, 0, product="merged",
+                              plain_linear=cb.plain_linear) as params:
+            _factors_random(params)
+            out = block(xi, context=ctx, transformer_options=options or {})
+            (out.square().sum() + out.sum()).backward()
+            return out.detach(), xi.grad, [p.grad.clone() for p in params]
+
+    stock = run(False)
+    assert stacked == []
+    runs = [run(True)]
+    assert stacked == [1]
+    runs += [run(True, stack=False), run(True, options={"optimized_attention_override": override})]
+    assert stacked == [1] and overridden == [True, True]  # both attentions, given contiguous q by their own layers
+    for out, gx, grads in runs:
+        assert _same(out, stock[0]) and _same(gx, stock[1])
+        assert len(grads) == 16 and all(_same(a, b) for a, b in zip(grads, stock[2]))
+    assert not any("forward" in m.__dict__ for m in block.modules())
 
 
 def test_gradient_checkpointing_still_recomputes_a_transformer_block_with_its_fast_forward(comfy_backbone_module,

@@ -40,7 +40,8 @@ def test_the_kernels_give_pytorchs_results_and_gradients():
 def test_the_comfyui_unet_trains_the_same_with_its_resblocks_and_geglus_on_the_kernels():
     """The trainer's defaults on ComfyUI's tiny SD1.5 UNet (LoRA on the attention, merged where it pays, fast
     layers, channels-last): every ResBlock folds its additions into the kernels, every GEGLU runs its kernels,
-    every transformer block its additions and LayerNorms, and the output and the LoRA gradients are ComfyUI's
+    every transformer block its additions and LayerNorms (the first level's self-attentions their q, k and v as one
+    multiply), and the output and the LoRA gradients are ComfyUI's
     stock forwards' with peft's product."""
     r = _interpreted("unet_blocks")
     assert r["transformer_blocks"] > 0 and r["transformer_blocks_patched"] == r["transformer_blocks"], r
@@ -49,6 +50,7 @@ def test_the_comfyui_unet_trains_the_same_with_its_resblocks_and_geglus_on_the_k
     assert r["norms"] > 0 and r["kernel_calls"] == r["norms"], r
     assert r["gegLUs"] > 0 and r["geglu_calls"] == r["gegLUs"], r
     assert r["merged_calls"] > 0, r  # the first level's adapters are merged, the lower levels' are not
+    assert r["stacked_calls"] > 0, r  # and its self-attentions' q, k, v are one multiply
     assert r["out_err"] < 1e-4 and r["grad_err"] < 1e-4 and r["grads"] > 0, r
     assert r["nhwc_out"] == [True, True] and r["patched_left"] == 0, r
 

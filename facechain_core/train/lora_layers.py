@@ -177,6 +177,74 @@ class _MergedLoRALinear(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None
 
 
+class _MergedLoRAStack(torch.autograd.Function):
+    """``_MergedLoRALinear`` for n layers of one shape that read the same input (a self-attention's q, k and v):
+    ``x @ [W_1'; ...; W_n'].T`` as one multiply, with the n merged weights written side by side by one batched
+    multiply-add each (``W_i' = W_i + scale_i * B_i @ A_i``). Backward takes the output's gradient whole (the
+    caller's split gives it back as one tensor): the input's gradient is one multiply instead of n and the n - 1
+    additions of their results, ``M`` one multiply over all n outputs (three times the tiles of one layer's,
+    which keeps the chip busy without splitting the sum), and the factors' gradients two batched multiplies.
+    The arithmetic is ``_MergedLoRALinear``'s for each layer."""
+
+    @staticmethod
+    def forward(ctx, x, scales, *tensors):
+        n = len(scales)
+        weights, biases, factors_a, factors_b = tensors[:n], tensors[n:2 * n], tensors[2 * n:3 * n], tensors[3 * n:]
+        out_f, in_f = weights[0].shape
+        a = torch.stack(factors_a)  # [n, r, in], float32
+        b = torch.stack(factors_b) if all(s == 1 for s in scales) else \
+            torch.stack([_scaled(f, s) for f, s in zip(factors_b, scales)])  # [n, out, r], the scales in
+        a_h, b_h = a.to(x.dtype), b.to(x.dtype)
+        merged = torch.empty(n, out_f, in_f, device=x.device, dtype=x.dtype)
+        for i, w in enumerate(weights):  # W + scale * B @ A, summed in float32 and rounded once, as one layer's
+            torch.addmm(w, b_h[i], a_h[i], out=merged[i])
+        x2 = x.reshape(-1, in_f)
+        flat = merged.view(n * out_f, in_f)
+        y = torch.addmm(torch.cat(biases), x2, flat.t()) if biases[0] is not None else x2 @ flat.t()
+        ctx.save_for_backward(x2, merged, a, b)
+        ctx.scales, ctx.shape = scales, x.shape
+        return y.view(*x.shape[:-1], n * out_f)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, merged, a, b = ctx.saved_tensors
+        n, out_f, in_f = merged.shape
+        g = grad.reshape(-1, n * out_f)
+        grads_a = grads_b = (None,) * n
+        if any(ctx.needs_input_grad[2 + 2 * n:]):
+            m = _mm_float32(g.t(), x2).view(n, out_f, in_f)  # each layer's base-weight gradient, were it trained
+            grads_a = torch.bmm(b.transpose(1, 2), m).unbind(0)  # scale * B.T @ M (b holds the scale)
+            grads_b = [_scaled(t, s) for t, s in zip(torch.bmm(m, a.transpose(1, 2)).unbind(0), ctx.scales)]
+        grad_x = (g @ merged.view(n * out_f, in_f)).view(ctx.shape) if ctx.needs_input_grad[0] else None
+        return (grad_x, None, *(None,) * (2 * n), *grads_a, *grads_b)
+
+
+def _merge_forward(m: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``m`` is a peft layer given ``_fused_forward`` with merging allowed (lora_compute "merged") that
+    would take its fast path for ``x``."""
+    own = m.__dict__.get("forward")
+    return bool(getattr(own, "lora_merge", False)) and without_hooks(m) and own.eligible(x)
+
+
+def stacked_projection(x: torch.Tensor, layers) -> torch.Tensor | None:
+    """The outputs of ``layers`` for the same input ``x``, side by side along the last axis (split them with
+    ``torch.split``, whose backward hands the gradient back whole), computed by ``_MergedLoRAStack``; None where
+    that is not the computation each layer's own forward would do (the merged path: ``_fused_forward``,
+    ``_merge_pays``), or the layers differ in shape, dtype or having a bias: call them one by one then."""
+    layers = list(layers)
+    if len(layers) < 2 or not all(_merge_forward(m, x) for m in layers):
+        return None
+    bases = [m.base_layer for m in layers]
+    w0 = bases[0].weight
+    if not _merge_pays(x, w0) or any(
+            b.weight.shape != w0.shape or b.weight.dtype != w0.dtype or (b.bias is None) != (bases[0].bias is None)
+            for b in bases):
+        return None
+    return _MergedLoRAStack.apply(
+        x, tuple(float(m.scaling[ADAPTER]) for m in layers), *(b.weight for b in bases), *(b.bias for b in bases),
+        *(m.lora_A[ADAPTER].weight for m in layers), *(m.lora_B[ADAPTER].weight for m in layers))
+
+
 def _merge_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether merging the adapter into the weight moves less memory than the rank-r products over the tokens:
     the merge costs about 16 bytes per weight value (the merged copy, M, and the two reads of M), the rank-r
@@ -215,18 +283,23 @@ def _fused_forward(m, plain: Callable[[torch.nn.Module], bool], merge: bool = Fa
     otherwise."""
     peft_forward = m.forward
 
-    def forward(x, *args, **kwargs):
+    def eligible(x: torch.Tensor) -> bool:
         base = m.base_layer
-        if (args or kwargs or m.merged or m.disable_adapters or list(m.active_adapters) != [ADAPTER]
-                or not isinstance(m.lora_dropout[ADAPTER], torch.nn.Identity) or not plain(base)
-                or x.dtype != base.weight.dtype or base.weight.requires_grad
-                or (base.bias is not None and base.bias.requires_grad)
-                or torch.is_autocast_enabled(x.device.type)):
+        return not (m.merged or m.disable_adapters or list(m.active_adapters) != [ADAPTER]
+                    or not isinstance(m.lora_dropout[ADAPTER], torch.nn.Identity) or not plain(base)
+                    or x.dtype != base.weight.dtype or base.weight.requires_grad
+                    or (base.bias is not None and base.bias.requires_grad)
+                    or torch.is_autocast_enabled(x.device.type))
+
+    def forward(x, *args, **kwargs):
+        if args or kwargs or not eligible(x):
             return peft_forward(x, *args, **kwargs)
+        base = m.base_layer
         fn = _MergedLoRALinear if merge and _merge_pays(x, base.weight) else _FusedLoRALinear
         return fn.apply(x, base.weight, base.bias, m.lora_A[ADAPTER].weight, m.lora_B[ADAPTER].weight,
                         float(m.scaling[ADAPTER]))
 
+    forward.eligible, forward.lora_merge = eligible, merge  # read by stacked_projection
     return forward
 
 
