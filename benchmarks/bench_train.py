@@ -142,10 +142,11 @@ CONFIGS = {
     "comfy_b8_r7": ("comfy_fp16", dict(batch_size=8, layer_norm_kernels=False)),
     "comfy_node_defaults_r7": ("comfy_fp16", dict(samples=2000, memory=AUTO, layer_norm_kernels=False)),
     "sdxl_node_defaults_r7": ("comfy_sdxl_fp16", dict(memory=AUTO, layer_norm_kernels=False)),
-    # round nine: a self-attention's q, k and v projections as one multiply (stack_qkv), off
-    "comfy_b8_r8": ("comfy_fp16", dict(batch_size=8, stack_qkv=False)),
-    "comfy_node_defaults_r8": ("comfy_fp16", dict(samples=2000, memory=AUTO, stack_qkv=False)),
-    "sdxl_node_defaults_r8": ("comfy_sdxl_fp16", dict(memory=AUTO, stack_qkv=False)),
+    # round nine: each transformer block's adapters merged in one launch and its self-attention's q, k and v as
+    # one multiply (block_merge), off
+    "comfy_b8_r8": ("comfy_fp16", dict(batch_size=8, block_merge=False)),
+    "comfy_node_defaults_r8": ("comfy_fp16", dict(samples=2000, memory=AUTO, block_merge=False)),
+    "sdxl_node_defaults_r8": ("comfy_sdxl_fp16", dict(memory=AUTO, block_merge=False)),
     # the node as it trains by default: 2000 samples, memory "auto" (batch 8 on an H200); and before round five
     "comfy_node_defaults": ("comfy_fp16", dict(samples=2000, memory=AUTO)),
     "comfy_node_defaults_before": ("comfy_fp16", dict(samples=2000, memory=AUTO, lora_compute="activations",

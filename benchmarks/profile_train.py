@@ -93,14 +93,17 @@ def profile(backbone, images, settings: TrainSettings, wait: int, active: int, s
     with prof:
         train_lora(backbone, images, captions, settings, progress=progress)
     by_kind, by_name = defaultdict(float), defaultdict(float)
+    launches = 0
     for e in prof.key_averages():
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
         if e.device_type == torch.autograd.DeviceType.CUDA and t and not e.key.startswith("ProfilerStep"):
             by_kind[kind_of(e.key)] += t / 1000 / active
             by_name[e.key] += t / 1000 / active
+            launches += e.count
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:top_n]
     out = {"ms_per_step_by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
-           "gpu_ms_per_step": sum(by_kind.values()), "top_kernels": top}
+           "gpu_ms_per_step": sum(by_kind.values()), "top_kernels": top,
+           "kernels_per_step": launches / active}  # kernels, copies and memsets the GPU ran
     if stacks:
         out["by_source"] = by_source(prof.events(), active, on_cuda)
     if shapes:
@@ -148,7 +151,8 @@ def main() -> None:
     print(f"settings {changes}: eager GPU time {prof['gpu_ms_per_step']:.1f} ms/step "
           f"({prof['gpu_ms_per_step'] / args.batch:.2f} ms/sample); CUDA-graph step {ms:.2f} ms/sample, "
           f"peak {graphs['peak_gib']:.2f} GiB; ~{UNET_TFLOP_PER_SAMPLE / (ms / 1000):.0f} TFLOP/s = "
-          f"{100 * share:.0f} % of {PEAK_TFLOPS:.0f}")
+          f"{100 * share:.0f} % of {PEAK_TFLOPS:.0f}; {prof['kernels_per_step']:.0f} kernels a step, the graph's "
+          f"step {ms * args.batch - prof['gpu_ms_per_step']:+.2f} ms beyond their summed time")
     for kind, t in prof["ms_per_step_by_kind"].items():
         print(f"  {kind:20s} {t:7.2f} ms/step  {100 * t / prof['gpu_ms_per_step']:5.1f} %")
     for name, t in prof["top_kernels"]:

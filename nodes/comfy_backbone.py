@@ -16,7 +16,8 @@ import comfy.utils
 
 from ..facechain_core.errors import FaceChainError
 from ..facechain_core.train import Backbone, fused_add, geglu, group_norm, layer_norm
-from ..facechain_core.train.lora_layers import runs_plain_forward, stacked_projection, without_hooks
+from ..facechain_core.train.lora_layers import (drop_premerged, premerge, runs_plain_forward,
+                                                  stacked_projection, without_hooks)
 
 # ComfyUI's model config classes whose UNet, noise schedule and LoRA keys this trainer handles.
 ARCHITECTURES = {"SD15": "sd15", "SDXL": "sdxl", "SSD1B": "sdxl", "Segmind_Vega": "sdxl",
@@ -286,13 +287,24 @@ def _self_attention(attn, x, transformer_options):
     return attn(x, context=None, value=None, transformer_options=transformer_options)
 
 
-def _transformer_block_forward(m, stack_qkv: bool = True):
+def _premerge_attention(m, n) -> list:
+    """The block's attention projections that read ``n``'s tokens (q, k, v of the self-attention, both outputs,
+    the cross-attention's q) with their LoRA adapters merged in one launch (``premerge``) where they merge."""
+    a1, a2 = m.attn1, m.attn2
+    layers = ([] if m.disable_self_attn else [a1.to_q, a1.to_k, a1.to_v]) + [a2.to_q]
+    layers += [a.to_out[0] for a in (a1, a2) if isinstance(a.to_out, torch.nn.Sequential) and len(a.to_out)]
+    premerge(n, layers)
+    return layers
+
+
+def _transformer_block_forward(m, block_merge: bool = True):
     """BasicTransformerBlock with each residual addition and the LayerNorm after it as one pass of the pack's
     kernels each way (``layer_norm.add_layer_norm``: forward writes the sum and its norm, backward adds the
     residual stream's gradient as it writes the norm's input gradient). The same arithmetic as ComfyUI's
     (attention.py, BasicTransformerBlock.forward) where no patches are set; with patches, under autocast, or for
-    a block of another shape, that runs. With ``stack_qkv`` the self-attention's projections are one multiply
-    where their adapters merge (``_self_attention``)."""
+    a block of another shape, that runs. With ``block_merge`` the attention's LoRA adapters are merged in one
+    launch (``_premerge_attention``) and the self-attention's projections are one multiply where their adapters
+    merge (``_self_attention``)."""
     from comfy.ldm.modules.attention import BasicTransformerBlock
 
     def forward(x, context=None, transformer_options={}):
@@ -301,13 +313,17 @@ def _transformer_block_forward(m, stack_qkv: bool = True):
             return BasicTransformerBlock.forward(m, x, context=context, transformer_options=transformer_options)
         n1, n2, n3 = m.norm1, m.norm2, m.norm3
         x, n = layer_norm.add_layer_norm(x, None, n1.weight, n1.bias, n1.eps)
-        if m.disable_self_attn or not stack_qkv:
-            n = m.attn1(n, context=context if m.disable_self_attn else None, value=None,
-                        transformer_options=transformer_options)
-        else:
-            n = _self_attention(m.attn1, n, transformer_options)
-        x, n = layer_norm.add_layer_norm(x, n, n2.weight, n2.bias, n2.eps)
-        n = m.attn2(n, context=context, value=None, transformer_options=transformer_options)
+        merged = _premerge_attention(m, n) if block_merge else []
+        try:
+            if m.disable_self_attn or not block_merge:
+                n = m.attn1(n, context=context if m.disable_self_attn else None, value=None,
+                            transformer_options=transformer_options)
+            else:
+                n = _self_attention(m.attn1, n, transformer_options)
+            x, n = layer_norm.add_layer_norm(x, n, n2.weight, n2.bias, n2.eps)
+            n = m.attn2(n, context=context, value=None, transformer_options=transformer_options)
+        finally:
+            drop_premerged(merged)
         x, n = layer_norm.add_layer_norm(x, n, n3.weight, n3.bias, n3.eps)
         return x + m.ff(n)
 
@@ -421,12 +437,13 @@ def _norm_silu_sequential(m) -> bool:
 
 @contextmanager
 def fast_frozen_layers(unet, group_norm_kernels: bool = True, geglu_kernels: bool = True,
-                       layer_norm_kernels: bool = True, stack_qkv: bool = True):
+                       layer_norm_kernels: bool = True, block_merge: bool = True):
     """Training-only forwards for frozen layers whose stock forwards move more memory than they compute (see
     ``_geglu_forward``, ``_spatial_transformer_forward``, with ``group_norm_kernels`` the GroupNorms, with the
     SiLU after them where there is one, and the ResBlocks' additions: ``_resblock_forward``, with
     ``layer_norm_kernels`` the transformer blocks' norms and residual additions: ``_transformer_block_forward``,
-    there with ``stack_qkv`` the self-attention's q, k and v projections as one multiply);
+    there with ``block_merge`` the attention's adapters merged in one launch and the self-attention's q, k and v
+    projections as one multiply);
     each instance gets its own, removed on exit. A layer whose projections are not plain (a LoRA adapter, weights
     cast per call) runs its stock forward. Yields how many layers were given one, how many of them are GroupNorms
     and how many transformer blocks, and how many ResBlocks were given the folded ``_forward`` (each still runs
@@ -449,7 +466,7 @@ def fast_frozen_layers(unet, group_norm_kernels: bool = True, geglu_kernels: boo
             elif type(mod) is SpatialTransformer:
                 mod.forward = _spatial_transformer_forward(mod)
             elif layer_norm_kernels and type(mod) is BasicTransformerBlock:
-                mod.forward = _transformer_block_forward(mod, stack_qkv)
+                mod.forward = _transformer_block_forward(mod, block_merge)
                 transformer_blocks += 1
             elif group_norm_kernels and _norm_silu_sequential(mod):
                 mod.forward = _norm_silu_forward(mod)

@@ -154,7 +154,71 @@ def more() -> dict:
                       "bias": bias, "same_layout": tuple(yk.shape) == tuple(yr.shape),
                       "out_err": _rel(yk.detach(), yr.detach()), "grad_err": _rel(xk.grad, xr.grad)})
     cases += _layer_norm_cases(g)
+    cases += _lora_merge_cases(g)
+    cases.append(_premerge_case(g))
     return {"cases": cases}
+
+
+def _premerge_case(g: torch.Generator) -> dict:
+    """``lora_layers.premerge`` on four projections of one input (q, k, v and another): the merged weights are
+    taken once, by the stacked q, k, v and by the fourth layer, with the outputs of each layer merging its own;
+    a factor changed in place after the merge makes its layer merge again; ``drop_premerged`` forgets what was
+    not taken; too few tokens, nothing merged ahead."""
+    from facechain_core.train import lora_layers
+
+    net = torch.nn.ModuleDict({k: torch.nn.Linear(32, 32, bias=False) for k in ("q", "k", "v", "o")})
+    net.half().requires_grad_(False)
+    x = torch.randn(4, 50, 32, generator=g).half()
+    layers = lambda: [net[k] for k in ("q", "k", "v", "o")]  # noqa: E731 - the peft wrappers, once put in
+    out = {}
+    with lora_layers.lora_adapters(net, ["q", "k", "v", "o"], 4, 8, 0, product="merged") as params, torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        own = [torch.cat([m(x) for m in layers()[:3]], -1), layers()[3](x)]  # each layer merging its own
+        out["merged_ahead"] = lora_layers.premerge(x, layers())
+        out["held"] = [m.forward.premerged is not None for m in layers()]
+        ahead = [lora_layers.stacked_projection(x, layers()[:3]), layers()[3](x)]
+        out["taken"] = [m.forward.premerged is None for m in layers()]
+        out["err"] = max(_rel(a, b) for a, b in zip(ahead, own))
+        lora_layers.premerge(x, layers())
+        layers()[3].lora_B["facechain"].weight.add_(1.0)  # as an optimizer step would, in place
+        changed = layers()[3](x)
+        lora_layers.premerge(x, layers())
+        out["stale_skipped"] = _rel(changed, layers()[3](x)) < 1e-3 and _rel(changed, ahead[1]) > 1e-2
+        lora_layers.drop_premerged(layers())
+        out["dropped"] = all(m.forward.premerged is None for m in layers())
+        out["few_tokens"] = lora_layers.premerge(x[:1, :5], layers())
+    return {"kind": "premerge", "dtype": "float16", "same_layout": True, "out_err": out.pop("err"), "grad_err": 0.0,
+            **out}
+
+
+def _lora_merge_cases(g: torch.Generator) -> list:
+    """``lora_merge.merge``: ``W + scale * B @ A`` for several layers in one launch against float64, every dtype,
+    weights narrower and wider than a tile, rank 1 to 16, scales other than 1, one layer and the most a launch
+    takes; and what it refuses (too many layers, mixed shapes, half-precision factors)."""
+    from facechain_core.train import lora_merge
+
+    cases = []
+    for n, out_f, in_f, r, dtype in [(3, 48, 80, 4, torch.float16), (8, 33, 70, 1, torch.float32),
+                                      (2, 64, 64, 16, torch.bfloat16), (1, 320, 40, 4, torch.float32)]:
+        weights = [torch.randn(out_f, in_f, generator=g).to(dtype) for _ in range(n)]
+        a = [torch.randn(r, in_f, generator=g) * 0.5 for _ in range(n)]
+        b = [torch.randn(out_f, r, generator=g) * 0.5 for _ in range(n)]
+        scales = [1.0 + 0.5 * k for k in range(n)]
+        assert lora_merge.usable(weights, a, b)
+        got = lora_merge.merge(weights, a, b, scales)
+        want = torch.stack([w.double() + s * (f.double() @ e.double()) for w, e, f, s in zip(weights, a, b, scales)])
+        cases.append({"kind": "lora_merge", "shape": [n, out_f, in_f, r], "dtype": str(dtype).split(".")[-1],
+                      "same_layout": got.dtype == dtype and tuple(got.shape) == (n, out_f, in_f),
+                      "out_err": _rel(got, want), "grad_err": 0.0})
+    w = [torch.randn(16, 16, generator=g) for _ in range(9)]
+    a, b = [torch.randn(2, 16, generator=g) for _ in w], [torch.randn(16, 2, generator=g) for _ in w]
+    cases.append({"kind": "lora_merge_refused", "dtype": "float32", "same_layout": True, "out_err": 0.0,
+                  "grad_err": 0.0, "checks": [not lora_merge.usable(w, a, b),
+                                               not lora_merge.usable([w[0], torch.randn(16, 8)], a[:2], b[:2]),
+                                               not lora_merge.usable(w[:2], [t.half() for t in a[:2]], b[:2]),
+                                               lora_merge.usable(w[:8], a[:8], b[:8])]})
+    return cases
 
 
 def _layer_norm_cases(g: torch.Generator) -> list:
@@ -256,12 +320,19 @@ def unet(blocks: bool = False) -> dict:
                   # the self-attentions' q, k, v as one multiply: called by the backbone, from the pack's copy
                   "stacked": (importlib.import_module(pack.__name__ + ".facechain_core.train.lora_layers"),
                               "_MergedLoRAStack")}
+    pack_merge = importlib.import_module(pack.__name__ + ".facechain_core.train.lora_merge")
+    launches, stock_merge = [], pack_merge.merge
+    pack_merge.merge = lambda *a: (launches.append(len(a[0])), stock_merge(*a))[1]
+    # per merged-layer or stacked call: whether it came with its weights merged ahead (premerge)
+    premerged = {"merged": [], "stacked": []}
     calls = {name: 0 for name in kernels_of}
     stock_apply = {name: getattr(mod, cls).apply for name, (mod, cls) in kernels_of.items()}
 
     def counted(name):
         def apply(*a):
             calls[name] += 1
+            if name in premerged:  # (x, weight, bias, a, b, scale, merged) and (x, scales, merged, ...)
+                premerged[name].append((a[-1] if name == "merged" else a[2]) is not None)
             return stock_apply[name](*a)
         return apply
 
@@ -286,6 +357,7 @@ def unet(blocks: bool = False) -> dict:
                           out.is_contiguous(memory_format=torch.channels_last))
     for name, (mod, cls) in kernels_of.items():
         getattr(mod, cls).apply = stock_apply[name]
+    pack_merge.merge = stock_merge
     from comfy.ldm.modules.attention import GEGLU, BasicTransformerBlock
     from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
 
@@ -294,6 +366,7 @@ def unet(blocks: bool = False) -> dict:
             "res_blocks": sum(type(m) is ResBlock for m in net.modules()), "folded": folded, "add_calls": calls["add"],
             "gegLUs": sum(type(m) is GEGLU for m in net.modules()), "geglu_calls": calls["geglu"],
             "merged_calls": calls["merged"], "stacked_calls": calls["stacked"], "layer_norm_calls": calls["layer_norm"],
+            "merge_launches": launches, "premerged": premerged,
             "transformer_blocks": sum(type(m) is BasicTransformerBlock for m in net.modules()),
             "transformer_blocks_patched": blocks_patched, "out_err": _rel(o2, o1),
             "grad_err": max(_rel(a, b) for a, b in zip(g2, g1)), "grads": len(g1), "nhwc_out": [cl1, cl2],

@@ -527,7 +527,7 @@ def test_a_transformer_block_with_its_norms_folded_computes_comfyuis_block(comfy
 def test_a_fast_transformer_block_runs_its_self_attentions_projections_as_one(comfy_backbone_module, monkeypatch):
     """LoRA merged on the attention, as the trainer's defaults train: in the training-only block the
     self-attention's q, k and v are one multiply (``stacked_projection``), with ComfyUI's output and the same
-    gradients for the input and every factor; with ``stack_qkv`` off, or an attention override a custom node set
+    gradients for the input and every factor; with ``block_merge`` off, or an attention override a custom node set
     in transformer_options, each projection runs its own forward."""
     cb = comfy_backbone_module
     block = _transformer_block()
@@ -542,7 +542,7 @@ def test_a_fast_transformer_block_runs_its_self_attentions_projections_as_one(co
 
     def run(fast, stack=True, options=None):
         xi = x.clone().requires_grad_()
-        with cb.fast_frozen_layers(block, stack_qkv=stack) if fast else contextlib.nullcontext(), \
+        with cb.fast_frozen_layers(block, block_merge=stack) if fast else contextlib.nullcontext(), \
                 lora_adapters(block, ["to_q", "to_k", "to_v", "to_out.0"], 4, 4, 0, product="merged",
                               plain_linear=cb.plain_linear) as params:
             _factors_random(params)

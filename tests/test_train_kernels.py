@@ -1,7 +1,8 @@
-"""Round seven's and eight's training kernels: GEGLU in one projection and one pass each way
+"""Rounds seven to nine's training kernels: GEGLU in one projection and one pass each way
 (facechain_core/train/geglu.py), GroupNorm of ``x + add`` (the ResBlock's time embedding and convolution bias
-folded into the norm), the ResBlock's ``skip + h + bias`` in one pass (fused_add.py), and the transformer
-blocks' residual addition with the LayerNorm after it (layer_norm.py). Run by Triton's interpreter on the CPU
+folded into the norm), the ResBlock's ``skip + h + bias`` in one pass (fused_add.py), the transformer
+blocks' residual addition with the LayerNorm after it (layer_norm.py), and several LoRA adapters merged into
+their weights in one launch (lora_merge.py). Run by Triton's interpreter on the CPU
 against float64 PyTorch, alone and inside the tiny ComfyUI UNet in the trainer's order; where they cannot run,
 PyTorch's own computation. Their speed is measured on a GPU by benchmarks/bench_train.py and profile_train.py,
 not here."""
@@ -27,6 +28,11 @@ def test_the_kernels_give_pytorchs_results_and_gradients():
     assert all(c["kernel"] for c in cases if c["kind"] == "layer_norm")
     assert [c["alias"] for c in cases if c["kind"] == "layer_norm"] == [True, False, False, False, False]
     assert [c["kernel"] for c in cases if c["kind"] == "group_norm_add_grad"] == [True]
+    assert kinds.count("lora_merge") == 4
+    (pre,) = [c for c in cases if c["kind"] == "premerge"]
+    assert pre["merged_ahead"] == 4 and pre["held"] == [True] * 4 and pre["taken"] == [True] * 4, pre
+    assert pre["stale_skipped"] and pre["dropped"] and pre["few_tokens"] == 0, pre
+    assert [c["checks"] for c in cases if c["kind"] == "lora_merge_refused"] == [[True, True, True, True]]
     for c in cases:
         assert c["same_layout"], c
         assert c["out_err"] < TOLERANCE[c["dtype"]], c
@@ -40,8 +46,8 @@ def test_the_kernels_give_pytorchs_results_and_gradients():
 def test_the_comfyui_unet_trains_the_same_with_its_resblocks_and_geglus_on_the_kernels():
     """The trainer's defaults on ComfyUI's tiny SD1.5 UNet (LoRA on the attention, merged where it pays, fast
     layers, channels-last): every ResBlock folds its additions into the kernels, every GEGLU runs its kernels,
-    every transformer block its additions and LayerNorms (the first level's self-attentions their q, k and v as one
-    multiply), and the output and the LoRA gradients are ComfyUI's
+    every transformer block its additions and LayerNorms (its attention's adapters merged in one launch where they
+    merge, the self-attention's q, k and v as one multiply), and the output and the LoRA gradients are ComfyUI's
     stock forwards' with peft's product."""
     r = _interpreted("unet_blocks")
     assert r["transformer_blocks"] > 0 and r["transformer_blocks_patched"] == r["transformer_blocks"], r
@@ -51,6 +57,11 @@ def test_the_comfyui_unet_trains_the_same_with_its_resblocks_and_geglus_on_the_k
     assert r["gegLUs"] > 0 and r["geglu_calls"] == r["gegLUs"], r
     assert r["merged_calls"] > 0, r  # the first level's adapters are merged, the lower levels' are not
     assert r["stacked_calls"] > 0, r  # and its self-attentions' q, k, v are one multiply
+    # each block's merging adapters merged in one launch, the stock run (peft's product) none: 6 a block, every
+    # merged layer's call given its weight merged ahead
+    assert r["merge_launches"] and set(r["merge_launches"]) == {6}, r
+    assert len(r["merge_launches"]) == r["stacked_calls"], r
+    assert r["premerged"] == {"merged": [True] * r["merged_calls"], "stacked": [True] * r["stacked_calls"]}, r
     assert r["out_err"] < 1e-4 and r["grad_err"] < 1e-4 and r["grads"] > 0, r
     assert r["nhwc_out"] == [True, True] and r["patched_left"] == 0, r
 

@@ -150,9 +150,10 @@ class _MergedLoRALinear(torch.autograd.Function):
     steps too coarsely)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, a, b, scale: float):
-        a_h, b_h = a.to(x.dtype), _scaled(b, scale).to(x.dtype)
-        merged = torch.addmm(weight, b_h, a_h)  # W + scale * B @ A, summed in float32 and rounded once
+    def forward(ctx, x, weight, bias, a, b, scale: float, merged=None):
+        if merged is None:  # (else merged for the block in one launch: premerge)
+            a_h, b_h = a.to(x.dtype), _scaled(b, scale).to(x.dtype)
+            merged = torch.addmm(weight, b_h, a_h)  # W + scale * B @ A, summed in float32 and rounded once
         x2 = x.reshape(-1, x.shape[-1])
         y = torch.addmm(bias, x2, merged.t()) if bias is not None else x2 @ merged.t()
         # backward's small products take the float32 factors themselves (their half copies differ by a rounding,
@@ -174,7 +175,7 @@ class _MergedLoRALinear(torch.autograd.Function):
                 grad_b = _scaled(m @ a.float().t(), ctx.scale)
         if ctx.needs_input_grad[0]:
             grad_x = (g @ merged).view(ctx.shape)
-        return grad_x, None, None, grad_a, grad_b, None
+        return grad_x, None, None, grad_a, grad_b, None, None
 
 
 class _MergedLoRAStack(torch.autograd.Function):
@@ -187,17 +188,18 @@ class _MergedLoRAStack(torch.autograd.Function):
     The arithmetic is ``_MergedLoRALinear``'s for each layer."""
 
     @staticmethod
-    def forward(ctx, x, scales, *tensors):
+    def forward(ctx, x, scales, merged, *tensors):
         n = len(scales)
         weights, biases, factors_a, factors_b = tensors[:n], tensors[n:2 * n], tensors[2 * n:3 * n], tensors[3 * n:]
         out_f, in_f = weights[0].shape
         a = torch.stack(factors_a)  # [n, r, in], float32
         b = torch.stack(factors_b) if all(s == 1 for s in scales) else \
             torch.stack([_scaled(f, s) for f, s in zip(factors_b, scales)])  # [n, out, r], the scales in
-        a_h, b_h = a.to(x.dtype), b.to(x.dtype)
-        merged = torch.empty(n, out_f, in_f, device=x.device, dtype=x.dtype)
-        for i, w in enumerate(weights):  # W + scale * B @ A, summed in float32 and rounded once, as one layer's
-            torch.addmm(w, b_h[i], a_h[i], out=merged[i])
+        if merged is None:  # (else merged for the block in one launch: premerge)
+            a_h, b_h = a.to(x.dtype), b.to(x.dtype)
+            merged = torch.empty(n, out_f, in_f, device=x.device, dtype=x.dtype)
+            for i, w in enumerate(weights):  # W + scale * B @ A, summed in float32 and rounded once, as one layer's
+                torch.addmm(w, b_h[i], a_h[i], out=merged[i])
         x2 = x.reshape(-1, in_f)
         flat = merged.view(n * out_f, in_f)
         y = torch.addmm(torch.cat(biases), x2, flat.t()) if biases[0] is not None else x2 @ flat.t()
@@ -211,12 +213,12 @@ class _MergedLoRAStack(torch.autograd.Function):
         n, out_f, in_f = merged.shape
         g = grad.reshape(-1, n * out_f)
         grads_a = grads_b = (None,) * n
-        if any(ctx.needs_input_grad[2 + 2 * n:]):
+        if any(ctx.needs_input_grad[3 + 2 * n:]):
             m = _mm_float32(g.t(), x2).view(n, out_f, in_f)  # each layer's base-weight gradient, were it trained
             grads_a = torch.bmm(b.transpose(1, 2), m).unbind(0)  # scale * B.T @ M (b holds the scale)
             grads_b = [_scaled(t, s) for t, s in zip(torch.bmm(m, a.transpose(1, 2)).unbind(0), ctx.scales)]
         grad_x = (g @ merged.view(n * out_f, in_f)).view(ctx.shape) if ctx.needs_input_grad[0] else None
-        return (grad_x, None, *(None,) * (2 * n), *grads_a, *grads_b)
+        return (grad_x, None, None, *(None,) * (2 * n), *grads_a, *grads_b)
 
 
 def _merge_forward(m: torch.nn.Module, x: torch.Tensor) -> bool:
@@ -241,8 +243,75 @@ def stacked_projection(x: torch.Tensor, layers) -> torch.Tensor | None:
             for b in bases):
         return None
     return _MergedLoRAStack.apply(
-        x, tuple(float(m.scaling[ADAPTER]) for m in layers), *(b.weight for b in bases), *(b.bias for b in bases),
+        x, tuple(float(m.scaling[ADAPTER]) for m in layers), _premerged_run(layers),
+        *(b.weight for b in bases), *(b.bias for b in bases),
         *(m.lora_A[ADAPTER].weight for m in layers), *(m.lora_B[ADAPTER].weight for m in layers))
+
+
+def _factor_versions(m) -> tuple:
+    return m.lora_A[ADAPTER].weight._version, m.lora_B[ADAPTER].weight._version
+
+
+def premerge(x: torch.Tensor, layers) -> int:
+    """Merge, in one launch per weight shape (``lora_merge``), the adapters of those of ``layers`` that would
+    merge for an input like ``x`` (``_merge_forward``, ``_merge_pays``; layers whose input has ``x``'s tokens and
+    features, such as a transformer block's attention projections, but not a cross-attention's k and v); each of
+    them uses its merged weight at its next call, once, if its factors have not changed since (in-place updates
+    count). Layers of one shape are written side by side in the order given, so q, k and v given together serve
+    ``stacked_projection`` as they are. Returns how many layers were merged; 0 where the kernel cannot run (each
+    layer then merges its own, as without this)."""
+    from . import lora_merge
+
+    chosen = [m for m in layers if _merge_forward(m, x) and m.base_layer.weight.shape[-1] == x.shape[-1]
+              and _merge_pays(x, m.base_layer.weight)]
+    groups: dict = {}
+    for m in chosen:
+        groups.setdefault((tuple(m.base_layer.weight.shape), m.base_layer.weight.dtype), []).append(m)
+    done = 0
+    for group in groups.values():
+        for start in range(0, len(group), lora_merge.MAX_LAYERS):
+            part = group[start:start + lora_merge.MAX_LAYERS]
+            weights = [m.base_layer.weight for m in part]
+            factors_a = [m.lora_A[ADAPTER].weight for m in part]
+            factors_b = [m.lora_B[ADAPTER].weight for m in part]
+            if not lora_merge.usable(weights, factors_a, factors_b):
+                continue
+            merged = lora_merge.merge(weights, factors_a, factors_b, [float(m.scaling[ADAPTER]) for m in part])
+            for k, m in enumerate(part):
+                m.__dict__["forward"].premerged = (merged, k, _factor_versions(m))
+            done += len(part)
+    return done
+
+
+def drop_premerged(layers) -> None:
+    """Forget merged weights ``premerge`` left for ``layers`` that were not called (a caller's ``finally``)."""
+    for m in layers:
+        own = m.__dict__.get("forward")
+        if own is not None and getattr(own, "premerged", None) is not None:
+            own.premerged = None
+
+
+def _take_premerged(m):
+    """``(buffer, index)`` of ``m``'s merged weight from ``premerge`` if it is still good, else None; taken once."""
+    own = m.__dict__.get("forward")
+    found = getattr(own, "premerged", None)
+    if found is None:
+        return None
+    own.premerged = None
+    merged, k, versions = found
+    return (merged, k) if versions == _factor_versions(m) else None
+
+
+def _premerged_run(layers):
+    """The ``[n, out, in]`` merged weights of ``layers`` if ``premerge`` left them side by side in order, else
+    None (each layer's merged weight is then computed with the others')."""
+    found = [_take_premerged(m) for m in layers]
+    if any(f is None for f in found) or any(f[0] is not found[0][0] for f in found):
+        return None
+    first = found[0][1]
+    if [f[1] for f in found] != list(range(first, first + len(found))):
+        return None
+    return found[0][0][first:first + len(found)]
 
 
 def _merge_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -295,11 +364,16 @@ def _fused_forward(m, plain: Callable[[torch.nn.Module], bool], merge: bool = Fa
         if args or kwargs or not eligible(x):
             return peft_forward(x, *args, **kwargs)
         base = m.base_layer
-        fn = _MergedLoRALinear if merge and _merge_pays(x, base.weight) else _FusedLoRALinear
-        return fn.apply(x, base.weight, base.bias, m.lora_A[ADAPTER].weight, m.lora_B[ADAPTER].weight,
-                        float(m.scaling[ADAPTER]))
+        if merge and _merge_pays(x, base.weight):
+            found = _take_premerged(m)
+            merged = found[0][found[1]] if found is not None else None
+            return _MergedLoRALinear.apply(x, base.weight, base.bias, m.lora_A[ADAPTER].weight,
+                                           m.lora_B[ADAPTER].weight, float(m.scaling[ADAPTER]), merged)
+        return _FusedLoRALinear.apply(x, base.weight, base.bias, m.lora_A[ADAPTER].weight,
+                                      m.lora_B[ADAPTER].weight, float(m.scaling[ADAPTER]))
 
-    forward.eligible, forward.lora_merge = eligible, merge  # read by stacked_projection
+    # read by stacked_projection and premerge; premerged: a weight merged ahead of the call (premerge)
+    forward.eligible, forward.lora_merge, forward.premerged = eligible, merge, None
     return forward
 
 

@@ -64,8 +64,9 @@ class TrainSettings:
     # with fast_frozen_layers: the transformer blocks' LayerNorms, with the residual additions before them, by the
     # pack's kernels
     layer_norm_kernels: bool = _default("layer_norm_kernels")
-    # with layer_norm_kernels and lora_compute "merged": a self-attention's q, k and v projections as one multiply
-    stack_qkv: bool = _default("stack_qkv")
+    # with layer_norm_kernels and lora_compute "merged": each transformer block's adapters merged in one launch, and
+    # its self-attention's q, k and v projections as one multiply
+    block_merge: bool = _default("block_merge")
     cudnn_benchmark: bool = _default("cudnn_benchmark")  # let cuDNN time its convolution algorithms per shape
     weight_decay: float = _default("weight_decay")
     adam_betas: tuple = _default("adam_betas")
