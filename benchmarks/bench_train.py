@@ -369,7 +369,9 @@ def run_ours(backbone, images, settings: TrainSettings, memory: str = "as set") 
            "ms_per_sample": 1000 * steady / batch,
            "samples_per_s": batch / steady, "train_s": r.timings["train_s"],
            "cache_s": r.timings["cache_s"], "peak_gib": r.timings.get("peak_gib", float("nan")),
-           "loss_first": r.losses[0], "loss_last": sum(r.losses[-5:]) / len(r.losses[-5:])}
+           "loss_first": r.losses[0], "loss_last": sum(r.losses[-5:]) / len(r.losses[-5:]),
+           # a failed capture leaves eager steps: slower, and not what the row claims to measure
+           "graph_fallback": next((n for n in r.notes if n.startswith("CUDA graphs unavailable")), "")}
     if "compile_s" in r.timings:
         out["compile_s"] = r.timings["compile_s"]
     return out
@@ -468,6 +470,8 @@ def run_config(name: str, args, backbones: Backbones, images: dict, ref: dict | 
     elif ref is not None:  # the reference is SD1.5: a speed-up only against the same model
         r["speedup"] = ref["ms_per_sample"] / r["ms_per_sample"]
         extra = f"  x{r['speedup']:.1f} vs reference" + extra
+    if r.get("graph_fallback"):
+        extra += f"  ({r['graph_fallback']})"
     print(f"{name:26s} {r['ms_per_sample']:7.2f} ms/sample {r['samples_per_s']:7.1f} samples/s "
           f"peak {r['peak_gib']:6.2f} GiB  [{r['precision']}]{extra}", flush=True)
     return r
