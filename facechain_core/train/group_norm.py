@@ -10,8 +10,12 @@ The norm's weight and bias must be frozen (no gradients for them are computed): 
 
 Each program reads a tile of positions x channels, long along the layout's contiguous axis (channels in
 NHWC, positions in NCHW), and keeps per-channel partial sums; a small kernel per group adds them up in a
-fixed order, so results do not depend on scheduling. Statistics are taken in float32 about a shift (the
-group's first element) so the variance does not cancel away.
+fixed order, so results do not depend on scheduling. A program's loop over its tiles is software-pipelined
+(``tl.range(..., num_stages=3)``: the next tiles' loads are issued before this one's arithmetic): on an
+H200 all of one SD1.5 step's GroupNorms, forward and backward, took 3.15 ms as one CUDA graph with plain
+loops and 2.86 ms so (the 64x64 maps' 1.50 -> 1.29 ms; 2 stages gained nothing, 4 a little less than 3).
+Statistics are taken in float32 about a shift (the group's first element) so the variance does not cancel
+away.
 
 Triton ships with PyTorch on Linux; where it is missing, or for a tensor it does not handle, ``usable``
 says no and the caller keeps PyTorch's own GroupNorm. ``TRITON_INTERPRET=1`` runs the kernels on the CPU
@@ -219,7 +223,7 @@ if triton is not None:
                  + _added(ADD, n, C, first, cmask, HAS_ADD))
         acc = tl.zeros([BP, BC], tl.float32)
         acc2 = tl.zeros([BP, BC], tl.float32)
-        for off in range(0, chunk, BP):
+        for off in tl.range(0, chunk, BP, num_stages=3):  # loads run ahead: see the module's note
             p = p0 + off
             mask = (p < HW)[:, None] & cmask[None, :]
             x = tl.load(X + n * sn + p[:, None] * shw + c[None, :] * sc, mask=mask, other=0.0).to(tl.float32)
@@ -268,7 +272,7 @@ if triton is not None:
         w, b = _affine(W, B, c, cmask, HAS_W, HAS_B)
         scale = rstd * w
         shift = b - mean * scale
-        for off in range(0, chunk, BP):
+        for off in tl.range(0, chunk, BP, num_stages=3):  # loads run ahead: see the module's note
             p = p0 + off
             mask = (p < HW)[:, None] & cmask[None, :]
             ptr = n * sn + p[:, None] * shw + c[None, :] * sc
@@ -307,7 +311,7 @@ if triton is not None:
         w, b = _affine(W, B, c, cmask, HAS_W, HAS_B)
         acc = tl.zeros([BP, BC], tl.float32)
         acc2 = tl.zeros([BP, BC], tl.float32)
-        for off in range(0, chunk, BP):
+        for off in tl.range(0, chunk, BP, num_stages=3):  # loads run ahead: see the module's note
             p = p0 + off
             mask = (p < HW)[:, None] & cmask[None, :]
             ptr = n * sn + p[:, None] * shw + c[None, :] * sc
@@ -338,7 +342,7 @@ if triton is not None:
         mean, rstd = _norm_stats(STATS, ADD, n, C, c, cmask, cpg, G, HAS_ADD)
         c1, c2 = _column_stats(COEF, n, c, cmask, cpg, G)
         w, b = _affine(W, B, c, cmask, HAS_W, HAS_B)
-        for off in range(0, chunk, BP):
+        for off in tl.range(0, chunk, BP, num_stages=3):  # loads run ahead: see the module's note
             p = p0 + off
             mask = (p < HW)[:, None] & cmask[None, :]
             ptr = n * sn + p[:, None] * shw + c[None, :] * sc

@@ -23,6 +23,7 @@ if triton is not None:
 
 MAX_LAYERS = 8  # layers per launch (their addresses are the kernel's arguments)
 TILE_ROWS, TILE_COLS = 32, 64  # a program's tile of a weight; columns are contiguous
+NUM_WARPS = 4
 
 _WORKS: dict = {}  # (device, dtype) -> whether a first small run compiled, ran and matched PyTorch
 
@@ -114,7 +115,8 @@ def _merge_launch(weights, factors_a, factors_b, scales) -> torch.Tensor:
     grid = (n, triton.cdiv(out_f, TILE_ROWS), triton.cdiv(in_f, TILE_COLS))
     _merge[grid](_address(out), *padded(_address(w) for w in weights), *padded(_address(a) for a in factors_a),
                  *padded(_address(b) for b in factors_b), *padded(float(s) for s in scales), out_f, in_f,
-                 int(factors_a[0].shape[0]), WT=_TL[weights[0].dtype], BO=TILE_ROWS, BI=TILE_COLS)
+                 int(factors_a[0].shape[0]), WT=_TL[weights[0].dtype], BO=TILE_ROWS, BI=TILE_COLS,
+                 num_warps=NUM_WARPS)
     return out
 
 
