@@ -268,33 +268,45 @@ def _plain_transformer_block(m) -> bool:
             and not m.switch_temporal_ca_to_sa and all(_plain_layer_norm(n) for n in (m.norm1, m.norm2, m.norm3)))
 
 
-def _self_attention(attn, x, transformer_options):
-    """``attn(x)`` for a self-attention (ComfyUI's CrossAttention without a context), with its q, k and v
-    projections as one multiply where their LoRA adapters merge (``lora_layers.stacked_projection``): q, k and v
-    are then column slices of one output (every attention function of ComfyUI reshapes them as it finds them,
-    PyTorch's SDPA takes them strided). The stock forward otherwise, and for an attention override a custom node
-    set (it may want contiguous inputs)."""
+def _attention(attn, x, context, transformer_options, stack: bool = True):
+    """``attn(x, context)`` (ComfyUI's CrossAttention; a self-attention without a context) with its projections
+    of the same input as one multiply where their LoRA adapters merge (``lora_layers.stacked_projection``): q, k
+    and v of a self-attention, k and v of a cross-attention over the text (merged for that though its 77 tokens
+    would leave each layer alone to the fused product). They reach the attention as column slices of one output
+    (every attention function of ComfyUI reshapes them as it finds them, PyTorch's SDPA takes them strided). The
+    stock forward otherwise (and without ``stack``), and for an attention override a custom node set (it may want
+    contiguous inputs)."""
     from comfy.ldm.modules import attention
 
-    if (runs_plain_forward(attn) and type(attn).forward is attention.CrossAttention.forward
+    if (stack and runs_plain_forward(attn) and type(attn).forward is attention.CrossAttention.forward
             and "optimized_attention_override" not in transformer_options):
-        qkv = stacked_projection(x, (attn.to_q, attn.to_k, attn.to_v))
-        if qkv is not None:
-            q, k, v = qkv.split(qkv.shape[-1] // 3, dim=-1)
+        if context is None:
+            qkv = stacked_projection(x, (attn.to_q, attn.to_k, attn.to_v))
+            q, k, v = qkv.split(qkv.shape[-1] // 3, dim=-1) if qkv is not None else (None,) * 3
+        else:
+            kv = stacked_projection(context, (attn.to_k, attn.to_v), few_tokens=True)
+            q, k, v = (attn.to_q(x), *kv.split(kv.shape[-1] // 2, dim=-1)) if kv is not None else (None,) * 3
+        if q is not None:
             out = attention.optimized_attention(q, k, v, attn.heads, attn_precision=attn.attn_precision,
                                                 transformer_options=transformer_options)
             return attn.to_out(out)
-    return attn(x, context=None, value=None, transformer_options=transformer_options)
+    return attn(x, context=context, value=None, transformer_options=transformer_options)
 
 
-def _premerge_attention(m, n) -> list:
-    """The block's attention projections that read ``n``'s tokens (q, k, v of the self-attention, both outputs,
-    the cross-attention's q) with their LoRA adapters merged in one launch (``premerge``) where they merge."""
+def _premerge_attention(m, n, context) -> list:
+    """The block's attention projections with their LoRA adapters merged (``premerge``) where they merge: those
+    that read ``n``'s tokens (q, k, v of the self-attention, both outputs, the cross-attention's q) in one launch,
+    the cross-attention's k and v for the text ``context`` in another. Returns the layers, for ``drop_premerged``
+    (the kernel may have run for some before a later launch failed)."""
     a1, a2 = m.attn1, m.attn2
     layers = ([] if m.disable_self_attn else [a1.to_q, a1.to_k, a1.to_v]) + [a2.to_q]
     layers += [a.to_out[0] for a in (a1, a2) if isinstance(a.to_out, torch.nn.Sequential) and len(a.to_out)]
     premerge(n, layers)
-    return layers
+    text = []
+    if context is not None:
+        text = [a2.to_k, a2.to_v] + ([a1.to_k, a1.to_v] if m.disable_self_attn else [])
+        premerge(context, text, few_tokens=True)
+    return layers + text
 
 
 def _transformer_block_forward(m, block_merge: bool = True):
@@ -302,9 +314,9 @@ def _transformer_block_forward(m, block_merge: bool = True):
     kernels each way (``layer_norm.add_layer_norm``: forward writes the sum and its norm, backward adds the
     residual stream's gradient as it writes the norm's input gradient). The same arithmetic as ComfyUI's
     (attention.py, BasicTransformerBlock.forward) where no patches are set; with patches, under autocast, or for
-    a block of another shape, that runs. With ``block_merge`` the attention's LoRA adapters are merged in one
-    launch (``_premerge_attention``) and the self-attention's projections are one multiply where their adapters
-    merge (``_self_attention``)."""
+    a block of another shape, that runs. With ``block_merge`` the attention's LoRA adapters are merged ahead
+    (``_premerge_attention``) and the projections of one input are one multiply where their adapters merge
+    (``_attention``)."""
     from comfy.ldm.modules.attention import BasicTransformerBlock
 
     def forward(x, context=None, transformer_options={}):
@@ -313,17 +325,15 @@ def _transformer_block_forward(m, block_merge: bool = True):
             return BasicTransformerBlock.forward(m, x, context=context, transformer_options=transformer_options)
         n1, n2, n3 = m.norm1, m.norm2, m.norm3
         x, n = layer_norm.add_layer_norm(x, None, n1.weight, n1.bias, n1.eps)
-        merged = _premerge_attention(m, n) if block_merge else []
+        premerged_layers = []
         try:
-            if m.disable_self_attn or not block_merge:
-                n = m.attn1(n, context=context if m.disable_self_attn else None, value=None,
-                            transformer_options=transformer_options)
-            else:
-                n = _self_attention(m.attn1, n, transformer_options)
+            if block_merge:
+                premerged_layers = _premerge_attention(m, n, context)
+            n = _attention(m.attn1, n, context if m.disable_self_attn else None, transformer_options, block_merge)
             x, n = layer_norm.add_layer_norm(x, n, n2.weight, n2.bias, n2.eps)
-            n = m.attn2(n, context=context, value=None, transformer_options=transformer_options)
+            n = _attention(m.attn2, n, context, transformer_options, block_merge)
         finally:
-            drop_premerged(merged)
+            drop_premerged(premerged_layers)
         x, n = layer_norm.add_layer_norm(x, n, n3.weight, n3.bias, n3.eps)
         return x + m.ff(n)
 
@@ -442,8 +452,8 @@ def fast_frozen_layers(unet, group_norm_kernels: bool = True, geglu_kernels: boo
     ``_geglu_forward``, ``_spatial_transformer_forward``, with ``group_norm_kernels`` the GroupNorms, with the
     SiLU after them where there is one, and the ResBlocks' additions: ``_resblock_forward``, with
     ``layer_norm_kernels`` the transformer blocks' norms and residual additions: ``_transformer_block_forward``,
-    there with ``block_merge`` the attention's adapters merged in one launch and the self-attention's q, k and v
-    projections as one multiply);
+    there with ``block_merge`` the attention's adapters merged ahead and the projections of one input (q, k, v;
+    k, v of the text) as one multiply);
     each instance gets its own, removed on exit. A layer whose projections are not plain (a LoRA adapter, weights
     cast per call) runs its stock forward. Yields how many layers were given one, how many of them are GroupNorms
     and how many transformer blocks, and how many ResBlocks were given the folded ``_forward`` (each still runs

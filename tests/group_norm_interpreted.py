@@ -321,6 +321,7 @@ def unet(blocks: bool = False) -> dict:
                   "stacked": (importlib.import_module(pack.__name__ + ".facechain_core.train.lora_layers"),
                               "_MergedLoRAStack")}
     pack_merge = importlib.import_module(pack.__name__ + ".facechain_core.train.lora_merge")
+    assert pack_merge.works(x.device, torch.float32)  # its first small run, before counting
     launches, stock_merge = [], pack_merge.merge
     pack_merge.merge = lambda *a: (launches.append(len(a[0])), stock_merge(*a))[1]
     # per merged-layer or stacked call: whether it came with its weights merged ahead (premerge)

@@ -170,11 +170,14 @@ class _QKV(torch.nn.Module):
         return self.to_q, self.to_k, self.to_v
 
 
-def _qkv_run(net, x, product="merged", stacked=True, alpha=4):
-    """q, k, v side by side, the input's gradient and the factors' (a loss that mixes q, k and v)."""
+def _qkv_run(net, x, product="merged", stacked=True, alpha=4, scales=None):
+    """q, k, v side by side, the input's gradient and the factors' (a loss that mixes q, k and v); ``scales``: a
+    LoRA scale of each layer's own instead of alpha / rank."""
     x = x.clone().requires_grad_(True)
     with lora_adapters(net, ["to_q", "to_k", "to_v"], 4, alpha, 0, product=product) as params:
         _factors_random(params)
+        for m, scale in zip(net.layers(), scales or ()):
+            m.scaling["facechain"] = scale
         y = lora_layers.stacked_projection(x, net.layers()) if stacked else None
         if y is None:
             y = torch.cat([m(x) for m in net.layers()], dim=-1)
@@ -185,19 +188,20 @@ def _qkv_run(net, x, product="merged", stacked=True, alpha=4):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("alpha", [4, 8])  # LoRA scale 1 and 2
-def test_stacked_qkv_gives_each_layers_merged_outputs_and_gradients(monkeypatch, dtype, tol, bias, alpha):
+@pytest.mark.parametrize("alpha,scales", [(4, None), (8, None), (4, (0.5, 1.0, 3.0))])  # LoRA scale 1, 2, mixed
+def test_stacked_qkv_gives_each_layers_merged_outputs_and_gradients(monkeypatch, dtype, tol, bias, alpha, scales):
     """q, k and v as one multiply (``stacked_projection``) against each layer's own merged forward and peft's:
-    the same outputs, input gradient and factor gradients (float32; fp16 up to the merged weight's rounding)."""
+    the same outputs, input gradient and factor gradients (float32; fp16 up to the merged weight's rounding),
+    also with a scale of each layer's own."""
     torch.manual_seed(0)
     net, x = _QKV(dtype, bias), torch.randn(4, 50, 32, dtype=dtype)
     stacked_calls = _count(monkeypatch, lora_layers._MergedLoRAStack)
     merged_calls = _count(monkeypatch, lora_layers._MergedLoRALinear)
-    stacked = _qkv_run(net, x, alpha=alpha)
+    stacked = _qkv_run(net, x, alpha=alpha, scales=scales)
     assert stacked_calls == [1] and merged_calls == []
-    one_by_one = _qkv_run(net, x, stacked=False, alpha=alpha)
+    one_by_one = _qkv_run(net, x, stacked=False, alpha=alpha, scales=scales)
     assert stacked_calls == [1] and merged_calls == [1, 1, 1]
-    peft = _qkv_run(net, x, product="activations", stacked=False, alpha=alpha)
+    peft = _qkv_run(net, x, product="activations", stacked=False, alpha=alpha, scales=scales)
     for want, t in ((one_by_one, tol), (peft, tol)):
         assert (stacked[0] - want[0]).abs().max() <= t * want[0].abs().max()
         assert (stacked[1] - want[1]).abs().max() <= t * want[1].abs().max()
@@ -208,8 +212,9 @@ def test_stacked_qkv_gives_each_layers_merged_outputs_and_gradients(monkeypatch,
 
 
 def test_stacked_qkv_is_refused_where_one_layer_would_compute_otherwise(monkeypatch):
-    """None (the caller then runs each layer) for layers of different shapes, a hooked layer, the fused product,
-    too few tokens for merging, or a bias on some layers only."""
+    """None (the caller then runs each layer) for layers of different shapes or ranks, a hooked layer (forward or
+    backward hooks), the fused product, too few tokens for merging (unless ``few_tokens``), bfloat16 weights, or a
+    bias on some layers only."""
     torch.manual_seed(0)
     x = torch.randn(4, 50, 32)
     stacked_calls = _count(monkeypatch, lora_layers._MergedLoRAStack)
@@ -223,11 +228,20 @@ def test_stacked_qkv_is_refused_where_one_layer_would_compute_otherwise(monkeypa
         assert lora_layers.stacked_projection(x, net.layers()) is None
     net = _QKV(torch.float32)
     with lora_adapters(net, ["to_q", "to_k", "to_v"], 4, 4, 0, product="merged"):
-        hook = net.to_k.register_forward_hook(lambda m, args, out: out)
-        assert lora_layers.stacked_projection(x, net.layers()) is None
-        hook.remove()
+        for register in (net.to_k.register_forward_hook, net.to_k.register_full_backward_hook):
+            hook = register(lambda *args: None)
+            assert lora_layers.stacked_projection(x, net.layers()) is None
+            hook.remove()
         assert lora_layers.stacked_projection(x, net.layers()) is not None
-    assert stacked_calls == [1]
+        assert lora_layers.stacked_projection(x[:1, :10], net.layers(), few_tokens=True) is not None
+        a = net.to_v.lora_A["facechain"]
+        a.weight = torch.nn.Parameter(torch.randn(2, 32))  # another rank
+        net.to_v.lora_B["facechain"].weight = torch.nn.Parameter(torch.randn(32, 2))
+        assert lora_layers.stacked_projection(x, net.layers()) is None
+    net = _QKV(torch.bfloat16)
+    with lora_adapters(net, ["to_q", "to_k", "to_v"], 4, 4, 0, product="merged"):
+        assert lora_layers.stacked_projection(x.bfloat16(), net.layers(), few_tokens=True) is None
+    assert stacked_calls == [1, 1]
 
 
 def test_merged_is_the_default_and_other_values_are_a_clear_error():
@@ -524,11 +538,12 @@ def test_a_transformer_block_with_its_norms_folded_computes_comfyuis_block(comfy
     assert not cb._plain_transformer_block(hooked)
 
 
-def test_a_fast_transformer_block_runs_its_self_attentions_projections_as_one(comfy_backbone_module, monkeypatch):
+def test_a_fast_transformer_block_runs_the_projections_of_one_input_as_one(comfy_backbone_module, monkeypatch):
     """LoRA merged on the attention, as the trainer's defaults train: in the training-only block the
-    self-attention's q, k and v are one multiply (``stacked_projection``), with ComfyUI's output and the same
-    gradients for the input and every factor; with ``block_merge`` off, or an attention override a custom node set
-    in transformer_options, each projection runs its own forward."""
+    self-attention's q, k and v are one multiply, and so are the cross-attention's k and v over the text
+    (``stacked_projection``), with ComfyUI's output and the same gradients for the input, the text and every
+    factor; with ``block_merge`` off, or an attention override a custom node set in transformer_options, each
+    projection runs its own forward."""
     cb = comfy_backbone_module
     block = _transformer_block()
     x, ctx = torch.randn(4, 64, 32), torch.randn(4, 7, 24)  # 256 tokens: the self-attention's adapters merge
@@ -541,24 +556,24 @@ def test_a_fast_transformer_block_runs_its_self_attentions_projections_as_one(co
         return func(*args, **kwargs)
 
     def run(fast, stack=True, options=None):
-        xi = x.clone().requires_grad_()
+        xi, ci = x.clone().requires_grad_(), ctx.clone().requires_grad_()
         with cb.fast_frozen_layers(block, block_merge=stack) if fast else contextlib.nullcontext(), \
                 lora_adapters(block, ["to_q", "to_k", "to_v", "to_out.0"], 4, 4, 0, product="merged",
                               plain_linear=cb.plain_linear) as params:
             _factors_random(params)
-            out = block(xi, context=ctx, transformer_options=options or {})
+            out = block(xi, context=ci, transformer_options=options or {})
             (out.square().sum() + out.sum()).backward()
-            return out.detach(), xi.grad, [p.grad.clone() for p in params]
+            return out.detach(), xi.grad, ci.grad, [p.grad.clone() for p in params]
 
     stock = run(False)
     assert stacked == []
     runs = [run(True)]
-    assert stacked == [1]
+    assert stacked == [1, 1]  # q, k, v; then k, v of the text (7 tokens: alone, each would take the fused product)
     runs += [run(True, stack=False), run(True, options={"optimized_attention_override": override})]
-    assert stacked == [1] and overridden == [True, True]  # both attentions, given contiguous q by their own layers
-    for out, gx, grads in runs:
-        assert _same(out, stock[0]) and _same(gx, stock[1])
-        assert len(grads) == 16 and all(_same(a, b) for a, b in zip(grads, stock[2]))
+    assert stacked == [1, 1] and overridden == [True, True]  # both attentions, given contiguous q, k, v
+    for out, gx, gc, grads in runs:
+        assert _same(out, stock[0]) and _same(gx, stock[1]) and _same(gc, stock[2])
+        assert len(grads) == 16 and all(_same(a, b) for a, b in zip(grads, stock[3]))
     assert not any("forward" in m.__dict__ for m in block.modules())
 
 

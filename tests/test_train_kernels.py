@@ -46,9 +46,9 @@ def test_the_kernels_give_pytorchs_results_and_gradients():
 def test_the_comfyui_unet_trains_the_same_with_its_resblocks_and_geglus_on_the_kernels():
     """The trainer's defaults on ComfyUI's tiny SD1.5 UNet (LoRA on the attention, merged where it pays, fast
     layers, channels-last): every ResBlock folds its additions into the kernels, every GEGLU runs its kernels,
-    every transformer block its additions and LayerNorms (its attention's adapters merged in one launch where they
-    merge, the self-attention's q, k and v as one multiply), and the output and the LoRA gradients are ComfyUI's
-    stock forwards' with peft's product."""
+    every transformer block its additions and LayerNorms (its attention's adapters merged ahead, the self-attention's
+    q, k and v and the cross-attention's k and v each as one multiply), and the output and the LoRA gradients are
+    ComfyUI's stock forwards' with peft's product."""
     r = _interpreted("unet_blocks")
     assert r["transformer_blocks"] > 0 and r["transformer_blocks_patched"] == r["transformer_blocks"], r
     assert r["layer_norm_calls"] == 3 * r["transformer_blocks"], r
@@ -56,11 +56,10 @@ def test_the_comfyui_unet_trains_the_same_with_its_resblocks_and_geglus_on_the_k
     assert r["norms"] > 0 and r["kernel_calls"] == r["norms"], r
     assert r["gegLUs"] > 0 and r["geglu_calls"] == r["gegLUs"], r
     assert r["merged_calls"] > 0, r  # the first level's adapters are merged, the lower levels' are not
-    assert r["stacked_calls"] > 0, r  # and its self-attentions' q, k, v are one multiply
-    # each block's merging adapters merged in one launch, the stock run (peft's product) none: 6 a block, every
-    # merged layer's call given its weight merged ahead
-    assert r["merge_launches"] and set(r["merge_launches"]) == {6}, r
-    assert len(r["merge_launches"]) == r["stacked_calls"], r
+    # each block's merging adapters merged ahead, the stock run (peft's product) none: 6 for the hidden states,
+    # 2 (the cross-attention's k and v) for the text, and every merged layer's call given its weight merged ahead
+    assert r["merge_launches"] == [6, 2] * r["transformer_blocks"], r
+    assert r["stacked_calls"] == 2 * r["transformer_blocks"], r
     assert r["premerged"] == {"merged": [True] * r["merged_calls"], "stacked": [True] * r["stacked_calls"]}, r
     assert r["out_err"] < 1e-4 and r["grad_err"] < 1e-4 and r["grads"] > 0, r
     assert r["nhwc_out"] == [True, True] and r["patched_left"] == 0, r
@@ -186,3 +185,8 @@ def test_geglu_kernels_are_a_default_setting():
 def test_layer_norm_kernels_are_a_default_setting():
     assert TrainSettings().layer_norm_kernels is True
     assert TrainSettings().with_(layer_norm_kernels=False).layer_norm_kernels is False
+
+
+def test_merging_a_blocks_adapters_ahead_is_a_default_setting():
+    assert TrainSettings().block_merge is True
+    assert TrainSettings().with_(block_merge=False).block_merge is False

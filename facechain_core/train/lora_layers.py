@@ -138,109 +138,119 @@ def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
+def _merged_forward(ctx, x, scales, merged, weights, biases, factors_a, factors_b):
+    """What both merged Functions compute for n >= 1 layers of one shape that read ``x``: the merged weights
+    ``W_i + scale_i * B_i @ A_i`` side by side (``merged``, ``[n, out, in]``, when ``premerge`` made them ahead,
+    from the float32 factors; else here, one multiply-add per layer from the factors rounded to the weights'
+    dtype, summed in float32 and rounded once), and ``x @ [W_1'; ...; W_n'].T + bias`` as one multiply."""
+    n = len(weights)
+    out_f, in_f = weights[0].shape
+    a = factors_a[0].unsqueeze(0) if n == 1 else torch.stack(factors_a)  # [n, r, in], float32
+    b = [_scaled(f, s) for f, s in zip(factors_b, scales)]
+    b = b[0].unsqueeze(0) if n == 1 else torch.stack(b)  # [n, out, r], the scales in
+    if merged is None:
+        a_h, b_h = a.to(x.dtype), b.to(x.dtype)
+        merged = torch.empty(n, out_f, in_f, device=x.device, dtype=x.dtype)
+        for i, w in enumerate(weights):
+            torch.addmm(w, b_h[i], a_h[i], out=merged[i])
+    x2 = x.reshape(-1, in_f)
+    flat = merged.view(n * out_f, in_f)
+    bias = None if biases[0] is None else biases[0] if n == 1 else torch.cat(biases)
+    y = torch.addmm(bias, x2, flat.t()) if bias is not None else x2 @ flat.t()
+    # backward's small products take the float32 factors themselves (their half copies differ by a rounding,
+    # ~5e-4 relative, and casting them back would be more kernels per layer and step)
+    ctx.save_for_backward(x2, merged, a, b)
+    ctx.scales, ctx.shape = scales, x.shape
+    return y.view(*x.shape[:-1], n * out_f)
+
+
+def _merged_backward(ctx, grad, factors: bool, inputs: bool) -> tuple:
+    """``(grad_x, grads of the A factors, grads of the B factors)`` for ``_merged_forward``: ``M = g.T @ x`` once
+    for all n layers (float32, each layer's base-weight gradient, were it trained), ``scale * B.T @ M`` and
+    ``scale * M @ A.T`` by two batched multiplies (the gradients are views of one tensor each), and the input's
+    gradient ``g @ W'`` as one multiply."""
+    x2, merged, a, b = ctx.saved_tensors
+    n, out_f, in_f = merged.shape
+    g = grad.reshape(-1, n * out_f)
+    grads_a = grads_b = (None,) * n
+    if factors:
+        m = _mm_float32(g.t(), x2).view(n, out_f, in_f)
+        grads_a = torch.bmm(b.transpose(1, 2), m).unbind(0)  # b holds the scale
+        grads_b = [_scaled(t, s) for t, s in zip(torch.bmm(m, a.transpose(1, 2)).unbind(0), ctx.scales)]
+    grad_x = (g @ merged.view(n * out_f, in_f)).view(ctx.shape) if inputs else None
+    return grad_x, grads_a, grads_b
+
+
 class _MergedLoRALinear(torch.autograd.Function):
     """``x @ (W + scale * B @ A).T + b`` for a frozen ``W``, ``b``: the adapter is merged into a copy of the
-    weight for the step (out x in values, a rank-r product added by one small multiply), so forward is one
-    matrix multiply over the activations instead of three (``_FusedLoRALinear``), and backward two: the input's
-    gradient ``g @ W'`` and ``M = g.T @ x`` (float32), from which both factors' gradients follow by small
-    multiplies (``scale * M @ A.T`` and ``scale * B.T @ M``). The rank-r products over every token that they
-    replace read the activations or their gradient again each (five of them) at a few percent of the chip's
-    speed. The merged weight is rounded to the weight's dtype once, as ComfyUI rounds it when it applies the
-    trained LoRA; used for float16 and float32 weights only (bfloat16 would round the adapter's early, small
-    steps too coarsely)."""
+    weight for the step (out x in values; or ``merged`` by ``premerge`` ahead), so forward is one matrix multiply
+    over the activations instead of three (``_FusedLoRALinear``), and backward two: the input's gradient
+    ``g @ W'`` and ``M = g.T @ x`` (float32), from which both factors' gradients follow by small multiplies
+    (``scale * M @ A.T`` and ``scale * B.T @ M``). The rank-r products over every token that they replace read the
+    activations or their gradient again each (five of them) at a few percent of the chip's speed. The merged
+    weight is rounded to the weight's dtype once, as ComfyUI rounds it when it applies the trained LoRA; used for
+    float16 and float32 weights only (bfloat16 would round the adapter's early, small steps too coarsely). The
+    arithmetic is ``_merged_forward``'s and ``_merged_backward``'s for one layer."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, scale: float, merged=None):
-        if merged is None:  # (else merged for the block in one launch: premerge)
-            a_h, b_h = a.to(x.dtype), _scaled(b, scale).to(x.dtype)
-            merged = torch.addmm(weight, b_h, a_h)  # W + scale * B @ A, summed in float32 and rounded once
-        x2 = x.reshape(-1, x.shape[-1])
-        y = torch.addmm(bias, x2, merged.t()) if bias is not None else x2 @ merged.t()
-        # backward's small products take the float32 factors themselves (their half copies differ by a rounding,
-        # ~5e-4 relative, and casting them back would be two more kernels per layer and step)
-        ctx.save_for_backward(x2, merged, a, b)
-        ctx.scale, ctx.shape = scale, x.shape
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return _merged_forward(ctx, x, (scale,), merged, (weight,), (bias,), (a,), (b,))
 
     @staticmethod
     def backward(ctx, grad):
-        x2, merged, a, b = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])
-        grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-            m = _mm_float32(g.t(), x2)  # [out, in]: the base weight's gradient, were it trained
-            if ctx.needs_input_grad[3]:
-                grad_a = _scaled(b.float().t() @ m, ctx.scale)
-            if ctx.needs_input_grad[4]:
-                grad_b = _scaled(m @ a.float().t(), ctx.scale)
-        if ctx.needs_input_grad[0]:
-            grad_x = (g @ merged).view(ctx.shape)
-        return grad_x, None, None, grad_a, grad_b, None, None
+        grad_x, grads_a, grads_b = _merged_backward(ctx, grad, ctx.needs_input_grad[3] or ctx.needs_input_grad[4],
+                                                    ctx.needs_input_grad[0])
+        return grad_x, None, None, grads_a[0], grads_b[0], None, None
 
 
 class _MergedLoRAStack(torch.autograd.Function):
-    """``_MergedLoRALinear`` for n layers of one shape that read the same input (a self-attention's q, k and v):
-    ``x @ [W_1'; ...; W_n'].T`` as one multiply, with the n merged weights written side by side by one batched
-    multiply-add each (``W_i' = W_i + scale_i * B_i @ A_i``). Backward takes the output's gradient whole (the
-    caller's split gives it back as one tensor): the input's gradient is one multiply instead of n and the n - 1
-    additions of their results, ``M`` one multiply over all n outputs (three times the tiles of one layer's,
-    which keeps the chip busy without splitting the sum), and the factors' gradients two batched multiplies.
-    The arithmetic is ``_MergedLoRALinear``'s for each layer."""
+    """``_MergedLoRALinear`` for n layers of one shape that read the same input (a self-attention's q, k and v; a
+    cross-attention's k and v): ``x @ [W_1'; ...; W_n'].T`` as one multiply. Backward takes the output's gradient
+    whole (the caller's split gives it back as one tensor): the input's gradient is one multiply instead of n and
+    the n - 1 additions of their results, ``M`` one multiply over all n outputs (n times the tiles of one layer's,
+    which keeps the chip busy without splitting the sum), and the factors' gradients two batched multiplies."""
 
     @staticmethod
     def forward(ctx, x, scales, merged, *tensors):
         n = len(scales)
-        weights, biases, factors_a, factors_b = tensors[:n], tensors[n:2 * n], tensors[2 * n:3 * n], tensors[3 * n:]
-        out_f, in_f = weights[0].shape
-        a = torch.stack(factors_a)  # [n, r, in], float32
-        b = torch.stack(factors_b) if all(s == 1 for s in scales) else \
-            torch.stack([_scaled(f, s) for f, s in zip(factors_b, scales)])  # [n, out, r], the scales in
-        if merged is None:  # (else merged for the block in one launch: premerge)
-            a_h, b_h = a.to(x.dtype), b.to(x.dtype)
-            merged = torch.empty(n, out_f, in_f, device=x.device, dtype=x.dtype)
-            for i, w in enumerate(weights):  # W + scale * B @ A, summed in float32 and rounded once, as one layer's
-                torch.addmm(w, b_h[i], a_h[i], out=merged[i])
-        x2 = x.reshape(-1, in_f)
-        flat = merged.view(n * out_f, in_f)
-        y = torch.addmm(torch.cat(biases), x2, flat.t()) if biases[0] is not None else x2 @ flat.t()
-        ctx.save_for_backward(x2, merged, a, b)
-        ctx.scales, ctx.shape = scales, x.shape
-        return y.view(*x.shape[:-1], n * out_f)
+        return _merged_forward(ctx, x, scales, merged, tensors[:n], tensors[n:2 * n], tensors[2 * n:3 * n],
+                               tensors[3 * n:])
 
     @staticmethod
     def backward(ctx, grad):
-        x2, merged, a, b = ctx.saved_tensors
-        n, out_f, in_f = merged.shape
-        g = grad.reshape(-1, n * out_f)
-        grads_a = grads_b = (None,) * n
-        if any(ctx.needs_input_grad[3 + 2 * n:]):
-            m = _mm_float32(g.t(), x2).view(n, out_f, in_f)  # each layer's base-weight gradient, were it trained
-            grads_a = torch.bmm(b.transpose(1, 2), m).unbind(0)  # scale * B.T @ M (b holds the scale)
-            grads_b = [_scaled(t, s) for t, s in zip(torch.bmm(m, a.transpose(1, 2)).unbind(0), ctx.scales)]
-        grad_x = (g @ merged.view(n * out_f, in_f)).view(ctx.shape) if ctx.needs_input_grad[0] else None
+        n = len(ctx.scales)
+        grad_x, grads_a, grads_b = _merged_backward(ctx, grad, any(ctx.needs_input_grad[3 + 2 * n:]),
+                                                    ctx.needs_input_grad[0])
         return (grad_x, None, None, *(None,) * (2 * n), *grads_a, *grads_b)
 
 
-def _merge_forward(m: torch.nn.Module, x: torch.Tensor) -> bool:
+def _eligible_to_merge(m: torch.nn.Module, x: torch.Tensor) -> bool:
     """Whether ``m`` is a peft layer given ``_fused_forward`` with merging allowed (lora_compute "merged") that
-    would take its fast path for ``x``."""
+    would take its fast path for ``x``, and that may be computed without calling it (no hooks)."""
     own = m.__dict__.get("forward")
     return bool(getattr(own, "lora_merge", False)) and without_hooks(m) and own.eligible(x)
 
 
-def stacked_projection(x: torch.Tensor, layers) -> torch.Tensor | None:
+def _will_merge(m: torch.nn.Module, x: torch.Tensor, few_tokens: bool = False) -> bool:
+    """``_eligible_to_merge``, and merging pays for ``x`` (``_merge_pays``)."""
+    return _eligible_to_merge(m, x) and _merge_pays(x, m.base_layer.weight, few_tokens)
+
+
+def stacked_projection(x: torch.Tensor, layers, few_tokens: bool = False) -> torch.Tensor | None:
     """The outputs of ``layers`` for the same input ``x``, side by side along the last axis (split them with
     ``torch.split``, whose backward hands the gradient back whole), computed by ``_MergedLoRAStack``; None where
     that is not the computation each layer's own forward would do (the merged path: ``_fused_forward``,
-    ``_merge_pays``), or the layers differ in shape, dtype or having a bias: call them one by one then."""
+    ``_merge_pays``), or the layers differ in shape, dtype, rank or having a bias: call them one by one then. With
+    ``few_tokens`` also where each layer alone would take the fused product for want of tokens (a cross-attention's
+    k and v over the text's 77: the same sum, the merged weight rounded once as where merging pays; one multiply
+    and one weight-shaped product for both layers instead of five launches each way for each)."""
     layers = list(layers)
-    if len(layers) < 2 or not all(_merge_forward(m, x) for m in layers):
+    if len(layers) < 2 or not all(_will_merge(m, x, few_tokens) for m in layers):
         return None
     bases = [m.base_layer for m in layers]
-    w0 = bases[0].weight
-    if not _merge_pays(x, w0) or any(
-            b.weight.shape != w0.shape or b.weight.dtype != w0.dtype or (b.bias is None) != (bases[0].bias is None)
-            for b in bases):
+    w0, a0 = bases[0].weight, layers[0].lora_A[ADAPTER].weight
+    if any(b.weight.shape != w0.shape or b.weight.dtype != w0.dtype or (b.bias is None) != (bases[0].bias is None)
+           or m.lora_A[ADAPTER].weight.shape != a0.shape for b, m in zip(bases, layers)):
         return None
     return _MergedLoRAStack.apply(
         x, tuple(float(m.scaling[ADAPTER]) for m in layers), _premerged_run(layers),
@@ -248,22 +258,29 @@ def stacked_projection(x: torch.Tensor, layers) -> torch.Tensor | None:
         *(m.lora_A[ADAPTER].weight for m in layers), *(m.lora_B[ADAPTER].weight for m in layers))
 
 
-def _factor_versions(m) -> tuple:
-    return m.lora_A[ADAPTER].weight._version, m.lora_B[ADAPTER].weight._version
+def _merged_from(m) -> tuple:
+    """What a merged weight of ``m`` was made from: its factors, their in-place versions and its scale."""
+    a, b = m.lora_A[ADAPTER].weight, m.lora_B[ADAPTER].weight
+    return a, b, a._version, b._version, float(m.scaling[ADAPTER])
 
 
-def premerge(x: torch.Tensor, layers) -> int:
+def _same_source(x: tuple, y: tuple) -> bool:
+    return x[0] is y[0] and x[1] is y[1] and x[2:] == y[2:]
+
+
+def premerge(x: torch.Tensor, layers, few_tokens: bool = False) -> int:
     """Merge, in one launch per weight shape (``lora_merge``), the adapters of those of ``layers`` that would
-    merge for an input like ``x`` (``_merge_forward``, ``_merge_pays``; layers whose input has ``x``'s tokens and
-    features, such as a transformer block's attention projections, but not a cross-attention's k and v); each of
-    them uses its merged weight at its next call, once, if its factors have not changed since (in-place updates
-    count). Layers of one shape are written side by side in the order given, so q, k and v given together serve
-    ``stacked_projection`` as they are. Returns how many layers were merged; 0 where the kernel cannot run (each
-    layer then merges its own, as without this)."""
+    merge for an input like ``x`` (``_will_merge`` with ``few_tokens`` as given; layers whose input has ``x``'s
+    tokens and features: a transformer block's attention projections for its hidden states, a cross-attention's k
+    and v for the text). Each of them uses its merged weight at its next call that takes the merged path, once, if
+    its factors and scale are still those merged (the same tensors, not changed in place since); meant for calls
+    right after (a block's own), with ``drop_premerged`` after them for what was not taken. Layers of one shape
+    are written side by side in the order given, so q, k and v given together serve ``stacked_projection`` as they
+    are. Returns how many layers were merged; 0 where the kernel cannot run (each layer then merges its own, as
+    without this)."""
     from . import lora_merge
 
-    chosen = [m for m in layers if _merge_forward(m, x) and m.base_layer.weight.shape[-1] == x.shape[-1]
-              and _merge_pays(x, m.base_layer.weight)]
+    chosen = [m for m in layers if _will_merge(m, x, few_tokens) and m.base_layer.weight.shape[-1] == x.shape[-1]]
     groups: dict = {}
     for m in chosen:
         groups.setdefault((tuple(m.base_layer.weight.shape), m.base_layer.weight.dtype), []).append(m)
@@ -278,7 +295,7 @@ def premerge(x: torch.Tensor, layers) -> int:
                 continue
             merged = lora_merge.merge(weights, factors_a, factors_b, [float(m.scaling[ADAPTER]) for m in part])
             for k, m in enumerate(part):
-                m.__dict__["forward"].premerged = (merged, k, _factor_versions(m))
+                m.__dict__["forward"].premerged = (merged, k, _merged_from(m))
             done += len(part)
     return done
 
@@ -298,8 +315,8 @@ def _take_premerged(m):
     if found is None:
         return None
     own.premerged = None
-    merged, k, versions = found
-    return (merged, k) if versions == _factor_versions(m) else None
+    merged, k, source = found
+    return (merged, k) if _same_source(source, _merged_from(m)) else None
 
 
 def _premerged_run(layers):
@@ -314,23 +331,27 @@ def _premerged_run(layers):
     return found[0][0][first:first + len(found)]
 
 
-def _merge_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _merge_pays(x: torch.Tensor, weight: torch.Tensor, few_tokens: bool = False) -> bool:
     """Whether merging the adapter into the weight moves less memory than the rank-r products over the tokens:
     the merge costs about 16 bytes per weight value (the merged copy, M, and the two reads of M), the rank-r
-    products about 6 more per token and feature than the merged path's passes. Shapes are fixed in a run, so a
-    CUDA graph sees one choice per layer."""
+    products about 6 more per token and feature than the merged path's passes (``few_tokens``: merge whatever
+    the tokens). Never for bfloat16 weights, whose rounding would swallow the adapter's early, small steps. Shapes
+    are fixed in a run, so a CUDA graph sees one choice per layer."""
     out_f, in_f = weight.shape
     tokens = x.numel() // max(1, in_f)
-    return weight.dtype in (torch.float16, torch.float32) and 3 * tokens * (in_f + out_f) > 8 * in_f * out_f
+    return weight.dtype in (torch.float16, torch.float32) and (
+        few_tokens or 3 * tokens * (in_f + out_f) > 8 * in_f * out_f)
 
 
 def without_hooks(m: torch.nn.Module) -> bool:
-    """No forward hook, of ``m`` or global, would run around a call of ``m``."""
+    """No hook, of ``m`` or global, forward or backward, would run around a call of ``m``."""
     from torch.nn.modules import module as nn_module
 
-    return (not m._forward_hooks and not m._forward_pre_hooks
-            and not getattr(nn_module, "_global_forward_hooks", None)
-            and not getattr(nn_module, "_global_forward_pre_hooks", None))
+    return (not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+            and not m._backward_pre_hooks
+            and not any(getattr(nn_module, name, None) for name in (
+                "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                "_global_backward_pre_hooks")))
 
 
 def runs_plain_forward(m: torch.nn.Module) -> bool:
@@ -366,7 +387,7 @@ def _fused_forward(m, plain: Callable[[torch.nn.Module], bool], merge: bool = Fa
         base = m.base_layer
         if merge and _merge_pays(x, base.weight):
             found = _take_premerged(m)
-            merged = found[0][found[1]] if found is not None else None
+            merged = found[0][found[1]:found[1] + 1] if found is not None else None
             return _MergedLoRALinear.apply(x, base.weight, base.bias, m.lora_A[ADAPTER].weight,
                                            m.lora_B[ADAPTER].weight, float(m.scaling[ADAPTER]), merged)
         return _FusedLoRALinear.apply(x, base.weight, base.bias, m.lora_A[ADAPTER].weight,
