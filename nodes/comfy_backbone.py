@@ -293,20 +293,15 @@ def _attention(attn, x, context, transformer_options, stack: bool = True):
     return attn(x, context=context, value=None, transformer_options=transformer_options)
 
 
-def _premerge_attention(m, n, context) -> list:
-    """The block's attention projections with their LoRA adapters merged (``premerge``) where they merge: those
-    that read ``n``'s tokens (q, k, v of the self-attention, both outputs, the cross-attention's q) in one launch,
-    the cross-attention's k and v for the text ``context`` in another. Returns the layers, for ``drop_premerged``
-    (the kernel may have run for some before a later launch failed)."""
+def _attention_projections(m, context) -> tuple[list, list]:
+    """The block's attention projections whose LoRA adapters ``premerge`` merges ahead where they merge: those
+    that read the hidden states' tokens (q, k, v of the self-attention, both outputs, the cross-attention's q),
+    and those that read the text ``context`` (the cross-attention's k and v)."""
     a1, a2 = m.attn1, m.attn2
-    layers = ([] if m.disable_self_attn else [a1.to_q, a1.to_k, a1.to_v]) + [a2.to_q]
-    layers += [a.to_out[0] for a in (a1, a2) if isinstance(a.to_out, torch.nn.Sequential) and len(a.to_out)]
-    premerge(n, layers)
-    text = []
-    if context is not None:
-        text = [a2.to_k, a2.to_v] + ([a1.to_k, a1.to_v] if m.disable_self_attn else [])
-        premerge(context, text, few_tokens=True)
-    return layers + text
+    hidden = ([] if m.disable_self_attn else [a1.to_q, a1.to_k, a1.to_v]) + [a2.to_q]
+    hidden += [a.to_out[0] for a in (a1, a2) if isinstance(a.to_out, torch.nn.Sequential) and len(a.to_out)]
+    text = [] if context is None else [a2.to_k, a2.to_v] + ([a1.to_k, a1.to_v] if m.disable_self_attn else [])
+    return hidden, text
 
 
 def _transformer_block_forward(m, block_merge: bool = True):
@@ -315,8 +310,8 @@ def _transformer_block_forward(m, block_merge: bool = True):
     residual stream's gradient as it writes the norm's input gradient). The same arithmetic as ComfyUI's
     (attention.py, BasicTransformerBlock.forward) where no patches are set; with patches, under autocast, or for
     a block of another shape, that runs. With ``block_merge`` the attention's LoRA adapters are merged ahead
-    (``_premerge_attention``) and the projections of one input are one multiply where their adapters merge
-    (``_attention``)."""
+    (``_attention_projections``, ``premerge``) and the projections of one input are one multiply where their
+    adapters merge (``_attention``)."""
     from comfy.ldm.modules.attention import BasicTransformerBlock
 
     def forward(x, context=None, transformer_options={}):
@@ -325,15 +320,15 @@ def _transformer_block_forward(m, block_merge: bool = True):
             return BasicTransformerBlock.forward(m, x, context=context, transformer_options=transformer_options)
         n1, n2, n3 = m.norm1, m.norm2, m.norm3
         x, n = layer_norm.add_layer_norm(x, None, n1.weight, n1.bias, n1.eps)
-        premerged_layers = []
-        try:
-            if block_merge:
-                premerged_layers = _premerge_attention(m, n, context)
+        hidden, text = _attention_projections(m, context) if block_merge else ([], [])
+        try:  # each block's merging adapters in one launch (one more for the text's k and v)
+            premerge(n, hidden)
+            premerge(context, text, few_tokens=True)
             n = _attention(m.attn1, n, context if m.disable_self_attn else None, transformer_options, block_merge)
             x, n = layer_norm.add_layer_norm(x, n, n2.weight, n2.bias, n2.eps)
             n = _attention(m.attn2, n, context, transformer_options, block_merge)
-        finally:
-            drop_premerged(premerged_layers)
+        finally:  # what was merged ahead and not taken (an error on the way, a layer that took another path)
+            drop_premerged(hidden + text)
         x, n = layer_norm.add_layer_norm(x, n, n3.weight, n3.bias, n3.eps)
         return x + m.ff(n)
 

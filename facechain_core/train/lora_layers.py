@@ -280,6 +280,8 @@ def premerge(x: torch.Tensor, layers, few_tokens: bool = False) -> int:
     without this)."""
     from . import lora_merge
 
+    if not layers:
+        return 0
     chosen = [m for m in layers if _will_merge(m, x, few_tokens) and m.base_layer.weight.shape[-1] == x.shape[-1]]
     groups: dict = {}
     for m in chosen:
