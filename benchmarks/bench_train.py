@@ -142,8 +142,8 @@ CONFIGS = {
     "comfy_b8_r7": ("comfy_fp16", dict(batch_size=8, layer_norm_kernels=False)),
     "comfy_node_defaults_r7": ("comfy_fp16", dict(samples=2000, memory=AUTO, layer_norm_kernels=False)),
     "sdxl_node_defaults_r7": ("comfy_sdxl_fp16", dict(memory=AUTO, layer_norm_kernels=False)),
-    # round nine: each transformer block's adapters merged in one launch and its self-attention's q, k and v as
-    # one multiply (block_merge), off
+    # round nine: each transformer block's adapters merged ahead and the projections of one input (q, k, v; k, v
+    # of the text) as one multiply (block_merge), off
     "comfy_b8_r8": ("comfy_fp16", dict(batch_size=8, block_merge=False)),
     "comfy_node_defaults_r8": ("comfy_fp16", dict(samples=2000, memory=AUTO, block_merge=False)),
     "sdxl_node_defaults_r8": ("comfy_sdxl_fp16", dict(memory=AUTO, block_merge=False)),

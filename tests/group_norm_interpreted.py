@@ -274,8 +274,8 @@ def unet(blocks: bool = False) -> dict:
     blocks run their stock ``_forward``, their norms on the kernels); with ``blocks`` the attention alone, as the
     trainer's defaults are, so every ResBlock folds its additions into the kernels (``_resblock_forward``),
     GEGLU runs its kernels, each transformer block its three additions and LayerNorms
-    (``_transformer_block_forward``), and the adapters are merged into the weights (``lora_compute: merged``; a
-    self-attention's q, k and v as one multiply: ``stacked_projection``);
+    (``_transformer_block_forward``), and the adapters are merged into the weights (``lora_compute: merged``; merged
+    ahead per block, ``premerge``; q, k, v and the text's k, v each as one multiply: ``stacked_projection``);
     the stock run is then ComfyUI's forwards with peft's product in the activations' dtype."""
     import importlib
 

@@ -64,8 +64,8 @@ class TrainSettings:
     # with fast_frozen_layers: the transformer blocks' LayerNorms, with the residual additions before them, by the
     # pack's kernels
     layer_norm_kernels: bool = _default("layer_norm_kernels")
-    # with layer_norm_kernels and lora_compute "merged": each transformer block's adapters merged in one launch, and
-    # its self-attention's q, k and v projections as one multiply
+    # with layer_norm_kernels and lora_compute "merged": each transformer block's adapters merged ahead in one launch
+    # (one more for the text's k and v), and the projections of one input (q, k, v; k, v of the text) as one multiply
     block_merge: bool = _default("block_merge")
     cudnn_benchmark: bool = _default("cudnn_benchmark")  # let cuDNN time its convolution algorithms per shape
     weight_decay: float = _default("weight_decay")
