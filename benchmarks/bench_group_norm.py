@@ -1,10 +1,12 @@
 """GroupNorm (+SiLU) forward and backward: PyTorch's kernels against the pack's (facechain_core/train/group_norm.py)
 on the feature maps of an SD1.5 UNet at 512x512, in NCHW and channels-last layouts. GPU only.
 
-    python benchmarks/bench_group_norm.py [--batch 8] [--json out.json]
+    python benchmarks/bench_group_norm.py [--batch 8] [--json out.json] [--split-or-whole]
 
 Per shape and layout: the time of forward + backward (CUDA events, median of repeats after warm-up), the
-largest difference from a float32 computation, and the layout of the output.
+largest difference from a float32 computation, and the layout of the output. With --split-or-whole: per
+channels-last shape, the pack's split kernels against its whole-group ones, replayed from CUDA graphs, and which
+the module picks.
 """
 
 from __future__ import annotations
@@ -49,14 +51,65 @@ def stock(x, w, b, silu):
     return F.silu(y) if silu else y
 
 
+def graphed(fn, repeats: int = 20, copies: int = 10) -> float:
+    """ms per call of ``fn`` replayed from a CUDA graph holding ``copies`` calls (no launch overhead, as the
+    trainer runs them): median of ``repeats`` replays."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(copies):
+            fn()
+    return timed(graph.replay, repeats) / copies
+
+
+def split_or_whole(args, dtype) -> None:
+    """Each channels-last shape's forward + backward by the split kernels (three launches each way) and by the
+    whole-group ones (one), replayed from CUDA graphs; and which the limits (WHOLE_POSITIONS, WHOLE_CHANNELS)
+    pick."""
+    rows, totals = [], {"split": 0.0, "whole": 0.0, "chosen": 0.0}
+    for c, side, silu in SHAPES:
+        x = (torch.randn(args.batch, c, side, side, device="cuda", dtype=dtype) * 2 + 0.5).contiguous(
+            memory_format=torch.channels_last).requires_grad_()
+        w = torch.randn(c, device="cuda", dtype=dtype)
+        b = torch.randn(c, device="cuda", dtype=dtype)
+        dy = torch.randn_like(x)
+        row = {"channels": c, "side": side, "silu": silu, "group": c // 32 * side * side,
+               "whole_chosen": gn._whole(x, 32)}
+        for whole in (False, True):
+            def step(whole=whole):
+                y = gn._GroupNormAct.apply(x, 32, w, b, 1e-5, silu, None, False, whole)
+                torch.autograd.grad(y, x, dy)
+            ms = graphed(step)
+            row["whole_ms" if whole else "split_ms"] = round(ms, 4)
+            totals["whole" if whole else "split"] += ms
+        totals["chosen"] += row["whole_ms"] if row["whole_chosen"] else row["split_ms"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    out = {"batch": args.batch, "dtype": args.dtype, "device": torch.cuda.get_device_name(),
+           "whole_limits": [gn.WHOLE_POSITIONS, gn.WHOLE_CHANNELS],
+           "totals_ms": {k: round(v, 3) for k, v in totals.items()}, "rows": rows}
+    print(json.dumps(out["totals_ms"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     ap.add_argument("--json")
+    ap.add_argument("--split-or-whole", action="store_true",
+                    help="the pack's split and whole-group kernels per channels-last shape, from CUDA graphs")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
+    if args.split_or_whole:
+        return split_or_whole(args, dtype)
     rows, totals = [], {}
     for c, side, silu in SHAPES:
         x0 = torch.randn(args.batch, c, side, side, device="cuda", dtype=dtype) * 2 + 0.5

@@ -32,7 +32,7 @@ KINDS = [
     ("optimizer", r"adam|multi_tensor|foreach|norm_kernel_cuda_impl|clip"),
     # the pack's GroupNorm (_fwd_sums ... _bwd_apply) and LayerNorm (_ln_fwd, _ln_bwd) kernels too
     ("norm", r"group_norm|GroupNorm|layer_norm|LayerNorm|welford|RowwiseMoments|ComputeFusedParams|^_ln_|"
-             r"^_(fwd|bwd)_(sums|finish|apply)$"),
+             r"^_(fwd|bwd)_(sums|finish|apply|whole)$"),
     ("conv", r"conv|implicit_convolve|xmma_fprop|xmma_dgrad|xmma_wgrad|nhwc|nchw|dgrad|wgrad|fprop"),
     ("matmul", r"gemm|sm90_xmma|cutlass|cublas|matmul|splitK|nvjet"),  # nvjet: cuBLAS's own Hopper kernels
     ("copy/cast", r"copy|(?<!no)cast|convert|transpose|permute|contiguous"),  # not PyTorch's "_nocast" kernels

@@ -39,7 +39,7 @@ def kernels() -> dict:
             ((2, 40, 5, 7), 4, "nchw", False, torch.float32, True, 0.0),
             ((1, 96, 6, 6), 32, "nhwc", False, torch.bfloat16, True, 0.0),
             ((3, 32, 3, 4), 8, "nchw", True, torch.float16, False, 0.0),
-            ((2, 320, 16, 16), 32, "nhwc", True, torch.float16, True, 0.0),  # several chunks per sample
+            ((2, 320, 16, 16), 32, "nhwc", True, torch.float16, True, 0.0),  # split: several chunks per sample
             ((1, 64, 40, 40), 32, "nchw", True, torch.float32, True, 0.0),
             ((2, 16, 4, 4), 4, "nhwc", False, torch.float32, True, 300.0),  # mean >> std: the shift matters
             ((2, 12, 5), 3, "nchw", True, torch.float32, True, 0.0)]:  # 1-D maps
@@ -60,9 +60,16 @@ def kernels() -> dict:
         yr = F.silu(yr) if silu else yr
         yk.backward(dy)
         yr.backward(dy.double())
-        cases.append({"shape": list(shape), "layout": layout, "silu": silu, "dtype": str(dtype).split(".")[-1],
-                      "affine": affine, "offset": offset, "same_layout": yk.stride() == x.stride(),
-                      "out_err": _rel(yk.detach(), yr.detach()), "grad_err": _rel(xk.grad, xr.grad)})
+        case = {"shape": list(shape), "layout": layout, "silu": silu, "dtype": str(dtype).split(".")[-1],
+                "affine": affine, "offset": offset, "whole": getattr(yk.grad_fn, "whole", None),
+                "same_layout": yk.stride() == x.stride(),
+                "out_err": _rel(yk.detach(), yr.detach()), "grad_err": _rel(xk.grad, xr.grad)}
+        if case["whole"]:  # the same map by the split kernels too (the larger maps' path)
+            xs = x.clone().requires_grad_()
+            ys = gn._GroupNormAct.apply(xs, groups, w, b, 1e-5, silu, None, False, False)
+            ys.backward(dy)
+            case.update(split_out_err=_rel(ys.detach(), yr.detach()), split_grad_err=_rel(xs.grad, xr.grad))
+        cases.append(case)
     return {"cases": cases}
 
 

@@ -33,10 +33,14 @@ def _interpreted(part: str) -> dict:
 def test_the_kernels_give_pytorchs_groupnorm_and_its_gradient_in_the_maps_own_layout():
     cases = _interpreted("kernels")["cases"]
     assert len(cases) == 8
+    # the small channels-last maps take the whole-group kernels (each also checked split); NCHW maps are split
+    assert [c["whole"] for c in cases] == [True, False, True, False, True, False, True, False], cases
     for c in cases:
         assert c["same_layout"], c
         assert c["out_err"] < TOLERANCE[c["dtype"]], c
         assert c["grad_err"] < TOLERANCE[c["dtype"]], c
+        if c["whole"]:
+            assert c["split_out_err"] < TOLERANCE[c["dtype"]] and c["split_grad_err"] < TOLERANCE[c["dtype"]], c
     # the mean-far-from-zero case would lose its variance to cancellation without the shift
     assert any(c["offset"] > 0 and c["out_err"] < 1e-4 for c in cases)
 
@@ -49,7 +53,7 @@ def test_the_comfyui_unet_trains_the_same_with_every_groupnorm_on_the_kernels():
     assert r["nhwc_out"] == [True, True] and r["patched_left"] == 0, r
 
 
-def test_where_the_kernels_cannot_run_pytorchs_groupnorm_runs(monkeypatch):
+def test_where_the_kernels_cannot_run_pytorchs_groupnorm_runs(monkeypatch, caplog):
     x = torch.randn(2, 8, 4, 4)
     w, b = torch.randn(8), torch.randn(8)
     assert not gn.available(torch.device("cpu")) and not gn.usable(x, w, b)  # a CPU without the interpreter
@@ -67,8 +71,23 @@ def test_where_the_kernels_cannot_run_pytorchs_groupnorm_runs(monkeypatch):
     assert not gn.works(x.device, x.dtype) and not gn.usable(x, w, b)
     assert torch.equal(gn.group_norm(x, 4, w, b, 1e-5, silu=True), F.silu(F.group_norm(x, 4, w, b, 1e-5)))
     monkeypatch.setattr(gn, "_WORKS", {})
-    monkeypatch.setattr(gn._GroupNormAct, "apply", lambda x, g, w, b, eps, silu: (x * 2).requires_grad_())
-    assert not gn.works(x.device, x.dtype)
+    monkeypatch.setattr(gn._GroupNormAct, "apply", lambda x, *args: (x * 2).requires_grad_())
+    with caplog.at_level("WARNING"):
+        assert not gn.works(x.device, x.dtype)
+    assert "GroupNorm kernels gave wrong results" in caplog.text
+    # whole-group kernels that fail their first run alone: the split ones still run, small maps included
+    monkeypatch.setattr(gn, "_WORKS", {(str(x.device), x.dtype): True})
+    monkeypatch.setattr(gn, "_WHOLE_WORKS", {})
+    small = x.contiguous(memory_format=torch.channels_last)
+
+    def whole_broken(x, groups, w, b, eps, silu, add, with_input, whole):
+        if whole:
+            raise RuntimeError("PTX JIT compilation failed")
+        return x
+
+    monkeypatch.setattr(gn._GroupNormAct, "apply", whole_broken)
+    assert gn.works(x.device, x.dtype) and not gn.whole_works(x.device, x.dtype)
+    assert gn.usable(small, w, b) and not gn._whole(small, 4)
     # where they can run, each case they do not handle still goes to PyTorch
     monkeypatch.setattr(gn, "works", lambda device, dtype: True)
     assert gn.usable(x, w, b) and gn.usable(x.contiguous(memory_format=torch.channels_last), None, None)

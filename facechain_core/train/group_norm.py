@@ -15,7 +15,8 @@ fixed order, so results do not depend on scheduling. A program's loop over its t
 H200 all of one SD1.5 step's GroupNorms, forward and backward, took 3.15 ms as one CUDA graph with plain
 loops and 2.86 ms so (the 64x64 maps' 1.50 -> 1.29 ms; 2 stages gained nothing, 4 a little less than 3).
 Statistics are taken in float32 about a shift (the group's first element) so the variance does not cancel
-away.
+away. Small channels-last maps (``_whole``) take one program per group instead, statistics and output (or the
+two sums and the input's gradient) in one launch each way, the group's second read served from the cache.
 
 Triton ships with PyTorch on Linux; where it is missing, or for a tensor it does not handle, ``usable``
 says no and the caller keeps PyTorch's own GroupNorm. ``TRITON_INTERPRET=1`` runs the kernels on the CPU
@@ -40,7 +41,15 @@ except ImportError:  # no Triton (e.g. Windows without triton-windows): PyTorch'
 TILE_POSITIONS, TILE_CHANNELS = 32, 64  # a program's tile; the layout's contiguous axis is read whole
 ALIGN = 16  # bytes: the kernels' tensors start at multiples of this (a fresh allocation always does)
 TARGET_PROGRAMS = 1024  # programs to aim for over the map (a few per multiprocessor)
-NUM_WARPS = 4  # per program of the tiled kernels
+NUM_WARPS = 4  # per program
+# channels-last maps of at most WHOLE_POSITIONS positions whose groups have at most WHOLE_CHANNELS channels (SD1.5's
+# 8x8 and 16x16 maps up to 1920 channels at 32 groups) take one program per group and one launch each way
+# (``_fwd_whole``, ``_bwd_whole``): there three launches, and the partial sums between them, cost more than the
+# data. On an H200 at batch 8, forward + backward from CUDA graphs (bench_group_norm.py --split-or-whole): 8x8
+# maps 10-12 us against 18-20 split, 16x16 ones of 640 and 1920 channels 19 and 32 us against 26 and 41; the
+# 32x32 maps (41-73 against 30-59 us) and 16x16 ones of 80 channels a group (92 against 50) are faster split
+WHOLE_POSITIONS, WHOLE_CHANNELS = 256, 64
+WHOLE_TILE = 2048  # elements of a whole-group program's tile
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TL = {} if triton is None else {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -90,32 +99,43 @@ def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
 _WORKS: dict = {}  # (device, dtype) -> whether a first small run compiled, ran and matched PyTorch
 
 
+_WHOLE_WORKS: dict = {}  # the same for the whole-group kernels (``_whole``)
+
+
 def works(device: torch.device, dtype: torch.dtype) -> bool:
-    """``available``, and a tiny forward and backward in ``dtype`` on ``device`` gave PyTorch's result
-    (``probed``)."""
-    return probed(_WORKS, "GroupNorm", device, dtype, _try_once, available(torch.device(device)))
+    """``available``, and a tiny forward and backward in ``dtype`` on ``device`` by the split kernels gave
+    PyTorch's result (``probed``)."""
+    return probed(_WORKS, "GroupNorm", device, dtype, lambda d, t: _try_once(d, t, False),
+                  available(torch.device(device)))
 
 
-def _try_once(device: torch.device, dtype: torch.dtype) -> bool:
+def whole_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """``works``, for the whole-group kernels: where only they fail, the split kernels still run."""
+    return probed(_WHOLE_WORKS, "GroupNorm (whole groups)", device, dtype, lambda d, t: _try_once(d, t, True),
+                  available(torch.device(device)))
+
+
+def _try_once(device: torch.device, dtype: torch.dtype, whole: bool) -> bool:
     g = torch.Generator(device="cpu").manual_seed(0)
     # a UNet's first level in miniature (320 channels, 32 groups), so its compiled kernels serve there too
     x0 = torch.randn(2, 320, 8, 8, generator=g).to(device=device, dtype=dtype)
     w = (torch.rand(320, generator=g) + 0.5).to(device=device, dtype=dtype)
     b = torch.randn(320, generator=g).to(device=device, dtype=dtype)
-    ok = True
     for with_input in (False, True):  # the norm alone, and with the input passed on (its gradient added)
         out = []
         for run in (_GroupNormAct.apply, None):
             x = x0.clone(memory_format=torch.channels_last).requires_grad_()
             if run:
-                s, y = run(x, 32, w, b, 1e-5, True, None, True) if with_input else (x, run(x, 32, w, b, 1e-5, True))
+                got = run(x, 32, w, b, 1e-5, True, None, with_input, whole)
+                s, y = got if with_input else (x, got)
             else:
                 s, y = x, F.silu(F.group_norm(x.float(), 32, w.float(), b.float()))
             (y.float().square().sum() + (s.float().sum() if with_input else 0)).backward()
             out.append((y.detach(), x.grad))
         (y1, g1), (y2, g2) = out
-        ok = ok and close(y1, y2, dtype) and close(g1, g2, dtype)
-    return ok
+        if not (close(y1, y2, dtype) and close(g1, g2, dtype)):
+            return False
+    return True
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -234,15 +254,29 @@ if triton is not None:
         tl.store(PART + out * 2, tl.sum(acc, axis=0), mask=cmask)
         tl.store(PART + out * 2 + 1, tl.sum(acc2, axis=0), mask=cmask)
 
+    @triton.jit
+    def _group_shift(X, ADD, n, C, g, cpg, sn, sc, HAS_ADD: tl.constexpr):
+        # a group's first element (of x + add), about which its statistics are taken
+        shift = tl.load(X + n * sn + g * cpg * sc).to(tl.float32)
+        if HAS_ADD:
+            shift += tl.load(ADD + n * C + g * cpg).to(tl.float32)
+        return shift
+
+    @triton.jit
+    def _write_normed(X, Y, ptr, mask, scale, shift, XT: tl.constexpr, SILU: tl.constexpr):
+        # a tile of the normalised (and activated) map: x * scale + shift per channel
+        y = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32) * scale[None, :] + shift[None, :]
+        if SILU:
+            y = y * tl.sigmoid(y)
+        tl.store(Y + ptr, y.to(XT), mask=mask)
+
     @triton.jit(do_not_specialize=_SHAPE_ONLY)
     def _fwd_finish(X, ADD, PART, STATS, G, C, cpg, count, splits, sn, sc, eps, XT: tl.constexpr,
                     AT: tl.constexpr, HAS_ADD: tl.constexpr, SP: tl.constexpr, CP: tl.constexpr):
         X, ADD, PART, STATS = _ptr(X, XT), _ptr(ADD, AT), _ptr(PART, tl.float32), _ptr(STATS, tl.float32)
         # per group: mean and 1/std from the partial sums of its channels
         row, n, g, total, total2 = _group_sums(PART, C, cpg, splits, G, SP, CP)
-        shift = tl.load(X + n * sn + g * cpg * sc).to(tl.float32)
-        if HAS_ADD:
-            shift += tl.load(ADD + n * C + g * cpg).to(tl.float32)
+        shift = _group_shift(X, ADD, n, C, g, cpg, sn, sc, HAS_ADD)
         d_mean = total / count
         var = tl.maximum(total2 / count - d_mean * d_mean, 0.0)
         tl.store(STATS + row * 2, shift + d_mean)
@@ -274,12 +308,8 @@ if triton is not None:
         shift = b - mean * scale
         for off in tl.range(0, chunk, BP, num_stages=3):  # loads run ahead: see the module's note
             p = p0 + off
-            mask = (p < HW)[:, None] & cmask[None, :]
-            ptr = n * sn + p[:, None] * shw + c[None, :] * sc
-            y = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32) * scale[None, :] + shift[None, :]
-            if SILU:
-                y = y * tl.sigmoid(y)
-            tl.store(Y + ptr, y.to(XT), mask=mask)
+            _write_normed(X, Y, n * sn + p[:, None] * shw + c[None, :] * sc, (p < HW)[:, None] & cmask[None, :],
+                          scale, shift, XT, SILU)
 
     @triton.jit
     def _grad_z(x, dy, mean, rstd, w, b, SILU: tl.constexpr):
@@ -297,6 +327,16 @@ if triton is not None:
         x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + ptr, mask=mask, other=0.0).to(tl.float32)
         return _grad_z(x, dy, mean, rstd, w, b, SILU)
+
+    @triton.jit
+    def _write_dx(X, DY, DS, DX, ptr, mask, mean, rstd, w, b, c1, c2, XT: tl.constexpr, SILU: tl.constexpr,
+                  HAS_DS: tl.constexpr):
+        # a tile of the input's gradient from the group means c1 (of dxhat) and c2 (of dxhat * xhat), per channel
+        xhat, dxhat = _grad_at(X, DY, ptr, mask, mean, rstd, w, b, SILU)
+        dx = rstd[None, :] * (dxhat - c1[None, :] - xhat * c2[None, :])
+        if HAS_DS:  # the gradient reaching the input by another way (a skip connection), added as dx is written
+            dx += tl.load(DS + ptr, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + ptr, dx.to(XT), mask=mask)
 
     @triton.jit(do_not_specialize=_SHAPE_ONLY)
     def _bwd_sums(X, ADD, DY, W, B, STATS, PART, HW, C, G, cpg, chunk, splits, sn, sc, shw, XT: tl.constexpr,
@@ -344,13 +384,92 @@ if triton is not None:
         w, b = _affine(W, B, c, cmask, HAS_W, HAS_B)
         for off in tl.range(0, chunk, BP, num_stages=3):  # loads run ahead: see the module's note
             p = p0 + off
+            _write_dx(X, DY, DS, DX, n * sn + p[:, None] * shw + c[None, :] * sc, (p < HW)[:, None] & cmask[None, :],
+                      mean, rstd, w, b, c1, c2, XT, SILU, HAS_DS)
+
+
+if triton is not None:
+    @triton.jit
+    def _whole_group(cpg, G, CP: tl.constexpr):
+        # a whole-group program's sample, group, channels and their mask
+        row = tl.program_id(0)
+        j = tl.arange(0, CP)
+        return row, row // G, row % G, (row % G) * cpg + j, j < cpg
+
+    @triton.jit(do_not_specialize=_SHAPE_ONLY)
+    def _fwd_whole(X, ADD, Y, W, B, STATS, HW, C, G, cpg, count, sn, shw, eps, XT: tl.constexpr, AT: tl.constexpr,
+                   WT: tl.constexpr, BT: tl.constexpr, HAS_ADD: tl.constexpr, HAS_W: tl.constexpr,
+                   HAS_B: tl.constexpr, SILU: tl.constexpr, BP: tl.constexpr, CP: tl.constexpr):
+        X, ADD, Y, W, B = _ptr(X, XT), _ptr(ADD, AT), _ptr(Y, XT), _ptr(W, WT), _ptr(B, BT)
+        STATS = _ptr(STATS, tl.float32)
+        # one group of a channels-last map: its statistics (about its first element, as _fwd_sums), then the
+        # normalised (and activated) map, the second read of the group served from the cache
+        row, n, g, c, cmask = _whole_group(cpg, G, CP)
+        added = _added(ADD, n, C, c, cmask, HAS_ADD)
+        shift = _group_shift(X, ADD, n, C, g, cpg, sn, 1, HAS_ADD)
+        acc = tl.zeros([BP, CP], tl.float32)
+        acc2 = tl.zeros([BP, CP], tl.float32)
+        for off in tl.range(0, HW, BP, num_stages=3):
+            p = off + tl.arange(0, BP)
             mask = (p < HW)[:, None] & cmask[None, :]
-            ptr = n * sn + p[:, None] * shw + c[None, :] * sc
-            xhat, dxhat = _grad_at(X, DY, ptr, mask, mean, rstd, w, b, SILU)
-            dx = rstd[None, :] * (dxhat - c1[None, :] - xhat * c2[None, :])
-            if HAS_DS:  # the gradient reaching the input by another way (a skip connection), added as dx is written
-                dx += tl.load(DS + ptr, mask=mask, other=0.0).to(tl.float32)
-            tl.store(DX + ptr, dx.to(XT), mask=mask)
+            x = tl.load(X + n * sn + p[:, None] * shw + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            d = tl.where(mask, x + added[None, :] - shift, 0.0)
+            acc += d
+            acc2 += d * d
+        d_mean = tl.sum(tl.sum(acc, axis=1), axis=0) / count
+        var = tl.maximum(tl.sum(tl.sum(acc2, axis=1), axis=0) / count - d_mean * d_mean, 0.0)
+        mean = shift + d_mean
+        rstd = 1.0 / tl.sqrt(var + eps)
+        tl.store(STATS + row * 2, mean)
+        tl.store(STATS + row * 2 + 1, rstd)
+        w, b = _affine(W, B, c, cmask, HAS_W, HAS_B)
+        scale = rstd * w
+        offset = b - (mean - added) * scale
+        for off in tl.range(0, HW, BP, num_stages=3):
+            p = off + tl.arange(0, BP)
+            _write_normed(X, Y, n * sn + p[:, None] * shw + c[None, :], (p < HW)[:, None] & cmask[None, :], scale,
+                          offset, XT, SILU)
+
+    @triton.jit(do_not_specialize=_SHAPE_ONLY)
+    def _bwd_whole(X, ADD, DY, DS, DX, W, B, STATS, HW, C, G, cpg, count, sn, shw, XT: tl.constexpr,
+                   AT: tl.constexpr, WT: tl.constexpr, BT: tl.constexpr, HAS_ADD: tl.constexpr, HAS_W: tl.constexpr,
+                   HAS_B: tl.constexpr, SILU: tl.constexpr, HAS_DS: tl.constexpr, BP: tl.constexpr,
+                   CP: tl.constexpr):
+        X, ADD, DY, DX, W, B = _ptr(X, XT), _ptr(ADD, AT), _ptr(DY, XT), _ptr(DX, XT), _ptr(W, WT), _ptr(B, BT)
+        DS, STATS = _ptr(DS, XT), _ptr(STATS, tl.float32)
+        # one group: the two sums the gradient needs (as _bwd_sums), then the input's gradient (as _bwd_apply)
+        row, n, g, c, cmask = _whole_group(cpg, G, CP)
+        mean, rstd = _norm_stats(STATS, ADD, n, C, c, cmask, cpg, G, HAS_ADD)
+        w, b = _affine(W, B, c, cmask, HAS_W, HAS_B)
+        acc = tl.zeros([BP, CP], tl.float32)
+        acc2 = tl.zeros([BP, CP], tl.float32)
+        for off in tl.range(0, HW, BP, num_stages=3):
+            p = off + tl.arange(0, BP)
+            mask = (p < HW)[:, None] & cmask[None, :]
+            xhat, dxhat = _grad_at(X, DY, n * sn + p[:, None] * shw + c[None, :], mask, mean, rstd, w, b, SILU)
+            acc += tl.where(mask, dxhat, 0.0)
+            acc2 += tl.where(mask, dxhat * xhat, 0.0)
+        c1 = tl.zeros([CP], tl.float32) + tl.sum(tl.sum(acc, axis=1), axis=0) / count  # per channel, as _write_dx
+        c2 = tl.zeros([CP], tl.float32) + tl.sum(tl.sum(acc2, axis=1), axis=0) / count
+        for off in tl.range(0, HW, BP, num_stages=3):
+            p = off + tl.arange(0, BP)
+            _write_dx(X, DY, DS, DX, n * sn + p[:, None] * shw + c[None, :], (p < HW)[:, None] & cmask[None, :],
+                      mean, rstd, w, b, c1, c2, XT, SILU, HAS_DS)
+
+
+def _whole(x: torch.Tensor, groups: int) -> bool:
+    """Whether the map takes the whole-group kernels: channels-last, small (WHOLE_POSITIONS, WHOLE_CHANNELS), and
+    they work here (``whole_works``)."""
+    return (_layout(x)[1] == 1 and x[0, 0].numel() <= WHOLE_POSITIONS and x.shape[1] // groups <= WHOLE_CHANNELS
+            and whole_works(x.device, x.dtype))
+
+
+def _whole_plan(x: torch.Tensor, groups: int) -> dict:
+    n, c = x.shape[:2]
+    hw = x[0, 0].numel()
+    cp = max(2, triton.next_power_of_2(c // groups))
+    return dict(hw=hw, c=c, cpg=c // groups, count=(c // groups) * hw, sn=c * hw, shw=c, CP=cp,
+                BP=max(2, min(WHOLE_TILE // cp, triton.next_power_of_2(hw))), grid=(n * groups,))
 
 
 def _plan(x: torch.Tensor, groups: int) -> dict:
@@ -404,11 +523,12 @@ class _GroupNormAct(torch.autograd.Function):
     adding the two in a pass of their own."""
 
     @staticmethod
-    def forward(ctx, x, groups, weight, bias, eps, silu, add=None, with_input=False):
+    def forward(ctx, x, groups, weight, bias, eps, silu, add=None, with_input=False, whole=None):
+        whole = _whole(x, groups) if whole is None else whole
         with _on(x.device):
-            y, stats = _forward(x, groups, weight, bias, eps, silu, add)
+            y, stats = (_forward_whole if whole else _forward)(x, groups, weight, bias, eps, silu, add)
         ctx.save_for_backward(x, weight, bias, stats, add)
-        ctx.groups, ctx.silu, ctx.with_input = groups, silu, with_input
+        ctx.groups, ctx.silu, ctx.with_input, ctx.whole = groups, silu, with_input, whole
         if with_input:
             ctx.set_materialize_grads(False)
             return x, y
@@ -422,8 +542,21 @@ class _GroupNormAct(torch.autograd.Function):
             dx = ds
         else:
             with _on(x.device):
-                dx = _backward(x, dy, ctx.groups, weight, bias, stats, ctx.silu, add, ds)
-        return dx, None, None, None, None, None, None, None
+                dx = (_backward_whole if ctx.whole else _backward)(x, dy, ctx.groups, weight, bias, stats, ctx.silu,
+                                                                    add, ds)
+        return dx, None, None, None, None, None, None, None, None
+
+
+def _add_arg(x, add) -> tuple:
+    """The addition's address and Triton dtype (x's where there is none: then it is never read)."""
+    t = add if add is not None else x
+    return _address(t), _TL[t.dtype]
+
+
+def _flags(x, weight, bias, add, silu) -> dict:
+    """The dtypes and switches every apply and backward launch takes."""
+    return dict(**_dtypes(x, weight, bias), AT=_add_arg(x, add)[1], HAS_ADD=add is not None,
+                HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu)
 
 
 def _forward(x, groups, weight, bias, eps, silu, add=None):
@@ -433,17 +566,16 @@ def _forward(x, groups, weight, bias, eps, silu, add=None):
     stats = torch.empty(k["n"] * groups * 2, device=x.device, dtype=torch.float32)
     y = torch.empty_like(x)
     xa, wa, ba = _addresses(x, weight, bias)
-    aa, at = _address(add if add is not None else x), _TL[(add if add is not None else x).dtype]
-    types = _dtypes(x, weight, bias)
+    aa, at = _add_arg(x, add)
+    xt = _TL[x.dtype]
     layout = (k["sn"], k["sc"], k["shw"])
     _fwd_sums[grid](xa, aa, _address(part), k["hw"], k["c"], k["cpg"], k["chunk"], k["splits"], *layout,
-                    XT=types["XT"], AT=at, HAS_ADD=add is not None, BP=k["BP"], BC=k["BC"], num_warps=NUM_WARPS)
+                    XT=xt, AT=at, HAS_ADD=add is not None, BP=k["BP"], BC=k["BC"], num_warps=NUM_WARPS)
     _fwd_finish[(k["n"] * groups,)](xa, aa, _address(part), _address(stats), groups, k["c"], k["cpg"],
-                                    k["count"], k["splits"], k["sn"], k["sc"], float(eps), XT=types["XT"], AT=at,
+                                    k["count"], k["splits"], k["sn"], k["sc"], float(eps), XT=xt, AT=at,
                                     HAS_ADD=add is not None, SP=k["SP"], CP=k["CP"])
     _fwd_apply[grid](xa, aa, _address(y), wa, ba, _address(stats), k["hw"], k["c"], groups, k["cpg"],
-                     k["chunk"], k["splits"], *layout, **types, AT=at, HAS_ADD=add is not None,
-                     HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, BP=k["BP"], BC=k["BC"],
+                     k["chunk"], k["splits"], *layout, **_flags(x, weight, bias, add, silu), BP=k["BP"], BC=k["BC"],
                      num_warps=NUM_WARPS)
     return y, stats
 
@@ -457,9 +589,8 @@ def _backward(x, dy, groups, weight, bias, stats, silu, add=None, ds=None):
     coef = torch.empty(k["n"] * groups * 2, device=x.device, dtype=torch.float32)
     dx = torch.empty_like(x)
     xa, wa, ba = _addresses(x, weight, bias)
-    aa = _address(add if add is not None else x)
-    flags = dict(**_dtypes(x, weight, bias), AT=_TL[(add if add is not None else x).dtype], HAS_ADD=add is not None,
-                 HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, BP=k["BP"], BC=k["BC"])
+    aa = _add_arg(x, add)[0]
+    flags = dict(**_flags(x, weight, bias, add, silu), BP=k["BP"], BC=k["BC"])
     tail = (k["hw"], k["c"], groups, k["cpg"], k["chunk"], k["splits"], k["sn"], k["sc"], k["shw"])
     _bwd_sums[grid](xa, aa, _address(dy), wa, ba, _address(stats), _address(part), *tail, **flags,
                     num_warps=NUM_WARPS)
@@ -467,6 +598,30 @@ def _backward(x, dy, groups, weight, bias, stats, silu, add=None, ds=None):
                                     k["splits"], SP=k["SP"], CP=k["CP"])
     _bwd_apply[grid](xa, aa, _address(dy), _address(ds if ds is not None else dy), _address(dx), wa, ba,
                      _address(stats), _address(coef), *tail, **flags, HAS_DS=ds is not None, num_warps=NUM_WARPS)
+    return dx
+
+
+def _forward_whole(x, groups, weight, bias, eps, silu, add=None):
+    k = _whole_plan(x, groups)
+    stats = torch.empty(x.shape[0] * groups * 2, device=x.device, dtype=torch.float32)
+    y = torch.empty_like(x)
+    xa, wa, ba = _addresses(x, weight, bias)
+    _fwd_whole[k["grid"]](xa, _add_arg(x, add)[0], _address(y), wa, ba, _address(stats), k["hw"], k["c"], groups,
+                          k["cpg"], k["count"], k["sn"], k["shw"], float(eps), **_flags(x, weight, bias, add, silu),
+                          BP=k["BP"], CP=k["CP"], num_warps=NUM_WARPS)
+    return y, stats
+
+
+def _backward_whole(x, dy, groups, weight, bias, stats, silu, add=None, ds=None):
+    k = _whole_plan(x, groups)
+    dy = _as_laid_out(dy, x)
+    ds = None if ds is None else _as_laid_out(ds, x)
+    dx = torch.empty_like(x)
+    xa, wa, ba = _addresses(x, weight, bias)
+    _bwd_whole[k["grid"]](xa, _add_arg(x, add)[0], _address(dy), _address(ds if ds is not None else dy),
+                          _address(dx), wa, ba, _address(stats), k["hw"], k["c"], groups, k["cpg"], k["count"],
+                          k["sn"], k["shw"], **_flags(x, weight, bias, add, silu), HAS_DS=ds is not None,
+                          BP=k["BP"], CP=k["CP"], num_warps=NUM_WARPS)
     return dx
 
 
