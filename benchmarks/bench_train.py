@@ -114,6 +114,9 @@ CONFIGS = {
     # the node's path at the batch `memory: auto` picks on an H200, all else at its defaults (cuDNN's autotuning
     # too, unless --cudnn-benchmark: the runs before round four had it on for every configuration)
     "comfy_b8": ("comfy_fp16", dict(batch_size=8)),
+    # larger batches than `memory: auto` picks for the 8 GiB goal: what a sample costs as the batch grows
+    "comfy_b12": ("comfy_fp16", dict(batch_size=12)),
+    "comfy_b16": ("comfy_fp16", dict(batch_size=16)),
     # round five: the LoRA product fused into the base layers (lora_compute "fused") and the host's training-only
     # forwards (fast_frozen_layers), each alone and neither (the defaults before)
     "comfy_b8_before": ("comfy_fp16", dict(batch_size=8, lora_compute="activations", fast_frozen_layers=False)),
@@ -147,6 +150,11 @@ CONFIGS = {
     "comfy_b8_r8": ("comfy_fp16", dict(batch_size=8, block_merge=False)),
     "comfy_node_defaults_r8": ("comfy_fp16", dict(samples=2000, memory=AUTO, block_merge=False)),
     "sdxl_node_defaults_r8": ("comfy_sdxl_fp16", dict(memory=AUTO, block_merge=False)),
+    # round ten: the up path's skip joins by the pack's copy kernels (concat_kernels), off (the round's other
+    # change, the whole-group GroupNorm kernels for small maps, has no switch: bench_group_norm --split-or-whole)
+    "comfy_b8_r9": ("comfy_fp16", dict(batch_size=8, concat_kernels=False)),
+    "comfy_node_defaults_r9": ("comfy_fp16", dict(samples=2000, memory=AUTO, concat_kernels=False)),
+    "sdxl_node_defaults_r9": ("comfy_sdxl_fp16", dict(memory=AUTO, concat_kernels=False)),
     # the node as it trains by default: 2000 samples, memory "auto" (batch 8 on an H200); and before round five
     "comfy_node_defaults": ("comfy_fp16", dict(samples=2000, memory=AUTO)),
     "comfy_node_defaults_before": ("comfy_fp16", dict(samples=2000, memory=AUTO, lora_compute="activations",

@@ -4,6 +4,7 @@ does. All the ComfyUI model surgery of TrainFaceLoRA lives here; the core never 
 
 from __future__ import annotations
 
+import types
 from contextlib import contextmanager
 
 import torch
@@ -15,7 +16,7 @@ import comfy.sd
 import comfy.utils
 
 from ..facechain_core.errors import FaceChainError
-from ..facechain_core.train import Backbone, fused_add, geglu, group_norm, layer_norm
+from ..facechain_core.train import Backbone, channel_cat, fused_add, geglu, group_norm, layer_norm
 from ..facechain_core.train.lora_layers import (drop_premerged, premerge, runs_plain_forward,
                                                   stacked_projection, without_hooks)
 
@@ -434,6 +435,40 @@ def _resblock_forward(m):
     return forward
 
 
+class _TorchWithChannelCat(types.ModuleType):
+    """``torch`` as ComfyUI's UNet module sees it (``import torch as th``) while the trainer runs: every name is
+    torch's but ``cat``, which joins the up path's channels-last maps and skip connections by the pack's kernels
+    (``channel_cat``; torch's own for anything else)."""
+
+    cat = staticmethod(channel_cat.cat)
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+_TORCH_WITH_CHANNEL_CAT = _TorchWithChannelCat("torch")
+
+
+def _unet_joins_by_kernels() -> bool:
+    """Point the name ComfyUI's UNet module (openaimodel.py) has for torch at ``_TORCH_WITH_CHANNEL_CAT``, so its up
+    path joins the skip connections by ``channel_cat``; True if done (not when it is not torch itself, e.g. already
+    pointed so by an outer ``fast_frozen_layers``): then ``_unet_joins_by_torch`` gives it back."""
+    from comfy.ldm.modules.diffusionmodules import openaimodel
+
+    if getattr(openaimodel, "th", None) is not torch:
+        return False
+    openaimodel.th = _TORCH_WITH_CHANNEL_CAT
+    return True
+
+
+def _unet_joins_by_torch() -> None:
+    """Give ComfyUI's UNet module its torch back, where it still has ours (what another patch put there stays)."""
+    from comfy.ldm.modules.diffusionmodules import openaimodel
+
+    if getattr(openaimodel, "th", None) is _TORCH_WITH_CHANNEL_CAT:
+        openaimodel.th = torch
+
+
 def _norm_silu_sequential(m) -> bool:
     """A Sequential (called without hooks) whose first two layers are a plain GroupNorm and a SiLU."""
     return (type(m) is torch.nn.Sequential and not (m._forward_hooks or m._forward_pre_hooks) and len(m) >= 2
@@ -442,23 +477,26 @@ def _norm_silu_sequential(m) -> bool:
 
 @contextmanager
 def fast_frozen_layers(unet, group_norm_kernels: bool = True, geglu_kernels: bool = True,
-                       layer_norm_kernels: bool = True, block_merge: bool = True):
+                       layer_norm_kernels: bool = True, block_merge: bool = True, concat_kernels: bool = True):
     """Training-only forwards for frozen layers whose stock forwards move more memory than they compute (see
     ``_geglu_forward``, ``_spatial_transformer_forward``, with ``group_norm_kernels`` the GroupNorms, with the
     SiLU after them where there is one, and the ResBlocks' additions: ``_resblock_forward``, with
     ``layer_norm_kernels`` the transformer blocks' norms and residual additions: ``_transformer_block_forward``,
     there with ``block_merge`` the attention's adapters merged ahead and the projections of one input (q, k, v;
-    k, v of the text) as one multiply);
+    k, v of the text) as one multiply; with ``concat_kernels`` the up path's joins of the skip connections by the
+    pack's kernels: ``_unet_joins_by_kernels``);
     each instance gets its own, removed on exit. A layer whose projections are not plain (a LoRA adapter, weights
     cast per call) runs its stock forward. Yields how many layers were given one, how many of them are GroupNorms
-    and how many transformer blocks, and how many ResBlocks were given the folded ``_forward`` (each still runs
-    ComfyUI's where ``_resblock_parts`` says no)."""
+    and how many transformer blocks, how many ResBlocks were given the folded ``_forward`` (each still runs
+    ComfyUI's where ``_resblock_parts`` says no), and whether this call pointed the UNet's joins at the kernels
+    (``channel_cat``)."""
     from comfy.ldm.modules.attention import GEGLU, BasicTransformerBlock, SpatialTransformer
     from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
 
     patched, heads, norms = [], set(), 0  # heads: the GroupNorms that run inside their Sequential's forward
     blocks = []  # ResBlocks given the folded _forward (their forward stays free for gradient checkpointing)
     transformer_blocks = 0
+    joined = concat_kernels and _unet_joins_by_kernels()
     try:
         for mod in unet.modules():  # a Sequential comes before its layers
             if group_norm_kernels and type(mod) is ResBlock and "_forward" not in mod.__dict__:
@@ -484,9 +522,11 @@ def fast_frozen_layers(unet, group_norm_kernels: bool = True, geglu_kernels: boo
                 continue
             patched.append(mod)
         yield {"layers": len(patched), "group_norms": norms, "res_blocks": len(blocks),
-               "transformer_blocks": transformer_blocks}
+               "transformer_blocks": transformer_blocks, "channel_cat": joined}
     finally:
         for mod in patched:
             mod.__dict__.pop("forward", None)
         for mod in blocks:
             mod.__dict__.pop("_forward", None)
+        if joined:
+            _unet_joins_by_torch()

@@ -1,7 +1,7 @@
 """Run by tests/test_group_norm.py and tests/test_train_kernels.py in a process started with TRITON_INTERPRET=1
 (Triton reads it when the kernels are defined): the pack's training kernels (GroupNorm, GEGLU, the ResBlock's
-fused addition, the transformer blocks' addition and LayerNorm), run by Triton's interpreter on the CPU, against
-PyTorch.
+fused addition, the transformer blocks' addition and LayerNorm, the up path's channel joins), run by Triton's
+interpreter on the CPU, against PyTorch.
 
     python tests/group_norm_interpreted.py kernels|unet|unet_blocks|more
 
@@ -161,6 +161,7 @@ def more() -> dict:
                       "bias": bias, "same_layout": tuple(yk.shape) == tuple(yr.shape),
                       "out_err": _rel(yk.detach(), yr.detach()), "grad_err": _rel(xk.grad, xr.grad)})
     cases += _layer_norm_cases(g)
+    cases += _channel_cat_cases(g)
     cases += _lora_merge_cases(g)
     cases.append(_premerge_case(g))
     return {"cases": cases}
@@ -197,6 +198,53 @@ def _premerge_case(g: torch.Generator) -> dict:
         out["few_tokens"] = lora_layers.premerge(x[:1, :5], layers())
     return {"kind": "premerge", "dtype": "float16", "same_layout": True, "out_err": out.pop("err"), "grad_err": 0.0,
             **out}
+
+
+def _channel_cat_cases(g: torch.Generator) -> list:
+    """``channel_cat.cat``: channels-last maps joined along their channels and the gradient handed back per map,
+    against ``torch.cat`` (a copy: equal to the bit), every dtype, two and three maps, widths that are not multiples
+    of a vector, one map that needs no gradient; and what it refuses."""
+    from facechain_core.train import channel_cat
+
+    cases = []
+    for widths, dtype, frozen in [((24, 40), torch.float32, None), ((320, 320, 640), torch.float16, 1),
+                                  ((7, 9), torch.bfloat16, 0)]:
+        parts = [torch.randn(2, c, 3, 5, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+                 .requires_grad_(i != frozen) for i, c in enumerate(widths)]
+        assert channel_cat.usable(parts, 1)
+        out = channel_cat.cat(parts, dim=1)
+        grad = torch.randn(out.shape, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+        out.backward(grad)
+        want, grads = torch.cat([p.detach() for p in parts], 1), grad.split(list(widths), 1)
+        exact = torch.equal(out.detach(), want) and all(
+            (p.grad is None) if i == frozen else torch.equal(p.grad, w) for i, (p, w) in enumerate(zip(parts, grads)))
+        cases.append({"kind": "channel_cat", "widths": list(widths), "dtype": str(dtype).split(".")[-1],
+                      "kernel": "ChannelCat" in type(out.grad_fn).__name__, "exact": exact,
+                      "same_layout": out.is_contiguous(memory_format=torch.channels_last) and all(
+                          p.grad.is_contiguous(memory_format=torch.channels_last) for p in parts if p.grad is not None),
+                      "out_err": 0.0, "grad_err": 0.0})
+    m = torch.randn(2, 8, 4, 4, generator=g).contiguous(memory_format=torch.channels_last)
+    cases.append({"kind": "channel_cat_refused", "dtype": "float32", "same_layout": True, "out_err": 0.0,
+                  "grad_err": 0.0, "checks": [not channel_cat.usable([m, m.contiguous()], 1),  # an NCHW map
+                                               not channel_cat.usable([m, m], 0),  # along the batch
+                                               not channel_cat.usable([m, m.half()], 1),
+                                               not channel_cat.usable([m, m[:, :, :2].contiguous(
+                                                   memory_format=torch.channels_last)], 1),  # other sizes
+                                               not channel_cat.usable([m], 1),
+                                               channel_cat.usable((m, m, m), -3)]})
+    # a gradient arriving in another layout, or not aligned: handed back as slices, as torch.cat's backward does
+    for kind, make in (("nchw", lambda t: t.contiguous()),
+                       ("misaligned", lambda t: torch.empty(t.numel() + 1, dtype=t.dtype)[1:].view(
+                           t.shape[0], *t.shape[2:], t.shape[1]).permute(0, 3, 1, 2).copy_(t))):  # NHWC, 4 bytes off
+        parts = [torch.randn(2, c, 3, 5, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_()
+                 for c in (8, 16)]
+        out = channel_cat.cat(parts, dim=1)
+        grad = make(torch.randn(out.shape, generator=g).contiguous(memory_format=torch.channels_last))
+        out.backward(grad)
+        cases.append({"kind": "channel_cat_other_gradient", "gradient": kind, "dtype": "float32", "kernel": True,
+                      "exact": torch.equal(parts[0].grad, grad[:, :8]) and torch.equal(parts[1].grad, grad[:, 8:]),
+                      "same_layout": True, "out_err": 0.0, "grad_err": 0.0})
+    return cases
 
 
 def _lora_merge_cases(g: torch.Generator) -> list:
@@ -312,6 +360,7 @@ def unet(blocks: bool = False) -> dict:
     assert pack_gn.works(x.device, x.dtype)  # the first small runs, before counting
     assert importlib.import_module(pack.__name__ + ".facechain_core.train.geglu").works(x.device, x.dtype)
     assert importlib.import_module(pack.__name__ + ".facechain_core.train.fused_add").works(x.device, x.dtype)
+    assert importlib.import_module(pack.__name__ + ".facechain_core.train.channel_cat").works(x.device, x.dtype)
     pack_ln = importlib.import_module(pack.__name__ + ".facechain_core.train.layer_norm")
     assert pack_ln.works(x.device, x.dtype)
     with torch.inference_mode():  # and the LayerNorms' too
@@ -326,7 +375,8 @@ def unet(blocks: bool = False) -> dict:
                   "merged": (sys.modules[lora_adapters.__module__], "_MergedLoRALinear"),
                   # the self-attentions' q, k, v as one multiply: called by the backbone, from the pack's copy
                   "stacked": (importlib.import_module(pack.__name__ + ".facechain_core.train.lora_layers"),
-                              "_MergedLoRAStack")}
+                              "_MergedLoRAStack"),
+                  "cat": (importlib.import_module(pack.__name__ + ".facechain_core.train.channel_cat"), "_ChannelCat")}
     pack_merge = importlib.import_module(pack.__name__ + ".facechain_core.train.lora_merge")
     assert pack_merge.works(x.device, torch.float32)  # its first small run, before counting
     launches, stock_merge = [], pack_merge.merge
@@ -374,6 +424,7 @@ def unet(blocks: bool = False) -> dict:
             "res_blocks": sum(type(m) is ResBlock for m in net.modules()), "folded": folded, "add_calls": calls["add"],
             "gegLUs": sum(type(m) is GEGLU for m in net.modules()), "geglu_calls": calls["geglu"],
             "merged_calls": calls["merged"], "stacked_calls": calls["stacked"], "layer_norm_calls": calls["layer_norm"],
+            "joins": len(net.output_blocks), "cat_calls": calls["cat"],
             "merge_launches": launches, "premerged": premerged,
             "transformer_blocks": sum(type(m) is BasicTransformerBlock for m in net.modules()),
             "transformer_blocks_patched": blocks_patched, "out_err": _rel(o2, o1),

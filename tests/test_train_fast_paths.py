@@ -343,7 +343,7 @@ def test_fast_frozen_layers_train_the_same_on_comfyui_sd15(comfy_backbone_module
     fast = _unet_grads(unet, run, cb, fast=True)
     n_res = sum(type(m).__name__ == "ResBlock" for m in unet.modules())
     assert fast[2] == {"layers": n_geglu + n_st + n_tb + _norm_forwards(unet), "group_norms": _norm_forwards(unet),
-                       "res_blocks": n_res, "transformer_blocks": n_tb}
+                       "res_blocks": n_res, "transformer_blocks": n_tb, "channel_cat": True}
     assert n_geglu + n_st > 0 and _norm_forwards(unet) > 0 and n_res > 0 and n_tb > 0
     assert calls.take() == {"fused": _lora_layers(unet), "GEGLU": 0, "SpatialTransformer": 0,
                             "BasicTransformerBlock": 0}  # no fallback
@@ -351,6 +351,8 @@ def test_fast_frozen_layers_train_the_same_on_comfyui_sd15(comfy_backbone_module
     # test_train_kernels)
     assert _same(fast[0], stock[0]) and all(_same(a, b) for a, b in zip(fast[1], stock[1]))
     assert not any("forward" in m.__dict__ or "_forward" in m.__dict__ for m in unet.modules())  # given back
+    from comfy.ldm.modules.diffusionmodules import openaimodel
+    assert openaimodel.th is torch  # the UNet module's torch given back too
     # under autocast the transformer falls back to ComfyUI's forward: its blocks get the autocast dtype
     seen, block_forward = [], BasicTransformerBlock.forward
     # (recorded in the class's forward: a hook would itself turn the fast paths off)
@@ -381,6 +383,30 @@ def test_fast_frozen_layers_train_the_same_on_comfyui_sd15(comfy_backbone_module
     finally:
         hook.remove()
     assert calls.take()["SpatialTransformer"] == 1 and _same(hooked[0], stock[0])
+
+
+def test_the_unet_module_joins_by_the_kernels_only_inside_the_fast_layers(comfy_backbone_module):
+    """``fast_frozen_layers`` points ComfyUI's UNet module's torch at one whose ``cat`` is ``channel_cat.cat`` (every
+    other name torch's), and back on exit, also after an error; with ``concat_kernels`` off it is left alone."""
+    import comfy.sd
+    from comfy.ldm.modules.diffusionmodules import openaimodel
+
+    unet = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint()), output_vae=False,
+                                                 output_clip=False)[0].model.diffusion_model
+    cb = comfy_backbone_module
+    with cb.fast_frozen_layers(unet) as fast:
+        assert fast["channel_cat"] and openaimodel.th is not torch
+        assert openaimodel.th.cat is cb.channel_cat.cat and openaimodel.th.float16 is torch.float16
+        assert openaimodel.th.nn is torch.nn
+        with cb.fast_frozen_layers(unet) as inner:  # nested: the outer one's stays, and is given back by it
+            assert not inner["channel_cat"]
+        assert openaimodel.th.cat is cb.channel_cat.cat
+    assert openaimodel.th is torch
+    with pytest.raises(RuntimeError), cb.fast_frozen_layers(unet):
+        raise RuntimeError("a training step failed")
+    assert openaimodel.th is torch
+    with cb.fast_frozen_layers(unet, concat_kernels=False) as fast:
+        assert not fast["channel_cat"] and openaimodel.th is torch
 
 
 def test_lora_put_in_after_the_fast_layers_still_trains_the_convolutions_inside_them(comfy_backbone_module):

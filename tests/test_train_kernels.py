@@ -1,11 +1,11 @@
-"""Rounds seven to nine's training kernels: GEGLU in one projection and one pass each way
+"""Rounds seven to ten's training kernels: GEGLU in one projection and one pass each way
 (facechain_core/train/geglu.py), GroupNorm of ``x + add`` (the ResBlock's time embedding and convolution bias
 folded into the norm), the ResBlock's ``skip + h + bias`` in one pass (fused_add.py), the transformer
-blocks' residual addition with the LayerNorm after it (layer_norm.py), and several LoRA adapters merged into
-their weights in one launch (lora_merge.py). Run by Triton's interpreter on the CPU
-against float64 PyTorch, alone and inside the tiny ComfyUI UNet in the trainer's order; where they cannot run,
-PyTorch's own computation. Their speed is measured on a GPU by benchmarks/bench_train.py and profile_train.py,
-not here."""
+blocks' residual addition with the LayerNorm after it (layer_norm.py), several LoRA adapters merged into
+their weights in one launch (lora_merge.py), and the up path's joins of channels-last maps (channel_cat.py).
+Run by Triton's interpreter on the CPU against float64 PyTorch, alone and inside the tiny ComfyUI UNet in the
+trainer's order; where they cannot run, PyTorch's own computation. Their speed is measured on a GPU by
+benchmarks/bench_train.py and profile_train.py, not here."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from facechain_core.train import fused_add, geglu, layer_norm
+from facechain_core.train import channel_cat, fused_add, geglu, layer_norm
 from facechain_core.train import group_norm as gn
 from facechain_core.train.settings import TrainSettings
 from test_group_norm import TOLERANCE, _interpreted
@@ -33,6 +33,11 @@ def test_the_kernels_give_pytorchs_results_and_gradients():
     assert pre["merged_ahead"] == 4 and pre["held"] == [True] * 4 and pre["taken"] == [True] * 4, pre
     assert pre["stale_skipped"] and pre["dropped"] and pre["few_tokens"] == 0, pre
     assert [c["checks"] for c in cases if c["kind"] == "lora_merge_refused"] == [[True, True, True, True]]
+    joins = [c for c in cases if c["kind"] == "channel_cat"]
+    assert len(joins) == 3 and all(c["kernel"] and c["exact"] for c in joins), joins
+    assert [c["checks"] for c in cases if c["kind"] == "channel_cat_refused"] == [[True] * 6]
+    assert [(c["gradient"], c["exact"]) for c in cases if c["kind"] == "channel_cat_other_gradient"] == [
+        ("nchw", True), ("misaligned", True)]
     for c in cases:
         assert c["same_layout"], c
         assert c["out_err"] < TOLERANCE[c["dtype"]], c
@@ -61,6 +66,7 @@ def test_the_comfyui_unet_trains_the_same_with_its_resblocks_and_geglus_on_the_k
     assert r["merge_launches"] == [6, 2] * r["transformer_blocks"], r
     assert r["stacked_calls"] == 2 * r["transformer_blocks"], r
     assert r["premerged"] == {"merged": [True] * r["merged_calls"], "stacked": [True] * r["stacked_calls"]}, r
+    assert r["cat_calls"] == r["joins"] > 0, r  # every skip connection joined by the kernels
     assert r["out_err"] < 1e-4 and r["grad_err"] < 1e-4 and r["grads"] > 0, r
     assert r["nhwc_out"] == [True, True] and r["patched_left"] == 0, r
 
@@ -86,6 +92,10 @@ def test_where_the_kernels_cannot_run_pytorch_computes_the_same():
     assert torch.equal(s, t + h) and torch.equal(y, F.layer_norm(t + h, (16,), lw, lb, 1e-5))
     s, y = layer_norm.add_layer_norm(t, None, lw, lb, 1e-5)
     assert s is t and torch.equal(y, F.layer_norm(t, (16,), lw, lb, 1e-5))
+    assert not channel_cat.usable([m, m], 1)
+    assert torch.equal(channel_cat.cat([m, other], dim=1), torch.cat([m, other], 1))
+    out = torch.empty(2, 16, 4, 4)
+    assert channel_cat.cat((m, other), 1, out=out) is out and torch.equal(out, torch.cat([m, other], 1))
 
 
 def test_each_case_the_kernels_do_not_handle_goes_to_pytorch(monkeypatch):
@@ -164,6 +174,15 @@ def test_a_layer_norm_kernel_that_fails_its_first_run_is_not_used(monkeypatch):
     assert torch.equal(s, t + h) and torch.equal(y, F.layer_norm(t + h, (16,), w, None, 1e-5))
 
 
+def test_a_channel_join_kernel_that_fails_its_first_run_is_not_used(monkeypatch):
+    m = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    other = torch.randn(2, 4, 4, 4).contiguous(memory_format=torch.channels_last)
+    _refused_first_runs(monkeypatch, channel_cat, channel_cat._ChannelCat,
+                        lambda *parts: torch.cat(parts[::-1], 1), m.device, m.dtype)  # the maps in the wrong order
+    assert not channel_cat.usable([m, other], 1)
+    assert torch.equal(channel_cat.cat([m, other], 1), torch.cat([m, other], 1))
+
+
 def test_an_addition_that_needs_a_gradient_is_added_before_the_norm():
     """A LoRA on a ResBlock's time-embedding layer: the addition needs a gradient, which the kernels do not
     give; it is added to the map first, and its gradient is PyTorch's."""
@@ -190,3 +209,8 @@ def test_layer_norm_kernels_are_a_default_setting():
 def test_merging_a_blocks_adapters_ahead_is_a_default_setting():
     assert TrainSettings().block_merge is True
     assert TrainSettings().with_(block_merge=False).block_merge is False
+
+
+def test_joining_the_skip_connections_by_the_kernels_is_a_default_setting():
+    assert TrainSettings().concat_kernels is True
+    assert TrainSettings().with_(concat_kernels=False).concat_kernels is False

@@ -79,10 +79,10 @@ if triton is not None:
         tl.store(OUT + at, y.to(T), mask=mask)
 
 
-def _tiles(cols: int) -> tuple[int, int]:
-    """A tile of about BLOCK elements, as wide as the rows allow (up to 256)."""
+def _tiles(cols: int, block: int = BLOCK) -> tuple[int, int]:
+    """A tile of about ``block`` elements, as wide as the rows allow (up to 256)."""
     bl = min(256, triton.next_power_of_2(cols))
-    return max(1, BLOCK // bl), bl
+    return max(1, block // bl), bl
 
 
 class _AddBias(torch.autograd.Function):

@@ -67,6 +67,9 @@ class TrainSettings:
     # with layer_norm_kernels and lora_compute "merged": each transformer block's adapters merged ahead in one launch
     # (one more for the text's k and v), and the projections of one input (q, k, v; k, v of the text) as one multiply
     block_merge: bool = _default("block_merge")
+    # with fast_frozen_layers: the UNet's up path joins its channels-last maps and skip connections by the pack's
+    # kernels (channel_cat) instead of torch.cat
+    concat_kernels: bool = _default("concat_kernels")
     cudnn_benchmark: bool = _default("cudnn_benchmark")  # let cuDNN time its convolution algorithms per shape
     weight_decay: float = _default("weight_decay")
     adam_betas: tuple = _default("adam_betas")

@@ -52,9 +52,9 @@ class Backbone:
     # which of the host's linear layers compute F.linear(x, weight, bias) and nothing else (the fused LoRA
     # product bypasses their forward); None: torch.nn.Linear itself only
     plain_linear: Optional[Callable[[torch.nn.Module], bool]] = None
-    # a context manager factory, given group_norm_kernels, geglu_kernels, layer_norm_kernels and block_merge (keywords):
-    # training-only forwards for the host's frozen layers (fast_frozen_layers); it yields {"layers": patched,
-    # "group_norms": those of them that are GroupNorms, ...}
+    # a context manager factory, given group_norm_kernels, geglu_kernels, layer_norm_kernels, block_merge and
+    # concat_kernels (keywords): training-only forwards for the host's frozen layers (fast_frozen_layers); it
+    # yields {"layers": patched, "group_norms": those of them that are GroupNorms, ...}
     fast_layers: Optional[Callable[..., ContextManager]] = None
 
 
@@ -268,7 +268,8 @@ class LoRATrainer:
             fast = stack.enter_context(b.fast_layers(group_norm_kernels=s.group_norm_kernels,
                                                      geglu_kernels=s.geglu_kernels,
                                                      layer_norm_kernels=s.layer_norm_kernels,
-                                                     block_merge=s.block_merge)) or {}
+                                                     block_merge=s.block_merge,
+                                                     concat_kernels=s.concat_kernels)) or {}
         if self.on_cuda:  # after the fast layers, which say whether GroupNorm keeps the layout
             nhwc = self.channels_last(fast.get("group_norms", 0))
             self.nhwc = stack.enter_context(speed.channels_last(b.unet, nhwc, self.device)) > 0
