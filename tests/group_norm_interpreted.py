@@ -358,6 +358,7 @@ def unet(blocks: bool = False) -> dict:
     x = torch.randn(2, 4, side, side, generator=g).contiguous(memory_format=torch.channels_last)
     t, ctx = torch.tensor([10.0, 700.0]), torch.randn(2, 77, 768, generator=g)
     assert pack_gn.works(x.device, x.dtype)  # the first small runs, before counting
+    assert pack_gn.whole_works(x.device, x.dtype)
     assert importlib.import_module(pack.__name__ + ".facechain_core.train.geglu").works(x.device, x.dtype)
     assert importlib.import_module(pack.__name__ + ".facechain_core.train.fused_add").works(x.device, x.dtype)
     assert importlib.import_module(pack.__name__ + ".facechain_core.train.channel_cat").works(x.device, x.dtype)
