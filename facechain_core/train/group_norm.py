@@ -97,8 +97,6 @@ def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
 
 
 _WORKS: dict = {}  # (device, dtype) -> whether a first small run compiled, ran and matched PyTorch
-
-
 _WHOLE_WORKS: dict = {}  # the same for the whole-group kernels (``_whole``)
 
 
@@ -387,8 +385,6 @@ if triton is not None:
             _write_dx(X, DY, DS, DX, n * sn + p[:, None] * shw + c[None, :] * sc, (p < HW)[:, None] & cmask[None, :],
                       mean, rstd, w, b, c1, c2, XT, SILU, HAS_DS)
 
-
-if triton is not None:
     @triton.jit
     def _whole_group(cpg, G, CP: tl.constexpr):
         # a whole-group program's sample, group, channels and their mask
